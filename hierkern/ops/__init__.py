@@ -1,0 +1,5 @@
+"""Compiled attention backends, one module per kernel family.
+
+Importing a backend module registers it with ``hierkern.backends``; a module whose toolchain or extension
+is missing registers an unavailable backend that says why, so importing never fails.
+"""

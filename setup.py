@@ -1,0 +1,45 @@
+"""Builds hierkern._C: the C++ CPU kernels always, the CUDA kernels when a CUDA toolchain and a CUDA build
+of torch are both present.
+
+Environment:
+    HIERKERN_CUDA_ARCHS  semicolon-separated SM list for the CUDA kernels (default "80;90a").
+    HIERKERN_NO_EXT=1    skip the extension (pure-Python install; the reference backend still works).
+    MAX_JOBS             parallel compile jobs (torch's ninja build honours it).
+"""
+
+import glob
+import os
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _sources(pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def _extensions():
+    if os.environ.get("HIERKERN_NO_EXT") == "1":
+        return [], {}
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    import torch
+
+    sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    cuda_sources = _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")
+    if cuda_sources and CUDA_HOME is not None and torch.version.cuda is not None:
+        archs = os.environ.get("HIERKERN_CUDA_ARCHS", "80;90a").split(";")
+        gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs if a]
+        ext = CUDAExtension(
+            "hierkern._C", sources + cuda_sources,
+            extra_compile_args={"cxx": cxx_flags + ["-DHIERKERN_WITH_CUDA"],
+                                "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"] + gencode},
+            extra_link_args=["-fopenmp"])
+    else:
+        ext = CppExtension("hierkern._C", sources, extra_compile_args=cxx_flags, extra_link_args=["-fopenmp"])
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
