@@ -8,9 +8,10 @@ Semantics (FlashAttention's varlen convention):
 * ``causal``: query ``i`` of a segment with ``Lq`` queries and ``Lk`` keys sees key ``j`` iff
   ``j <= i + Lk - Lq`` (bottom-right alignment).
 * A query that sees no key returns zeros and ``lse = -inf``; nothing is ever NaN.
-* Scores and the softmax are computed in float32 for half-precision inputs (float64 for float64), the
-  probabilities are cast back to the input dtype before ``P @ V`` (what an fp32-accumulating kernel would
-  see); ``lse`` is float32 ``(H, total_q)`` and carries no gradient.
+* Both matmuls accumulate in float32 for half-precision inputs (float64 for float64) and the softmax runs
+  in that precision; the probabilities are rounded to the input dtype before ``P @ V`` and the output once
+  at the end (what an fp32-accumulating kernel sees); ``lse`` is float32 ``(H, total_q)`` and carries no
+  gradient.
 * ``dropout_p`` drops probabilities after the softmax and rescales by ``1 / (1 - dropout_p)``, drawing from
   torch's global generator (not bit-compatible with a kernel's counter-based RNG).
 
@@ -88,10 +89,12 @@ def varlen_attention_reference(
             allowed = allowed & (pos_k[None, None, :] <= pos_q[None, :, None] + shift)
         idx_q_dev, idx_k_dev = idx_q.to(device), idx_k.to(device)
 
-        qb = q[idx_q_dev]                                                    # (n, Lq, H, D)
-        kb = k[idx_k_dev].repeat_interleave(group, dim=2)                    # (n, Lk, H, D)
-        vb = v[idx_k_dev].repeat_interleave(group, dim=2)
-        scores = torch.einsum("nqhd,nkhd->nhqk", qb, kb).to(compute_dtype) * scale
+        # Upcast before the matmuls: a half-precision einsum would round the scores to half precision,
+        # which no fp32-accumulating kernel does.
+        qb = q[idx_q_dev].to(compute_dtype)                                  # (n, Lq, H, D)
+        kb = k[idx_k_dev].to(compute_dtype).repeat_interleave(group, dim=2)  # (n, Lk, H, D)
+        vb = v[idx_k_dev].to(compute_dtype).repeat_interleave(group, dim=2)
+        scores = torch.einsum("nqhd,nkhd->nhqk", qb, kb) * scale
         mask = allowed.to(device)[:, None, :, :]                             # (n, 1, Lq, Lk)
         scores = scores.masked_fill(~mask, float("-inf"))
         # The max shift is mathematically neutral; detaching it keeps -inf rows out of autograd.
@@ -103,17 +106,24 @@ def varlen_attention_reference(
         lse = (row_max + torch.log(denom.detach())).squeeze(-1)               # (n, H, Lq), -inf if no keys
         if dropout_p > 0.0:
             probs = F.dropout(probs, p=dropout_p, training=True)
-        out = torch.einsum("nhqk,nkhd->nqhd", probs.to(q.dtype), vb)         # (n, Lq, H, D)
+        probs = probs.to(q.dtype).to(compute_dtype)
+        out = torch.einsum("nhqk,nkhd->nqhd", probs, vb).to(q.dtype)         # (n, Lq, H, D)
 
         valid_dev = valid_q.to(device)
         row_index.append(idx_q_dev[valid_dev])
         row_out.append(out[valid_dev])
         row_lse.append(lse.transpose(1, 2)[valid_dev])                       # (rows, H)
 
+    if not row_index:
+        # No query sees a key. Route zero-size slices of q, k and v into the output anyway, so that autograd
+        # returns zero gradients instead of failing with "does not require grad".
+        row_index.append(torch.zeros(0, dtype=torch.long, device=device))
+        row_out.append(q[:0] + (k[:0].sum() + v[:0].sum()).to(q.dtype))
+        row_lse.append(torch.zeros(0, num_heads, dtype=torch.float32, device=device))
+
     out = q.new_zeros(total_q, num_heads, head_dim)
     lse = torch.full((total_q, num_heads), float("-inf"), dtype=torch.float32, device=device)
-    if row_index:
-        index = torch.cat(row_index)
-        out = out.index_put((index,), torch.cat(row_out))
-        lse = lse.index_put((index,), torch.cat(row_lse).float())
+    index = torch.cat(row_index)
+    out = out.index_put((index,), torch.cat(row_out))
+    lse = lse.index_put((index,), torch.cat(row_lse).float())
     return out, lse.t().contiguous()
