@@ -3,9 +3,16 @@
 from .backends import AttentionCall, available_backends, backend_names, explain
 from .functional import varlen_attention
 from .layout import Segments
+from .nn.layers import (AttentionPooling, HierarchicalEncoder, LearnedPositionalEncoding, PackedSelfAttention,
+                        PackedTransformerEncoder, PackedTransformerEncoderLayer, SegmentPooling,
+                        SinusoidalPositionalEncoding)
+from .text import CharVocab, TextBatch, collate_fn
 
 __all__ = [
     "AttentionCall", "Segments", "available_backends", "backend_names", "explain", "varlen_attention",
+    "CharVocab", "TextBatch", "collate_fn", "HierarchicalEncoder", "PackedSelfAttention",
+    "PackedTransformerEncoderLayer", "PackedTransformerEncoder", "SinusoidalPositionalEncoding",
+    "LearnedPositionalEncoding", "AttentionPooling", "SegmentPooling",
 ]
 
 __version__ = "0.1.0"

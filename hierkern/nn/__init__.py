@@ -1,0 +1,11 @@
+"""Modules over packed ragged tokens."""
+
+from .layers import (AttentionPooling, HierarchicalEncoder, LearnedPositionalEncoding, PackedSelfAttention,
+                     PackedTransformerEncoder, PackedTransformerEncoderLayer, SegmentPooling,
+                     SinusoidalPositionalEncoding, segment_max, segment_mean)
+
+__all__ = [
+    "AttentionPooling", "HierarchicalEncoder", "LearnedPositionalEncoding", "PackedSelfAttention",
+    "PackedTransformerEncoder", "PackedTransformerEncoderLayer", "SegmentPooling",
+    "SinusoidalPositionalEncoding", "segment_max", "segment_mean",
+]
