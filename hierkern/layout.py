@@ -13,6 +13,7 @@ happens once, at construction; every later use is sync-free.
 
 from __future__ import annotations
 
+import numbers
 from typing import Sequence, Union
 
 import torch
@@ -45,6 +46,13 @@ def check_offsets(offsets: torch.Tensor, name: str = "offsets", total: int | Non
         raise ValueError(f"{name}[-1] must equal the number of packed tokens ({total}), got {int(values[-1])}")
 
 
+def _check_length_arg(value, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a Python int, got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{name} must be non-negative, got {value}")
+
+
 class Segments:
     """One level of ragged grouping over packed tokens.
 
@@ -67,8 +75,9 @@ class Segments:
         host = offsets.detach().cpu() if (validate or max_len is None or total is None) else None
         if max_len is None:
             max_len = int(host.diff().max()) if host.numel() > 1 else 0
-        if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len < 0:
-            raise TypeError(f"max_len must be a non-negative Python int, got {max_len!r}")
+        _check_length_arg(max_len, "max_len")
+        if total is not None:
+            _check_length_arg(total, "total")
         if host is not None and host.numel() > 1 and int(host.diff().max()) > max_len:
             raise ValueError(f"max_len={max_len} is smaller than the longest segment "
                              f"({int(host.diff().max())})")
@@ -97,9 +106,9 @@ class Segments:
                 raise TypeError(f"lengths must be a list of ints or a 1-D integer tensor, "
                                 f"got {type(lengths).__name__}") from None
             for item in items:
-                if isinstance(item, bool) or not isinstance(item, int):
-                    raise TypeError(f"lengths must contain Python ints, got {type(item).__name__}")
-            host = torch.tensor(items, dtype=torch.int64)
+                if isinstance(item, bool) or not isinstance(item, numbers.Integral):
+                    raise TypeError(f"lengths must contain ints, got {type(item).__name__}")
+            host = torch.tensor([int(item) for item in items], dtype=torch.int64)
         if host.numel() and int(host.min()) < 0:
             raise ValueError(f"lengths must be non-negative, got {int(host.min())} at index "
                              f"{int(torch.argmin(host))}")
@@ -167,6 +176,14 @@ class Segments:
 
     # -- packing --------------------------------------------------------------------------------------
 
+    def _padded_len(self, padded_len: int | None) -> int:
+        if padded_len is None:
+            return self.max_len
+        _check_length_arg(padded_len, "padded_len")
+        if padded_len < self.max_len:
+            raise ValueError(f"padded_len={padded_len} is smaller than the longest segment ({self.max_len})")
+        return padded_len
+
     def _flat_index(self, padded_len: int) -> torch.Tensor:
         return self.segment_ids() * padded_len + self.positions()
 
@@ -194,16 +211,14 @@ class Segments:
             raise ValueError(f"packed must have shape (total={self.total}, ...), got {tuple(packed.shape)}")
         if packed.device != self.device:
             raise ValueError(f"packed is on {packed.device} but the segments are on {self.device}")
-        length = self.max_len if padded_len is None else padded_len
-        if length < self.max_len:
-            raise ValueError(f"padded_len={length} is smaller than the longest segment ({self.max_len})")
+        length = self._padded_len(padded_len)
         out = packed.new_zeros(self.num_segments * length, *packed.shape[1:])
         out = out.index_put((self._flat_index(length),), packed)
         return out.view(self.num_segments, length, *packed.shape[1:])
 
     def padding_mask(self, padded_len: int | None = None) -> torch.Tensor:
         """``(S, L)`` bool, True = padding (``nn.MultiheadAttention``'s ``key_padding_mask``)."""
-        length = self.max_len if padded_len is None else padded_len
+        length = self._padded_len(padded_len)
         ar = torch.arange(length, device=self.device)
         return ar[None, :] >= self.lengths.long()[:, None]
 
