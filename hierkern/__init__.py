@@ -6,6 +6,7 @@ from .layout import Segments
 from .nn.layers import (AttentionPooling, HierarchicalEncoder, LearnedPositionalEncoding, PackedSelfAttention,
                         PackedTransformerEncoder, PackedTransformerEncoderLayer, SegmentPooling,
                         SinusoidalPositionalEncoding)
+from .nn.mha import MultiheadAttention
 from .text import CharVocab, TextBatch, collate_fn
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "CharVocab", "TextBatch", "collate_fn", "HierarchicalEncoder", "PackedSelfAttention",
     "PackedTransformerEncoderLayer", "PackedTransformerEncoder", "SinusoidalPositionalEncoding",
     "LearnedPositionalEncoding", "AttentionPooling", "SegmentPooling",
+    "MultiheadAttention",
 ]
 
 __version__ = "0.1.0"

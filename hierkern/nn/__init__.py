@@ -3,9 +3,11 @@
 from .layers import (AttentionPooling, HierarchicalEncoder, LearnedPositionalEncoding, PackedSelfAttention,
                      PackedTransformerEncoder, PackedTransformerEncoderLayer, SegmentPooling,
                      SinusoidalPositionalEncoding, segment_max, segment_mean)
+from .mha import MultiheadAttention
 
 __all__ = [
     "AttentionPooling", "HierarchicalEncoder", "LearnedPositionalEncoding", "PackedSelfAttention",
     "PackedTransformerEncoder", "PackedTransformerEncoderLayer", "SegmentPooling",
     "SinusoidalPositionalEncoding", "segment_max", "segment_mean",
+    "MultiheadAttention",
 ]

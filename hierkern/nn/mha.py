@@ -1,0 +1,448 @@
+"""``hierkern.MultiheadAttention``: a drop-in ``torch.nn.MultiheadAttention`` that skips the padding.
+
+The module *is* a ``torch.nn.MultiheadAttention`` (a subclass): the constructor, parameter names,
+initialisation, ``state_dict`` and ``__setstate__`` are torch's own, so checkpoints load both ways and
+``isinstance`` checks keep working. Only ``forward`` differs: when the call's masking is nothing but key
+padding (valid tokens a prefix of each row) and/or a causal mask, and no attention weights are requested,
+it packs the real tokens (``Segments.from_mask``), projects only those, runs ``hierkern.varlen_attention``
+and re-pads. Every other call runs torch's own ``forward``, so its results are torch's by construction.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..functional import varlen_attention
+from ..layout import Segments
+
+__all__ = ["MultiheadAttention"]
+
+# The message torch raises for ``is_causal=True`` without ``attn_mask`` (kept verbatim for drop-in parity).
+_CAUSAL_NEEDS_MASK = ("Need attn_mask if specifying the is_causal hint. You may use the Transformer module "
+                      "method `generate_square_subsequent_mask` to create this mask.")
+
+
+@dataclass
+class _Plan:
+    """How one call runs: ``reason is None`` means the varlen path with these segments."""
+
+    reason: str | None
+    seg_q: Segments | None = None
+    seg_k: Segments | None = None
+    causal: bool = False
+    strip_queries: bool = False
+
+
+def _check_tensor(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.is_nested:
+        raise TypeError(f"{name} is a nested tensor; pass packed tensors with segments= instead")
+
+
+def _canonical_mask(mask: Tensor | None, name: str, dtype: torch.dtype) -> Tensor | None:
+    """A bool or float mask as an additive float mask of ``dtype`` (True -> -inf), as torch does."""
+    if mask is None:
+        return None
+    _check_tensor(name, mask)
+    if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a bool or floating-point tensor, got {mask.dtype}")
+    if mask.dtype.is_floating_point and mask.dtype != dtype:
+        raise TypeError(f"a floating-point {name} must have the query's dtype ({dtype}), got {mask.dtype}")
+    if mask.dtype == torch.bool:
+        return torch.zeros_like(mask, dtype=dtype).masked_fill_(mask, float("-inf"))
+    return mask
+
+
+def _prefix_padding(kpm: Tensor) -> Tensor | None:
+    """The bool padding mask of an additive ``(N, S)`` mask that only holds 0 (keep) and -inf (pad), with
+    the kept tokens a prefix of every row; ``None`` for any other mask."""
+    pad = kpm == float("-inf")
+    if not bool(((kpm == 0) | pad).all()):
+        return None
+    if kpm.shape[1] > 1 and bool((pad[:, :-1] & ~pad[:, 1:]).any()):
+        return None
+    return pad
+
+
+def _is_causal_mask(mask: Tensor) -> bool:
+    """Whether an additive ``(L, L)`` or ``(B, L, L)`` mask is exactly the causal mask (-inf above the
+    diagonal, 0 elsewhere)."""
+    length = mask.shape[-1]
+    if mask.shape[-2] != length:
+        return False
+    above = torch.ones(length, length, dtype=torch.bool, device=mask.device).triu_(1)
+    return bool(torch.where(above, mask == float("-inf"), mask == 0).all())
+
+
+class MultiheadAttention(nn.MultiheadAttention):
+    r"""``torch.nn.MultiheadAttention`` whose padding- and causal-masked calls skip the padding.
+
+    Construction, parameters (``in_proj_weight`` or ``q_proj_weight``/``k_proj_weight``/``v_proj_weight``,
+    ``in_proj_bias``, ``out_proj``, ``bias_k``/``bias_v``), initialisation and ``state_dict`` are
+    ``torch.nn.MultiheadAttention``'s (this class derives from it), so a torch checkpoint loads here and
+    ours loads into torch.
+
+    Args:
+        embed_dim: total model dimension ``E``; each of the ``num_heads`` heads gets ``E // num_heads``.
+        num_heads: number of attention heads.
+        dropout: dropout probability on the attention weights (training only).
+        bias: add biases to the input and output projections.
+        add_bias_kv: append a learned key and value to every key/value sequence.
+        add_zero_attn: append a zero key and value to every key/value sequence.
+        kdim: key feature size (``None``: ``embed_dim``).
+        vdim: value feature size (``None``: ``embed_dim``).
+        batch_first: inputs and outputs are ``(N, L, E)`` instead of ``(L, N, E)``.
+        device, dtype: factory arguments for the parameters.
+
+    Which path a call takes (``why_not_fast_path`` gives the reason for given arguments, and
+    ``last_path``/``last_why_not_fast_path`` record the last call):
+
+    * **varlen** (``hierkern.varlen_attention``, backend ``"auto"``) when ``need_weights=False``, there is
+      no ``bias_k``/``bias_v`` and no ``add_zero_attn``, and the only masking is a ``key_padding_mask``
+      (bool, or float holding only 0 and -inf) whose valid keys are a prefix of each row and/or causal
+      masking: ``is_causal=True`` (which, as in torch, means "causal" when there is no
+      ``key_padding_mask``) or an ``attn_mask`` equal to the causal mask. Causal masking with padding
+      takes this path in self-attention only, and with ``L != S`` not at all (torch aligns its causal mask
+      top-left, varlen bottom-right).
+    * **torch** (``torch.nn.MultiheadAttention.forward`` itself) otherwise: ``need_weights=True``,
+      arbitrary masks, ``add_bias_kv``, ``add_zero_attn``, padding that is not a prefix.
+
+    Semantics differ from torch in exactly one place: on the varlen path, in self-attention
+    (``query is key is value``) with a ``key_padding_mask``, the outputs at padded *query* positions are
+    zeros (as with torch's own nested-tensor fast path) rather than attention over the valid keys. Every
+    other position, and every position of a cross-attention call, equals torch's. Malformed arguments
+    raise ``ValueError``/``TypeError`` naming the argument where torch would raise an ``AssertionError``
+    deep inside; ``is_causal=True`` without ``attn_mask`` raises torch's ``RuntimeError`` on every path
+    (torch's inference fast path silently ignores the flag instead).
+    """
+
+    def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False, add_zero_attn=False,
+                 kdim=None, vdim=None, batch_first=False, device=None, dtype=None) -> None:
+        super().__init__(embed_dim, num_heads, dropout=dropout, bias=bias, add_bias_kv=add_bias_kv,
+                         add_zero_attn=add_zero_attn, kdim=kdim, vdim=vdim, batch_first=batch_first,
+                         device=device, dtype=dtype)
+        self.last_path: str | None = None
+        self.last_why_not_fast_path: str | None = None
+
+    def __setstate__(self, state):
+        state.setdefault("last_path", None)
+        state.setdefault("last_why_not_fast_path", None)
+        super().__setstate__(state)
+
+    # -- public API -----------------------------------------------------------------------------------
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
+                need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False, *, segments: Segments | None = None,
+                key_segments: Segments | None = None) -> tuple[Tensor, Tensor | None]:
+        r"""Attention of ``query`` over ``key``/``value``; torch's signature plus packed inputs.
+
+        Args:
+            query: ``(L, N, E)`` (``(N, L, E)`` with ``batch_first``), ``(L, E)`` unbatched, or packed
+                ``(total_q, E)`` with ``segments``.
+            key: ``(S, N, kdim)`` / ``(N, S, kdim)`` / ``(S, kdim)``, or packed ``(total_k, kdim)``.
+            value: like ``key`` with ``vdim`` features.
+            key_padding_mask: ``(N, S)`` (``(S,)`` unbatched), bool (True = ignore) or float (added to the
+                scores).
+            need_weights: also return the attention weights (always takes torch's path).
+            attn_mask: bool (True = blocked) or float (added) mask, ``(L, S)`` or ``(N * num_heads, L, S)``.
+            average_attn_weights: average the returned weights over heads.
+            is_causal: torch's hint that ``attn_mask`` is the causal mask; without a ``key_padding_mask``
+                and with ``need_weights=False`` causal masking is applied and ``attn_mask`` ignored, as in
+                torch. With ``segments``: causal masking inside every segment (bottom-right aligned when a
+                query segment and its key segment differ in length), no ``attn_mask`` needed.
+            segments: ``hierkern.Segments`` over the packed ``query`` rows: self-attention inside every
+                segment, output packed ``(total_q, E)``. Requires ``need_weights=False`` and no masks.
+            key_segments: ``Segments`` over the packed ``key``/``value`` rows (cross-attention: query
+                segment ``i`` attends to key segment ``i``); ``None`` means ``segments``.
+
+        Returns:
+            ``(attn_output, attn_weights)``: ``attn_output`` shaped like ``query`` with ``E`` features;
+            ``attn_weights`` ``(N, L, S)`` (``(N, num_heads, L, S)`` unaveraged; no ``N`` unbatched), or
+            ``None`` when ``need_weights=False``.
+        """
+        if segments is not None or key_segments is not None:
+            return self._forward_packed(query, key, value, key_padding_mask, need_weights, attn_mask,
+                                        is_causal, segments, key_segments)
+        plan = self._plan(query, key, value, key_padding_mask, need_weights, attn_mask, is_causal)
+        self.last_why_not_fast_path = plan.reason
+        if plan.reason is not None:
+            # torch gets the caller's masks untouched, so it picks its own paths (and warns) as it would.
+            self.last_path = "torch"
+            return super().forward(query, key, value, key_padding_mask=key_padding_mask,
+                                   need_weights=need_weights, attn_mask=attn_mask,
+                                   average_attn_weights=average_attn_weights, is_causal=is_causal)
+        self.last_path = "varlen"
+        return self._forward_varlen(query, key, value, plan), None
+
+    def why_not_fast_path(self, query: Tensor, key: Tensor, value: Tensor,
+                          key_padding_mask: Tensor | None = None, need_weights: bool = True,
+                          attn_mask: Tensor | None = None, is_causal: bool = False, *,
+                          segments: Segments | None = None, key_segments: Segments | None = None) -> str | None:
+        """Why ``forward`` with these arguments (in the current train/eval mode) would not run
+        ``hierkern.varlen_attention``; ``None`` when it would. Raises what ``forward`` raises."""
+        if segments is not None or key_segments is not None:
+            self._check_packed(query, key, value, key_padding_mask, need_weights, attn_mask, is_causal,
+                               segments, key_segments)
+            return self._static_reason()
+        return self._plan(query, key, value, key_padding_mask, need_weights, attn_mask, is_causal,
+                          warn=False).reason
+
+    # -- planning -------------------------------------------------------------------------------------
+
+    def _dropout_p(self) -> float:
+        return float(self.dropout) if self.training else 0.0
+
+    def _static_reason(self) -> str | None:
+        """Reasons that depend on the module alone."""
+        if self.bias_k is not None:
+            return "add_bias_kv=True appends a learned key/value that varlen attention does not model"
+        if self.add_zero_attn:
+            return "add_zero_attn=True appends a zero key/value that varlen attention does not model"
+        if self._dropout_p() >= 1.0:
+            return f"dropout={self.dropout} drops every attention weight (varlen_attention needs p < 1)"
+        return None
+
+    def _check_common(self, query: Tensor, key: Tensor, value: Tensor) -> None:
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            _check_tensor(name, t)
+        for name, t, features in (("query", query, self.embed_dim), ("key", key, self.kdim),
+                                  ("value", value, self.vdim)):
+            if t.dim() == 0 or t.shape[-1] != features:
+                raise ValueError(f"{name} must have {features} features in its last dimension, got shape "
+                                 f"{tuple(t.shape)}")
+        weight = self.out_proj.weight
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            if t.dtype != weight.dtype:
+                raise TypeError(f"{name} has dtype {t.dtype} but the module's parameters are {weight.dtype}")
+            if t.device != weight.device:
+                raise ValueError(f"{name} is on {t.device} but the module's parameters are on {weight.device}")
+
+    def _plan(self, query, key, value, key_padding_mask, need_weights, attn_mask, is_causal,
+              warn: bool = True) -> _Plan:
+        """Validate a padded call and choose its path. Warns (with ``warn``) about mismatched mask types
+        as torch does, but only for the varlen path: torch's own forward warns on its path."""
+        self._check_common(query, key, value)
+        if query.dim() not in (2, 3):
+            raise ValueError(f"query must be (L, E) unbatched or 3-D batched, got shape {tuple(query.shape)}")
+        batched = query.dim() == 3
+        for name, t in (("key", key), ("value", value)):
+            if t.dim() != query.dim():
+                raise ValueError(f"{name} must be {query.dim()}-D like query, got shape {tuple(t.shape)}")
+        if key.shape[:-1] != value.shape[:-1]:
+            raise ValueError(f"key and value must agree in every dimension but the last, got "
+                             f"{tuple(key.shape)} and {tuple(value.shape)}")
+        if batched:
+            batch_dim, seq_dim = (0, 1) if self.batch_first else (1, 0)
+            n, tgt_len, src_len = query.shape[batch_dim], query.shape[seq_dim], key.shape[seq_dim]
+            if key.shape[batch_dim] != n:
+                raise ValueError(f"query has batch size {n} but key has {key.shape[batch_dim]} (batch_first="
+                                 f"{self.batch_first})")
+        else:
+            n, tgt_len, src_len = 1, query.shape[0], key.shape[0]
+        if not isinstance(is_causal, bool):
+            raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+        if is_causal and attn_mask is None:
+            raise RuntimeError(_CAUSAL_NEEDS_MASK)
+
+        if key_padding_mask is not None:
+            _check_tensor("key_padding_mask", key_padding_mask)
+            expected = (n, src_len) if batched else (src_len,)
+            if tuple(key_padding_mask.shape) != expected:
+                raise ValueError(f"key_padding_mask must have shape {expected}, got "
+                                 f"{tuple(key_padding_mask.shape)}")
+        if attn_mask is not None:
+            _check_tensor("attn_mask", attn_mask)
+            shapes = [(tgt_len, src_len), (n * self.num_heads, tgt_len, src_len)]
+            if tuple(attn_mask.shape) not in shapes:
+                raise ValueError(f"attn_mask must have shape {shapes[0]} or {shapes[1]}, got "
+                                 f"{tuple(attn_mask.shape)}")
+        mismatched = (key_padding_mask is not None and attn_mask is not None
+                      and key_padding_mask.dtype != attn_mask.dtype)
+        key_padding_mask = _canonical_mask(key_padding_mask, "key_padding_mask", query.dtype)
+        attn_mask = _canonical_mask(attn_mask, "attn_mask", query.dtype)
+        for name, mask in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
+            if mask is not None and mask.device != query.device:
+                raise ValueError(f"{name} is on {mask.device} but query is on {query.device}")
+
+        if need_weights:
+            return _Plan("need_weights=True returns the attention weights, which only torch's path "
+                         "materialises")
+        reason = self._static_reason()
+        if reason is not None:
+            return _Plan(reason)
+
+        self_attention = query is key and key is value
+        # torch (multi_head_attention_forward): with is_causal and no key_padding_mask, attn_mask is
+        # replaced by SDPA's causal flag; otherwise attn_mask is what masks and is_causal is only a hint.
+        if is_causal and key_padding_mask is None:
+            causal = True
+        elif attn_mask is None:
+            causal = False
+        elif _is_causal_mask(attn_mask):
+            causal = True
+        else:
+            return _Plan("attn_mask is neither None nor the causal mask")
+        if causal and tgt_len != src_len:
+            return _Plan(f"causal masking with L={tgt_len} != S={src_len}: torch aligns it top-left, "
+                          f"varlen_attention bottom-right")
+
+        pad = None
+        if key_padding_mask is not None:
+            pad = _prefix_padding(key_padding_mask.reshape(n, src_len))
+            if pad is None:
+                return _Plan("key_padding_mask is not prefix padding (0/False for a prefix of each row, "
+                              "-inf/True after it)")
+            if causal and not self_attention:
+                return _Plan("causal masking with key padding in cross-attention: the causal diagonal "
+                              "would move with each row's key length")
+        if warn and mismatched:
+            warnings.warn("Support for mismatched key_padding_mask and attn_mask is deprecated. Use same type "
+                          "for both instead.", stacklevel=3)
+        if pad is None:
+            seg_k = Segments.from_lengths([src_len] * n, device=query.device)
+            seg_q = seg_k if tgt_len == src_len else Segments.from_lengths([tgt_len] * n, device=query.device)
+            return _Plan(None, seg_q, seg_k, causal)
+        seg_k = Segments.from_mask(pad)
+        if self_attention:
+            return _Plan(None, seg_k, seg_k, causal, strip_queries=True)
+        seg_q = Segments.from_lengths([tgt_len] * n, device=query.device)
+        return _Plan(None, seg_q, seg_k, causal)
+
+    # -- the varlen path ------------------------------------------------------------------------------
+
+    def _project(self, q: Tensor, k: Tensor, v: Tensor, self_attention: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """Input projections of packed ``(total, features)`` rows, exactly as torch splits its weights."""
+        e = self.embed_dim
+        b_q = b_k = b_v = None
+        if self.in_proj_bias is not None:
+            b_q, b_k, b_v = self.in_proj_bias.chunk(3)
+        if not self._qkv_same_embed_dim:
+            return (F.linear(q, self.q_proj_weight, b_q), F.linear(k, self.k_proj_weight, b_k),
+                    F.linear(v, self.v_proj_weight, b_v))
+        if self_attention:
+            return F.linear(q, self.in_proj_weight, self.in_proj_bias).unflatten(-1, (3, e)).unbind(-2)
+        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        return F.linear(q, w_q, b_q), F.linear(k, w_k, b_k), F.linear(v, w_v, b_v)
+
+    def _attend_packed(self, q: Tensor, k: Tensor, v: Tensor, seg_q: Segments, seg_k: Segments,
+                       causal: bool, self_attention: bool) -> Tensor:
+        """Packed ``(total_q, E)``/``(total_k, kdim|vdim)`` rows -> packed ``(total_q, E)`` output."""
+        heads, head_dim = self.num_heads, self.head_dim
+        q, k, v = self._project(q, k, v, self_attention)
+        out = varlen_attention(q.reshape(-1, heads, head_dim), k.reshape(-1, heads, head_dim),
+                               v.reshape(-1, heads, head_dim), seg_q, seg_k, causal=causal,
+                               dropout_p=self._dropout_p())
+        return F.linear(out.reshape(-1, self.embed_dim), self.out_proj.weight, self.out_proj.bias)
+
+    def _forward_varlen(self, query: Tensor, key: Tensor, value: Tensor, plan: _Plan) -> Tensor:
+        batched = query.dim() == 3
+        self_attention = query is key and key is value
+
+        def batch_major(t: Tensor) -> Tensor:
+            if not batched:
+                return t.unsqueeze(0)
+            return t if self.batch_first else t.transpose(0, 1)
+
+        def pack(t: Tensor, seg: Segments) -> Tensor:
+            # Unpadded rows need no gather: every row is a whole segment.
+            if seg.total == t.shape[0] * t.shape[1]:
+                return t.reshape(seg.total, t.shape[-1])
+            return seg.pack(t)
+
+        tgt_len = query.shape[1 if (batched and self.batch_first) else 0]
+        q = pack(batch_major(query), plan.seg_q)
+        if self_attention:
+            k = v = q
+        else:
+            k = pack(batch_major(key), plan.seg_k)
+            v = k if key is value else pack(batch_major(value), plan.seg_k)
+        out = self._attend_packed(q, k, v, plan.seg_q, plan.seg_k, plan.causal, self_attention)
+        if plan.strip_queries and plan.seg_q.total != plan.seg_q.num_segments * tgt_len:
+            out = plan.seg_q.unpack(out, tgt_len)
+        else:
+            out = out.view(plan.seg_q.num_segments, tgt_len, self.embed_dim)
+        if not batched:
+            return out.squeeze(0)
+        return out if self.batch_first else out.transpose(0, 1)
+
+    # -- packed inputs --------------------------------------------------------------------------------
+
+    def _check_packed(self, query, key, value, key_padding_mask, need_weights, attn_mask, is_causal,
+                      segments, key_segments) -> tuple[Segments, Segments]:
+        if segments is None:
+            raise ValueError("key_segments needs segments (the query segments) as well")
+        for name, seg in (("segments", segments), ("key_segments", key_segments)):
+            if seg is not None and not isinstance(seg, Segments):
+                raise TypeError(f"{name} must be a hierkern.Segments, got {type(seg).__name__}")
+        self._check_common(query, key, value)
+        seg_k = segments if key_segments is None else key_segments
+        for name, t, seg, seg_name in (("query", query, segments, "segments"), ("key", key, seg_k, "key_segments"),
+                                       ("value", value, seg_k, "key_segments")):
+            if t.dim() != 2 or t.shape[0] != seg.total:
+                raise ValueError(f"with segments=, {name} must be packed ({seg_name}.total={seg.total}, "
+                                 f"features), got shape {tuple(t.shape)}")
+            if seg.device != t.device:
+                raise ValueError(f"{seg_name} is on {seg.device} but {name} is on {t.device}")
+        if seg_k.num_segments != segments.num_segments:
+            raise ValueError(f"segments and key_segments must have the same number of segments, got "
+                             f"{segments.num_segments} and {seg_k.num_segments}")
+        if key_segments is None and not (query is key and key is value):
+            raise ValueError("segments= without key_segments= is self-attention: pass the same tensor as "
+                             "query, key and value, or give key_segments")
+        if key_padding_mask is not None or attn_mask is not None:
+            raise ValueError("with segments=, key_padding_mask and attn_mask must be None (the segments "
+                             "already say which tokens attend to which)")
+        if need_weights:
+            raise ValueError("with segments=, pass need_weights=False: packed calls do not return weights")
+        if not isinstance(is_causal, bool):
+            raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+        return segments, seg_k
+
+    def _forward_packed(self, query, key, value, key_padding_mask, need_weights, attn_mask, is_causal,
+                        segments, key_segments) -> tuple[Tensor, None]:
+        seg_q, seg_k = self._check_packed(query, key, value, key_padding_mask, need_weights, attn_mask,
+                                          is_causal, segments, key_segments)
+        reason = self._static_reason()
+        self.last_why_not_fast_path = reason
+        self_attention = query is key and key is value and key_segments is None
+        if reason is None:
+            self.last_path = "varlen"
+            return self._attend_packed(query, key, value, seg_q, seg_k, is_causal, self_attention), None
+        self.last_path = "torch"
+        return self._packed_torch_math(query, key, value, seg_q, seg_k, is_causal, self_attention), None
+
+    def _packed_torch_math(self, query, key, value, seg_q: Segments, seg_k: Segments, causal: bool,
+                           self_attention: bool) -> Tensor:
+        """Packed call through torch's math (for ``add_bias_kv``/``add_zero_attn``): pad every segment,
+        block the padded keys (and the causal upper triangle, bottom-right aligned) with ``attn_mask``,
+        and keep the valid query rows. The appended bias/zero key stays visible to every query, as in
+        torch, so no row is fully masked."""
+        len_q, len_k = max(seg_q.max_len, 1), max(seg_k.max_len, 1)
+        lengths_q = seg_q.lengths.long()[:, None, None]
+        lengths_k = seg_k.lengths.long()[:, None, None]
+        pos_q = torch.arange(len_q, device=query.device)[None, :, None]
+        pos_k = torch.arange(len_k, device=query.device)[None, None, :]
+        blocked = pos_k >= lengths_k
+        if causal:
+            blocked = blocked | (pos_k > pos_q + lengths_k - lengths_q)
+        blocked = blocked.repeat_interleave(self.num_heads, dim=0)
+        q = seg_q.unpack(query, len_q).transpose(0, 1)
+        k = seg_k.unpack(key, len_k).transpose(0, 1)
+        v = k if key is value else seg_k.unpack(value, len_k).transpose(0, 1)
+        if self_attention:
+            k = v = q
+        out, _ = F.multi_head_attention_forward(
+            q, k, v, self.embed_dim, self.num_heads, self.in_proj_weight, self.in_proj_bias, self.bias_k,
+            self.bias_v, self.add_zero_attn, self.dropout, self.out_proj.weight, self.out_proj.bias,
+            training=self.training, need_weights=False, attn_mask=blocked,
+            use_separate_proj_weight=not self._qkv_same_embed_dim, q_proj_weight=self.q_proj_weight,
+            k_proj_weight=self.k_proj_weight, v_proj_weight=self.v_proj_weight)
+        return seg_q.pack(out.transpose(0, 1))
