@@ -1,0 +1,250 @@
+// CPU implementations of hierkern::varlen_fwd / varlen_bwd: input validation, work partitioning and the
+// choice of instruction set. The arithmetic lives in attention_kernel_impl.h.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "attention_kernel.h"
+
+namespace hierkern {
+namespace cpu {
+namespace {
+
+struct Kernels {
+  UnitRangeFn fwd;
+  UnitRangeFn bwd;
+};
+
+Kernels select_kernels() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  if (avx2_kernels_built() && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    return {avx2::varlen_fwd_units, avx2::varlen_bwd_units};
+  }
+#endif
+  return {generic::varlen_fwd_units, generic::varlen_bwd_units};
+}
+
+const Kernels& kernels() {
+  static const Kernels selected = select_kernels();
+  return selected;
+}
+
+ScalarKind scalar_kind(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return ScalarKind::kFloat;
+    case at::kDouble: return ScalarKind::kDouble;
+    case at::kBFloat16: return ScalarKind::kBFloat16;
+    case at::kHalf: return ScalarKind::kHalf;
+    default:
+      TORCH_CHECK_TYPE(false, "hierkern CPU attention: ", name,
+                       " must be float32, float64, bfloat16 or float16, got ", t.scalar_type());
+  }
+}
+
+// Kernels index rows with strides but read head_dim contiguously.
+at::Tensor unit_stride_last(const at::Tensor& t) { return t.stride(2) == 1 ? t : t.contiguous(); }
+
+void check_packed(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.dim() == 3, "hierkern CPU attention: ", name,
+                    " must have shape (total, heads, head_dim), got ", t.sizes());
+  TORCH_CHECK_VALUE(t.device().is_cpu(), "hierkern CPU attention: ", name, " must be a CPU tensor, got ",
+                    t.device());
+}
+
+// Validates offsets completely (they are on the host, so this is O(S) and cheap next to the attention) and
+// returns the longest segment.
+int64_t check_offsets(const at::Tensor& cu, const char* name, int64_t total, int64_t max_seqlen,
+                      const char* max_name) {
+  TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt, "hierkern CPU attention: ", name, " must be int32, got ",
+                   cu.scalar_type());
+  TORCH_CHECK_VALUE(cu.device().is_cpu(), "hierkern CPU attention: ", name, " must be a CPU tensor, got ",
+                    cu.device());
+  TORCH_CHECK_VALUE(cu.dim() == 1 && cu.numel() >= 1, "hierkern CPU attention: ", name,
+                    " must be 1-D of shape (S + 1,), got ", cu.sizes());
+  TORCH_CHECK_VALUE(cu.is_contiguous(), "hierkern CPU attention: ", name, " must be contiguous");
+  const int32_t* o = cu.data_ptr<int32_t>();
+  TORCH_CHECK_VALUE(o[0] == 0, "hierkern CPU attention: ", name, "[0] must be 0, got ", o[0]);
+  int64_t longest = 0;
+  for (int64_t s = 0; s + 1 < cu.numel(); ++s) {
+    TORCH_CHECK_VALUE(o[s + 1] >= o[s], "hierkern CPU attention: ", name, " must be non-decreasing, but ",
+                      name, "[", s + 1, "]=", o[s + 1], " < ", name, "[", s, "]=", o[s]);
+    longest = std::max<int64_t>(longest, o[s + 1] - o[s]);
+  }
+  TORCH_CHECK_VALUE(o[cu.numel() - 1] == total, "hierkern CPU attention: ", name,
+                    "[-1] must equal the number of packed tokens (", total, "), got ", o[cu.numel() - 1]);
+  TORCH_CHECK_VALUE(longest <= max_seqlen, "hierkern CPU attention: ", max_name, "=", max_seqlen,
+                    " is smaller than the longest segment in ", name, " (", longest, ")");
+  return longest;
+}
+
+AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t max_seqlen_q,
+                            int64_t max_seqlen_k, double softmax_scale, bool causal, double dropout_p) {
+  check_packed(q, "q");
+  check_packed(k, "k");
+  check_packed(v, "v");
+  const ScalarKind kind = scalar_kind(q, "q");
+  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+                   "hierkern CPU attention: q, k and v must share a dtype, got ", q.scalar_type(), ", ",
+                   k.scalar_type(), ", ", v.scalar_type());
+  TORCH_CHECK_VALUE(k.sizes() == v.sizes(), "hierkern CPU attention: k and v must have the same shape, got ",
+                    k.sizes(), " and ", v.sizes());
+  TORCH_CHECK_VALUE(q.size(2) == k.size(2), "hierkern CPU attention: q and k must have the same head_dim, got ",
+                    q.size(2), " and ", k.size(2));
+  TORCH_CHECK_VALUE(q.size(2) > 0, "hierkern CPU attention: head_dim must be positive");
+  TORCH_CHECK_VALUE(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "hierkern CPU attention: the number of query "
+                    "heads (", q.size(1), ") must be a multiple of the number of key/value heads (", k.size(1), ")");
+  TORCH_CHECK_VALUE(cu_q.numel() == cu_k.numel(), "hierkern CPU attention: cu_seqlens_q and cu_seqlens_k must "
+                    "describe the same number of segments, got ", cu_q.numel() - 1, " and ", cu_k.numel() - 1);
+  TORCH_CHECK_VALUE(std::isfinite(softmax_scale), "hierkern CPU attention: softmax_scale must be finite, got ",
+                    softmax_scale);
+  TORCH_CHECK_VALUE(dropout_p == 0.0, "hierkern CPU attention: dropout is not implemented by the CPU kernel "
+                    "(dropout_p=", dropout_p, "); use the reference backend for dropout");
+  check_offsets(cu_q, "cu_seqlens_q", q.size(0), max_seqlen_q, "max_seqlen_q");
+  check_offsets(cu_k, "cu_seqlens_k", k.size(0), max_seqlen_k, "max_seqlen_k");
+
+  AttentionParams p{};
+  p.kind = kind;
+  p.num_segments = cu_q.numel() - 1;
+  p.num_heads = q.size(1);
+  p.num_kv_heads = k.size(1);
+  p.head_dim = q.size(2);
+  p.total_q = q.size(0);
+  p.total_k = k.size(0);
+  p.cu_seqlens_q = cu_q.data_ptr<int32_t>();
+  p.cu_seqlens_k = cu_k.data_ptr<int32_t>();
+  p.softmax_scale = softmax_scale;
+  p.causal = causal;
+  p.q = q.data_ptr();
+  p.q_row = q.stride(0);
+  p.q_head = q.stride(1);
+  p.k = k.data_ptr();
+  p.k_row = k.stride(0);
+  p.k_head = k.stride(1);
+  p.v = v.data_ptr();
+  p.v_row = v.stride(0);
+  p.v_head = v.stride(1);
+  return p;
+}
+
+// Splits the (segment, kv-head) units into one contiguous range per thread of roughly equal cost, so that
+// one long segment among thousands of words does not leave the other threads idle. Runs `fn` on each range.
+void run_balanced(const AttentionParams& p, UnitRangeFn fn) {
+  const int64_t units = p.num_segments * p.num_kv_heads;
+  if (units == 0) return;
+  const int64_t group = p.num_heads / p.num_kv_heads;
+  std::vector<int64_t> cost_prefix(p.num_segments + 1, 0);
+  for (int64_t s = 0; s < p.num_segments; ++s) {
+    const int64_t lq = p.cu_seqlens_q[s + 1] - p.cu_seqlens_q[s];
+    const int64_t lk = p.cu_seqlens_k[s + 1] - p.cu_seqlens_k[s];
+    // Scores, plus loading and writing rows, plus a fixed per-unit overhead; all times head_dim.
+    cost_prefix[s + 1] = cost_prefix[s] + (group * lq * (lk + 2) + 2 * lk + 8) * p.head_dim;
+  }
+  const int64_t total_cost = cost_prefix.back() * p.num_kv_heads;
+  // Below ~a few microseconds of work, waking threads costs more than it saves.
+  const int64_t parts = total_cost < (1 << 15) ? 1 : std::min<int64_t>(at::get_num_threads(), units);
+  if (parts <= 1) {
+    fn(p, 0, units);
+    return;
+  }
+  // Cost of the units before unit u: whole segments before it, times kv heads, plus earlier heads of its own.
+  auto cost_before = [&](int64_t u) {
+    const int64_t s = u / p.num_kv_heads, h = u % p.num_kv_heads;
+    return cost_prefix[s] * p.num_kv_heads + h * (cost_prefix[s + 1] - cost_prefix[s]);
+  };
+  std::vector<int64_t> bounds(parts + 1, units);
+  bounds[0] = 0;
+  for (int64_t t = 1; t < parts; ++t) {
+    const int64_t target = total_cost * t / parts;
+    int64_t lo = bounds[t - 1], hi = units;  // first unit whose start cost reaches target
+    while (lo < hi) {
+      const int64_t mid = lo + (hi - lo) / 2;
+      if (cost_before(mid) < target) lo = mid + 1; else hi = mid;
+    }
+    bounds[t] = lo;
+  }
+  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) fn(p, bounds[t], bounds[t + 1]);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> varlen_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                  const at::Tensor& v_in, const at::Tensor& cu_seqlens_q,
+                                                  const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+                                                  int64_t max_seqlen_k, double softmax_scale, bool causal,
+                                                  double dropout_p, const c10::optional<at::Tensor>& rng_state) {
+  (void)rng_state;  // only meaningful with dropout, which make_params refuses
+  check_packed(q_in, "q");
+  check_packed(k_in, "k");
+  check_packed(v_in, "v");
+  const at::Tensor q = unit_stride_last(q_in), k = unit_stride_last(k_in), v = unit_stride_last(v_in);
+  AttentionParams p = make_params(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                  softmax_scale, causal, dropout_p);
+  // torch::empty, not zeros: the kernel writes every element (rows without keys get 0 and -inf).
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({q.size(1), q.size(0)}, q.options().dtype(at::kFloat));
+  p.out = out.data_ptr();
+  p.out_row = out.stride(0);
+  p.out_head = out.stride(1);
+  p.lse = lse.data_ptr<float>();
+  run_balanced(p, kernels().fwd);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cpu(
+    const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& out_in, const at::Tensor& lse_in, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale,
+    bool causal, double dropout_p, const c10::optional<at::Tensor>& rng_state) {
+  (void)rng_state;
+  check_packed(dout_in, "dout");
+  check_packed(q_in, "q");
+  check_packed(k_in, "k");
+  check_packed(v_in, "v");
+  check_packed(out_in, "out");
+  const at::Tensor q = unit_stride_last(q_in), k = unit_stride_last(k_in), v = unit_stride_last(v_in);
+  const at::Tensor out = unit_stride_last(out_in), dout = unit_stride_last(dout_in);
+  AttentionParams p = make_params(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                  softmax_scale, causal, dropout_p);
+  TORCH_CHECK_VALUE(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), "hierkern CPU attention: dout and "
+                    "out must have q's shape ", q.sizes(), ", got ", dout.sizes(), " and ", out.sizes());
+  TORCH_CHECK_TYPE(dout.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
+                   "hierkern CPU attention: dout and out must have q's dtype ", q.scalar_type(), ", got ",
+                   dout.scalar_type(), " and ", out.scalar_type());
+  TORCH_CHECK_TYPE(lse_in.scalar_type() == at::kFloat, "hierkern CPU attention: lse must be float32, got ",
+                   lse_in.scalar_type());
+  TORCH_CHECK_VALUE(lse_in.device().is_cpu() && lse_in.dim() == 2 && lse_in.size(0) == q.size(1) &&
+                    lse_in.size(1) == q.size(0), "hierkern CPU attention: lse must be a CPU tensor of shape "
+                    "(heads, total_q) = (", q.size(1), ", ", q.size(0), "), got ", lse_in.sizes());
+  const at::Tensor lse = lse_in.contiguous();
+  // Every element is written: dq by its query row, dk/dv by the unit that owns their segment and kv head.
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dk = at::empty(k.sizes(), k.options());
+  at::Tensor dv = at::empty(v.sizes(), v.options());
+  p.out = const_cast<void*>(out.data_ptr());
+  p.out_row = out.stride(0);
+  p.out_head = out.stride(1);
+  p.lse = const_cast<float*>(lse.data_ptr<float>());
+  p.dout = dout.data_ptr();
+  p.dout_row = dout.stride(0);
+  p.dout_head = dout.stride(1);
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  run_balanced(p, kernels().bwd);
+  return {dq, dk, dv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(hierkern, CPU, m) {
+  m.impl("varlen_fwd", &varlen_fwd_cpu);
+  m.impl("varlen_bwd", &varlen_bwd_cpu);
+}
+
+}  // namespace cpu
+}  // namespace hierkern

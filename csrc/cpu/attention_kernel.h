@@ -1,0 +1,53 @@
+// Torch-free interface between the op bindings (attention_cpu.cpp) and the kernels, which are compiled once
+// per instruction set (kernel_default.cpp, kernel_avx2.cpp) and chosen at run time.
+#pragma once
+
+#include <cstdint>
+
+namespace hierkern {
+namespace cpu {
+
+enum class ScalarKind { kFloat, kDouble, kBFloat16, kHalf };
+
+// Everything a kernel reads or writes, as raw pointers and element strides. Tensors of shape
+// (total, heads, head_dim) have a unit stride along head_dim; lse is contiguous (H, total_q) float32;
+// dq/dk/dv are contiguous. A "unit" of work is one (segment, kv-head) pair, unit = segment * H_kv + kv_head:
+// it owns every query head of its group, so the dk/dv of its keys are written by exactly one thread.
+struct AttentionParams {
+  ScalarKind kind;
+  int64_t num_segments, num_heads, num_kv_heads, head_dim, total_q, total_k;
+  const int32_t* cu_seqlens_q;
+  const int32_t* cu_seqlens_k;
+  double softmax_scale;
+  bool causal;
+
+  const void* q;  int64_t q_row, q_head;
+  const void* k;  int64_t k_row, k_head;
+  const void* v;  int64_t v_row, v_head;
+  // Forward: written. Backward: read (for rowsum(dout * out)).
+  void* out;      int64_t out_row, out_head;
+  float* lse;
+  // Backward only.
+  const void* dout; int64_t dout_row, dout_head;
+  void* dq;
+  void* dk;
+  void* dv;
+};
+
+using UnitRangeFn = void (*)(const AttentionParams&, int64_t unit_begin, int64_t unit_end);
+
+// One namespace per instruction set; each defines the forward and backward over a range of units.
+#define HIERKERN_DECLARE_KERNELS(isa)                                                \
+  namespace isa {                                                                    \
+  void varlen_fwd_units(const AttentionParams& p, int64_t unit_begin, int64_t unit_end); \
+  void varlen_bwd_units(const AttentionParams& p, int64_t unit_begin, int64_t unit_end); \
+  }
+
+HIERKERN_DECLARE_KERNELS(generic)
+HIERKERN_DECLARE_KERNELS(avx2)
+
+// Whether kernel_avx2.cpp was compiled with AVX2+FMA code generation (GCC/Clang on x86-64).
+bool avx2_kernels_built();
+
+}  // namespace cpu
+}  // namespace hierkern

@@ -1,0 +1,276 @@
+// The CPU varlen attention kernels. Not a normal header: kernel_<isa>.cpp includes it once inside
+// `namespace hierkern::cpu::<isa>` after choosing the code-generation target, so the same source is compiled
+// for several instruction sets. It must only include what kernel_common.h already included.
+//
+// One unit of work is (segment, kv-head). Query rows are processed one at a time: the scores of a row (at
+// most max_seqlen_k floats) live in a per-thread buffer, the row's visible keys are the prefix [0, n) of the
+// segment's keys (causal bottom-right alignment makes it a prefix), so there is no masking work at all.
+// The inner loops run over head_dim (dot products, axpy) or over keys (exp, max, sum) and are written so the
+// compiler vectorises them (`omp simd` reductions; a polynomial exp instead of a libm call).
+
+// Numbers accumulate in Acc: float for float/bfloat16/half inputs, double for double inputs.
+template <typename T> struct AccOf { using type = float; };
+template <> struct AccOf<double> { using type = double; };
+
+template <typename A>
+inline A dot(const A* __restrict a, const A* __restrict b, int64_t n) {
+  A acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t d = 0; d < n; ++d) acc += a[d] * b[d];
+  return acc;
+}
+
+template <typename A>
+inline void axpy(A* __restrict y, A alpha, const A* __restrict x, int64_t n) {
+#pragma omp simd
+  for (int64_t d = 0; d < n; ++d) y[d] += alpha * x[d];
+}
+
+// exp(x) for float to ~2 ulp (Cephes' polynomial): unlike std::exp it inlines and vectorises. Inputs below
+// -87.3 return ~1e-38 instead of 0, which no sum over a row's maximum (exp(0) = 1) can notice.
+inline float exp_poly(float x) {
+  x = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
+  // Round x*log2(e) to nearest with the 1.5*2^23 trick; its low mantissa bits are the integer n.
+  const float shifted = x * 1.44269504088896341f + 12582912.0f;
+  const float n = shifted - 12582912.0f;
+  int32_t n_bits;
+  std::memcpy(&n_bits, &shifted, sizeof(n_bits));
+  n_bits -= 0x4B400000;  // bit pattern of 12582912.0f
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  const float r2 = r * r;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r2 + r + 1.0f;
+  const int32_t scale_bits = (n_bits + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &scale_bits, sizeof(scale));
+  return y * scale;
+}
+inline double exp_acc(double x) { return std::exp(x); }
+inline float exp_acc(float x) { return exp_poly(x); }
+
+// Number of keys query row i sees: all of them, or the causal prefix aligned bottom-right.
+inline int64_t visible_keys(int64_t i, int64_t lq, int64_t lk, bool causal) {
+  if (!causal) return lk;
+  const int64_t n = i + lk - lq + 1;
+  return n < 0 ? 0 : (n > lk ? lk : n);
+}
+
+// Rows of one head of one segment as Acc values: the tensor itself when T == Acc (no copy), else converted
+// into `scratch` once per unit so the inner loops never convert.
+template <typename T, typename A>
+struct Rows {
+  const A* base;
+  int64_t stride;
+  const A* row(int64_t j) const { return base + j * stride; }
+
+  static Rows load(const T* src, int64_t row_stride, int64_t rows, int64_t d, A* scratch) {
+    if constexpr (std::is_same_v<T, A>) {
+      return Rows{src, row_stride};
+    } else {
+      for (int64_t j = 0; j < rows; ++j) {
+        const T* s = src + j * row_stride;
+        A* o = scratch + j * d;
+        for (int64_t c = 0; c < d; ++c) o[c] = static_cast<A>(s[c]);
+      }
+      return Rows{scratch, d};
+    }
+  }
+};
+
+template <typename T, typename A>
+inline void load_row(A* __restrict dst, const T* __restrict src, int64_t d, A scale) {
+  for (int64_t c = 0; c < d; ++c) dst[c] = static_cast<A>(src[c]) * scale;
+}
+
+// Per-thread scratch, sized once per call of a *_units function (one call per thread and launch).
+template <typename A>
+struct Scratch {
+  std::vector<A> buf;
+  A *scores, *probs, *qrow, *dorow, *acc, *keys, *values, *dkeys, *dvalues;
+  Scratch(int64_t max_k, int64_t d, bool backward) {
+    // Keys/values converted for non-Acc inputs; dk/dv accumulators in the backward.
+    const int64_t kv = max_k * d;
+    buf.assign(2 * max_k + 3 * d + 2 * kv + (backward ? 2 * kv : 0), A(0));
+    A* p = buf.data();
+    scores = p; p += max_k;
+    probs = p; p += max_k;
+    qrow = p; p += d;
+    dorow = p; p += d;
+    acc = p; p += d;
+    keys = p; p += kv;
+    values = p; p += kv;
+    dkeys = backward ? p : nullptr; p += backward ? kv : 0;
+    dvalues = backward ? p : nullptr;
+  }
+};
+
+inline int64_t max_segment_len(const int32_t* cu, int64_t begin_seg, int64_t end_seg) {
+  int64_t longest = 0;
+  for (int64_t s = begin_seg; s < end_seg; ++s) longest = std::max<int64_t>(longest, cu[s + 1] - cu[s]);
+  return longest;
+}
+
+template <typename T>
+void fwd_units(const AttentionParams& p, int64_t unit_begin, int64_t unit_end) {
+  using A = typename AccOf<T>::type;
+  const int64_t d = p.head_dim, group = p.num_heads / p.num_kv_heads;
+  const int64_t seg_begin = unit_begin / p.num_kv_heads, seg_end = (unit_end - 1) / p.num_kv_heads + 1;
+  Scratch<A> scratch(max_segment_len(p.cu_seqlens_k, seg_begin, seg_end), d, /*backward=*/false);
+  const A scale = static_cast<A>(p.softmax_scale);
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+  T* out = static_cast<T*>(p.out);
+
+  for (int64_t unit = unit_begin; unit < unit_end; ++unit) {
+    const int64_t seg = unit / p.num_kv_heads, kv_head = unit % p.num_kv_heads;
+    const int64_t q0 = p.cu_seqlens_q[seg], lq = p.cu_seqlens_q[seg + 1] - q0;
+    const int64_t k0 = p.cu_seqlens_k[seg], lk = p.cu_seqlens_k[seg + 1] - k0;
+    if (lq == 0) continue;
+    const auto keys = Rows<T, A>::load(k + k0 * p.k_row + kv_head * p.k_head, p.k_row, lk, d, scratch.keys);
+    const auto values =
+        Rows<T, A>::load(v + k0 * p.v_row + kv_head * p.v_head, p.v_row, lk, d, scratch.values);
+    for (int64_t h = kv_head * group; h < (kv_head + 1) * group; ++h) {
+      float* lse = p.lse + h * p.total_q + q0;
+      for (int64_t i = 0; i < lq; ++i) {
+        T* o = out + (q0 + i) * p.out_row + h * p.out_head;
+        const int64_t n = visible_keys(i, lq, lk, p.causal);
+        if (n == 0) {
+          for (int64_t c = 0; c < d; ++c) o[c] = T(0);
+          lse[i] = -std::numeric_limits<float>::infinity();
+          continue;
+        }
+        A* __restrict qr = scratch.qrow;
+        A* __restrict s = scratch.scores;
+        A* __restrict acc = scratch.acc;
+        load_row(qr, q + (q0 + i) * p.q_row + h * p.q_head, d, scale);
+        A row_max = -std::numeric_limits<A>::infinity();
+        for (int64_t j = 0; j < n; ++j) {
+          s[j] = dot(qr, keys.row(j), d);
+          row_max = std::max(row_max, s[j]);
+        }
+        A sum = 0;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < n; ++j) {
+          s[j] = exp_acc(s[j] - row_max);
+          sum += s[j];
+        }
+        for (int64_t c = 0; c < d; ++c) acc[c] = 0;
+        for (int64_t j = 0; j < n; ++j) axpy(acc, s[j], values.row(j), d);
+        const A inv = A(1) / sum;
+        for (int64_t c = 0; c < d; ++c) o[c] = static_cast<T>(acc[c] * inv);
+        lse[i] = static_cast<float>(row_max + std::log(sum));
+      }
+    }
+  }
+}
+
+template <typename T>
+void bwd_units(const AttentionParams& p, int64_t unit_begin, int64_t unit_end) {
+  using A = typename AccOf<T>::type;
+  const int64_t d = p.head_dim, group = p.num_heads / p.num_kv_heads;
+  const int64_t seg_begin = unit_begin / p.num_kv_heads, seg_end = (unit_end - 1) / p.num_kv_heads + 1;
+  Scratch<A> scratch(max_segment_len(p.cu_seqlens_k, seg_begin, seg_end), d, /*backward=*/true);
+  const A scale = static_cast<A>(p.softmax_scale);
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+  const T* out = static_cast<const T*>(p.out);
+  const T* dout = static_cast<const T*>(p.dout);
+  T* dq = static_cast<T*>(p.dq);
+  T* dk = static_cast<T*>(p.dk);
+  T* dv = static_cast<T*>(p.dv);
+  const int64_t q_stride = p.num_heads * d, kv_stride = p.num_kv_heads * d;  // dq/dk/dv are contiguous
+
+  for (int64_t unit = unit_begin; unit < unit_end; ++unit) {
+    const int64_t seg = unit / p.num_kv_heads, kv_head = unit % p.num_kv_heads;
+    const int64_t q0 = p.cu_seqlens_q[seg], lq = p.cu_seqlens_q[seg + 1] - q0;
+    const int64_t k0 = p.cu_seqlens_k[seg], lk = p.cu_seqlens_k[seg + 1] - k0;
+    A* __restrict dk_acc = scratch.dkeys;
+    A* __restrict dv_acc = scratch.dvalues;
+    for (int64_t c = 0; c < lk * d; ++c) dk_acc[c] = dv_acc[c] = 0;
+    const auto keys = Rows<T, A>::load(k + k0 * p.k_row + kv_head * p.k_head, p.k_row, lq ? lk : 0, d,
+                                       scratch.keys);
+    const auto values = Rows<T, A>::load(v + k0 * p.v_row + kv_head * p.v_head, p.v_row, lq ? lk : 0, d,
+                                         scratch.values);
+    for (int64_t h = kv_head * group; h < (kv_head + 1) * group; ++h) {
+      const float* lse = p.lse + h * p.total_q + q0;
+      for (int64_t i = 0; i < lq; ++i) {
+        T* dq_row = dq + (q0 + i) * q_stride + h * d;
+        const int64_t n = visible_keys(i, lq, lk, p.causal);
+        if (n == 0) {
+          for (int64_t c = 0; c < d; ++c) dq_row[c] = T(0);
+          continue;
+        }
+        A* __restrict qr = scratch.qrow;
+        A* __restrict dor = scratch.dorow;
+        A* __restrict s = scratch.scores;
+        A* __restrict dp = scratch.probs;
+        A* __restrict acc = scratch.acc;
+        load_row(qr, q + (q0 + i) * p.q_row + h * p.q_head, d, A(1));
+        load_row(dor, dout + (q0 + i) * p.dout_row + h * p.dout_head, d, A(1));
+        const T* o = out + (q0 + i) * p.out_row + h * p.out_head;
+        A delta = 0;  // rowsum(dout * out): the softmax Jacobian's correction term
+        for (int64_t c = 0; c < d; ++c) delta += dor[c] * static_cast<A>(o[c]);
+        for (int64_t j = 0; j < n; ++j) {
+          s[j] = scale * dot(qr, keys.row(j), d);
+          dp[j] = dot(dor, values.row(j), d);
+        }
+        if constexpr (std::is_same_v<A, double>) {
+          // lse is float32: renormalise in double so float64 gradients keep float64 accuracy.
+          A row_max = -std::numeric_limits<A>::infinity();
+          for (int64_t j = 0; j < n; ++j) row_max = std::max(row_max, s[j]);
+          A sum = 0;
+          for (int64_t j = 0; j < n; ++j) sum += (s[j] = std::exp(s[j] - row_max));
+          for (int64_t j = 0; j < n; ++j) s[j] /= sum;
+        } else {
+          const A row_lse = lse[i];
+#pragma omp simd
+          for (int64_t j = 0; j < n; ++j) s[j] = exp_acc(s[j] - row_lse);
+        }
+        for (int64_t c = 0; c < d; ++c) acc[c] = 0;
+        for (int64_t j = 0; j < n; ++j) {
+          const A ds = s[j] * (dp[j] - delta);
+          axpy(acc, ds, keys.row(j), d);
+          axpy(dk_acc + j * d, scale * ds, qr, d);
+          axpy(dv_acc + j * d, s[j], dor, d);
+        }
+        for (int64_t c = 0; c < d; ++c) dq_row[c] = static_cast<T>(scale * acc[c]);
+      }
+    }
+    for (int64_t j = 0; j < lk; ++j) {
+      T* dk_row = dk + (k0 + j) * kv_stride + kv_head * d;
+      T* dv_row = dv + (k0 + j) * kv_stride + kv_head * d;
+      for (int64_t c = 0; c < d; ++c) {
+        dk_row[c] = static_cast<T>(dk_acc[j * d + c]);
+        dv_row[c] = static_cast<T>(dv_acc[j * d + c]);
+      }
+    }
+  }
+}
+
+void varlen_fwd_units(const AttentionParams& p, int64_t unit_begin, int64_t unit_end) {
+  if (unit_begin >= unit_end) return;
+  switch (p.kind) {
+    case ScalarKind::kFloat: return fwd_units<float>(p, unit_begin, unit_end);
+    case ScalarKind::kDouble: return fwd_units<double>(p, unit_begin, unit_end);
+    case ScalarKind::kBFloat16: return fwd_units<c10::BFloat16>(p, unit_begin, unit_end);
+    case ScalarKind::kHalf: return fwd_units<c10::Half>(p, unit_begin, unit_end);
+  }
+}
+
+void varlen_bwd_units(const AttentionParams& p, int64_t unit_begin, int64_t unit_end) {
+  if (unit_begin >= unit_end) return;
+  switch (p.kind) {
+    case ScalarKind::kFloat: return bwd_units<float>(p, unit_begin, unit_end);
+    case ScalarKind::kDouble: return bwd_units<double>(p, unit_begin, unit_end);
+    case ScalarKind::kBFloat16: return bwd_units<c10::BFloat16>(p, unit_begin, unit_end);
+    case ScalarKind::kHalf: return bwd_units<c10::Half>(p, unit_begin, unit_end);
+  }
+}
