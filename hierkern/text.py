@@ -100,15 +100,16 @@ class CharVocab:
     def from_texts(cls, texts: Iterable[str], *, min_count: int = 1, max_size: int | None = None) -> "CharVocab":
         """Build from raw texts: the characters seen at least ``min_count`` times, most frequent first.
 
-        Whitespace is not a character of any word, so it is left out. ``max_size`` caps the total size
-        (specials included). Ties break by code point so the result does not depend on the input order.
+        Whitespace is kept (words never contain it, but then ``decode(encode(text)) == text`` for any
+        text of known characters). ``max_size`` caps the total size (specials included). Ties break by
+        code point so the result does not depend on the input order.
         """
         counts: Counter[str] = Counter()
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise TypeError(f"texts[{i}] must be a str, got {type(text).__name__}")
             counts.update(text)
-        ranked = sorted((ch for ch, n in counts.items() if n >= min_count and not ch.isspace()),
+        ranked = sorted((ch for ch, n in counts.items() if n >= min_count),
                         key=lambda ch: (-counts[ch], ord(ch)))
         if max_size is not None:
             if max_size < len(cls.SPECIALS):
