@@ -1,0 +1,128 @@
+"""The ``"cuda"`` backend: hand-written CUDA C++ kernels (``csrc/cuda``) behind ``torch.ops.hierkern.varlen_fwd``.
+
+The kernels are built for word-length segments: a CTA owns consecutive query rows of one head, finds their
+segments on the device (binary search over ``cu_seqlens``), stages the rows' key range in shared memory and
+runs each row's online softmax over that row's own keys only, so a 5-character word costs 5 keys per query,
+not a masked tile; longer segments stream block by block. The backward is a dq pass over query tiles and a
+dk/dv pass over key tiles: deterministic, no atomics, no scratch that grows with the number of segments.
+float16, bfloat16 (fp32 accumulation) and float32; head_dim 32, 64 or 128; causal (bottom-right), GQA,
+separate query/key offsets, Philox dropout reproducible from ``rng_state``.
+
+Where the kernels come from: ``hierkern._C`` when ``setup.py`` built it with a CUDA toolchain and a CUDA
+build of torch; otherwise :func:`load_jit` compiles ``csrc/cuda`` with ninja and adds its CUDA kernels to the
+already-loaded CPU-only ``hierkern._C`` (set ``HIERKERN_CUDA_JIT=1`` to do that on first use).
+
+Priority: below ``"triton"``, so ``"auto"`` keeps choosing Triton on GPUs until benchmarks on a GPU show
+these kernels faster for a class of calls (none has been measured yet); ``backend="cuda"`` runs them.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import torch
+
+from ..backends import AttentionCall, register_backend
+from . import extension
+
+__all__ = ["CudaBackend", "SUPPORTED_HEAD_DIMS", "load_jit", "jit_build_flags"]
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SUPPORTED_HEAD_DIMS = (32, 64, 128)
+CSRC_CUDA = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                         "csrc", "cuda")
+_JIT_NAME = "hierkern_cuda_jit"
+_jit_error: str | None = None
+_jit_loaded = False
+
+
+def jit_build_flags(archs: str | None = None) -> list[str]:
+    """nvcc flags of the CUDA kernels: ``setup.py``'s, for the SMs in ``archs`` (``HIERKERN_CUDA_ARCHS``,
+    default ``"80;90a"``), e.g. ``["-O3", ..., "-gencode=arch=compute_80,code=sm_80", ...]``."""
+    archs = os.environ.get("HIERKERN_CUDA_ARCHS", "80;90a") if archs is None else archs
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs.split(";") if a]
+    return ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"] + gencode
+
+
+def load_jit(verbose: bool = False) -> None:
+    """Compile ``csrc/cuda`` with ninja (``torch.utils.cpp_extension.load``) and register its CUDA kernels.
+
+    For machines where hierkern was installed without CUDA: the build adds ``TORCH_LIBRARY_IMPL(hierkern,
+    CUDA)`` to the ops that the loaded ``hierkern._C`` declares. Takes minutes the first time (torch caches
+    the build under ``TORCH_EXTENSIONS_DIR``). Does nothing when CUDA kernels are already registered.
+
+    Args:
+        verbose: print the build's commands and compiler output.
+
+    Raises:
+        RuntimeError: ``hierkern._C`` is not loaded (nothing to add kernels to), or the build failed.
+    """
+    global _jit_loaded
+    if extension.LOAD_ERROR is not None:
+        raise RuntimeError(f"the CUDA kernels extend hierkern._C, which is unavailable: {extension.LOAD_ERROR}")
+    if _jit_loaded or extension.kernel_unavailable_reason("CUDA") is None:
+        return
+    from torch.utils.cpp_extension import load
+
+    sources = sorted(glob.glob(os.path.join(CSRC_CUDA, "*.cu"))) + [os.path.join(CSRC_CUDA, "binding.cpp")]
+    load(name=_JIT_NAME, sources=sources, extra_cflags=["-O3", "-std=c++17"],
+         extra_cuda_cflags=jit_build_flags(), extra_include_paths=[CSRC_CUDA], is_python_module=False,
+         verbose=verbose)
+    _jit_loaded = True
+
+
+def _kernels_unavailable() -> str | None:
+    global _jit_error
+    reason = extension.kernel_unavailable_reason("CUDA")
+    if reason is None or extension.LOAD_ERROR is not None:
+        return reason
+    if os.environ.get("HIERKERN_CUDA_JIT") != "1":
+        return (f"{reason}, or set HIERKERN_CUDA_JIT=1 (or call hierkern.ops.cuda_attention.load_jit()) to "
+                f"JIT-compile csrc/cuda with ninja")
+    if _jit_error is None:
+        try:
+            load_jit()
+        except Exception as exc:  # a failed build leaves the backend unavailable, with the reason
+            _jit_error = f"the JIT build of csrc/cuda failed ({type(exc).__name__}: {exc})"
+    return _jit_error if _jit_error is not None else extension.kernel_unavailable_reason("CUDA")
+
+
+class CudaBackend:
+    """Backend protocol of ``hierkern.backends`` for the CUDA C++ kernels."""
+
+    name = "cuda"
+    # Below "triton" (20) until GPU benchmarks say otherwise; above "reference" (0).
+    priority = 15
+    device_types = ("cuda",)
+
+    def unavailable_reason(self) -> str | None:
+        if not torch.cuda.is_available():
+            return "no CUDA GPU is visible (torch.cuda.is_available() is False)"
+        return _kernels_unavailable()
+
+    def why_not(self, call: AttentionCall) -> str | None:
+        if call.device_type != "cuda":
+            return f"the CUDA kernels run on CUDA tensors, and these are on {call.device_type}"
+        if call.dtype not in SUPPORTED_DTYPES:
+            return (f"the CUDA kernels take float16, bfloat16 or float32, not {call.dtype}; use the reference "
+                    f"backend")
+        if call.head_dim not in SUPPORTED_HEAD_DIMS:
+            return (f"the CUDA kernels are compiled for head_dim 32, 64 and 128, not {call.head_dim}; use the "
+                    f"triton or reference backend")
+        if torch.cuda.get_device_capability() < (8, 0):
+            return "the CUDA kernels are built for sm_80 and sm_90a and need an Ampere or newer GPU"
+        return None
+
+    def __call__(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                 causal, dropout_p):
+        rng_state = None
+        if dropout_p > 0.0:
+            # [seed, offset] on the CPU as the op schema asks: drawn from torch's CPU generator (seeded by
+            # torch.manual_seed) with no device sync; the saved copy regenerates the mask in the backward.
+            rng_state = torch.randint(0, 2**62, (2,), dtype=torch.int64)
+        return torch.ops.hierkern.varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                             softmax_scale, causal, dropout_p, rng_state)
+
+
+register_backend(CudaBackend())
