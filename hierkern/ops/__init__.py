@@ -6,3 +6,4 @@ is missing registers an unavailable backend that says why, so importing never fa
 
 from . import cpu_attention  # noqa: F401
 from . import triton_attention  # noqa: F401
+from . import cuda_attention  # noqa: F401
