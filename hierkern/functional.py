@@ -22,11 +22,11 @@ def _host_readable(t: torch.Tensor) -> bool:
 
 
 def _resolve_offsets(cu_seqlens, max_seqlen, total: int, device: torch.device, name: str,
-                     max_name: str) -> tuple[torch.Tensor, int]:
+                     max_name: str, tensor_name: str) -> tuple[torch.Tensor, int]:
     """Offsets as an int32 tensor on ``device`` plus a validated host ``max_seqlen``."""
     if isinstance(cu_seqlens, Segments):
         if cu_seqlens.total != total:
-            raise ValueError(f"{name} covers {cu_seqlens.total} tokens but the tensor has {total}")
+            raise ValueError(f"{name} covers {cu_seqlens.total} tokens but {tensor_name} has {total}")
         offsets = cu_seqlens.offsets
         if max_seqlen is None:
             max_seqlen = cu_seqlens.max_len
@@ -45,13 +45,18 @@ def _resolve_offsets(cu_seqlens, max_seqlen, total: int, device: torch.device, n
         raise ValueError(f"{name} is on {offsets.device} but q is on {device}")
     if offsets.dtype != torch.int32:
         offsets = offsets.to(torch.int32)
+    return offsets, _check_max_seqlen(max_seqlen, offsets, name, max_name)
 
+
+def _check_max_seqlen(max_seqlen, offsets: torch.Tensor, name: str, max_name: str) -> int:
+    """A validated host ``max_seqlen`` for ``offsets``, read from them (a sync on CUDA) when ``None``."""
     longest = None
     if max_seqlen is None:
         # The one case that syncs a CUDA caller: pass max_seqlen or a Segments to avoid it.
         longest = int(offsets.diff().max()) if offsets.numel() > 1 else 0
         max_seqlen = longest
-    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
+    # A SymInt is what an int argument becomes under torch.compile with dynamic shapes.
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, (int, torch.SymInt)):
         raise TypeError(f"{max_name} must be a Python int, got {type(max_seqlen).__name__}")
     if max_seqlen < 0:
         raise ValueError(f"{max_name} must be non-negative, got {max_seqlen}")
@@ -60,7 +65,7 @@ def _resolve_offsets(cu_seqlens, max_seqlen, total: int, device: torch.device, n
         if longest > max_seqlen:
             raise ValueError(f"{max_name}={max_seqlen} is smaller than the longest segment in {name} "
                              f"({longest})")
-    return offsets, max_seqlen
+    return max_seqlen
 
 
 def varlen_attention(
@@ -119,6 +124,8 @@ def varlen_attention(
         raise ValueError(f"q and k must have the same head_dim, got {q.shape[2]} and {k.shape[2]}")
     if q.shape[2] == 0:
         raise ValueError("head_dim must be positive")
+    if q.shape[1] == 0:
+        raise ValueError("q must have at least one head")
     if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
         raise ValueError(f"the number of query heads ({q.shape[1]}) must be a multiple of the number of "
                          f"key/value heads ({k.shape[1]})")
@@ -136,18 +143,21 @@ def varlen_attention(
         raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
 
     offsets_q, max_seqlen_q = _resolve_offsets(cu_seqlens_q, max_seqlen_q, q.shape[0], q.device,
-                                               "cu_seqlens_q", "max_seqlen_q")
+                                               "cu_seqlens_q", "max_seqlen_q", "q")
     if cu_seqlens_k is None:
         if k.shape[0] != q.shape[0]:
             raise ValueError(f"cu_seqlens_k is None (keys packed like the queries) but k has {k.shape[0]} "
                              f"tokens and q has {q.shape[0]}")
         offsets_k = offsets_q
-        max_seqlen_k = max_seqlen_q if max_seqlen_k is None else max_seqlen_k
+        max_seqlen_k = max_seqlen_q if max_seqlen_k is None else _check_max_seqlen(
+            max_seqlen_k, offsets_k, "cu_seqlens_q", "max_seqlen_k")
     else:
         offsets_k, max_seqlen_k = _resolve_offsets(cu_seqlens_k, max_seqlen_k, k.shape[0], q.device,
-                                                   "cu_seqlens_k", "max_seqlen_k")
+                                                   "cu_seqlens_k", "max_seqlen_k", "k")
     if offsets_k.shape[0] != offsets_q.shape[0]:
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of segments, got "
                          f"{offsets_q.shape[0] - 1} and {offsets_k.shape[0] - 1}")
