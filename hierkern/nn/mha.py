@@ -433,7 +433,7 @@ class MultiheadAttention(nn.MultiheadAttention):
         blocked = pos_k >= lengths_k
         if causal:
             blocked = blocked | (pos_k > pos_q + lengths_k - lengths_q)
-        blocked = blocked.repeat_interleave(self.num_heads, dim=0)
+        blocked = blocked.expand(-1, len_q, -1).repeat_interleave(self.num_heads, dim=0)
         q = seg_q.unpack(query, len_q).transpose(0, 1)
         k = seg_k.unpack(key, len_k).transpose(0, 1)
         v = k if key is value else seg_k.unpack(value, len_k).transpose(0, 1)
