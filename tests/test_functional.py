@@ -318,16 +318,17 @@ def test_validation_does_not_break_fullgraph_compile(registry, dynamic):
     def with_segments(q, k, v):
         return varlen_attention(q, k, v, seg_q, seg_k, causal=True, backend="fake")
 
-    def with_offsets(q, k, v, cu_q, cu_k):
-        return varlen_attention(q, k, v, cu_q, cu_k, 4, 5, softmax_scale=0.5, return_lse=True, backend="auto")
+    def with_offsets(q, k, v, cu_q, cu_k, max_q, max_k):
+        return varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=0.5, return_lse=True,
+                                backend="auto")
 
     torch._dynamo.reset()
     compiled = torch.compile(with_segments, backend="eager", fullgraph=True, dynamic=dynamic)
     assert torch.equal(compiled(args["q"], args["k"], args["v"]), 2 * args["q"])
     compiled = torch.compile(with_offsets, backend="eager", fullgraph=True, dynamic=dynamic)
-    out, lse = compiled(*args.values())
+    out, lse = compiled(*args.values(), 4, 5)
     assert torch.equal(out, 2 * args["q"]) and lse.shape == (4, 8)
-    assert fake.calls  # the fake backend was traced through
+    assert fake.calls and all(call["max_seqlen_k"] == 5 for call in fake.calls)
 
 
 # -- CUDA -------------------------------------------------------------------------------------------------
