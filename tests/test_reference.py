@@ -175,9 +175,10 @@ def test_lse_has_no_gradient():
 
 # -- low precision --------------------------------------------------------------------------------------
 
-# ||out - oracle|| / ||oracle|| and gradient bounds: a few units of roundoff of each dtype (measured with
-# margin: fp32 ~1e-7, fp16 ~2.5e-4 / 6e-4, bf16 ~2e-3 / 5e-3 for outputs / gradients).
-LOW_PRECISION = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-3, 3e-3), torch.bfloat16: (8e-3, 2.5e-2)}
+# Bounds on ||x - x64|| / ||x64|| for outputs and gradients against the same inputs in float64: about 4x
+# what was measured (fp32 ~2e-7 / 2.6e-7, fp16 ~2.7e-4 / 3.6e-4, bf16 ~2.1e-3 / 2.9e-3), i.e. about one
+# unit of roundoff of the dtype, as rounding the output alone costs.
+LOW_PRECISION = {torch.float32: (1e-6, 1e-6), torch.float16: (1e-3, 1.5e-3), torch.bfloat16: (8e-3, 1.2e-2)}
 
 
 @pytest.mark.parametrize("dtype", list(LOW_PRECISION), ids=str)
