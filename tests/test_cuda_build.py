@@ -1,0 +1,343 @@
+"""CUDA checks that need no GPU: every csrc/cuda kernel compiles for sm_80 and sm_90a with zero spills
+within the designed register budget, the torch binding compiles against torch's headers, and the
+schedule and dropout-RNG code the kernels run (``__host__ __device__``, compiled here for the host) matches
+a Python model of the semantics on adversarial layouts.
+
+Compilation is cached under ``build/cuda_check/<hash of sources and flags>``: a fresh run takes ~20-40 s on
+two cores (two nvcc processes and one g++ in parallel), a cached one well under a second.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import random
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import adversarial_layouts, offsets_of
+from philox_model import dropout_threshold, keep_mask, philox4x32_10
+
+ROOT = Path(__file__).resolve().parent.parent
+CSRC_CUDA = ROOT / "csrc" / "cuda"
+CACHE = ROOT / "build" / "cuda_check"
+
+KERNELS = ("varlen_fwd_kernel", "varlen_bwd_dq_kernel", "varlen_bwd_dkdv_kernel")
+DTYPES = {"f": "float32", "6__half": "float16", "13__nv_bfloat16": "bfloat16"}
+HEAD_DIMS = (32, 64, 128)
+ARCHS = ("sm_80", "sm_90a")
+# The design (csrc/cuda/kernel_utils.cuh): 128 threads per CTA and four resident CTAs per SM, so at most
+# 65536 / (4 * 128) = 128 registers per thread, and static shared memory under the 48 KiB opt-in limit.
+MAX_REGISTERS = 128
+MAX_STATIC_SMEM = 48 * 1024
+# What torch's CUDAExtension adds to every nvcc command: the kernels must compile under it.
+TORCH_NVCC_DEFINES = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+                      "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"]
+
+
+def _find_nvcc() -> str | None:
+    for candidate in (os.environ.get("HIERKERN_NVCC"), shutil.which("nvcc"),
+                      os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc"),
+                      "/usr/local/cuda-13.0/bin/nvcc"):
+        if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+NVCC = _find_nvcc()
+
+
+def _cuda_include() -> Path | None:
+    """The CUDA runtime headers' directory (nvcc may be a wrapper script outside the toolkit)."""
+    candidates = [Path(NVCC).resolve().parent.parent / "include"] if NVCC else []
+    candidates += [Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include",
+                   Path("/usr/local/cuda-13.0/include")]
+    return next((c for c in candidates if (c / "cuda_runtime.h").is_file()), None)
+
+
+CXX = shutil.which("g++") or shutil.which("c++")
+requires_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found (set HIERKERN_NVCC or CUDA_HOME)")
+requires_cxx = pytest.mark.skipif(CXX is None, reason="no host C++ compiler (g++)")
+
+
+def _nvcc_command(source: Path, obj: Path) -> list[str]:
+    # The flags setup.py and the JIT build use, plus ptxas' per-kernel report.
+    from hierkern.ops.cuda_attention import jit_build_flags
+    return [NVCC, "-c", str(source), "-o", str(obj), *jit_build_flags("80;90a"), *TORCH_NVCC_DEFINES,
+            "-Xptxas", "-v"]
+
+
+def _digest(parts: list[str]) -> str:
+    h = hashlib.sha256()
+    for path in sorted(CSRC_CUDA.iterdir()):
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    for part in parts:
+        h.update(part.encode())
+    return h.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class KernelReport:
+    kernel: str
+    dtype: str
+    head_dim: int
+    arch: str
+    registers: int
+    spill_stores: int
+    spill_loads: int
+    stack: int
+    smem: int
+
+
+_ENTRY = re.compile(
+    r"Compiling entry function '(?P<name>\S+)' for '(?P<arch>sm_\w+)'.*?"
+    r"(?P<stack>\d+) bytes stack frame, (?P<stores>\d+) bytes spill stores, (?P<loads>\d+) bytes spill loads.*?"
+    r"Used (?P<regs>\d+) registers.*?(?P<smem>\d+) bytes smem", re.S)
+_MANGLED = re.compile(r"(?P<kernel>varlen_(?:fwd|bwd_dq|bwd_dkdv)_kernel)I(?P<dtype>f|6__half|13__nv_bfloat16)Li(?P<d>\d+)E")
+
+
+def parse_ptxas(log: str) -> list[KernelReport]:
+    """Per-kernel register, spill, stack and shared-memory figures from ``nvcc -Xptxas -v`` output."""
+    reports = []
+    for entry in _ENTRY.finditer(log):
+        name = _MANGLED.search(entry["name"])
+        assert name is not None, f"unexpected kernel {entry['name']}"
+        reports.append(KernelReport(name["kernel"], DTYPES[name["dtype"]], int(name["d"]), entry["arch"],
+                                    int(entry["regs"]), int(entry["stores"]), int(entry["loads"]),
+                                    int(entry["stack"]), int(entry["smem"])))
+    return reports
+
+
+def _run_parallel(jobs: dict[str, tuple[list[str], Path]]) -> dict[str, str]:
+    """Run the commands at once; return each one's combined output (cached in its log path)."""
+    procs = {}
+    for name, (cmd, log) in jobs.items():
+        if log.exists():
+            continue
+        procs[name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for name, proc in procs.items():
+        output, _ = proc.communicate()
+        cmd, log = jobs[name]
+        assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{output}"
+        log.write_text(output)
+    return {name: log.read_text() for name, (_, log) in jobs.items()}
+
+
+@pytest.fixture(scope="session")
+def ptxas_reports() -> dict[str, list[KernelReport]]:
+    """nvcc every .cu for sm_80 and sm_90a in parallel; per file, the parsed ptxas report."""
+    if NVCC is None:
+        pytest.skip("nvcc not found (set HIERKERN_NVCC or CUDA_HOME)")
+    sources = sorted(CSRC_CUDA.glob("*.cu"))
+    out = CACHE / _digest(_nvcc_command(Path("x.cu"), Path("x.o")))
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = {s.name: (_nvcc_command(s, out / f"{s.stem}.o"), out / f"{s.stem}.ptxas.log") for s in sources}
+    return {name: parse_ptxas(log) for name, log in _run_parallel(jobs).items()}
+
+
+@requires_nvcc
+def test_every_kernel_is_compiled_for_both_archs(ptxas_reports):
+    found = {(r.kernel, r.dtype, r.head_dim, r.arch) for reports in ptxas_reports.values() for r in reports}
+    expected = {(k, t, d, a) for k in KERNELS for t in DTYPES.values() for d in HEAD_DIMS for a in ARCHS}
+    assert found == expected
+    assert set(ptxas_reports) == {"varlen_fwd.cu", "varlen_bwd.cu"}
+
+
+@requires_nvcc
+def test_no_spills_and_register_budget(ptxas_reports):
+    reports = [r for rs in ptxas_reports.values() for r in rs]
+    spilling = [r for r in reports if r.spill_stores or r.spill_loads]
+    assert not spilling, f"kernels spill: {spilling}"
+    over = [r for r in reports if r.registers > MAX_REGISTERS]
+    assert not over, f"kernels over the {MAX_REGISTERS}-register budget: {over}"
+    big = [r for r in reports if r.smem > MAX_STATIC_SMEM]
+    assert not big, f"kernels over {MAX_STATIC_SMEM} bytes of static shared memory: {big}"
+
+
+def _torch_include() -> Path:
+    return Path(torch.__file__).parent / "include"
+
+
+@requires_cxx
+@pytest.mark.skipif(_cuda_include() is None, reason="CUDA runtime headers not found (set CUDA_HOME)")
+def test_binding_compiles_against_torch_headers():
+    """binding.cpp type-checks against this torch's headers (a CPU-only torch cannot link it, and its wheel
+    lacks one generated header, c10/cuda/impl/cuda_cmake_macros.h, which a stub replaces). Cached like the
+    nvcc builds, keyed by the sources and the torch version."""
+    include = _torch_include()
+    out = CACHE / _digest([torch.__version__, "binding"])
+    stub = out / "stub" / "c10" / "cuda" / "impl"
+    stub.mkdir(parents=True, exist_ok=True)
+    (stub / "cuda_cmake_macros.h").write_text("#pragma once\n")
+    cmd = [CXX, "-std=c++17", "-fsyntax-only", "-Wall", "-Wextra", "-Werror", "-isystem", str(out / "stub"),
+           "-isystem", str(include), "-isystem", str(include / "torch" / "csrc" / "api" / "include"),
+           "-isystem", str(_cuda_include()), str(CSRC_CUDA / "binding.cpp")]
+    _run_parallel({"binding": (cmd, out / "binding.log")})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Host emulation of the schedule and the dropout RNG: the kernels' own __host__ __device__ code
+# ---------------------------------------------------------------------------------------------------------
+
+_HOST_SHIM = r"""
+#include "schedule.cuh"
+#include "philox.cuh"
+using namespace hierkern::cuda;
+extern "C" {
+int hk_find_segment(const int* offsets, int n, int token) { return find_segment(offsets, n, token); }
+void hk_keys_of_query(const int* q, const int* k, int n, int row, int causal, int* out) {
+  Interval i = keys_of_query(q, k, n, row, causal != 0); out[0] = i.begin; out[1] = i.end; }
+void hk_queries_of_key(const int* q, const int* k, int n, int col, int causal, int* out) {
+  Interval i = queries_of_key(q, k, n, col, causal != 0); out[0] = i.begin; out[1] = i.end; }
+void hk_tile_keys(const int* q, const int* k, int n, int row0, int rows, int causal, int* out) {
+  Interval i = tile_keys(q, k, n, row0, rows, causal != 0); out[0] = i.begin; out[1] = i.end; }
+void hk_tile_queries(const int* q, const int* k, int n, int col0, int cols, int causal, int* out) {
+  Interval i = tile_queries(q, k, n, col0, cols, causal != 0); out[0] = i.begin; out[1] = i.end; }
+void hk_philox(const unsigned* ctr, unsigned k0, unsigned k1, unsigned* out) {
+  Philox4x32 r = philox4x32_10(Philox4x32{{ctr[0], ctr[1], ctr[2], ctr[3]}}, k0, k1);
+  for (int i = 0; i < 4; ++i) out[i] = r.x[i]; }
+unsigned hk_threshold(float p) { return dropout_threshold(p); }
+int hk_keep(unsigned long long seed, unsigned long long offset, int head, int q, int k, unsigned t) {
+  return dropout_keep(seed, offset, head, q, k, t); }
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def host_lib(tmp_path_factory):
+    if CXX is None:
+        pytest.skip("no host C++ compiler (g++)")
+    build = tmp_path_factory.mktemp("cuda_host")
+    (build / "shim.cpp").write_text(_HOST_SHIM)
+    lib = build / "libhkhost.so"
+    subprocess.run([CXX, "-std=c++17", "-O1", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC",
+                    "-I", str(CSRC_CUDA), str(build / "shim.cpp"), "-o", str(lib)], check=True)
+    handle = ctypes.CDLL(str(lib))
+    handle.hk_threshold.argtypes = [ctypes.c_float]
+    handle.hk_threshold.restype = ctypes.c_uint
+    handle.hk_keep.argtypes = [ctypes.c_ulonglong, ctypes.c_ulonglong, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                               ctypes.c_uint]
+    return handle
+
+
+class _Layout:
+    """A layout's offsets as C arrays, and the semantics' visibility matrix (reference.py's rule)."""
+
+    def __init__(self, lengths_q, lengths_k, causal):
+        self.cu_q = offsets_of(lengths_q).tolist()
+        self.cu_k = offsets_of(lengths_k).tolist()
+        self.n = len(lengths_q)
+        self.total_q, self.total_k = self.cu_q[-1], self.cu_k[-1]
+        self.c_q = (ctypes.c_int * len(self.cu_q))(*self.cu_q)
+        self.c_k = (ctypes.c_int * len(self.cu_k))(*self.cu_k)
+        self.causal = causal
+        self.visible = torch.zeros(self.total_q, self.total_k, dtype=torch.bool)
+        for s in range(self.n):
+            q0, q1, k0, k1 = self.cu_q[s], self.cu_q[s + 1], self.cu_k[s], self.cu_k[s + 1]
+            lq, lk = q1 - q0, k1 - k0
+            allowed = torch.ones(lq, lk, dtype=torch.bool)
+            if causal:
+                allowed = torch.arange(lk)[None, :] <= torch.arange(lq)[:, None] + (lk - lq)
+            self.visible[q0:q1, k0:k1] = allowed
+        # Tokens nobody needs: keys no query sees (e.g. segments with no queries) and queries that see no key.
+        self.unseen_keys = ~self.visible.any(0)
+        self.blind_queries = ~self.visible.any(1)
+
+    def call(self, fn, *args):
+        out = (ctypes.c_int * 2)()
+        fn(self.c_q, self.c_k, self.n, *args, int(self.causal), out)
+        return out[0], out[1]
+
+
+def _schedule_layouts():
+    layouts = [(lay.lengths_q, lay.keys) for lay in adversarial_layouts(tile=16)]
+    rng = random.Random(6)
+    for _ in range(6):  # random cross-attention layouts, zeros on either side
+        n = rng.randint(1, 30)
+        layouts.append((tuple(rng.choice((0, 0, 1, 2, 3, 5, 9, 17)) for _ in range(n)),
+                        tuple(rng.choice((0, 1, 2, 4, 6, 16, 33)) for _ in range(n))))
+    return layouts
+
+
+@requires_cxx
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("lengths", _schedule_layouts())
+def test_schedule_matches_the_semantics(host_lib, lengths, causal):
+    lay = _Layout(*lengths, causal)
+    for row in range(lay.total_q):
+        seg = host_lib.hk_find_segment(lay.c_q, lay.n, row)
+        assert lay.cu_q[seg] <= row < lay.cu_q[seg + 1]
+        begin, end = lay.call(host_lib.hk_keys_of_query, row)
+        expect = torch.zeros(lay.total_k, dtype=torch.bool)
+        expect[begin:end] = True
+        assert begin <= end and torch.equal(expect, lay.visible[row]), (row, begin, end)
+    for col in range(lay.total_k):
+        begin, end = lay.call(host_lib.hk_queries_of_key, col)
+        expect = torch.zeros(lay.total_q, dtype=torch.bool)
+        expect[begin:end] = True
+        assert begin <= end and torch.equal(expect, lay.visible[:, col]), (col, begin, end)
+
+    # Tiles (the kernels use 16, 32 or 64 rows): the streamed range holds every key a row of the tile sees
+    # (correctness) and nothing else but keys that no query at all sees (no other wasted loads); likewise
+    # for key tiles.
+    for tile in (1, 3, 16, 32, 64):
+        for row0 in range(0, lay.total_q, tile):
+            rows = min(tile, lay.total_q - row0)
+            begin, end = lay.call(host_lib.hk_tile_keys, row0, rows)
+            assert 0 <= begin <= end <= lay.total_k
+            needed = lay.visible[row0:row0 + rows].any(0)
+            streamed = torch.zeros(lay.total_k, dtype=torch.bool)
+            streamed[begin:end] = True
+            assert not (needed & ~streamed).any(), (tile, row0)
+            assert not (streamed & ~needed & ~lay.unseen_keys).any(), (tile, row0)
+        for col0 in range(0, lay.total_k, tile):
+            cols = min(tile, lay.total_k - col0)
+            begin, end = lay.call(host_lib.hk_tile_queries, col0, cols)
+            assert 0 <= begin <= end <= lay.total_q
+            needed = lay.visible[:, col0:col0 + cols].any(1)
+            streamed = torch.zeros(lay.total_q, dtype=torch.bool)
+            streamed[begin:end] = True
+            assert not (needed & ~streamed).any(), (tile, col0)
+            assert not (streamed & ~needed & ~lay.blind_queries).any(), (tile, col0)
+
+
+# Random123's published known-answer vectors for Philox4x32-10 (kat_vectors).
+PHILOX_KAT = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+]
+
+
+@requires_cxx
+@pytest.mark.parametrize("ctr,key,expected", PHILOX_KAT)
+def test_philox_known_answers(host_lib, ctr, key, expected):
+    out = (ctypes.c_uint * 4)()
+    host_lib.hk_philox((ctypes.c_uint * 4)(*ctr), key[0], key[1], out)
+    assert tuple(out) == expected
+    assert philox4x32_10(ctr, key) == expected
+
+
+@requires_cxx
+def test_dropout_mask_matches_the_python_model(host_lib):
+    """The kernels' keep decision equals the model the GPU tests rebuild masks with, and keeps ~1-p."""
+    for seed, offset, p in ((0, 0, 0.1), (2**62 - 7, 12345, 0.5), (987654321, 2**40 + 3, 0.9)):
+        threshold = dropout_threshold(p)
+        assert host_lib.hk_threshold(p) == threshold
+        heads, total_q, total_k = 2, 13, 11
+        mask = keep_mask(seed, offset, heads, total_q, total_k, p)
+        native = torch.tensor([[[host_lib.hk_keep(seed, offset, h, i, j, threshold) for j in range(total_k)]
+                                for i in range(total_q)] for h in range(heads)], dtype=torch.bool)
+        assert torch.equal(mask, native)
+    big = keep_mask(2024, 7, 4, 64, 64, 0.3)
+    assert abs(big.float().mean().item() - 0.7) < 0.02
+    assert not torch.equal(keep_mask(2024, 8, 4, 64, 64, 0.3), big)  # a new offset draws a new mask
