@@ -235,3 +235,32 @@ def test_pack_unpack_errors():
         seg.unpack(torch.zeros(5), padded_len=4.0)
     with pytest.raises(ValueError, match=r"padded_len=1 is smaller than the longest segment"):
         seg.padding_mask(1)
+
+
+# -- CUDA -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_segments_are_sync_free_after_construction():
+    seg = Segments.from_lengths(torch.tensor(LENGTHS, device="cuda"))
+    assert seg.device.type == "cuda" and (seg.max_len, seg.total) == (5, 11)
+    assert torch.equal(Segments.from_lengths(LENGTHS).to("cuda").offsets, seg.offsets)
+    packed = torch.randn(seg.total, 3, device="cuda", requires_grad=True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        padded = seg.unpack(packed, padded_len=7)
+        repacked = seg.pack(padded)
+        mask = seg.padding_mask()
+        ids, pos = seg.segment_ids(), seg.positions()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(repacked, packed) and padded.shape == (7, 7, 3)
+    expected_ids, expected_pos = _expected_ids_positions(LENGTHS)
+    assert torch.equal(ids.cpu(), expected_ids) and torch.equal(pos.cpu(), expected_pos)
+    assert torch.equal(mask.cpu(), Segments.from_lengths(LENGTHS).padding_mask())
+    repacked.sum().backward()
+    assert torch.equal(packed.grad, torch.ones_like(packed))
+    with pytest.raises(ValueError, match="packed is on cpu but the segments are on cuda"):
+        seg.unpack(packed.detach().cpu())
