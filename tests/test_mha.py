@@ -135,16 +135,18 @@ def to_output_layout(mask_nl: torch.Tensor, cfg: Config) -> torch.Tensor:
     return (mask_nl if cfg.ctor["batch_first"] else mask_nl.t())[..., None]
 
 
-def run_and_grad(module, inputs, kwargs, cfg: Config, out_weight, weights_weight):
+def run_and_grad(module, inputs, kwargs, out_weight, weights_seed):
+    """Forward, then backward of a fixed random linear function of the outputs (and weights)."""
     query, key, value = inputs
-    leaves = [t for i, t in enumerate((query, key, value)) if all(t is not u for u in (query, key, value)[:i])]
+    leaves = list({id(t): t for t in inputs}.values())
     for t in leaves:
         t.grad = None
     module.zero_grad(set_to_none=True)
     out, weights = module(query, key, value, **kwargs)
     loss = (out * out_weight).sum()
     if weights is not None:
-        loss = loss + (weights * weights_weight).sum()
+        gen = torch.Generator().manual_seed(weights_seed)
+        loss = loss + (weights * torch.randn(weights.shape, generator=gen)).sum()
     loss.backward()
     grads = {f"input{i}": t.grad for i, t in enumerate(leaves)}
     grads.update({name: p.grad for name, p in module.named_parameters()})
@@ -163,23 +165,23 @@ def test_matches_torch_on_random_configs(seed):
         t.requires_grad_(True)
     kwargs = dict(key_padding_mask=kpm, need_weights=cfg.need_weights, attn_mask=attn_mask,
                   average_attn_weights=cfg.average_attn_weights, is_causal=cfg.is_causal)
+    reason = ours.why_not_fast_path(query, key, value, kpm, cfg.need_weights, attn_mask, cfg.is_causal)
 
-    out_ours_shape = None
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # one mask type per call: nothing to warn about
-        probe = ours(query, key, value, **kwargs)
-        out_ours_shape = probe[0].shape
     # The documented rule: varlen path + self-attention + key padding -> padded queries are zeros.
-    zero_queries = ours.last_path == "varlen" and cfg.self_attention and kpm is not None
+    zero_queries = reason is None and cfg.self_attention and kpm is not None
     valid = torch.ones(cfg.n if cfg.batched else 1, cfg.tgt_len, dtype=torch.bool)
     if zero_queries:
         valid = ~(kpm if kpm.dtype == torch.bool else kpm == float("-inf")).reshape(valid.shape)
-    valid = to_output_layout(valid, cfg).expand(out_ours_shape)
-    out_weight = torch.randn(out_ours_shape, generator=gen) * valid
-    weights_weight = torch.randn(probe[1].shape, generator=gen) if probe[1] is not None else None
+    out_shape = query.shape[:-1] + (cfg.ctor["embed_dim"],)
+    valid = to_output_layout(valid, cfg).expand(out_shape)
+    out_weight = torch.randn(out_shape, generator=gen) * valid
 
-    out_r, w_r, g_r = run_and_grad(ref, (query, key, value), kwargs, cfg, out_weight, weights_weight)
-    out_o, w_o, g_o = run_and_grad(ours, (query, key, value), kwargs, cfg, out_weight, weights_weight)
+    out_r, w_r, g_r = run_and_grad(ref, (query, key, value), kwargs, out_weight, seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one mask type per call: nothing to warn about
+        out_o, w_o, g_o = run_and_grad(ours, (query, key, value), kwargs, out_weight, seed)
+    assert ours.last_why_not_fast_path == reason
+    assert ours.last_path == ("varlen" if reason is None else "torch")
 
     assert out_o.shape == out_r.shape
     torch.testing.assert_close(out_o[valid], out_r[valid], **TOL)
@@ -243,7 +245,8 @@ def test_state_dict_loads_both_ways(ctor):
     back.load_state_dict(ours.state_dict(), strict=True)
     for (name, a), b in zip(back.state_dict().items(), ref.state_dict().values()):
         assert torch.equal(a, b), name
-    ref.eval(), ours.eval()
+    ref.eval()
+    ours.eval()
     e, kdim, vdim = ctor["embed_dim"], ctor.get("kdim") or ctor["embed_dim"], ctor.get("vdim") or ctor["embed_dim"]
     q, k, v = torch.randn(4, 2, e), torch.randn(5, 2, kdim), torch.randn(5, 2, vdim)
     if ctor.get("batch_first"):
@@ -321,10 +324,35 @@ def test_fully_padded_rows_give_zeros_and_finite_gradients():
     torch.testing.assert_close(ours_out, ref_out, **TOL)
 
 
+def test_nested_tensor_inputs_take_torch_path():
+    ref, ours = make_pair(dict(embed_dim=8, num_heads=2, batch_first=True), seed=13)
+    ref.eval()
+    ours.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's "nested tensors are a prototype" notice
+        x = torch.nested.nested_tensor([torch.randn(3, 8), torch.randn(2, 8)])
+        with torch.no_grad():
+            out_r, _ = ref(x, x, x, need_weights=False)
+            out_o, _ = ours(x, x, x, need_weights=False)
+    assert ours.last_path == "torch" and "nested" in ours.last_why_not_fast_path
+    torch.testing.assert_close(out_o.to_padded_tensor(0.0), out_r.to_padded_tensor(0.0), **TOL)
+
+
+@pytest.mark.parametrize("ctor", [dict(), dict(add_bias_kv=True)])
+@pytest.mark.parametrize("lengths", [[], [0, 0]])
+def test_packed_empty_inputs(ctor, lengths):
+    ours = MultiheadAttention(8, 2, **ctor)
+    seg = Segments.from_lengths(lengths)
+    x = torch.randn(0, 8)
+    out, _ = ours(x, x, x, segments=seg, need_weights=False)
+    assert out.shape == (0, 8)
+
+
 def test_inference_matches_torch_native_fast_path():
     """In eval under no_grad torch takes its own fused kernel; valid positions must still agree."""
     ref, ours = make_pair(dict(embed_dim=8, num_heads=2, batch_first=True), seed=5)
-    ref.eval(), ours.eval()
+    ref.eval()
+    ours.eval()
     kpm = _prefix_mask([5, 2, 4], 5)
     x = torch.randn(3, 5, 8)
     with torch.no_grad():

@@ -42,8 +42,6 @@ class _Plan:
 def _check_tensor(name: str, t) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.is_nested:
-        raise TypeError(f"{name} is a nested tensor; pass packed tensors with segments= instead")
 
 
 def _canonical_mask(mask: Tensor | None, name: str, dtype: torch.dtype) -> Tensor | None:
@@ -101,8 +99,9 @@ class MultiheadAttention(nn.MultiheadAttention):
         batch_first: inputs and outputs are ``(N, L, E)`` instead of ``(L, N, E)``.
         device, dtype: factory arguments for the parameters.
 
-    Which path a call takes (``why_not_fast_path`` gives the reason for given arguments, and
-    ``last_path``/``last_why_not_fast_path`` record the last call):
+    Which path a call takes: ``why_not_fast_path(...)`` gives the reason for given arguments (``None``:
+    varlen), and after every call ``last_path`` is ``"varlen"`` or ``"torch"`` and
+    ``last_why_not_fast_path`` the reason (``None`` on the varlen path):
 
     * **varlen** (``hierkern.varlen_attention``, backend ``"auto"``) when ``need_weights=False``, there is
       no ``bias_k``/``bias_v`` and no ``add_zero_attn``, and the only masking is a ``key_padding_mask``
@@ -112,7 +111,10 @@ class MultiheadAttention(nn.MultiheadAttention):
       takes this path in self-attention only, and with ``L != S`` not at all (torch aligns its causal mask
       top-left, varlen bottom-right).
     * **torch** (``torch.nn.MultiheadAttention.forward`` itself) otherwise: ``need_weights=True``,
-      arbitrary masks, ``add_bias_kv``, ``add_zero_attn``, padding that is not a prefix.
+      arbitrary masks, ``add_bias_kv``, ``add_zero_attn``, padding that is not a prefix, nested tensors.
+
+    Dropout (training only) on the varlen path is the backend's: the same distribution as torch's, not
+    the same random draws.
 
     Semantics differ from torch in exactly one place: on the varlen path, in self-attention
     (``query is key is value``) with a ``key_padding_mask``, the outputs at padded *query* positions are
@@ -229,6 +231,9 @@ class MultiheadAttention(nn.MultiheadAttention):
               warn: bool = True) -> _Plan:
         """Validate a padded call and choose its path. Warns (with ``warn``) about mismatched mask types
         as torch does, but only for the varlen path: torch's own forward warns on its path."""
+        if any(isinstance(t, torch.Tensor) and t.is_nested for t in (query, key, value)):
+            return _Plan("nested-tensor inputs run torch's own nested path (hierkern's packed form is "
+                         "segments=)")
         self._check_common(query, key, value)
         if query.dim() not in (2, 3):
             raise ValueError(f"query must be (L, E) unbatched or 3-D batched, got shape {tuple(query.shape)}")
@@ -425,6 +430,9 @@ class MultiheadAttention(nn.MultiheadAttention):
         block the padded keys (and the causal upper triangle, bottom-right aligned) with ``attn_mask``,
         and keep the valid query rows. The appended bias/zero key stays visible to every query, as in
         torch, so no row is fully masked."""
+        if seg_q.total == 0:
+            # torch's math cannot reshape an empty batch; there is no query to attend from.
+            return query.new_zeros(0, self.embed_dim)
         len_q, len_k = max(seg_q.max_len, 1), max(seg_k.max_len, 1)
         lengths_q = seg_q.lengths.long()[:, None, None]
         lengths_k = seg_k.lengths.long()[:, None, None]
