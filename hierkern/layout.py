@@ -42,6 +42,8 @@ def check_offsets(offsets: torch.Tensor, name: str = "offsets", total: int | Non
         bad = int(torch.nonzero(values[1:] < values[:-1])[0])
         raise ValueError(f"{name} must be non-decreasing, but {name}[{bad + 1}]={int(values[bad + 1])} "
                          f"< {name}[{bad}]={int(values[bad])}")
+    if int(values[-1]) > torch.iinfo(torch.int32).max:
+        raise ValueError(f"{name}[-1]={int(values[-1])} does not fit in int32 offsets")
     if total is not None and int(values[-1]) != total:
         raise ValueError(f"{name}[-1] must equal the number of packed tokens ({total}), got {int(values[-1])}")
 

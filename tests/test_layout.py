@@ -195,12 +195,13 @@ def test_from_lengths_errors(lengths, error, match):
     ([0, 3], {}, TypeError, r"offsets must be a torch.Tensor, got list"),
     (torch.zeros(0, dtype=torch.int32), {}, ValueError, r"offsets must be 1-D with at least one element"),
     (torch.zeros(2, 2, dtype=torch.int32), {}, ValueError, r"offsets must be 1-D"),
+    (torch.tensor([0, 2**31], dtype=torch.int64), {}, ValueError, r"offsets\[-1\]=2147483648 does not fit in int32"),
     (torch.tensor([0, 3, 5], dtype=torch.int32), {"max_len": 2}, ValueError,
      r"max_len=2 is smaller than the longest segment \(3\)"),
     (torch.tensor([0, 3, 5], dtype=torch.int32), {"max_len": -1}, ValueError, r"max_len must be non-negative"),
     (torch.tensor([0, 3, 5], dtype=torch.int32), {"max_len": 3.0}, TypeError, r"max_len must be a Python int"),
     (torch.tensor([0, 3, 5], dtype=torch.int32), {"max_len": True}, TypeError, r"max_len must be a Python int"),
-], ids=["decreasing", "nonzero-start", "last-vs-total", "float", "list", "empty", "2d", "max_len-small",
+], ids=["decreasing", "nonzero-start", "last-vs-total", "float", "list", "empty", "2d", "int32-overflow", "max_len-small",
         "max_len-negative", "max_len-float", "max_len-bool"])
 def test_segments_constructor_errors(offsets, kwargs, error, match):
     with pytest.raises(error, match=match):
