@@ -10,7 +10,6 @@ and re-pads. Every other call runs torch's own ``forward``, so its results are t
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 
@@ -429,7 +428,7 @@ class MultiheadAttention(nn.MultiheadAttention):
         """Packed call through torch's math (for ``add_bias_kv``/``add_zero_attn``): pad every segment,
         block the padded keys (and the causal upper triangle, bottom-right aligned) with ``attn_mask``,
         and keep the valid query rows. The appended bias/zero key stays visible to every query, as in
-        torch, so no row is fully masked."""
+        torch."""
         if seg_q.total == 0:
             # torch's math cannot reshape an empty batch; there is no query to attend from.
             return query.new_zeros(0, self.embed_dim)
@@ -443,10 +442,11 @@ class MultiheadAttention(nn.MultiheadAttention):
             blocked = blocked | (pos_k > pos_q + lengths_k - lengths_q)
         blocked = blocked.expand(-1, len_q, -1).repeat_interleave(self.num_heads, dim=0)
         q = seg_q.unpack(query, len_q).transpose(0, 1)
-        k = seg_k.unpack(key, len_k).transpose(0, 1)
-        v = k if key is value else seg_k.unpack(value, len_k).transpose(0, 1)
         if self_attention:
-            k = v = q
+            k = v = q  # torch fuses the q/k/v projection when the three are one tensor
+        else:
+            k = seg_k.unpack(key, len_k).transpose(0, 1)
+            v = k if key is value else seg_k.unpack(value, len_k).transpose(0, 1)
         out, _ = F.multi_head_attention_forward(
             q, k, v, self.embed_dim, self.num_heads, self.in_proj_weight, self.in_proj_bias, self.bias_k,
             self.bias_v, self.add_zero_attn, self.dropout, self.out_proj.weight, self.out_proj.bias,
