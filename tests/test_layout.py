@@ -201,8 +201,8 @@ def test_from_lengths_errors(lengths, error, match):
     (torch.tensor([0, 3, 5], dtype=torch.int32), {"max_len": -1}, ValueError, r"max_len must be non-negative"),
     (torch.tensor([0, 3, 5], dtype=torch.int32), {"max_len": 3.0}, TypeError, r"max_len must be a Python int"),
     (torch.tensor([0, 3, 5], dtype=torch.int32), {"max_len": True}, TypeError, r"max_len must be a Python int"),
-], ids=["decreasing", "nonzero-start", "last-vs-total", "float", "list", "empty", "2d", "int32-overflow", "max_len-small",
-        "max_len-negative", "max_len-float", "max_len-bool"])
+], ids=["decreasing", "nonzero-start", "last-vs-total", "float", "list", "empty", "2d", "int32-overflow",
+        "max_len-small", "max_len-negative", "max_len-float", "max_len-bool"])
 def test_segments_constructor_errors(offsets, kwargs, error, match):
     with pytest.raises(error, match=match):
         Segments(offsets, **kwargs)
