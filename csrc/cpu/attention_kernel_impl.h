@@ -61,41 +61,46 @@ inline int64_t visible_keys(int64_t i, int64_t lq, int64_t lk, bool causal) {
   return n < 0 ? 0 : (n > lk ? lk : n);
 }
 
-// Rows of one head of one segment as Acc values: the tensor itself when T == Acc (no copy), else converted
-// into `scratch` once per unit so the inner loops never convert.
-template <typename T, typename A>
-struct Rows {
-  const A* base;
-  int64_t stride;
-  const A* row(int64_t j) const { return base + j * stride; }
-
-  static Rows load(const T* src, int64_t row_stride, int64_t rows, int64_t d, A* scratch) {
-    if constexpr (std::is_same_v<T, A>) {
-      return Rows{src, row_stride};
-    } else {
-      for (int64_t j = 0; j < rows; ++j) {
-        const T* s = src + j * row_stride;
-        A* o = scratch + j * d;
-        for (int64_t c = 0; c < d; ++c) o[c] = static_cast<A>(s[c]);
-      }
-      return Rows{scratch, d};
-    }
-  }
-};
-
 template <typename T, typename A>
 inline void load_row(A* __restrict dst, const T* __restrict src, int64_t d, A scale) {
   for (int64_t c = 0; c < d; ++c) dst[c] = static_cast<A>(src[c]) * scale;
 }
 
-// Per-thread scratch, sized once per call of a *_units function (one call per thread and launch).
+// Rows of a run of kv heads [g0, g1) of one segment, as Acc values: row(g, j) is key j of head g0 + g. The
+// tensor itself when T == Acc (no copy), else converted once into `scratch` so inner loops never convert.
 template <typename A>
+struct Block {
+  A* base;
+  int64_t row_stride, head_stride;
+  A* row(int64_t g, int64_t j) const { return base + g * head_stride + j * row_stride; }
+};
+
+template <typename T, typename A>
+Block<const A> load_block(const T* src, int64_t row_stride, int64_t head_stride, int64_t rows, int64_t heads,
+                          int64_t d, A* scratch) {
+  if constexpr (std::is_same_v<T, A>) {
+    return {src, row_stride, head_stride};
+  } else {
+    for (int64_t g = 0; g < heads; ++g)
+      for (int64_t j = 0; j < rows; ++j) {
+        const T* s = src + g * head_stride + j * row_stride;
+        A* o = scratch + (g * rows + j) * d;
+        for (int64_t c = 0; c < d; ++c) o[c] = static_cast<A>(s[c]);
+      }
+    return {scratch, d, rows * d};
+  }
+}
+
+// Per-thread scratch, sized once per call of a *_units function (one call per thread and launch). Only
+// what the dtype needs is allocated: converted keys/values for non-Acc inputs, dk/dv accumulators likewise
+// (for Acc inputs the backward accumulates straight into dk/dv).
+template <typename T, typename A>
 struct Scratch {
+  static constexpr bool kConvert = !std::is_same_v<T, A>;
   std::vector<A> buf;
   A *scores, *probs, *qrow, *dorow, *acc, *keys, *values, *dkeys, *dvalues;
-  Scratch(int64_t max_k, int64_t d, bool backward) {
-    // Keys/values converted for non-Acc inputs; dk/dv accumulators in the backward.
-    const int64_t kv = max_k * d;
+  Scratch(int64_t max_k, int64_t kv_heads, int64_t d, bool backward) {
+    const int64_t kv = kConvert ? max_k * kv_heads * d : 0;
     buf.assign(2 * max_k + 3 * d + 2 * kv + (backward ? 2 * kv : 0), A(0));
     A* p = buf.data();
     scores = p; p += max_k;
@@ -105,8 +110,8 @@ struct Scratch {
     acc = p; p += d;
     keys = p; p += kv;
     values = p; p += kv;
-    dkeys = backward ? p : nullptr; p += backward ? kv : 0;
-    dvalues = backward ? p : nullptr;
+    dkeys = p; p += backward ? kv : 0;
+    dvalues = p;
   }
 };
 
@@ -116,67 +121,96 @@ inline int64_t max_segment_len(const int32_t* cu, int64_t begin_seg, int64_t end
   return longest;
 }
 
-template <typename T>
+// Calls fn(segment, g0, g1) for each segment touched by units [unit_begin, unit_end), with the run of kv heads
+// [g0, g1) of that segment inside the range.
+template <typename F>
+inline void for_each_segment_part(const AttentionParams& p, int64_t unit_begin, int64_t unit_end, F&& fn) {
+  for (int64_t u = unit_begin; u < unit_end;) {
+    const int64_t seg = u / p.num_kv_heads, g0 = u % p.num_kv_heads;
+    const int64_t g1 = std::min(p.num_kv_heads, g0 + (unit_end - u));
+    fn(seg, g0, g1);
+    u += g1 - g0;
+  }
+}
+
+// Calls fn(h, i) for query heads [h0, h1) and rows [0, lq). Token order (every head of a row, then the next
+// row) reads q and writes out sequentially: tiny segments are bound by memory latency, and their keys and
+// values for all heads stay in L1 anyway. Head order keeps one head's keys and values cached across rows,
+// which long segments need.
+template <typename F>
+inline void for_each_row(int64_t lk, int64_t h0, int64_t h1, int64_t lq, int64_t bytes_per_key, F&& fn) {
+  if (lk * (h1 - h0) * bytes_per_key <= (32 << 10)) {
+    for (int64_t i = 0; i < lq; ++i)
+      for (int64_t h = h0; h < h1; ++h) fn(h, i);
+  } else {
+    for (int64_t h = h0; h < h1; ++h)
+      for (int64_t i = 0; i < lq; ++i) fn(h, i);
+  }
+}
+
+// kD: the head dim fixed at compile time (0: read from p), so that the loops over it unroll and the output
+// accumulator lives in registers.
+template <typename T, int kD>
 void fwd_units(const AttentionParams& p, int64_t unit_begin, int64_t unit_end) {
   using A = typename AccOf<T>::type;
-  const int64_t d = p.head_dim, group = p.num_heads / p.num_kv_heads;
+  const int64_t d = kD ? kD : p.head_dim, group = p.num_heads / p.num_kv_heads;
   const int64_t seg_begin = unit_begin / p.num_kv_heads, seg_end = (unit_end - 1) / p.num_kv_heads + 1;
-  Scratch<A> scratch(max_segment_len(p.cu_seqlens_k, seg_begin, seg_end), d, /*backward=*/false);
+  Scratch<T, A> scratch(max_segment_len(p.cu_seqlens_k, seg_begin, seg_end), p.num_kv_heads, d, false);
   const A scale = static_cast<A>(p.softmax_scale);
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
   T* out = static_cast<T*>(p.out);
 
-  for (int64_t unit = unit_begin; unit < unit_end; ++unit) {
-    const int64_t seg = unit / p.num_kv_heads, kv_head = unit % p.num_kv_heads;
+  for_each_segment_part(p, unit_begin, unit_end, [&](int64_t seg, int64_t g0, int64_t g1) {
     const int64_t q0 = p.cu_seqlens_q[seg], lq = p.cu_seqlens_q[seg + 1] - q0;
     const int64_t k0 = p.cu_seqlens_k[seg], lk = p.cu_seqlens_k[seg + 1] - k0;
-    if (lq == 0) continue;
-    const auto keys = Rows<T, A>::load(k + k0 * p.k_row + kv_head * p.k_head, p.k_row, lk, d, scratch.keys);
-    const auto values =
-        Rows<T, A>::load(v + k0 * p.v_row + kv_head * p.v_head, p.v_row, lk, d, scratch.values);
-    for (int64_t h = kv_head * group; h < (kv_head + 1) * group; ++h) {
-      float* lse = p.lse + h * p.total_q + q0;
-      for (int64_t i = 0; i < lq; ++i) {
-        T* o = out + (q0 + i) * p.out_row + h * p.out_head;
-        const int64_t n = visible_keys(i, lq, lk, p.causal);
-        if (n == 0) {
-          for (int64_t c = 0; c < d; ++c) o[c] = T(0);
-          lse[i] = -std::numeric_limits<float>::infinity();
-          continue;
-        }
-        A* __restrict qr = scratch.qrow;
-        A* __restrict s = scratch.scores;
-        A* __restrict acc = scratch.acc;
-        load_row(qr, q + (q0 + i) * p.q_row + h * p.q_head, d, scale);
-        A row_max = -std::numeric_limits<A>::infinity();
-        for (int64_t j = 0; j < n; ++j) {
-          s[j] = dot(qr, keys.row(j), d);
-          row_max = std::max(row_max, s[j]);
-        }
-        A sum = 0;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j < n; ++j) {
-          s[j] = exp_acc(s[j] - row_max);
-          sum += s[j];
-        }
-        for (int64_t c = 0; c < d; ++c) acc[c] = 0;
-        for (int64_t j = 0; j < n; ++j) axpy(acc, s[j], values.row(j), d);
-        const A inv = A(1) / sum;
-        for (int64_t c = 0; c < d; ++c) o[c] = static_cast<T>(acc[c] * inv);
-        lse[i] = static_cast<float>(row_max + std::log(sum));
+    if (lq == 0) return;
+    const auto keys = load_block(k + k0 * p.k_row + g0 * p.k_head, p.k_row, p.k_head, lk, g1 - g0, d,
+                                 scratch.keys);
+    const auto values = load_block(v + k0 * p.v_row + g0 * p.v_head, p.v_row, p.v_head, lk, g1 - g0, d,
+                                   scratch.values);
+    for_each_row(lk, g0 * group, g1 * group, lq, 2 * d * sizeof(A), [&](int64_t h, int64_t i) {
+      T* o = out + (q0 + i) * p.out_row + h * p.out_head;
+      float* lse = p.lse + h * p.total_q + q0 + i;
+      const int64_t n = visible_keys(i, lq, lk, p.causal);
+      if (n == 0) {
+        for (int64_t c = 0; c < d; ++c) o[c] = T(0);
+        *lse = -std::numeric_limits<float>::infinity();
+        return;
       }
-    }
-  }
+      const int64_t g = h / group - g0;
+      alignas(64) A acc_regs[kD ? kD : 1];
+      A* __restrict qr = scratch.qrow;
+      A* __restrict s = scratch.scores;
+      A* __restrict acc = kD ? acc_regs : scratch.acc;
+      load_row(qr, q + (q0 + i) * p.q_row + h * p.q_head, d, scale);
+      A row_max = -std::numeric_limits<A>::infinity();
+      for (int64_t j = 0; j < n; ++j) {
+        s[j] = dot(qr, keys.row(g, j), d);
+        row_max = std::max(row_max, s[j]);
+      }
+      A sum = 0;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < n; ++j) {
+        s[j] = exp_acc(s[j] - row_max);
+        sum += s[j];
+      }
+      for (int64_t c = 0; c < d; ++c) acc[c] = 0;
+      for (int64_t j = 0; j < n; ++j) axpy(acc, s[j], values.row(g, j), d);
+      const A inv = A(1) / sum;
+      for (int64_t c = 0; c < d; ++c) o[c] = static_cast<T>(acc[c] * inv);
+      *lse = static_cast<float>(row_max + std::log(sum));
+    });
+  });
 }
 
-template <typename T>
+template <typename T, int kD>
 void bwd_units(const AttentionParams& p, int64_t unit_begin, int64_t unit_end) {
   using A = typename AccOf<T>::type;
-  const int64_t d = p.head_dim, group = p.num_heads / p.num_kv_heads;
+  const int64_t d = kD ? kD : p.head_dim, group = p.num_heads / p.num_kv_heads;
   const int64_t seg_begin = unit_begin / p.num_kv_heads, seg_end = (unit_end - 1) / p.num_kv_heads + 1;
-  Scratch<A> scratch(max_segment_len(p.cu_seqlens_k, seg_begin, seg_end), d, /*backward=*/true);
+  Scratch<T, A> scratch(max_segment_len(p.cu_seqlens_k, seg_begin, seg_end), p.num_kv_heads, d, true);
   const A scale = static_cast<A>(p.softmax_scale);
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
@@ -188,89 +222,114 @@ void bwd_units(const AttentionParams& p, int64_t unit_begin, int64_t unit_end) {
   T* dv = static_cast<T*>(p.dv);
   const int64_t q_stride = p.num_heads * d, kv_stride = p.num_kv_heads * d;  // dq/dk/dv are contiguous
 
-  for (int64_t unit = unit_begin; unit < unit_end; ++unit) {
-    const int64_t seg = unit / p.num_kv_heads, kv_head = unit % p.num_kv_heads;
+  for_each_segment_part(p, unit_begin, unit_end, [&](int64_t seg, int64_t g0, int64_t g1) {
     const int64_t q0 = p.cu_seqlens_q[seg], lq = p.cu_seqlens_q[seg + 1] - q0;
     const int64_t k0 = p.cu_seqlens_k[seg], lk = p.cu_seqlens_k[seg + 1] - k0;
-    A* __restrict dk_acc = scratch.dkeys;
-    A* __restrict dv_acc = scratch.dvalues;
-    for (int64_t c = 0; c < lk * d; ++c) dk_acc[c] = dv_acc[c] = 0;
-    const auto keys = Rows<T, A>::load(k + k0 * p.k_row + kv_head * p.k_head, p.k_row, lq ? lk : 0, d,
-                                       scratch.keys);
-    const auto values = Rows<T, A>::load(v + k0 * p.v_row + kv_head * p.v_head, p.v_row, lq ? lk : 0, d,
-                                         scratch.values);
-    for (int64_t h = kv_head * group; h < (kv_head + 1) * group; ++h) {
-      const float* lse = p.lse + h * p.total_q + q0;
-      for (int64_t i = 0; i < lq; ++i) {
-        T* dq_row = dq + (q0 + i) * q_stride + h * d;
-        const int64_t n = visible_keys(i, lq, lk, p.causal);
-        if (n == 0) {
-          for (int64_t c = 0; c < d; ++c) dq_row[c] = T(0);
-          continue;
-        }
-        A* __restrict qr = scratch.qrow;
-        A* __restrict dor = scratch.dorow;
-        A* __restrict s = scratch.scores;
-        A* __restrict dp = scratch.probs;
-        A* __restrict acc = scratch.acc;
-        load_row(qr, q + (q0 + i) * p.q_row + h * p.q_head, d, A(1));
-        load_row(dor, dout + (q0 + i) * p.dout_row + h * p.dout_head, d, A(1));
-        const T* o = out + (q0 + i) * p.out_row + h * p.out_head;
-        A delta = 0;  // rowsum(dout * out): the softmax Jacobian's correction term
-        for (int64_t c = 0; c < d; ++c) delta += dor[c] * static_cast<A>(o[c]);
-        for (int64_t j = 0; j < n; ++j) {
-          s[j] = scale * dot(qr, keys.row(j), d);
-          dp[j] = dot(dor, values.row(j), d);
-        }
-        if constexpr (std::is_same_v<A, double>) {
-          // lse is float32: renormalise in double so float64 gradients keep float64 accuracy.
-          A row_max = -std::numeric_limits<A>::infinity();
-          for (int64_t j = 0; j < n; ++j) row_max = std::max(row_max, s[j]);
-          A sum = 0;
-          for (int64_t j = 0; j < n; ++j) sum += (s[j] = std::exp(s[j] - row_max));
-          for (int64_t j = 0; j < n; ++j) s[j] /= sum;
-        } else {
-          const A row_lse = lse[i];
+    const int64_t heads = g1 - g0;
+    // dk/dv of this segment's keys for heads [g0, g1): this call is their only writer (no atomics).
+    Block<A> dk_acc, dv_acc;
+    if constexpr (Scratch<T, A>::kConvert) {
+      dk_acc = {scratch.dkeys, d, lk * d};
+      dv_acc = {scratch.dvalues, d, lk * d};
+    } else {
+      dk_acc = {dk + k0 * kv_stride + g0 * d, kv_stride, d};
+      dv_acc = {dv + k0 * kv_stride + g0 * d, kv_stride, d};
+    }
+    for (int64_t g = 0; g < heads; ++g)
+      for (int64_t j = 0; j < lk; ++j)
+        for (int64_t c = 0; c < d; ++c) dk_acc.row(g, j)[c] = dv_acc.row(g, j)[c] = 0;
+    const int64_t rows = lq ? lk : 0;
+    const auto keys = load_block(k + k0 * p.k_row + g0 * p.k_head, p.k_row, p.k_head, rows, heads, d,
+                                 scratch.keys);
+    const auto values = load_block(v + k0 * p.v_row + g0 * p.v_head, p.v_row, p.v_head, rows, heads, d,
+                                   scratch.values);
+    for_each_row(lk, g0 * group, g1 * group, lq, 4 * d * sizeof(A), [&](int64_t h, int64_t i) {
+      T* dq_row = dq + (q0 + i) * q_stride + h * d;
+      const int64_t n = visible_keys(i, lq, lk, p.causal);
+      if (n == 0) {
+        for (int64_t c = 0; c < d; ++c) dq_row[c] = T(0);
+        return;
+      }
+      const int64_t g = h / group - g0;
+      A* __restrict qr = scratch.qrow;
+      A* __restrict dor = scratch.dorow;
+      A* __restrict s = scratch.scores;
+      A* __restrict dp = scratch.probs;
+      alignas(64) A acc_regs[kD ? kD : 1];
+      A* __restrict acc = kD ? acc_regs : scratch.acc;
+      load_row(qr, q + (q0 + i) * p.q_row + h * p.q_head, d, A(1));
+      load_row(dor, dout + (q0 + i) * p.dout_row + h * p.dout_head, d, A(1));
+      const T* o = out + (q0 + i) * p.out_row + h * p.out_head;
+      A delta = 0;  // rowsum(dout * out): the softmax Jacobian's correction term
+      for (int64_t c = 0; c < d; ++c) delta += dor[c] * static_cast<A>(o[c]);
+      for (int64_t j = 0; j < n; ++j) {
+        s[j] = scale * dot(qr, keys.row(g, j), d);
+        dp[j] = dot(dor, values.row(g, j), d);
+      }
+      if constexpr (std::is_same_v<A, double>) {
+        // lse is float32: renormalise in double so float64 gradients keep float64 accuracy.
+        A row_max = -std::numeric_limits<A>::infinity();
+        for (int64_t j = 0; j < n; ++j) row_max = std::max(row_max, s[j]);
+        A sum = 0;
+        for (int64_t j = 0; j < n; ++j) sum += (s[j] = std::exp(s[j] - row_max));
+        for (int64_t j = 0; j < n; ++j) s[j] /= sum;
+      } else {
+        const A row_lse = p.lse[h * p.total_q + q0 + i];
 #pragma omp simd
-          for (int64_t j = 0; j < n; ++j) s[j] = exp_acc(s[j] - row_lse);
-        }
-        for (int64_t c = 0; c < d; ++c) acc[c] = 0;
-        for (int64_t j = 0; j < n; ++j) {
-          const A ds = s[j] * (dp[j] - delta);
-          axpy(acc, ds, keys.row(j), d);
-          axpy(dk_acc + j * d, scale * ds, qr, d);
-          axpy(dv_acc + j * d, s[j], dor, d);
-        }
-        for (int64_t c = 0; c < d; ++c) dq_row[c] = static_cast<T>(scale * acc[c]);
+        for (int64_t j = 0; j < n; ++j) s[j] = exp_acc(s[j] - row_lse);
       }
-    }
-    for (int64_t j = 0; j < lk; ++j) {
-      T* dk_row = dk + (k0 + j) * kv_stride + kv_head * d;
-      T* dv_row = dv + (k0 + j) * kv_stride + kv_head * d;
-      for (int64_t c = 0; c < d; ++c) {
-        dk_row[c] = static_cast<T>(dk_acc[j * d + c]);
-        dv_row[c] = static_cast<T>(dv_acc[j * d + c]);
+      for (int64_t c = 0; c < d; ++c) acc[c] = 0;
+      for (int64_t j = 0; j < n; ++j) {
+        const A ds = s[j] * (dp[j] - delta);
+        axpy(acc, ds, keys.row(g, j), d);
+        axpy(dk_acc.row(g, j), scale * ds, qr, d);
+        axpy(dv_acc.row(g, j), s[j], dor, d);
       }
+      for (int64_t c = 0; c < d; ++c) dq_row[c] = static_cast<T>(scale * acc[c]);
+    });
+    if constexpr (Scratch<T, A>::kConvert) {
+      for (int64_t g = 0; g < heads; ++g)
+        for (int64_t j = 0; j < lk; ++j) {
+          T* dk_row = dk + (k0 + j) * kv_stride + (g0 + g) * d;
+          T* dv_row = dv + (k0 + j) * kv_stride + (g0 + g) * d;
+          for (int64_t c = 0; c < d; ++c) {
+            dk_row[c] = static_cast<T>(dk_acc.row(g, j)[c]);
+            dv_row[c] = static_cast<T>(dv_acc.row(g, j)[c]);
+          }
+        }
     }
+  });
+}
+
+// Head dims with an unrolled kernel; others take the generic one.
+template <typename T, template <typename, int> class Kernel>
+void by_head_dim(const AttentionParams& p, int64_t unit_begin, int64_t unit_end) {
+  switch (p.head_dim) {
+    case 32: return Kernel<T, 32>::run(p, unit_begin, unit_end);
+    case 64: return Kernel<T, 64>::run(p, unit_begin, unit_end);
+    case 128: return Kernel<T, 128>::run(p, unit_begin, unit_end);
+    default: return Kernel<T, 0>::run(p, unit_begin, unit_end);
+  }
+}
+
+template <typename T, int kD> struct Fwd { static void run(const AttentionParams& p, int64_t b, int64_t e) { fwd_units<T, kD>(p, b, e); } };
+template <typename T, int kD> struct Bwd { static void run(const AttentionParams& p, int64_t b, int64_t e) { bwd_units<T, kD>(p, b, e); } };
+
+template <template <typename, int> class Kernel>
+void by_dtype(const AttentionParams& p, int64_t unit_begin, int64_t unit_end) {
+  if (unit_begin >= unit_end) return;
+  switch (p.kind) {
+    case ScalarKind::kFloat: return by_head_dim<float, Kernel>(p, unit_begin, unit_end);
+    case ScalarKind::kDouble: return by_head_dim<double, Kernel>(p, unit_begin, unit_end);
+    case ScalarKind::kBFloat16: return by_head_dim<c10::BFloat16, Kernel>(p, unit_begin, unit_end);
+    case ScalarKind::kHalf: return by_head_dim<c10::Half, Kernel>(p, unit_begin, unit_end);
   }
 }
 
 void varlen_fwd_units(const AttentionParams& p, int64_t unit_begin, int64_t unit_end) {
-  if (unit_begin >= unit_end) return;
-  switch (p.kind) {
-    case ScalarKind::kFloat: return fwd_units<float>(p, unit_begin, unit_end);
-    case ScalarKind::kDouble: return fwd_units<double>(p, unit_begin, unit_end);
-    case ScalarKind::kBFloat16: return fwd_units<c10::BFloat16>(p, unit_begin, unit_end);
-    case ScalarKind::kHalf: return fwd_units<c10::Half>(p, unit_begin, unit_end);
-  }
+  by_dtype<Fwd>(p, unit_begin, unit_end);
 }
 
 void varlen_bwd_units(const AttentionParams& p, int64_t unit_begin, int64_t unit_end) {
-  if (unit_begin >= unit_end) return;
-  switch (p.kind) {
-    case ScalarKind::kFloat: return bwd_units<float>(p, unit_begin, unit_end);
-    case ScalarKind::kDouble: return bwd_units<double>(p, unit_begin, unit_end);
-    case ScalarKind::kBFloat16: return bwd_units<c10::BFloat16>(p, unit_begin, unit_end);
-    case ScalarKind::kHalf: return bwd_units<c10::Half>(p, unit_begin, unit_end);
-  }
+  by_dtype<Bwd>(p, unit_begin, unit_end);
 }
