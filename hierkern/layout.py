@@ -71,10 +71,13 @@ class Segments:
 
     def __init__(self, offsets: torch.Tensor, max_len: int | None = None, total: int | None = None, *,
                  validate: bool = True):
-        if validate:
-            check_offsets(offsets, "offsets", total)
-        offsets = offsets.to(torch.int32)
+        if not isinstance(offsets, torch.Tensor):
+            raise TypeError(f"offsets must be a torch.Tensor, got {type(offsets).__name__}")
+        # At most one device->host copy, shared by validation and the host-side max_len / total.
         host = offsets.detach().cpu() if (validate or max_len is None or total is None) else None
+        if validate:
+            check_offsets(host, "offsets", total)
+        offsets = offsets.to(torch.int32)
         if max_len is None:
             max_len = int(host.diff().max()) if host.numel() > 1 else 0
         _check_length_arg(max_len, "max_len")
@@ -136,12 +139,14 @@ class Segments:
         if key_padding_mask.dim() != 2:
             raise ValueError(f"key_padding_mask must have shape (B, L), got {tuple(key_padding_mask.shape)}")
         valid = ~key_padding_mask
-        lengths = valid.sum(1)
-        # A prefix mask is non-increasing along each row: valid tokens never follow padding.
-        if key_padding_mask.shape[1] > 1 and bool((valid[:, 1:] & ~valid[:, :-1]).any()):
+        # A prefix mask is non-increasing along each row: valid tokens never follow padding. The verdict
+        # and the lengths come to the host in one copy (one sync for a CUDA mask).
+        not_prefix = (valid[:, 1:] & ~valid[:, :-1]).any()
+        host = torch.cat([valid.sum(1), not_prefix.long()[None]]).cpu()
+        if bool(host[-1]):
             raise ValueError("key_padding_mask must mark a prefix of each row as valid (padding only at the "
                              "end of a row)")
-        return cls.from_lengths(lengths.to(torch.int64))
+        return cls.from_lengths(host[:-1], device=key_padding_mask.device)
 
     # -- properties -----------------------------------------------------------------------------------
 
