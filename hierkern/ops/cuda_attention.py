@@ -88,6 +88,20 @@ def _kernels_unavailable() -> str | None:
     return _jit_error if _jit_error is not None else extension.kernel_unavailable_reason("CUDA")
 
 
+# Both checks run once per trace under torch.compile (assume_constant_result), so a compiled graph calling
+# backend="cuda" neither traces the dispatcher queries nor breaks on them.
+@torch.compiler.assume_constant_result
+def _unavailable_reason() -> str | None:
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is visible (torch.cuda.is_available() is False)"
+    return _kernels_unavailable()
+
+
+@torch.compiler.assume_constant_result
+def _device_too_old() -> bool:
+    return torch.cuda.get_device_capability() < (8, 0)
+
+
 class CudaBackend:
     """Backend protocol of ``hierkern.backends`` for the CUDA C++ kernels."""
 
@@ -97,9 +111,7 @@ class CudaBackend:
     device_types = ("cuda",)
 
     def unavailable_reason(self) -> str | None:
-        if not torch.cuda.is_available():
-            return "no CUDA GPU is visible (torch.cuda.is_available() is False)"
-        return _kernels_unavailable()
+        return _unavailable_reason()
 
     def why_not(self, call: AttentionCall) -> str | None:
         if call.device_type != "cuda":
@@ -110,7 +122,7 @@ class CudaBackend:
         if call.head_dim not in SUPPORTED_HEAD_DIMS:
             return (f"the CUDA kernels are compiled for head_dim 32, 64 and 128, not {call.head_dim}; use the "
                     f"triton or reference backend")
-        if torch.cuda.get_device_capability() < (8, 0):
+        if _device_too_old():
             return "the CUDA kernels are built for sm_80 and sm_90a and need an Ampere or newer GPU"
         return None
 

@@ -1,0 +1,330 @@
+"""The ``"cuda"`` backend (csrc/cuda) on a GPU: every adversarial layout against the float64 oracle in
+fp16/bf16/fp32, lse, gradients, dropout against an exact float64 model of the kernel's Philox mask,
+NaN-poisoned outputs, determinism, strided and misaligned inputs, opcheck, torch.compile, refusals, and a
+compute-sanitizer run. Skipped without a CUDA GPU; when the GPU is there but hierkern._C lacks CUDA kernels,
+the fixture JIT-builds csrc/cuda (a build failure is an error, not a skip).
+
+Run on a GPU machine: ``pytest tests/test_cuda_backend.py -q`` (add ``-m slow`` runs for the sanitizer).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import hierkern
+from hierkern.backends import AttentionCall, explain, get_backend
+from hierkern.reference import varlen_attention_reference
+
+from helpers import Layout, adversarial_layouts, offsets_of, oracle_attention, random_qkv, rel_err
+from philox_model import keep_mask
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+LAYOUTS = adversarial_layouts(tile=64) + [
+    Layout("row-tile-boundaries", (15, 16, 17, 31, 32, 33, 1, 65)),
+    Layout("long-cross", (300, 2, 0), (257, 0, 3)),
+]
+LAYOUT_IDS = [layout.name for layout in LAYOUTS]
+# (H, H_kv, D): MHA at the workload's D=64, GQA at D=32, MQA at D=128.
+HEADS = [(4, 4, 64), (4, 2, 32), (6, 1, 128)]
+HEAD_IDS = [f"H{h}-Hkv{hk}-D{d}" for h, hk, d in HEADS]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Slack over 2x (outputs) / 3x (gradients) of the reference's own error in the dtype, for the case where
+# that error is ~0 (fp32, tiny layouts).
+FLOOR = {torch.float32: 2e-6, torch.float16: 2e-4, torch.bfloat16: 2e-3}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cuda_kernels():
+    backend = get_backend("cuda")
+    if backend.unavailable_reason() is not None:
+        from hierkern.ops.cuda_attention import load_jit
+        load_jit()
+    assert backend.unavailable_reason() is None, backend.unavailable_reason()
+
+
+def _poison_allocator(*shapes_dtypes):
+    """Hand NaN-filled blocks back to the caching allocator so the op's outputs (allocated next, same
+    sizes) start as NaN: any element a kernel fails to write stays NaN."""
+    blocks = [torch.full(shape, math.nan, dtype=dtype, device="cuda") for shape, dtype in shapes_dtypes]
+    del blocks
+
+
+def _inputs(layout, heads, dtype, requires_grad=False, seed=0):
+    h, hk, d = heads
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = random_qkv(layout, h, hk, d, dtype=dtype, device="cuda", generator=gen,
+                         requires_grad=requires_grad)
+    return q, k, v, offsets_of(layout.lengths_q, "cuda"), offsets_of(layout.keys, "cuda")
+
+
+def _run(q, k, v, cu_q, cu_k, layout, causal, **kw):
+    _poison_allocator((q.shape, q.dtype), ((q.shape[1], q.shape[0]), torch.float32))
+    return hierkern.varlen_attention(q, k, v, cu_q, cu_k, max(layout.lengths_q, default=0),
+                                     max(layout.keys, default=0), causal=causal, return_lse=True,
+                                     backend="cuda", **kw)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("heads", HEADS, ids=HEAD_IDS)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
+def test_forward_matches_oracle(layout, heads, dtype, causal):
+    q, k, v, cu_q, cu_k = _inputs(layout, heads, dtype)
+    out, lse = _run(q, k, v, cu_q, cu_k, layout, causal)
+    ref_out, ref_lse = oracle_attention(q, k, v, cu_q.cpu(), cu_k.cpu(), causal=causal)
+    assert out.dtype == dtype and out.shape == q.shape and lse.shape == (q.shape[1], q.shape[0])
+    assert torch.isfinite(out).all(), "NaN left in out: some element was never written"
+    assert not torch.isnan(lse).any(), "NaN left in lse: some element was never written"
+    own, _ = varlen_attention_reference(q, k, v, cu_q, cu_k, causal=causal)
+    assert rel_err(out, ref_out) <= 2 * rel_err(own, ref_out) + FLOOR[dtype]
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse.cpu()), finite) and (lse.cpu()[~finite] == -math.inf).all()
+    if finite.any():
+        err = (lse.cpu().double()[finite] - ref_lse[finite]).abs() / (1 + ref_lse[finite].abs())
+        assert err.max().item() < 1e-5
+    # Rows that see no key are exactly zero.
+    blind = ~finite.any(0)
+    assert (out.cpu()[blind] == 0).all()
+
+
+GRAD_LAYOUTS = [lay for lay in LAYOUTS if lay.name in
+                ("empty-and-one", "tile-boundaries", "long-among-tiny", "cross-unequal", "words", "long-cross")]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("heads", HEADS, ids=HEAD_IDS)
+@pytest.mark.parametrize("layout", GRAD_LAYOUTS, ids=[lay.name for lay in GRAD_LAYOUTS])
+def test_gradients_match_oracle(layout, heads, dtype, causal):
+    q, k, v, cu_q, cu_k = _inputs(layout, heads, dtype, requires_grad=True)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    out, _ = _run(q, k, v, cu_q, cu_k, layout, causal)
+    _poison_allocator((q.shape, dtype), (k.shape, dtype), (v.shape, dtype))
+    grads = torch.autograd.grad(out, (q, k, v), dout.to("cuda", dtype))
+
+    leaves64 = [t.detach().cpu().double().requires_grad_() for t in (q, k, v)]
+    ref, _ = varlen_attention_reference(*leaves64, cu_q.cpu(), cu_k.cpu(), causal=causal)
+    ref_grads = torch.autograd.grad(ref, leaves64, dout)
+    own, _ = varlen_attention_reference(q, k, v, cu_q, cu_k, causal=causal)
+    own_grads = torch.autograd.grad(own, (q, k, v), dout.to("cuda", dtype))
+    for name, g, r, o in zip("qkv", grads, ref_grads, own_grads):
+        assert g.dtype == dtype and g.shape == r.shape
+        assert torch.isfinite(g).all(), f"d{name} has NaN: some element was never written"
+        assert rel_err(g, r) <= 3 * rel_err(o, r) + FLOOR[dtype], f"d{name}"
+
+
+def test_no_tokens_gives_empty_outputs_and_gradients():
+    layout = Layout("all-empty", (0, 0, 0))
+    q, k, v, cu_q, cu_k = _inputs(layout, (4, 2, 64), torch.bfloat16, requires_grad=True)
+    out, lse = _run(q, k, v, cu_q, cu_k, layout, causal=False)
+    assert out.shape == (0, 4, 64) and lse.shape == (4, 0)
+    grads = torch.autograd.grad(out, (q, k, v), torch.empty_like(out))
+    assert [tuple(g.shape) for g in grads] == [(0, 4, 64), (0, 2, 64), (0, 2, 64)]
+
+
+def _dense_dropout_oracle(q, k, v, layout, causal, keep, p):
+    """float64 dense attention with the block-diagonal (and causal) mask and an explicit keep mask
+    (H, total_q, total_k): out = (P * keep / (1 - p)) v, differentiable."""
+    lq, lk = torch.tensor(layout.lengths_q), torch.tensor(layout.keys)
+    n = len(layout.lengths_q)
+    ids_q, ids_k = torch.repeat_interleave(torch.arange(n), lq), torch.repeat_interleave(torch.arange(n), lk)
+    pos_q = torch.arange(len(ids_q)) - offsets_of(layout.lengths_q)[:-1].long()[ids_q]
+    pos_k = torch.arange(len(ids_k)) - offsets_of(layout.keys)[:-1].long()[ids_k]
+    allowed = ids_q[:, None] == ids_k[None, :]
+    if causal:
+        allowed &= pos_k[None, :] <= pos_q[:, None] + (lk - lq)[ids_q][:, None]
+    group = q.shape[1] // k.shape[1]
+    scores = torch.einsum("qhd,khd->hqk", q, k.repeat_interleave(group, 1)) / math.sqrt(q.shape[2])
+    has_keys = allowed.any(-1)[None, :, None]
+    scores = scores.masked_fill(~allowed, -math.inf).masked_fill(~has_keys, 0.0)
+    probs = torch.softmax(scores, -1) * has_keys * keep / (1 - p)
+    return torch.einsum("hqk,khd->qhd", probs, v.repeat_interleave(group, 1))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("layout", [LAYOUTS[0], LAYOUTS[6], LAYOUTS[7]], ids=lambda lay: lay.name)
+def test_dropout_matches_philox_model_exactly(layout, causal):
+    """Forward and gradients under dropout against a float64 model that applies the kernel's own mask
+    (rebuilt by tests/philox_model.py): the mask is the same in the forward and both backward passes."""
+    heads, p, seed, offset = (4, 2, 64), 0.3, 123456789, 42
+    q, k, v, cu_q, cu_k = _inputs(layout, heads, torch.float32, requires_grad=True)
+    rng_state = torch.tensor([seed, offset], dtype=torch.int64)
+    out, lse = torch.ops.hierkern.varlen_fwd(q, k, v, cu_q, cu_k, max(layout.lengths_q), max(layout.keys),
+                                             1 / math.sqrt(64), causal, p, rng_state)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    grads = torch.autograd.grad(out, (q, k, v), dout.to("cuda", torch.float32))
+
+    keep = keep_mask(seed, offset, q.shape[1], q.shape[0], k.shape[0], p).double()
+    leaves64 = [t.detach().cpu().double().requires_grad_() for t in (q, k, v)]
+    ref = _dense_dropout_oracle(*leaves64, layout, causal, keep, p)
+    ref_grads = torch.autograd.grad(ref, leaves64, dout)
+    assert rel_err(out, ref) < 1e-5
+    for name, g, r in zip("qkv", grads, ref_grads):
+        assert rel_err(g, r) < 1e-5, f"d{name}"
+    # The same rng_state draws the same mask; another offset draws another.
+    again, _ = torch.ops.hierkern.varlen_fwd(q, k, v, cu_q, cu_k, max(layout.lengths_q), max(layout.keys),
+                                             1 / math.sqrt(64), causal, p, rng_state)
+    assert torch.equal(out, again)
+
+
+def test_dropout_through_the_api_is_seeded_by_torch():
+    layout = LAYOUTS[7]
+    q, k, v, cu_q, cu_k = _inputs(layout, (4, 4, 64), torch.bfloat16, requires_grad=True)
+
+    def run():
+        torch.manual_seed(7)
+        out = hierkern.varlen_attention(q, k, v, cu_q, cu_k, max(layout.lengths_q), max(layout.keys),
+                                        dropout_p=0.2, backend="cuda")
+        return out, torch.autograd.grad(out.float().square().sum(), (q, k, v))
+
+    (out1, grads1), (out2, grads2) = run(), run()
+    assert torch.equal(out1, out2) and all(torch.equal(a, b) for a, b in zip(grads1, grads2))
+    torch.manual_seed(8)
+    other = hierkern.varlen_attention(q, k, v, cu_q, cu_k, dropout_p=0.2, backend="cuda")
+    assert not torch.equal(other, out1)
+
+
+def test_backward_is_deterministic():
+    layout = LAYOUTS[2]
+    q, k, v, cu_q, cu_k = _inputs(layout, (4, 2, 64), torch.bfloat16, requires_grad=True)
+    dout = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
+    runs = []
+    for _ in range(3):
+        out = hierkern.varlen_attention(q, k, v, cu_q, cu_k, causal=True, backend="cuda")
+        runs.append(torch.autograd.grad(out, (q, k, v), dout))
+    for other in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
+
+
+def test_strided_and_misaligned_inputs_match_contiguous():
+    """A packed qkv projection's views (head stride != D, token stride 3*H*D) run in place; a view whose
+    rows are not 16-byte aligned is copied by the binding, with the same result."""
+    layout = LAYOUTS[7]
+    total, h, d = sum(layout.lengths_q), 4, 64
+    qkv = torch.randn(total, 3, h, d, device="cuda", dtype=torch.float16)
+    q, k, v = qkv.unbind(1)
+    cu = offsets_of(layout.lengths_q, "cuda")
+    out = hierkern.varlen_attention(q, k, v, cu, backend="cuda")
+    expect = hierkern.varlen_attention(q.contiguous(), k.contiguous(), v.contiguous(), cu, backend="cuda")
+    assert torch.equal(out, expect)
+    flat = torch.randn(total * h * d + 1, device="cuda", dtype=torch.float16)
+    shifted = flat[1:].view(total, h, d)  # storage offset of one element: rows 2 bytes off alignment
+    out = hierkern.varlen_attention(shifted, shifted, shifted, cu, backend="cuda")
+    c = shifted.clone()  # a fresh, aligned allocation
+    assert torch.equal(out, hierkern.varlen_attention(c, c, c, cu, backend="cuda"))
+
+
+def test_many_words_and_one_long_segment_against_reference():
+    gen = torch.Generator().manual_seed(5)
+    lengths = torch.randint(1, 12, (20000,), generator=gen).tolist() + [1500]
+    layout = Layout("big", tuple(lengths))
+    q, k, v, cu_q, cu_k = _inputs(layout, (8, 8, 64), torch.bfloat16)
+    for causal in (False, True):
+        out = hierkern.varlen_attention(q, k, v, cu_q, cu_k, max(lengths), causal=causal, backend="cuda")
+        hi, _ = varlen_attention_reference(q.float(), k.float(), v.float(), cu_q, cu_k, causal=causal)
+        own, _ = varlen_attention_reference(q, k, v, cu_q, cu_k, causal=causal)
+        assert rel_err(out, hi) <= 2 * rel_err(own, hi) + FLOOR[torch.bfloat16]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_opcheck(causal):
+    for layout in (LAYOUTS[0], LAYOUTS[6]):
+        q, k, v, cu_q, cu_k = _inputs(layout, (4, 2, 32), torch.float16, requires_grad=True)
+        args = (q, k, v, cu_q, cu_k, max(layout.lengths_q), max(layout.keys), 0.2, causal, 0.0, None)
+        torch.library.opcheck(torch.ops.hierkern.varlen_fwd.default, args)
+        out, lse = torch.ops.hierkern.varlen_fwd(*args)
+        dout = torch.randn_like(out)
+        bwd_args = (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse, cu_q, cu_k,
+                    max(layout.lengths_q), max(layout.keys), 0.2, causal, 0.0, None)
+        torch.library.opcheck(torch.ops.hierkern.varlen_bwd.default, bwd_args)
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    layout = LAYOUTS[7]
+    q, k, v, cu_q, cu_k = _inputs(layout, (4, 4, 64), torch.bfloat16, requires_grad=True)
+    max_len = max(layout.lengths_q)
+
+    def f(q, k, v):
+        return hierkern.varlen_attention(q, k, v, cu_q, cu_k, max_len, max_len, causal=True, backend="cuda")
+
+    eager = f(q, k, v)
+    compiled = torch.compile(f, fullgraph=True)(q, k, v)
+    assert torch.equal(eager, compiled)
+    g = torch.randn_like(eager)
+    assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(eager, (q, k, v), g),
+                                                 torch.autograd.grad(compiled, (q, k, v), g)))
+
+
+def test_refusals_and_priority():
+    backend = get_backend("cuda")
+
+    def call(**changes):
+        fields = dict(device_type="cuda", dtype=torch.bfloat16, head_dim=64, num_heads=8, num_kv_heads=8,
+                      max_seqlen_q=8, max_seqlen_k=8, causal=False, dropout=False, requires_grad=True)
+        fields.update(changes)
+        return AttentionCall(**fields)
+
+    assert backend.why_not(call()) is None
+    assert backend.why_not(call(dropout=True, causal=True)) is None
+    assert "float64" in backend.why_not(call(dtype=torch.float64))
+    assert "head_dim" in backend.why_not(call(head_dim=80))
+    assert "cpu" in backend.why_not(call(device_type="cpu"))
+    assert explain(call())["cuda"] is None
+    # Unmeasured: "auto" must keep preferring Triton wherever Triton accepts the call.
+    assert backend.priority < get_backend("triton").priority
+    q = torch.randn(4, 2, 80, device="cuda", dtype=torch.float16)
+    with pytest.raises(ValueError, match="head_dim"):
+        hierkern.varlen_attention(q, q, q, offsets_of([4], "cuda"), backend="cuda")
+
+
+def test_op_rejects_bad_arguments():
+    q = torch.randn(5, 2, 64, device="cuda", dtype=torch.float16)
+    cu = offsets_of([5], "cuda")
+    fwd = torch.ops.hierkern.varlen_fwd
+    with pytest.raises(ValueError, match="rng_state"):
+        fwd(q, q, q, cu, cu, 5, 5, 0.125, False, 0.1, None)
+    with pytest.raises(TypeError, match="cu_seqlens_q"):
+        fwd(q, q, q, cu.long(), cu, 5, 5, 0.125, False, 0.0, None)
+    with pytest.raises(ValueError, match="head_dim"):
+        fwd(q[..., :48], q[..., :48], q[..., :48], cu, cu, 5, 5, 0.125, False, 0.0, None)
+    with pytest.raises(TypeError, match="dtype"):
+        fwd(q, q.float(), q, cu, cu, 5, 5, 0.125, False, 0.0, None)
+
+
+_SANITIZER_CASE = """
+import torch, hierkern
+from hierkern.ops.cuda_attention import load_jit
+load_jit()
+lengths = [0, 1, 3, 63, 64, 65, 5, 2, 0, 130]
+cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+for dtype, d in ((torch.bfloat16, 64), (torch.float32, 128), (torch.float16, 32)):
+    q = torch.randn(cu[-1].item(), 4, d, device="cuda", dtype=dtype, requires_grad=True)
+    k = torch.randn(cu[-1].item(), 2, d, device="cuda", dtype=dtype, requires_grad=True)
+    for causal in (False, True):
+        out = hierkern.varlen_attention(q, k, k, cu, causal=causal, dropout_p=0.1, backend="cuda")
+        out.float().sum().backward()
+torch.cuda.synchronize()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
+def test_compute_sanitizer(tool):
+    sanitizer = shutil.which("compute-sanitizer") or next(
+        (p for p in ("/usr/local/cuda/bin/compute-sanitizer", "/usr/local/cuda-13.0/bin/compute-sanitizer")
+         if os.path.exists(p)), None)
+    if sanitizer is None:
+        pytest.skip("compute-sanitizer not found")
+    result = subprocess.run([sanitizer, "--tool", tool, "--error-exitcode", "1", sys.executable, "-c",
+                             _SANITIZER_CASE], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    assert "ERROR SUMMARY: 0 errors" in result.stdout
