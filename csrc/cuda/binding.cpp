@@ -49,12 +49,17 @@ at::Tensor offsets_ready(const at::Tensor& t, const char* name, const at::Tensor
   return t.contiguous();
 }
 
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK_VALUE(q.is_cuda(), "q must be a CUDA tensor");
+  TORCH_CHECK_VALUE(q.dim() == 3, "q must have shape (total, heads, head_dim), got ", q.sizes());
+  check_packed(k, "k", q);
+  check_packed(v, "v", q);
+}
+
 // Fills the fields shared by the forward and backward; q, k, v must already be vector_ready.
 void fill_common(hk::VarlenArgs& a, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                  const at::Tensor& cu_q, const at::Tensor& cu_k, double softmax_scale, bool causal, double dropout_p,
                  const std::optional<at::Tensor>& rng_state) {
-  check_packed(k, "k", q);
-  check_packed(v, "v", q);
   TORCH_CHECK_VALUE(k.sizes() == v.sizes(), "k and v must have the same shape, got ", k.sizes(), " and ",
                     v.sizes());
   TORCH_CHECK_VALUE(k.size(2) == q.size(2), "q and k must have the same head_dim, got ", q.size(2), " and ",
@@ -110,7 +115,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cuda(const at::Tensor& q_in, const
   // The schedule is found on the device from the offsets; the max_seqlen hints are not needed.
   (void)max_seqlen_q;
   (void)max_seqlen_k;
-  TORCH_CHECK_VALUE(q_in.is_cuda() && q_in.dim() == 3, "q must be a CUDA tensor of shape (total, heads, head_dim)");
+  check_qkv(q_in, k_in, v_in);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = vector_ready(q_in), k = vector_ready(k_in), v = vector_ready(v_in);
   const at::Tensor cu_q = offsets_ready(cu_seqlens_q, "cu_seqlens_q", q);
@@ -133,11 +138,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cuda(
     double dropout_p, const std::optional<at::Tensor>& rng_state) {
   (void)max_seqlen_q;
   (void)max_seqlen_k;
-  TORCH_CHECK_VALUE(q_in.is_cuda() && q_in.dim() == 3, "q must be a CUDA tensor of shape (total, heads, head_dim)");
+  check_qkv(q_in, k_in, v_in);
+  check_packed(dout_in, "dout", q_in);
+  check_packed(out_in, "out", q_in);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = vector_ready(q_in), k = vector_ready(k_in), v = vector_ready(v_in);
-  check_packed(dout_in, "dout", q);
-  check_packed(out_in, "out", q);
   TORCH_CHECK_VALUE(dout_in.sizes() == q.sizes() && out_in.sizes() == q.sizes(),
                     "dout and out must have q's shape ", q.sizes(), ", got ", dout_in.sizes(), " and ",
                     out_in.sizes());
