@@ -135,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=20, help="linear learning-rate warm-up steps")
     p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU intra-op threads per process (default 1: this model's matrices are small, so "
+                        "threads cost more than they save and oversubscribe shared machines; scale out with "
+                        "torchrun instead; 0 keeps torch's default)")
     p.add_argument("--backend", default="auto", help="varlen_attention backend (default auto)")
     p.add_argument("--seed", type=int, default=0)
     return p
@@ -161,6 +165,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         parser.error("--steps must be at least 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but no CUDA device is available")
+    if args.threads < 0:
+        parser.error("--threads must be non-negative")
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     distributed = world_size > 1
