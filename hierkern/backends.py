@@ -1,7 +1,9 @@
 """Attention backends: what each supports, why it refuses a call, and how ``"auto"`` chooses.
 
 A backend is an object with a ``name``, a ``priority`` (``"auto"`` takes the highest-priority backend that
-accepts the call), ``device_types`` (the tensor devices it can ever accept), ``unavailable_reason()`` (``None`` when it can run on this machine at all) and
+accepts the call), ``device_types`` (the tensor devices it can ever accept; an optional ``auto_device_types``
+narrows where ``"auto"`` may pick it), ``unavailable_reason()`` (``None`` when it can run on this machine at
+all) and
 ``why_not(call)`` (``None`` when it supports the call, else a sentence saying why not). Calling it runs the
 attention. Backend modules register themselves on import (``hierkern/ops/__init__.py`` imports them) and
 must never raise at import time: a backend that cannot load registers with the reason instead.
@@ -115,6 +117,9 @@ def select_backend(call: AttentionCall, name: str = "auto") -> Backend:
             raise ValueError(f"backend {name!r} cannot run this call: {reason}")
         return backend
     for backend in sorted(_REGISTRY.values(), key=lambda b: -b.priority):
+        # A backend may run on a device only when named (Triton's CPU interpreter is for tests).
+        if call.device_type not in getattr(backend, "auto_device_types", backend.device_types):
+            continue
         if backend.unavailable_reason() is None and backend.why_not(call) is None:
             return backend
     reasons = "; ".join(f"{n}: {r}" for n, r in explain(call).items())

@@ -1,0 +1,377 @@
+"""The Triton backend against the float64 oracle: forward, lse, gradients, dropout, registration.
+
+Without a GPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1), with
+16x16 tiles, so the layouts are built around a 16-token tile and stay small (the interpreter costs ~3 ms per
+loop iteration per program). Tests marked ``requires_cuda`` run the compiled kernels on bigger layouts.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import hierkern
+from hierkern.backends import AttentionCall, explain, get_backend, select_backend
+from hierkern.reference import varlen_attention_reference
+
+from conftest import requires_cuda
+from helpers import Layout, adversarial_layouts, offsets_of, oracle_attention, random_qkv, rel_err
+
+ta = pytest.importorskip("hierkern.ops.triton_attention")
+if get_backend("triton").unavailable_reason() is not None:
+    pytest.skip(get_backend("triton").unavailable_reason(), allow_module_level=True)
+
+# Triton's interpreter indexes Python ranges with 1-element numpy arrays (its own deprecation, not ours).
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TILE = 16  # the interpreter's BLOCK_M = BLOCK_N
+LAYOUTS = adversarial_layouts(tile=TILE)
+LAYOUT_IDS = [layout.name for layout in LAYOUTS]
+
+
+def _offsets(layout: Layout, device=DEVICE):
+    return offsets_of(layout.lengths_q, device), offsets_of(layout.keys, device)
+
+
+def _triton(q, k, v, layout, causal, **kwargs):
+    cu_q, cu_k = _offsets(layout, q.device)
+    return hierkern.varlen_attention(q, k, v, cu_q, cu_k, max(layout.lengths_q, default=0),
+                                     max(layout.keys, default=0), causal=causal, return_lse=True,
+                                     backend="triton", **kwargs)
+
+
+def _check_lse(lse, ref_lse, atol):
+    """Equal where finite, -inf exactly where the oracle has no keys, never NaN."""
+    lse, ref_lse = lse.detach().double().cpu(), ref_lse.double().cpu()
+    assert not torch.isnan(lse).any()
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    assert bool((lse[torch.isinf(ref_lse)] < 0).all())
+    finite = torch.isfinite(ref_lse)
+    if finite.any():
+        assert (lse[finite] - ref_lse[finite]).abs().max().item() <= atol
+
+
+def _reference_grads(q, k, v, layout, causal, dout):
+    """Gradients of hierkern.reference evaluated in float64."""
+    cu_q, cu_k = (t.cpu() for t in _offsets(layout))
+    q64, k64, v64 = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
+    out, _ = varlen_attention_reference(q64, k64, v64, cu_q, cu_k, causal=causal)
+    return out, torch.autograd.grad(out, (q64, k64, v64), dout.detach().cpu().double())
+
+
+def _close(x, ref, rtol, atol=1e-6):
+    """``||x - ref|| <= rtol * ||ref|| + atol * sqrt(n)`` (gradients that are exactly zero in theory, such as
+    dq of length-1 segments, are rounding noise in both, so a relative error alone is meaningless there)."""
+    diff = (x.detach().double().cpu() - ref.detach().double().cpu()).norm().item()
+    return diff <= rtol * ref.double().norm().item() + atol * math.sqrt(max(ref.numel(), 1))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Forward and backward
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
+def test_fp32_forward_lse_and_gradients_match_oracle(layout, causal):
+    gen = torch.Generator().manual_seed(1)
+    # Odd head dim (padded to 32 inside) and GQA (2 query heads per kv head).
+    q, k, v = random_qkv(layout, 2, 1, 24, device=DEVICE, generator=gen, requires_grad=True)
+    out, lse = _triton(q, k, v, layout, causal)
+    ref_out, ref_lse = oracle_attention(q, k, v, *(t.cpu() for t in _offsets(layout)), causal=causal)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert lse.shape == (2, q.shape[0]) and lse.dtype == torch.float32
+    assert not torch.isnan(out).any()
+    assert _close(out, ref_out, 2e-6)
+    _check_lse(lse, ref_lse, 1e-5)
+
+    dout = torch.randn(out.shape, generator=gen).to(DEVICE)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    _, ref_grads = _reference_grads(q, k, v, layout, causal, dout)
+    for name, g, ref in zip("qkv", grads, ref_grads):
+        assert g.shape == ref.shape and g.dtype == torch.float32
+        assert not torch.isnan(g).any(), name
+        assert _close(g, ref, 1e-5), f"d{name}: rel err {rel_err(g, ref):.2e}"
+
+
+@pytest.mark.parametrize("dtype, layout", [(torch.float16, LAYOUTS[6]), (torch.bfloat16, LAYOUTS[1])],
+                         ids=[f"fp16-{LAYOUTS[6].name}", f"bf16-{LAYOUTS[1].name}"])
+def test_forward_half_precision_within_twice_reference_error(dtype, layout):
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = random_qkv(layout, 2, 2, 32, dtype=dtype, device=DEVICE, generator=gen)
+    cu_q, cu_k = _offsets(layout)
+    out, lse = _triton(q, k, v, layout, True)
+    ref_out, ref_lse = oracle_attention(q, k, v, cu_q.cpu(), cu_k.cpu(), causal=True)
+    own_out, _ = varlen_attention_reference(q, k, v, cu_q, cu_k, causal=True)
+    assert out.dtype == dtype
+    assert rel_err(out, ref_out) <= 2 * rel_err(own_out, ref_out)
+    _check_lse(lse, ref_lse, 2e-2)
+
+
+@pytest.mark.parametrize("head_dim", [16, 40, 128])
+def test_forward_head_dims(head_dim):
+    layout = LAYOUTS[1]  # tile-boundaries
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = random_qkv(layout, 1, 1, head_dim, device=DEVICE, generator=gen)
+    out, lse = _triton(q, k, v, layout, False, softmax_scale=0.3)
+    ref_out, ref_lse = oracle_attention(q, k, v, *(t.cpu() for t in _offsets(layout)), softmax_scale=0.3)
+    assert _close(out, ref_out, 2e-6)
+    _check_lse(lse, ref_lse, 1e-5)
+
+
+def test_segments_and_strided_inputs():
+    """Segments objects as offsets, and q/k/v that are views with a non-contiguous head axis."""
+    layout = LAYOUTS[7]  # words
+    seg = hierkern.Segments.from_lengths(list(layout.lengths_q), device=DEVICE)
+    gen = torch.Generator().manual_seed(4)
+    qkv = torch.randn(seg.total, 3, 2, 16, generator=gen).to(DEVICE)
+    q, k, v = qkv.unbind(1)
+    out = hierkern.varlen_attention(q, k, v, seg, backend="triton")
+    ref_out, _ = oracle_attention(q, k, v, seg.offsets.cpu(), seg.offsets.cpu())
+    assert _close(out, ref_out, 2e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_gradients_half_precision_within_thrice_reference_error(dtype):
+    layout = LAYOUTS[6]  # cross-unequal: keys shorter than queries, empty segments, a tile-crossing one
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = random_qkv(layout, 2, 1, 32, dtype=dtype, device=DEVICE, generator=gen, requires_grad=True)
+    cu_q, cu_k = _offsets(layout)
+    out, _ = _triton(q, k, v, layout, True)
+    dout = torch.randn(out.shape, generator=gen).to(DEVICE, dtype)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    own_out, _ = varlen_attention_reference(q, k, v, cu_q, cu_k, causal=True)
+    own_grads = torch.autograd.grad(own_out, (q, k, v), dout)
+    _, ref_grads = _reference_grads(q, k, v, layout, True, dout)
+    for name, g, own, ref in zip("qkv", grads, own_grads, ref_grads):
+        assert rel_err(g, ref) <= 3 * rel_err(own, ref), f"d{name}"
+
+
+def test_every_output_element_is_written():
+    """NaN-poisoned buffers: the kernels write every element, rows without keys included."""
+    layout = LAYOUTS[6]
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = random_qkv(layout, 2, 1, 24, device=DEVICE, generator=gen)
+    cu_q, cu_k = _offsets(layout)
+    args = (cu_q, cu_k, max(layout.lengths_q), max(layout.keys), 0.25, True, 0.0, None)
+    out = torch.full_like(q, math.nan)
+    lse = torch.full((2, q.shape[0]), math.nan, device=DEVICE)
+    ta._launch_fwd(q, k, v, *args, out=out, lse=lse)
+    ref_out, ref_lse = oracle_attention(q, k, v, cu_q.cpu(), cu_k.cpu(), softmax_scale=0.25, causal=True)
+    assert bool(torch.isinf(ref_lse).any()), "the layout must have rows without keys"
+    assert _close(out, ref_out, 2e-6)
+    _check_lse(lse, ref_lse, 1e-5)
+    grads = tuple(torch.full_like(t, math.nan) for t in (q, k, v))
+    ta._launch_bwd(torch.randn(q.shape, generator=gen).to(DEVICE), q, k, v, out, lse, *args, grads=grads)
+    for g in grads:
+        assert not torch.isnan(g).any()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Dropout
+# ---------------------------------------------------------------------------------------------------------
+
+def _dropout_mask(layout, num_heads, rng_state, dropout_p):
+    """The kept (query, key) pairs, read off the kernel itself: with q = 0 every visible key gets weight
+    1/Lk, and one-hot values put key j's weight in output column j."""
+    cu_q, cu_k = _offsets(layout)
+    lengths_k = torch.tensor(layout.keys)
+    seg_of_key = torch.repeat_interleave(torch.arange(len(layout.keys)), lengths_k)
+    local_key = torch.arange(int(lengths_k.sum())) - cu_k.cpu().long()[seg_of_key]
+    head_dim = max(16, max(layout.keys))
+    q = torch.zeros(sum(layout.lengths_q), num_heads, head_dim, device=DEVICE)
+    k = torch.randn(sum(layout.keys), num_heads, head_dim).to(DEVICE)
+    v = torch.nn.functional.one_hot(local_key, head_dim).float()[:, None, :].expand(-1, num_heads, -1)
+    out, _ = torch.ops.hierkern.triton_varlen_fwd(q, k, v.contiguous().to(DEVICE), cu_q, cu_k,
+                                                  max(layout.lengths_q), max(layout.keys), 1.0, False,
+                                                  dropout_p, rng_state)
+    seg_of_query = torch.repeat_interleave(torch.arange(len(layout.lengths_q)), torch.tensor(layout.lengths_q))
+    lk = lengths_k[seg_of_query].double()[:, None, None]                              # (total_q, 1, 1)
+    weights = out.double().cpu() * lk * (1 - dropout_p)                               # 1 = kept, 0 = dropped
+    assert torch.allclose(weights, weights.round(), atol=1e-5)
+    return weights.round().bool(), seg_of_query, local_key
+
+
+def _masked_reference(q, k, v, layout, keep, seg_of_query, local_key, dropout_p):
+    """float64 attention with an explicit keep-mask ``(total_q, H, D >= Lk)`` indexed by local key."""
+    cu_q, cu_k = (t.cpu().tolist() for t in _offsets(layout))
+    outs = []
+    for s in range(len(layout.lengths_q)):
+        a, b, c, d = cu_q[s], cu_q[s + 1], cu_k[s], cu_k[s + 1]
+        scores = torch.einsum("qhd,khd->hqk", q[a:b], k[c:d]) / math.sqrt(q.shape[-1])
+        probs = torch.softmax(scores, -1)
+        mask = keep[a:b, :, : d - c].permute(1, 0, 2).double()
+        outs.append(torch.einsum("hqk,khd->qhd", probs * mask / (1 - dropout_p), v[c:d]))
+    return torch.cat(outs)
+
+
+def test_dropout_mask_is_reproducible_and_shared_by_the_backward():
+    layout = Layout("dropout", (20, 13, 1))
+    p, num_heads = 0.3, 2
+    rng_state = torch.tensor([1234567, 89], dtype=torch.int64, device=DEVICE)
+    keep, seg_of_query, local_key = _dropout_mask(layout, num_heads, rng_state, p)
+    again, _, _ = _dropout_mask(layout, num_heads, rng_state, p)
+    assert torch.equal(keep, again)
+    other, _, _ = _dropout_mask(layout, num_heads, torch.tensor([1234567, 90], device=DEVICE), p)
+    assert not torch.equal(keep, other)
+    # Only visible keys can be kept; among them the kept fraction is 1 - p.
+    lk = torch.tensor(layout.keys)[seg_of_query]
+    visible = torch.arange(keep.shape[-1])[None, None, :] < lk[:, None, None]
+    assert not keep[~visible.expand_as(keep)].any()
+    kept = keep[visible.expand_as(keep)].double().mean().item()
+    assert abs(kept - (1 - p)) < 0.06
+
+    # Random inputs with the same rng_state: outputs and all three gradients match the masked reference,
+    # so the backward kernels regenerated exactly the forward's mask.
+    gen = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(n, num_heads, 16, generator=gen, dtype=torch.float64)
+               for n in (sum(layout.lengths_q), sum(layout.keys), sum(layout.keys)))
+    cu_q, cu_k = _offsets(layout)
+    dev = [t.float().to(DEVICE).requires_grad_() for t in (q, k, v)]
+    out, _ = torch.ops.hierkern.triton_varlen_fwd(*dev, cu_q, cu_k, 20, 20, 0.25, False, p, rng_state)
+    ref64 = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = _masked_reference(*ref64, layout, keep, seg_of_query, local_key, p)
+    dout = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    assert _close(out, ref, 2e-6)
+    grads = torch.autograd.grad(out, dev, dout.float().to(DEVICE))
+    ref_grads = torch.autograd.grad(ref, ref64, dout)
+    for name, g, r in zip("qkv", grads, ref_grads):
+        assert _close(g, r, 1e-5), f"d{name}: rel err {rel_err(g, r):.2e}"
+
+
+def test_dropout_through_varlen_attention_follows_torch_seed():
+    layout = LAYOUTS[0]
+    q, k, v = random_qkv(layout, 1, 1, 16, device=DEVICE, generator=torch.Generator().manual_seed(9))
+    torch.manual_seed(0)
+    a, _ = _triton(q, k, v, layout, False, dropout_p=0.5)
+    torch.manual_seed(0)
+    b, _ = _triton(q, k, v, layout, False, dropout_p=0.5)
+    assert torch.equal(a, b)
+    assert not torch.isnan(a).any()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Registration: backend selection, refusals, opcheck, torch.compile
+# ---------------------------------------------------------------------------------------------------------
+
+def _call(**changes):
+    fields = dict(device_type=DEVICE, dtype=torch.float16, head_dim=64, num_heads=8, num_kv_heads=2,
+                  max_seqlen_q=8, max_seqlen_k=8, causal=True, dropout=True, requires_grad=True)
+    fields.update(changes)
+    return AttentionCall(**fields)
+
+
+def test_backend_accepts_and_refuses_in_words():
+    backend = get_backend("triton")
+    assert backend.why_not(_call()) is None
+    assert backend.why_not(_call(dtype=torch.bfloat16, head_dim=24)) is None
+    assert "float64" in backend.why_not(_call(dtype=torch.float64))
+    assert "head_dim" in backend.why_not(_call(head_dim=160))
+    assert explain(_call())["triton"] is None
+    q = torch.randn(3, 1, 16, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(ValueError, match="float64"):
+        hierkern.varlen_attention(q, q, q, offsets_of([3], DEVICE), backend="triton")
+
+
+def test_auto_prefers_triton_on_cuda_but_never_the_interpreter_on_cpu():
+    assert get_backend("triton").priority > max(get_backend(n).priority for n in ("cpu", "reference"))
+    assert select_backend(_call(device_type="cpu", dtype=torch.float32)).name != "triton"
+    if torch.cuda.is_available():
+        assert select_backend(_call(device_type="cuda")).name == "triton"
+
+
+def _small_args(requires_grad=False, dtype=torch.float32):
+    layout = Layout("small", (3, 0, 5), (4, 2, 5))
+    q, k, v = random_qkv(layout, 2, 1, 16, dtype=dtype, device=DEVICE,
+                         generator=torch.Generator().manual_seed(10), requires_grad=requires_grad)
+    cu_q, cu_k = _offsets(layout)
+    return (q, k, v, cu_q, cu_k, 5, 5, 0.25, True, 0.0, None)
+
+
+def test_opcheck():
+    torch.library.opcheck(torch.ops.hierkern.triton_varlen_fwd, _small_args(requires_grad=True),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_torch_compile_fullgraph():
+    args = _small_args()
+    q, k, v, cu_q, cu_k = args[:5]
+
+    def f(q, k, v):
+        return hierkern.varlen_attention(q, k, v, cu_q, cu_k, 5, 5, causal=True, backend="triton") * 2
+
+    # Inductor compiles Triton launches for CUDA tensors only, and AOTAutograd's functionalised kernel call
+    # cannot run in the interpreter; on CPU the check is that Dynamo captures the call in one graph.
+    compiled = torch.compile(f, fullgraph=True, backend="inductor" if DEVICE == "cuda" else "eager")
+    assert _close(compiled(q, k, v), f(q, k, v), 1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Real GPU
+# ---------------------------------------------------------------------------------------------------------
+
+def _gpu_layouts():
+    gen = torch.Generator().manual_seed(11)
+    words = tuple(int(x) for x in torch.randint(1, 15, (3000,), generator=gen))
+    return adversarial_layouts(tile=64) + adversarial_layouts(tile=128, seed=1) + [
+        Layout("many-words", words), Layout("long", (1000, 3, 2047, 5)),
+        Layout("cross-long", (1, 700, 40), (900, 3, 64)),
+    ]
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_cuda_matches_oracle_forward_and_backward(dtype, causal):
+    for layout in _gpu_layouts():
+        for num_heads, num_kv_heads, head_dim in ((4, 2, 64), (2, 1, 80), (2, 2, 128)):
+            q, k, v = random_qkv(layout, num_heads, num_kv_heads, head_dim, dtype=dtype, device="cuda",
+                                 requires_grad=True)
+            cu_q, cu_k = _offsets(layout, "cuda")
+            out, lse = _triton(q, k, v, layout, causal)
+            dout = torch.randn_like(out)
+            grads = torch.autograd.grad(out, (q, k, v), dout)
+            ref_out, ref_grads = _reference_grads(q, k, v, layout, causal, dout)
+            own_out, own_lse = varlen_attention_reference(q, k, v, cu_q, cu_k, causal=causal)
+            own_grads = torch.autograd.grad(own_out, (q, k, v), dout)
+            where = f"{layout.name} H={num_heads}/{num_kv_heads} D={head_dim}"
+            assert rel_err(out, ref_out) <= 2 * rel_err(own_out, ref_out) + 1e-6, where
+            _check_lse(lse, own_lse.double(), 1e-2)
+            for name, g, own, ref in zip("qkv", grads, own_grads, ref_grads):
+                assert rel_err(g, ref) <= 3 * rel_err(own, ref) + 1e-5, f"d{name} {where}"
+
+
+@requires_cuda
+def test_cuda_backward_is_deterministic_and_sync_free():
+    layout = _gpu_layouts()[-3]
+    seg_q = hierkern.Segments.from_lengths(list(layout.lengths_q), device="cuda")
+    q, k, v = random_qkv(layout, 8, 2, 64, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    runs = []
+    for _ in range(2):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = hierkern.varlen_attention(q, k, v, seg_q, causal=True, backend="triton")
+            grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        runs.append((out, *grads))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@requires_cuda
+def test_cuda_fp32_respects_allow_tf32():
+    layout = _gpu_layouts()[-2]
+    q, k, v = random_qkv(layout, 2, 2, 64, device="cuda")
+    ref_out, _ = oracle_attention(q, k, v, *(t.cpu() for t in _offsets(layout)))
+    previous = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        exact = rel_err(_triton(q, k, v, layout, False)[0], ref_out)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        fast = rel_err(_triton(q, k, v, layout, False)[0], ref_out)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    assert exact < 1e-5 < fast < 1e-2
