@@ -19,8 +19,8 @@ namespace cuda {
 namespace {
 
 template <typename T, int HeadDim>
-__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) varlen_bwd_dq_kernel(const BwdArgs args, uint32_t drop_threshold,
-                                                                 float drop_scale) {
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
+    varlen_bwd_dq_kernel(const BwdArgs args, uint32_t drop_threshold, float drop_scale) {
   using L = Layout<T, HeadDim>;
   __shared__ alignas(16) T k_block[L::kBlock][HeadDim];
   __shared__ alignas(16) T v_block[L::kBlock][HeadDim];
@@ -110,8 +110,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) varlen_bwd_dq_kerne
 }
 
 template <typename T, int HeadDim>
-__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) varlen_bwd_dkdv_kernel(const BwdArgs args, uint32_t drop_threshold,
-                                                                   float drop_scale) {
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
+    varlen_bwd_dkdv_kernel(const BwdArgs args, uint32_t drop_threshold, float drop_scale) {
   using L = Layout<T, HeadDim>;
   __shared__ alignas(16) T q_block[L::kBlock][HeadDim];
   __shared__ alignas(16) T dout_block[L::kBlock][HeadDim];

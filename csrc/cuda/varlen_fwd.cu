@@ -14,8 +14,8 @@ namespace cuda {
 namespace {
 
 template <typename T, int HeadDim>
-__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) varlen_fwd_kernel(const FwdArgs args, uint32_t drop_threshold,
-                                                              float drop_scale) {
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
+    varlen_fwd_kernel(const FwdArgs args, uint32_t drop_threshold, float drop_scale) {
   using L = Layout<T, HeadDim>;
   __shared__ alignas(16) T k_block[L::kBlock][HeadDim];
   __shared__ alignas(16) T v_block[L::kBlock][HeadDim];
