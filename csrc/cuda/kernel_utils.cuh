@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "philox.cuh"
 #include "varlen_attention.h"
 
 namespace hierkern {
@@ -149,6 +150,21 @@ __device__ __forceinline__ void stage_rows(T (*dst)[HeadDim], const T* base, int
         reinterpret_cast<const uint4*>(base + static_cast<int64_t>(first + r) * token_stride)[c];
   }
 }
+
+// Host side of a launch, shared by the launchers and the host emulation in tests/test_cuda_build.py:
+// the grid over (row tiles, heads) and the dropout constants the kernels take.
+template <typename T, int HeadDim>
+inline dim3 row_grid(int rows, int heads) {
+  constexpr int kRows = Layout<T, HeadDim>::kRows;
+  return dim3((rows + kRows - 1) / kRows, heads);
+}
+
+struct DropoutConsts {
+  uint32_t threshold;  // keep iff the Philox draw is >= threshold
+  float scale;         // 1 / (1 - p) for kept weights
+};
+
+inline DropoutConsts dropout_consts(float p) { return {dropout_threshold(p), p > 0.f ? 1.f / (1.f - p) : 1.f}; }
 
 template <typename T>
 __device__ __forceinline__ const T* head_ptr(const void* base, int head, int64_t head_stride) {

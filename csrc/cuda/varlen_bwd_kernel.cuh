@@ -1,0 +1,214 @@
+// Backward, as two deterministic, atomic-free passes that mirror the forward's schedule:
+//
+//   dq pass   grid (ceil(total_q / kRows), num_heads): a CTA owns query rows, streams their key range
+//             (tile_keys) and accumulates dq = scale * sum_j dS_ij k_j in registers. It also computes
+//             delta_i = rowsum(dout_i * out_i) for its rows and stores it for the next pass.
+//   dk/dv pass grid (ceil(total_k / kRows), num_kv_heads): a CTA owns key rows, streams the query range
+//             that sees them (tile_queries) for every query head of its GQA group and accumulates
+//             dv = sum_i Z_ij P_ij dout_i and dk = scale * sum_i dS_ij q_i in registers.
+//
+// with P_ij = exp(scale q_i.k_j - lse_i) recomputed from the forward's lse, Z the dropout keep-and-rescale
+// factor, and dS_ij = P_ij (Z_ij dout_i.v_j - delta_i). Because every row owns its accumulator, there are
+// no atomics and no scratch beyond delta, which grows with the tokens, not the segments.
+//
+// Kernel templates only (launchers in the .cu next to it), so tests/test_cuda_build.py can also compile
+// them for the host under an emulation of the CUDA execution model.
+#pragma once
+
+#include "kernel_utils.cuh"
+#include "philox.cuh"
+#include "schedule.cuh"
+
+namespace hierkern {
+namespace cuda {
+
+template <typename T, int HeadDim>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
+    varlen_bwd_dq_kernel(const BwdArgs args, uint32_t drop_threshold, float drop_scale) {
+  using L = Layout<T, HeadDim>;
+  __shared__ alignas(16) T k_block[L::kBlock][HeadDim];
+  __shared__ alignas(16) T v_block[L::kBlock][HeadDim];
+  __shared__ Interval tile;
+
+  const int head = blockIdx.y;
+  const int kv_head = head / (args.num_heads / args.num_kv_heads);
+  const int row0 = blockIdx.x * L::kRows;
+  const int rows = min(L::kRows, args.total_q - row0);
+  const int row = row0 + static_cast<int>(threadIdx.x) / L::kGroup;
+  const int lane_elem = (static_cast<int>(threadIdx.x) % L::kGroup) * kElems;
+  const bool live = row < args.total_q;
+  const bool dropout = args.dropout_p > 0.f;
+
+  if (threadIdx.x == 0) {
+    tile = tile_keys(args.cu_seqlens_q, args.cu_seqlens_k, args.num_segments, row0, rows, args.causal);
+  }
+  const Interval keys = live ? keys_of_query(args.cu_seqlens_q, args.cu_seqlens_k, args.num_segments, row,
+                                             args.causal)
+                             : Interval{0, 0};
+
+  float q[kElems], dout[kElems], dq[kElems];
+  float delta = 0.f, lse_log2 = 0.f;
+#pragma unroll
+  for (int e = 0; e < kElems; ++e) dq[e] = 0.f;
+  if (live) {
+    load_elems(head_ptr<T>(args.q, head, args.q_head_stride) + static_cast<int64_t>(row) * args.q_token_stride +
+                   lane_elem,
+               q);
+    load_elems(head_ptr<T>(args.dout, head, args.dout_head_stride) +
+                   static_cast<int64_t>(row) * args.dout_token_stride + lane_elem,
+               dout);
+    float out[kElems];
+    load_elems(head_ptr<T>(args.out, head, args.out_head_stride) +
+                   static_cast<int64_t>(row) * args.out_token_stride + lane_elem,
+               out);
+    delta = dot_elems(dout, out);
+    lse_log2 = args.lse[static_cast<int64_t>(head) * args.total_q + row] * kLog2e;
+  } else {
+#pragma unroll
+    for (int e = 0; e < kElems; ++e) q[e] = dout[e] = 0.f;
+  }
+  delta = group_sum<L::kGroup>(delta);
+  if (live && lane_elem == 0) args.delta[static_cast<int64_t>(head) * args.total_q + row] = delta;
+  const float scale_log2 = args.softmax_scale * kLog2e;
+
+  const T* k_head = head_ptr<T>(args.k, kv_head, args.k_head_stride);
+  const T* v_head = head_ptr<T>(args.v, kv_head, args.v_head_stride);
+  __syncthreads();
+  const Interval span = tile;
+  for (int block = span.begin; block < span.end; block += L::kBlock) {
+    const int count = min(L::kBlock, span.end - block);
+    stage_rows<T, HeadDim>(k_block, k_head, args.k_token_stride, block, count);
+    stage_rows<T, HeadDim>(v_block, v_head, args.v_token_stride, block, count);
+    __syncthreads();
+    const int first = max(keys.begin, block) - block;
+    const int mine = max(min(keys.end, block + count) - block - first, 0);
+    const int steps = __reduce_max_sync(0xffffffffu, mine);
+    for (int t = 0; t < steps; ++t) {
+      const bool valid = t < mine;
+      const int r = valid ? first + t : 0;
+      float kv[kElems];
+      load_elems(&v_block[r][lane_elem], kv);
+      const float dp = group_sum<L::kGroup>(dot_elems(dout, kv));
+      load_elems(&k_block[r][lane_elem], kv);
+      const float score = group_sum<L::kGroup>(dot_elems(q, kv));
+      if (valid) {
+        const float p = exp2f(fmaf(score, scale_log2, -lse_log2));
+        float keep = 1.f;
+        if (dropout) {
+          keep = dropout_keep(args.seed, args.offset, head, row, block + r, drop_threshold) ? drop_scale : 0.f;
+        }
+        const float ds = p * fmaf(keep, dp, -delta);
+#pragma unroll
+        for (int e = 0; e < kElems; ++e) dq[e] = fmaf(ds, kv[e], dq[e]);
+      }
+    }
+    __syncthreads();
+  }
+
+  if (live) {
+#pragma unroll
+    for (int e = 0; e < kElems; ++e) dq[e] *= args.softmax_scale;
+    T* dst = static_cast<T*>(args.dq) + (static_cast<int64_t>(row) * args.num_heads + head) * HeadDim;
+    store_elems(dst + lane_elem, dq);
+  }
+}
+
+template <typename T, int HeadDim>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
+    varlen_bwd_dkdv_kernel(const BwdArgs args, uint32_t drop_threshold, float drop_scale) {
+  using L = Layout<T, HeadDim>;
+  __shared__ alignas(16) T q_block[L::kBlock][HeadDim];
+  __shared__ alignas(16) T dout_block[L::kBlock][HeadDim];
+  __shared__ float lse_block[L::kBlock];
+  __shared__ float delta_block[L::kBlock];
+  __shared__ Interval tile;
+
+  const int kv_head = blockIdx.y;
+  const int group = args.num_heads / args.num_kv_heads;
+  const int col0 = blockIdx.x * L::kRows;
+  const int cols = min(L::kRows, args.total_k - col0);
+  const int col = col0 + static_cast<int>(threadIdx.x) / L::kGroup;
+  const int lane_elem = (static_cast<int>(threadIdx.x) % L::kGroup) * kElems;
+  const bool live = col < args.total_k;
+  const bool dropout = args.dropout_p > 0.f;
+
+  if (threadIdx.x == 0) {
+    tile = tile_queries(args.cu_seqlens_q, args.cu_seqlens_k, args.num_segments, col0, cols, args.causal);
+  }
+  const Interval queries = live ? queries_of_key(args.cu_seqlens_q, args.cu_seqlens_k, args.num_segments, col,
+                                                 args.causal)
+                                : Interval{0, 0};
+
+  float k[kElems], v[kElems], dk[kElems], dv[kElems];
+#pragma unroll
+  for (int e = 0; e < kElems; ++e) dk[e] = dv[e] = 0.f;
+  if (live) {
+    load_elems(head_ptr<T>(args.k, kv_head, args.k_head_stride) + static_cast<int64_t>(col) * args.k_token_stride +
+                   lane_elem,
+               k);
+    load_elems(head_ptr<T>(args.v, kv_head, args.v_head_stride) + static_cast<int64_t>(col) * args.v_token_stride +
+                   lane_elem,
+               v);
+  } else {
+#pragma unroll
+    for (int e = 0; e < kElems; ++e) k[e] = v[e] = 0.f;
+  }
+  const float scale_log2 = args.softmax_scale * kLog2e;
+  __syncthreads();
+  const Interval span = tile;
+
+  // Query heads in a fixed order: the GQA reduction into dk/dv is deterministic.
+  for (int head = kv_head * group; head < (kv_head + 1) * group; ++head) {
+    const T* q_head = head_ptr<T>(args.q, head, args.q_head_stride);
+    const T* dout_head = head_ptr<T>(args.dout, head, args.dout_head_stride);
+    for (int block = span.begin; block < span.end; block += L::kBlock) {
+      const int count = min(L::kBlock, span.end - block);
+      stage_rows<T, HeadDim>(q_block, q_head, args.q_token_stride, block, count);
+      stage_rows<T, HeadDim>(dout_block, dout_head, args.dout_token_stride, block, count);
+      for (int i = threadIdx.x; i < count; i += kThreads) {
+        const int64_t at = static_cast<int64_t>(head) * args.total_q + block + i;
+        lse_block[i] = args.lse[at] * kLog2e;
+        delta_block[i] = args.delta[at];
+      }
+      __syncthreads();
+      const int first = max(queries.begin, block) - block;
+      const int mine = max(min(queries.end, block + count) - block - first, 0);
+      const int steps = __reduce_max_sync(0xffffffffu, mine);
+      for (int t = 0; t < steps; ++t) {
+        const bool valid = t < mine;
+        const int r = valid ? first + t : 0;
+        float qx[kElems], gx[kElems];
+        load_elems(&q_block[r][lane_elem], qx);
+        const float score = group_sum<L::kGroup>(dot_elems(qx, k));
+        load_elems(&dout_block[r][lane_elem], gx);
+        const float dp = group_sum<L::kGroup>(dot_elems(gx, v));
+        if (valid) {
+          const float p = exp2f(fmaf(score, scale_log2, -lse_block[r]));
+          float keep = 1.f;
+          if (dropout) {
+            keep = dropout_keep(args.seed, args.offset, head, block + r, col, drop_threshold) ? drop_scale : 0.f;
+          }
+          const float pv = p * keep;
+          const float ds = p * fmaf(keep, dp, -delta_block[r]);
+#pragma unroll
+          for (int e = 0; e < kElems; ++e) {
+            dv[e] = fmaf(pv, gx[e], dv[e]);
+            dk[e] = fmaf(ds, qx[e], dk[e]);
+          }
+        }
+      }
+      __syncthreads();
+    }
+  }
+
+  if (live) {
+#pragma unroll
+    for (int e = 0; e < kElems; ++e) dk[e] *= args.softmax_scale;
+    const int64_t at = (static_cast<int64_t>(col) * args.num_kv_heads + kv_head) * HeadDim + lane_elem;
+    store_elems(static_cast<T*>(args.dk) + at, dk);
+    store_elems(static_cast<T*>(args.dv) + at, dv);
+  }
+}
+
+}  // namespace cuda
+}  // namespace hierkern
