@@ -2,8 +2,8 @@
 
 Interpreter tests cannot see GPU lowering errors (layouts, dot shapes, register pressure); compiling the real
 kernels to cubin can. ``triton.jit`` reads ``TRITON_INTERPRET`` when the kernel module is imported, and the
-test session runs with the interpreter on, so the compile runs in a child process (this file run as a script)
-with the interpreter off, a fresh cache (so ptxas really runs) and ptxas' ``-v`` log captured to read
+test session runs with the interpreter on, so the compile runs in child processes (this file run as a script,
+one per target) with the interpreter off, a fresh cache (so ptxas really runs) and ptxas' ``-v`` log captured to read
 registers and spills.
 
 The matrix: every autotune config of every kernel, for both targets, at the heaviest case in which the
@@ -89,8 +89,8 @@ def _matrix(ta):
     return jobs
 
 
-def _compile_all() -> list[dict]:
-    """Compile the matrix in this process (interpreter off); one record per compiled kernel."""
+def _compile_all(arch: int) -> list[dict]:
+    """Compile the matrix's rows for ``arch`` in this process (interpreter off); one record per kernel."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -98,7 +98,9 @@ def _compile_all() -> list[dict]:
     from hierkern.ops import triton_attention as ta
 
     records = []
-    for arch, kname, kernel, config, dtype, precision, block_d, causal, dropout in _matrix(ta):
+    for row_arch, kname, kernel, config, dtype, precision, block_d, causal, dropout in _matrix(ta):
+        if row_arch != arch:
+            continue
         constexprs = dict(config.kwargs, BLOCK_D=block_d, CAUSAL=causal, DROPOUT=dropout, INTERPRETER=False,
                           PRECISION=precision)
         sig, attrs = _signature(kernel, dtype, constexprs)
@@ -122,17 +124,23 @@ def _compile_all() -> list[dict]:
 
 
 def test_aot_compile_sm80_sm90():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    records = []
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=cache, TRITON_DUMP_PTXAS_LOG="1")
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, cwd=root,
-                              capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"AOT compile failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
-    records = json.loads(proc.stdout.strip().splitlines()[-1])
+        # One child per target, concurrently: compiling is single-threaded and CI machines have two cores.
+        procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), str(arch)], env=env, cwd=root,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for arch in (80, 90)]
+        for proc in procs:
+            out, err = proc.communicate(timeout=600)
+            assert proc.returncode == 0, f"AOT compile failed:\n{out[-4000:]}\n{err[-8000:]}"
+            records += json.loads(out.strip().splitlines()[-1])
     assert len(records) == len(_matrix_size())
     print("\nkernel     arch dtype/prec  BLOCK_M BLOCK_N BLOCK_D warps stages causal dropout  regs spills smem")
     for r in records:
-        print(f"{r['kernel']:<10} sm{r['arch']} {r['dtype']}/{r['precision']:<5} {r['BLOCK_M']:>7} {r['BLOCK_N']:>7} "
+        precision = r["precision"] if r["dtype"] == "fp32" else "-"
+        print(f"{r['kernel']:<10} sm{r['arch']} {r['dtype']}/{precision:<6} {r['BLOCK_M']:>7} {r['BLOCK_N']:>7} "
               f"{r['BLOCK_D']:>7} {r['num_warps']:>5} {r['num_stages']:>6} {r['causal']!s:>6} {r['dropout']!s:>7} "
               f"{r['registers']:>5} {r['spill_stores']:>6} {r['shared_bytes']:>5}")
     for r in records:
@@ -149,4 +157,4 @@ def _matrix_size() -> list:
 
 
 if __name__ == "__main__":
-    print(json.dumps(_compile_all()))
+    print(json.dumps(_compile_all(int(sys.argv[1]))))

@@ -10,6 +10,15 @@ in ``BLOCK_N`` key blocks, flash-style. So
 * a long segment is cut into query blocks that run in parallel programs, each looping over its keys: long
   segments never serialise on one program, and the grid (``cdiv(total, BLOCK)`` x heads) comes from host ints.
 
+Why row blocks rather than tiles that own whole segments (DESIGN.md's lead): once each row finds its own
+segment, every row belongs to exactly one program in every kernel, which is all that an atomic-free,
+deterministic forward and backward need; it also caps every program at BLOCK_M rows whatever the lengths (a
+tile owning the segments that start in it holds up to 2 * BLOCK_M - 1 rows) and lets a long segment's query
+blocks run as ordinary programs instead of a second program class with its own schedule. The price: a segment
+cut by a block boundary has its keys read by both blocks (at most one extra partial key block per program),
+and the backward reads q, k, v and dO in two passes where a whole-segment tile could fuse dq, dk and dv for
+short segments in one. That fusion is the next optimisation to measure on a GPU.
+
 Backward (no atomics, deterministic): ``dq`` programs own query rows and loop over key blocks (they also
 write ``D = rowsum(dO * O)``); ``dk``/``dv`` programs own key rows, find each key's segment the same way and
 loop over the query blocks that see them, summing the GQA group's query heads in registers. ``P`` is
@@ -24,8 +33,6 @@ bfloat16 dot is wrong); the GPU path keeps half-precision operands.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 
