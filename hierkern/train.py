@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from .corpus import default_corpus
+from .layout import Segments
 from .nn.layers import POOLING_MODES, HierarchicalEncoder
 from .text import DEFAULT_MAX_WORD_LEN, CharVocab, TextBatch, collate_fn
 
@@ -76,6 +77,20 @@ def mask_chars(batch: TextBatch, prob: float, generator: torch.Generator | None 
     targets = batch.char_ids[positions]
     char_ids = batch.char_ids.masked_fill(chosen, CharVocab.MASK)
     return TextBatch(char_ids, batch.words, batch.sentences), positions, targets
+
+
+def _bucket_max_lens(batch: TextBatch, encoder: HierarchicalEncoder) -> TextBatch:
+    """The batch with ``max_len``s rounded up to a power of two (capped by the encoder's position tables).
+
+    ``max_len`` only has to bound the longest segment, and torch.compile specialises on it: rounding keeps
+    the number of compiled graphs logarithmic instead of one per distinct longest word/sentence.
+    """
+    def bucket(segments: Segments, cap: int) -> Segments:
+        n = segments.max_len
+        rounded = max(n, min(1 << max(n - 1, 0).bit_length(), cap))
+        return Segments(segments.offsets, rounded, segments.total, validate=False)
+    return TextBatch(batch.char_ids, bucket(batch.words, encoder.config["max_word_len"]),
+                     bucket(batch.sentences, encoder.config["max_sentence_len"]))
 
 
 def _save_checkpoint(path: str, model: MaskedCharModel, vocab: CharVocab, optimizer, step: int) -> None:
@@ -251,6 +266,8 @@ def _train(args, device, rank, world_size, distributed, log) -> dict:
             batches = iter(loader)
             batch = next(batches)
         batch, positions, targets = mask_chars(batch, args.mask_prob, mask_rng)
+        if args.compile:
+            batch = _bucket_max_lens(batch, encoder)
         batch = batch.to(device, non_blocking=True)
         positions, targets = positions.to(device), targets.to(device)
         for group in optimizer.param_groups:
