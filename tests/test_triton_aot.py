@@ -2,9 +2,9 @@
 
 Interpreter tests cannot see GPU lowering errors (layouts, dot shapes, register pressure); compiling the real
 kernels to cubin can. ``triton.jit`` reads ``TRITON_INTERPRET`` when the kernel module is imported, and the
-test session runs with the interpreter on, so the compile runs in child processes (this file run as a script,
-one per target) with the interpreter off, a fresh cache (so ptxas really runs) and ptxas' ``-v`` log captured to read
-registers and spills.
+test session runs with the interpreter on, so the compile runs in child processes (this file run as a
+script, one per target) with the interpreter off, a fresh cache (so ptxas really runs) and ptxas' ``-v`` log
+captured to read registers and spills. No GPU is needed; it takes ~30-60 s on two cores.
 
 The matrix: every autotune config of every kernel, for both targets, at the heaviest case in which the
 autotuner's register pruning can pick it (largest ``BLOCK_D``, widest dtype, causal, dropout); and for sm_90

@@ -8,6 +8,8 @@ loop iteration per program). Tests marked ``requires_cuda`` run the compiled ker
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -290,9 +292,27 @@ def _small_args(requires_grad=False, dtype=torch.float32):
     return (q, k, v, cu_q, cu_k, 5, 5, 0.25, True, 0.0, None)
 
 
+# AOTAutograd's functionalised kernel call cannot run in the interpreter, so test_aot_dispatch_dynamic runs on
+# CUDA only (test_cuda_opcheck_aot_dispatch).
+_OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor")
+
+
 def test_opcheck():
-    torch.library.opcheck(torch.ops.hierkern.triton_varlen_fwd, _small_args(requires_grad=True),
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    args = _small_args(requires_grad=True)
+    torch.library.opcheck(torch.ops.hierkern.triton_varlen_fwd, args, test_utils=_OPCHECK_UTILS)
+    out, lse = torch.ops.hierkern.triton_varlen_fwd(*args)
+    bwd_args = (torch.ones_like(out), *(t.detach() for t in args[:3]), out.detach(), lse, *args[3:])
+    torch.library.opcheck(torch.ops.hierkern.triton_varlen_bwd, bwd_args, test_utils=_OPCHECK_UTILS)
+
+
+def test_import_without_triton_registers_an_unavailable_backend():
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import hierkern\n"
+            "from hierkern.backends import get_backend\n"
+            "print(get_backend('triton').unavailable_reason())")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "triton is not importable" in proc.stdout
 
 
 def test_torch_compile_fullgraph():
@@ -341,6 +361,11 @@ def test_cuda_matches_oracle_forward_and_backward(dtype, causal):
             _check_lse(lse, own_lse.double(), 1e-2)
             for name, g, own, ref in zip("qkv", grads, own_grads, ref_grads):
                 assert rel_err(g, ref) <= 3 * rel_err(own, ref) + 1e-5, f"d{name} {where}"
+
+
+@requires_cuda
+def test_cuda_opcheck_aot_dispatch():
+    torch.library.opcheck(torch.ops.hierkern.triton_varlen_fwd, _small_args(requires_grad=True))
 
 
 @requires_cuda
