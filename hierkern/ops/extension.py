@@ -40,8 +40,7 @@ if LOAD_ERROR is not None:
                   f"reference backend", RuntimeWarning, stacklevel=2)
 
 
-def kernel_unavailable_reason(dispatch_key: str) -> str | None:
-    """``None`` if both ops have a kernel for ``dispatch_key`` (``"CPU"``/``"CUDA"``), else why not."""
+def _kernel_reason(dispatch_key: str) -> str | None:
     if LOAD_ERROR is not None:
         return LOAD_ERROR
     for name in _OPS:
@@ -49,6 +48,16 @@ def kernel_unavailable_reason(dispatch_key: str) -> str | None:
             return (f"hierkern._C was built without {dispatch_key} kernels (hierkern::{name} has none): "
                     f"rebuild with `pip install --no-build-isolation -e .`")
     return None
+
+
+# Computed once: backends ask on every call, including inside torch.compile tracing, which cannot trace
+# into the dispatcher query.
+_KERNEL_REASONS = {key: _kernel_reason(key) for key in ("CPU", "CUDA")}
+
+
+def kernel_unavailable_reason(dispatch_key: str) -> str | None:
+    """``None`` if both ops have a kernel for ``dispatch_key`` (``"CPU"``/``"CUDA"``), else why not."""
+    return _KERNEL_REASONS[dispatch_key]
 
 
 def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
