@@ -3,7 +3,7 @@
 from .backends import AttentionCall, available_backends, backend_names, explain
 from .functional import varlen_attention
 from .layout import Segments
-from .nn.layers import (AttentionPooling, HierarchicalEncoder, LearnedPositionalEncoding, PackedSelfAttention,
+from .nn.layers import (AttentionPooling, HierarchicalEncoder, LearnedPositionalEncoding,
                         PackedTransformerEncoder, PackedTransformerEncoderLayer, SegmentPooling,
                         SinusoidalPositionalEncoding)
 from .nn.mha import MultiheadAttention
@@ -11,7 +11,7 @@ from .text import CharVocab, TextBatch, collate_fn
 
 __all__ = [
     "AttentionCall", "Segments", "available_backends", "backend_names", "explain", "varlen_attention",
-    "CharVocab", "TextBatch", "collate_fn", "HierarchicalEncoder", "PackedSelfAttention",
+    "CharVocab", "TextBatch", "collate_fn", "HierarchicalEncoder",
     "PackedTransformerEncoderLayer", "PackedTransformerEncoder", "SinusoidalPositionalEncoding",
     "LearnedPositionalEncoding", "AttentionPooling", "SegmentPooling",
     "MultiheadAttention",

@@ -154,7 +154,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU intra-op threads per process (default 1: this model's matrices are small, so "
                         "threads cost more than they save and oversubscribe shared machines; scale out with "
                         "torchrun instead; 0 keeps torch's default)")
-    p.add_argument("--backend", default="auto", help="varlen_attention backend (default auto)")
     p.add_argument("--seed", type=int, default=0)
     return p
 
@@ -216,8 +215,7 @@ def _train(args, device, rank, world_size, distributed, log) -> dict:
         vocab = CharVocab.from_texts(sentences)
         encoder = HierarchicalEncoder(len(vocab), args.dim, args.heads, args.char_layers, args.word_layers,
                                       pooling=args.pooling, dropout=args.dropout, positional=args.positional,
-                                      max_word_len=args.max_word_len, cls_id=CharVocab.CLS,
-                                      backend=args.backend)
+                                      max_word_len=args.max_word_len, cls_id=CharVocab.CLS)
     model = MaskedCharModel(encoder)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     start = 0

@@ -210,7 +210,7 @@ def test_encoder_rejects_bad_arguments():
         hierkern.HierarchicalEncoder(len(vocab), DIM, HEADS, 1, 1, pooling="sum")
     with pytest.raises(ValueError, match="positional"):
         hierkern.HierarchicalEncoder(len(vocab), DIM, HEADS, 1, 1, positional="rotary")
-    with pytest.raises(ValueError, match="num_heads"):
+    with pytest.raises(ValueError, match="multiple of nhead"):
         hierkern.HierarchicalEncoder(len(vocab), DIM, 5, 1, 1)
     encoder = _encoder(vocab, "mean")
     with pytest.raises(TypeError, match="TextBatch"):

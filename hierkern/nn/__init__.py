@@ -1,12 +1,12 @@
 """Modules over packed ragged tokens."""
 
-from .layers import (AttentionPooling, HierarchicalEncoder, LearnedPositionalEncoding, PackedSelfAttention,
+from .layers import (AttentionPooling, HierarchicalEncoder, LearnedPositionalEncoding,
                      PackedTransformerEncoder, PackedTransformerEncoderLayer, SegmentPooling,
                      SinusoidalPositionalEncoding, segment_max, segment_mean)
 from .mha import MultiheadAttention
 
 __all__ = [
-    "AttentionPooling", "HierarchicalEncoder", "LearnedPositionalEncoding", "PackedSelfAttention",
+    "AttentionPooling", "HierarchicalEncoder", "LearnedPositionalEncoding",
     "PackedTransformerEncoder", "PackedTransformerEncoderLayer", "SegmentPooling",
     "SinusoidalPositionalEncoding", "segment_max", "segment_mean",
     "MultiheadAttention",

@@ -1,9 +1,10 @@
-"""Layers over packed ragged tokens: attention, encoder layers, positional encodings, pooling, and the
-hierarchical char -> word -> sentence encoder.
+"""Layers over packed ragged tokens: encoder layers, positional encodings, pooling, and the hierarchical
+char -> word -> sentence encoder.
 
 Every layer takes packed tokens ``(total, E)`` plus the ``hierkern.Segments`` that group them; attention
-never crosses a segment boundary. The attention math is ``hierkern.varlen_attention``'s (one fused call per
-layer, whatever the backend); these modules hold parameters and do projections, norms and reductions only.
+never crosses a segment boundary. Self-attention is ``hierkern.MultiheadAttention``'s packed path and
+attention pooling calls ``hierkern.varlen_attention`` directly: one fused call per layer, whatever the
+backend. These modules hold parameters and do projections, norms and reductions only.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from torch import nn
 
 from ..functional import varlen_attention
 from ..layout import Segments
+from .mha import MultiheadAttention
 
 __all__ = [
-    "PackedSelfAttention", "PackedTransformerEncoderLayer", "PackedTransformerEncoder",
+    "PackedTransformerEncoderLayer", "PackedTransformerEncoder",
     "SinusoidalPositionalEncoding", "LearnedPositionalEncoding", "AttentionPooling", "SegmentPooling",
     "segment_mean", "segment_max", "prepend_token", "HierarchicalEncoder", "POOLING_MODES",
 ]
@@ -36,52 +38,6 @@ def _check_packed(x: torch.Tensor, segments: Segments, name: str = "x") -> None:
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
     if x.shape[0] != segments.total:
         raise ValueError(f"{name} has {x.shape[0]} tokens but segments covers {segments.total}")
-
-
-class PackedSelfAttention(nn.Module):
-    """Multi-head self-attention inside each segment of packed tokens.
-
-    Parameters carry ``nn.MultiheadAttention``'s names and shapes (``in_proj_weight`` ``(3E, E)``,
-    ``in_proj_bias``, ``out_proj``), so a torch layer's state dict loads as is.
-
-    Args:
-        embed_dim: model width ``E``.
-        num_heads: heads ``H``; ``E % H == 0``.
-        dropout: dropout on the attention weights, in training mode only.
-        bias: learn projection biases.
-        backend: ``varlen_attention`` backend (``"auto"`` picks the best available).
-    """
-
-    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
-                 backend: str = "auto", device=None, dtype=None):
-        super().__init__()
-        if embed_dim <= 0 or num_heads <= 0 or embed_dim % num_heads != 0:
-            raise ValueError(f"embed_dim ({embed_dim}) must be a positive multiple of num_heads ({num_heads})")
-        factory = {"device": device, "dtype": dtype}
-        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
-        self.dropout = dropout
-        self.backend = backend
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim, **factory))
-        self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim, **factory)) if bias else None
-        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        # nn.MultiheadAttention's initialisation, so that swapping layers does not change training.
-        nn.init.xavier_uniform_(self.in_proj_weight)
-        if self.in_proj_bias is not None:
-            nn.init.zeros_(self.in_proj_bias)
-            nn.init.zeros_(self.out_proj.bias)
-
-    def forward(self, x: torch.Tensor, segments: Segments) -> torch.Tensor:
-        """``x`` ``(total, E)`` -> ``(total, E)``; token ``t`` attends to the tokens of its own segment."""
-        _check_packed(x, segments)
-        total = x.shape[0]
-        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(
-            total, 3, self.num_heads, self.head_dim).unbind(1)
-        out = varlen_attention(q, k, v, segments, dropout_p=self.dropout if self.training else 0.0,
-                               backend=self.backend)
-        return self.out_proj(out.reshape(total, self.embed_dim))
 
 
 def _activation(activation: str | Callable[[torch.Tensor], torch.Tensor]) -> Callable:
@@ -109,16 +65,17 @@ class PackedTransformerEncoderLayer(nn.Module):
         layer_norm_eps: LayerNorm epsilon.
         norm_first: pre-norm instead of post-norm.
         bias: learn biases in the linear layers and norms.
-        backend: ``varlen_attention`` backend.
     """
 
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1,
                  activation: str | Callable = F.relu, layer_norm_eps: float = 1e-5, norm_first: bool = False,
-                 bias: bool = True, backend: str = "auto", device=None, dtype=None):
+                 bias: bool = True, device=None, dtype=None):
         super().__init__()
+        if d_model <= 0 or nhead <= 0 or d_model % nhead != 0:
+            raise ValueError(f"d_model ({d_model}) must be a positive multiple of nhead ({nhead})")
         factory = {"device": device, "dtype": dtype}
-        self.self_attn = PackedSelfAttention(d_model, nhead, dropout=dropout, bias=bias, backend=backend,
-                                             **factory)
+        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, bias=bias, batch_first=True,
+                                            **factory)
         self.linear1 = nn.Linear(d_model, dim_feedforward, bias=bias, **factory)
         self.dropout = nn.Dropout(dropout)
         self.linear2 = nn.Linear(dim_feedforward, d_model, bias=bias, **factory)
@@ -130,13 +87,14 @@ class PackedTransformerEncoderLayer(nn.Module):
         self.activation = _activation(activation)
 
     def _sa_block(self, x: torch.Tensor, segments: Segments) -> torch.Tensor:
-        return self.dropout1(self.self_attn(x, segments))
+        return self.dropout1(self.self_attn(x, x, x, segments=segments, need_weights=False)[0])
 
     def _ff_block(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout2(self.linear2(self.dropout(self.activation(self.linear1(x)))))
 
     def forward(self, src: torch.Tensor, segments: Segments) -> torch.Tensor:
         """``src`` ``(total, E)`` packed by ``segments`` -> ``(total, E)``."""
+        _check_packed(src, segments, "src")
         x = src
         if self.norm_first:
             x = x + self._sa_block(self.norm1(x), segments)
@@ -243,17 +201,14 @@ class AttentionPooling(nn.Module):
         embed_dim: width ``E``.
         num_heads: heads; ``E % num_heads == 0``.
         bias: learn projection biases.
-        backend: ``varlen_attention`` backend.
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, bias: bool = True, backend: str = "auto",
-                 device=None, dtype=None):
+    def __init__(self, embed_dim: int, num_heads: int, bias: bool = True, device=None, dtype=None):
         super().__init__()
         if embed_dim <= 0 or num_heads <= 0 or embed_dim % num_heads != 0:
             raise ValueError(f"embed_dim ({embed_dim}) must be a positive multiple of num_heads ({num_heads})")
         factory = {"device": device, "dtype": dtype}
         self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
-        self.backend = backend
         self.query = nn.Parameter(torch.randn(num_heads, self.head_dim, **factory) / math.sqrt(self.head_dim))
         self.kv_proj = nn.Linear(embed_dim, 2 * embed_dim, bias=bias, **factory)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
@@ -266,7 +221,7 @@ class AttentionPooling(nn.Module):
         q = self.query.to(x.dtype).expand(num, -1, -1)
         cu_seqlens_q = torch.arange(num + 1, dtype=torch.int32, device=x.device)
         out = varlen_attention(q, k, v, cu_seqlens_q, segments, max_seqlen_q=min(num, 1),
-                               max_seqlen_k=segments.max_len, backend=self.backend)
+                               max_seqlen_k=segments.max_len)
         return self.out_proj(out.reshape(num, self.embed_dim))
 
 
@@ -279,11 +234,9 @@ class SegmentPooling(nn.Module):
     Args:
         mode: ``"mean"``, ``"max"`` or ``"attention"``.
         embed_dim, num_heads: for ``"attention"`` only.
-        backend: ``varlen_attention`` backend, for ``"attention"``.
     """
 
-    def __init__(self, mode: str, embed_dim: int | None = None, num_heads: int | None = None,
-                 backend: str = "auto"):
+    def __init__(self, mode: str, embed_dim: int | None = None, num_heads: int | None = None):
         super().__init__()
         if mode not in ("mean", "max", "attention"):
             raise ValueError(f"mode must be 'mean', 'max' or 'attention', got {mode!r}")
@@ -291,7 +244,7 @@ class SegmentPooling(nn.Module):
         if mode == "attention":
             if embed_dim is None or num_heads is None:
                 raise ValueError("attention pooling needs embed_dim and num_heads")
-            self.attention = AttentionPooling(embed_dim, num_heads, backend=backend)
+            self.attention = AttentionPooling(embed_dim, num_heads)
 
     def forward(self, x: torch.Tensor, segments: Segments) -> torch.Tensor:
         """``(total, E)`` -> ``(S, E)``."""
@@ -349,13 +302,12 @@ class HierarchicalEncoder(nn.Module):
         max_word_len: longest word a learned character position table covers (``"learned"`` only).
         max_sentence_len: longest sentence (in words) a learned word position table covers.
         cls_id: the word-CLS id (``CharVocab.CLS``).
-        backend: ``varlen_attention`` backend for every attention call.
     """
 
     def __init__(self, vocab_size: int, dim: int, num_heads: int, char_layers: int, word_layers: int,
                  pooling: str = "cls", *, dim_feedforward: int | None = None, dropout: float = 0.1,
                  activation: str = "gelu", norm_first: bool = True, positional: str = "sinusoidal",
-                 max_word_len: int = 64, max_sentence_len: int = 512, cls_id: int = 2, backend: str = "auto"):
+                 max_word_len: int = 64, max_sentence_len: int = 512, cls_id: int = 2):
         super().__init__()
         if pooling not in POOLING_MODES:
             raise ValueError(f"pooling must be one of {POOLING_MODES}, got {pooling!r}")
@@ -367,7 +319,7 @@ class HierarchicalEncoder(nn.Module):
                            word_layers=word_layers, pooling=pooling,
                            dim_feedforward=dim_feedforward, dropout=dropout, activation=activation,
                            norm_first=norm_first, positional=positional, max_word_len=max_word_len,
-                           max_sentence_len=max_sentence_len, cls_id=cls_id, backend=backend)
+                           max_sentence_len=max_sentence_len, cls_id=cls_id)
         self.pooling, self.cls_id, self.dim = pooling, cls_id, dim
         ff = 4 * dim if dim_feedforward is None else dim_feedforward
 
@@ -384,12 +336,12 @@ class HierarchicalEncoder(nn.Module):
 
         def stack(num_layers: int) -> PackedTransformerEncoder:
             layer = PackedTransformerEncoderLayer(dim, num_heads, ff, dropout, activation,
-                                                  norm_first=norm_first, backend=backend)
+                                                  norm_first=norm_first)
             norm = nn.LayerNorm(dim) if norm_first and num_layers > 0 else None
             return PackedTransformerEncoder(layer, num_layers, norm)
 
         self.char_encoder = stack(char_layers)
-        self.pool = None if pooling == "cls" else SegmentPooling(pooling, dim, num_heads, backend=backend)
+        self.pool = None if pooling == "cls" else SegmentPooling(pooling, dim, num_heads)
         self.word_encoder = stack(word_layers)
 
     def _check_batch(self, batch) -> None:
