@@ -108,3 +108,18 @@ def test_command_line_usage(capsys):
     assert cli([]) == 2 and "python -m hierkern train" in capsys.readouterr().out
     assert cli(["--help"]) == 0
     assert cli(["serve"]) == 2 and "unknown command 'serve'" in capsys.readouterr().err
+
+
+def test_compile_buckets_max_len_without_undercutting():
+    from hierkern.train import _bucket_max_lens
+    vocab = CharVocab.from_texts(["abcdefghij"])
+    encoder = hierkern.HierarchicalEncoder(len(vocab), 16, 2, 1, 1, positional="learned", max_word_len=8,
+                                           max_sentence_len=4)
+    batch = TextBatch.from_sentences(["abcde ab", "abc", "abcdefghij a b c d"], vocab, max_word_len=10)
+    bucketed = _bucket_max_lens(batch, encoder)
+    # 5 -> 8 would be the power of two, but the longest word (10) already exceeds the table: kept as is.
+    assert (bucketed.words.max_len, bucketed.sentences.max_len) == (10, 5)
+    short = TextBatch.from_sentences(["abcde ab", "abc"], vocab)
+    assert (_bucket_max_lens(short, encoder).words.max_len, _bucket_max_lens(short, encoder).sentences.max_len) \
+        == (8, 2)
+    assert torch.equal(bucketed.words.offsets, batch.words.offsets)
