@@ -23,7 +23,7 @@ from hierkern.backends import AttentionCall, explain, get_backend
 from hierkern.reference import varlen_attention_reference
 
 from helpers import Layout, adversarial_layouts, offsets_of, oracle_attention, random_qkv, rel_err
-from philox_model import keep_mask
+from cuda_oracles import dense_attention, keep_mask
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -131,30 +131,11 @@ def test_no_tokens_gives_empty_outputs_and_gradients():
     assert [tuple(g.shape) for g in grads] == [(0, 4, 64), (0, 2, 64), (0, 2, 64)]
 
 
-def _dense_dropout_oracle(q, k, v, layout, causal, keep, p):
-    """float64 dense attention with the block-diagonal (and causal) mask and an explicit keep mask
-    (H, total_q, total_k): out = (P * keep / (1 - p)) v, differentiable."""
-    lq, lk = torch.tensor(layout.lengths_q), torch.tensor(layout.keys)
-    n = len(layout.lengths_q)
-    ids_q, ids_k = torch.repeat_interleave(torch.arange(n), lq), torch.repeat_interleave(torch.arange(n), lk)
-    pos_q = torch.arange(len(ids_q)) - offsets_of(layout.lengths_q)[:-1].long()[ids_q]
-    pos_k = torch.arange(len(ids_k)) - offsets_of(layout.keys)[:-1].long()[ids_k]
-    allowed = ids_q[:, None] == ids_k[None, :]
-    if causal:
-        allowed &= pos_k[None, :] <= pos_q[:, None] + (lk - lq)[ids_q][:, None]
-    group = q.shape[1] // k.shape[1]
-    scores = torch.einsum("qhd,khd->hqk", q, k.repeat_interleave(group, 1)) / math.sqrt(q.shape[2])
-    has_keys = allowed.any(-1)[None, :, None]
-    scores = scores.masked_fill(~allowed, -math.inf).masked_fill(~has_keys, 0.0)
-    probs = torch.softmax(scores, -1) * has_keys * keep / (1 - p)
-    return torch.einsum("hqk,khd->qhd", probs, v.repeat_interleave(group, 1))
-
-
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("layout", [LAYOUTS[0], LAYOUTS[6], LAYOUTS[7]], ids=lambda lay: lay.name)
 def test_dropout_matches_philox_model_exactly(layout, causal):
     """Forward and gradients under dropout against a float64 model that applies the kernel's own mask
-    (rebuilt by tests/philox_model.py): the mask is the same in the forward and both backward passes."""
+    (rebuilt by tests/cuda_oracles.py): the mask is the same in the forward and both backward passes."""
     heads, p, seed, offset = (4, 2, 64), 0.3, 123456789, 42
     q, k, v, cu_q, cu_k = _inputs(layout, heads, torch.float32, requires_grad=True)
     rng_state = torch.tensor([seed, offset], dtype=torch.int64)
@@ -165,7 +146,7 @@ def test_dropout_matches_philox_model_exactly(layout, causal):
 
     keep = keep_mask(seed, offset, q.shape[1], q.shape[0], k.shape[0], p).double()
     leaves64 = [t.detach().cpu().double().requires_grad_() for t in (q, k, v)]
-    ref = _dense_dropout_oracle(*leaves64, layout, causal, keep, p)
+    ref = dense_attention(*leaves64, layout, causal, 1 / math.sqrt(64), keep, p)
     ref_grads = torch.autograd.grad(ref, leaves64, dout)
     assert rel_err(out, ref) < 1e-5
     for name, g, r in zip("qkv", grads, ref_grads):

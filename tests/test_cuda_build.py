@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from helpers import adversarial_layouts, offsets_of
-from philox_model import dropout_threshold, keep_mask, philox4x32_10
+from cuda_oracles import dropout_threshold, keep_mask, philox4x32_10
 
 ROOT = Path(__file__).resolve().parent.parent
 CSRC_CUDA = ROOT / "csrc" / "cuda"

@@ -26,8 +26,8 @@ template <typename T, int HeadDim>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
     varlen_bwd_dq_kernel(const BwdArgs args, uint32_t drop_threshold, float drop_scale) {
   using L = Layout<T, HeadDim>;
-  __shared__ alignas(16) T k_block[L::kBlock][HeadDim];
-  __shared__ alignas(16) T v_block[L::kBlock][HeadDim];
+  alignas(16) __shared__ T k_block[L::kBlock][HeadDim];
+  alignas(16) __shared__ T v_block[L::kBlock][HeadDim];
   __shared__ Interval tile;
 
   const int head = blockIdx.y;
@@ -117,8 +117,8 @@ template <typename T, int HeadDim>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
     varlen_bwd_dkdv_kernel(const BwdArgs args, uint32_t drop_threshold, float drop_scale) {
   using L = Layout<T, HeadDim>;
-  __shared__ alignas(16) T q_block[L::kBlock][HeadDim];
-  __shared__ alignas(16) T dout_block[L::kBlock][HeadDim];
+  alignas(16) __shared__ T q_block[L::kBlock][HeadDim];
+  alignas(16) __shared__ T dout_block[L::kBlock][HeadDim];
   __shared__ float lse_block[L::kBlock];
   __shared__ float delta_block[L::kBlock];
   __shared__ Interval tile;

@@ -21,8 +21,8 @@ template <typename T, int HeadDim>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
     varlen_fwd_kernel(const FwdArgs args, uint32_t drop_threshold, float drop_scale) {
   using L = Layout<T, HeadDim>;
-  __shared__ alignas(16) T k_block[L::kBlock][HeadDim];
-  __shared__ alignas(16) T v_block[L::kBlock][HeadDim];
+  alignas(16) __shared__ T k_block[L::kBlock][HeadDim];
+  alignas(16) __shared__ T v_block[L::kBlock][HeadDim];
   __shared__ Interval tile;
 
   const int head = blockIdx.y;

@@ -1,10 +1,16 @@
-"""Python model of the CUDA backend's dropout RNG (csrc/cuda/philox.cuh): Philox4x32-10 and the
-(seed, offset, head, query, key) -> keep mapping. The host tests check the C++ against it and against the
-published known-answer vectors; the GPU tests use it to rebuild the exact mask a kernel applied."""
+"""Oracles for the CUDA backend's tests: a Python model of its dropout RNG (csrc/cuda/philox.cuh:
+Philox4x32-10 and the (seed, offset, head, query, key) -> keep mapping) and a dense float64 attention that
+applies an explicit keep mask. The host tests check the C++ RNG against the model and the published
+known-answer vectors; the GPU and emulation tests rebuild the exact mask a kernel applied and compare the
+kernel's outputs and gradients with the dense attention under that mask."""
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+from helpers import Layout, offsets_of
 
 _M0, _M1 = 0xD2511F53, 0xCD9E8D57
 _W0, _W1 = 0x9E3779B9, 0xBB67AE85
@@ -61,3 +67,27 @@ def keep_mask(seed: int, offset: int, num_heads: int, total_q: int, total_k: int
     word = _philox_first_word(queries, keys, heads, torch.tensor(offset & _MASK32, dtype=torch.int64),
                               seed & _MASK32, (seed >> 32) ^ (offset >> 32))
     return word >= dropout_threshold(p)
+
+
+def dense_attention(q, k, v, layout: Layout, causal: bool, softmax_scale: float,
+                    keep: torch.Tensor | None = None, p: float = 0.0) -> torch.Tensor:
+    """Differentiable attention over all packed tokens at once with the block-diagonal (and bottom-right
+    causal) mask, and dropout given as an explicit keep mask ``(H, total_q, total_k)``:
+    ``out = (P * keep / (1 - p)) v``. Rows with no visible key give zeros."""
+    lq, lk = torch.tensor(layout.lengths_q), torch.tensor(layout.keys)
+    n = len(layout.lengths_q)
+    ids_q, ids_k = torch.repeat_interleave(torch.arange(n), lq), torch.repeat_interleave(torch.arange(n), lk)
+    pos_q = torch.arange(len(ids_q)) - offsets_of(layout.lengths_q)[:-1].long()[ids_q]
+    pos_k = torch.arange(len(ids_k)) - offsets_of(layout.keys)[:-1].long()[ids_k]
+    allowed = ids_q[:, None] == ids_k[None, :]
+    if causal:
+        allowed &= pos_k[None, :] <= pos_q[:, None] + (lk - lq)[ids_q][:, None]
+    group = q.shape[1] // k.shape[1]
+    scores = torch.einsum("qhd,khd->hqk", q, k.repeat_interleave(group, 1)) * softmax_scale
+    has_keys = allowed.any(-1)[None, :, None]
+    # Rows without keys get finite dummy scores, then are zeroed: no NaN in the forward or the backward.
+    scores = scores.masked_fill(~allowed, -math.inf).masked_fill(~has_keys, 0.0)
+    probs = torch.softmax(scores, -1) * has_keys
+    if keep is not None:
+        probs = probs * keep / (1 - p)
+    return torch.einsum("hqk,khd->qhd", probs, v.repeat_interleave(group, 1))
