@@ -207,12 +207,15 @@ def test_strided_and_misaligned_inputs_match_contiguous():
 def test_many_words_and_one_long_segment_against_reference():
     gen = torch.Generator().manual_seed(5)
     lengths = torch.randint(1, 12, (20000,), generator=gen).tolist() + [1500]
-    layout = Layout("big", tuple(lengths))
-    q, k, v, cu_q, cu_k = _inputs(layout, (8, 8, 64), torch.bfloat16)
+    cu = offsets_of(lengths, "cuda")
+    cuda_gen = torch.Generator(device="cuda").manual_seed(5)
+    q, k, v = (torch.randn(sum(lengths), 8, 64, device="cuda", generator=cuda_gen).to(torch.bfloat16)
+               for _ in range(3))
     for causal in (False, True):
-        out = hierkern.varlen_attention(q, k, v, cu_q, cu_k, max(lengths), causal=causal, backend="cuda")
-        hi, _ = varlen_attention_reference(q.float(), k.float(), v.float(), cu_q, cu_k, causal=causal)
-        own, _ = varlen_attention_reference(q, k, v, cu_q, cu_k, causal=causal)
+        out = hierkern.varlen_attention(q, k, v, cu, cu, max(lengths), max(lengths), causal=causal,
+                                        backend="cuda")
+        hi, _ = varlen_attention_reference(q.float(), k.float(), v.float(), cu, cu, causal=causal)
+        own, _ = varlen_attention_reference(q, k, v, cu, cu, causal=causal)
         assert rel_err(out, hi) <= 2 * rel_err(own, hi) + FLOOR[torch.bfloat16]
 
 
