@@ -174,10 +174,8 @@ if triton is not None:
         return res
 
     @triton.jit
-    def _dropout_keep(rng_state, head, query, key_pos, dropout_p):
+    def _dropout_keep(seed, offset, head, query, key_pos, dropout_p):
         """Keep-mask for (query token, key position within its segment): identical in forward and backward."""
-        seed = tl.load(rng_state)
-        offset = tl.load(rng_state + 1).to(tl.int32)
         rand, _, _, _ = tl.philox(seed, query, key_pos, query * 0 + head, query * 0 + offset)
         return tl.uint_to_uniform_float(rand) >= dropout_p
 
@@ -210,6 +208,9 @@ if triton is not None:
         row_ok = rows < total_q
         dims = tl.arange(0, BLOCK_D)
         dim_ok = dims < head_dim
+        if DROPOUT:
+            seed = tl.load(RngState)
+            rng_offset = tl.load(RngState + 1).to(tl.int32)
         seg = _segment_of(CuQ, rows, num_segments)
         k_lo, k_hi = _visible_keys(CuQ, CuK, seg, rows, row_ok, CAUSAL)
         has_keys = k_hi > k_lo
@@ -238,7 +239,7 @@ if triton is not None:
             alpha = tl.exp2(m_i - m_shift)
             l_i = l_i * alpha + tl.sum(p, 1)
             if DROPOUT:
-                keep = _dropout_keep(RngState, head, rows[:, None] + cols[None, :] * 0,
+                keep = _dropout_keep(seed, rng_offset, head, rows[:, None] + cols[None, :] * 0,
                                      cols[None, :] - k_lo[:, None], dropout_p)
                 p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
             v = tl.load(V + cols64[:, None] * stride_vt + kv_head * stride_vh + dims[None, :], mask=kv_mask,
@@ -268,6 +269,9 @@ if triton is not None:
         row_ok = rows < total_q
         dims = tl.arange(0, BLOCK_D)
         dim_ok = dims < head_dim
+        if DROPOUT:
+            seed = tl.load(RngState)
+            rng_offset = tl.load(RngState + 1).to(tl.int32)
         seg = _segment_of(CuQ, rows, num_segments)
         k_lo, k_hi = _visible_keys(CuQ, CuK, seg, rows, row_ok, CAUSAL)
         has_keys = k_hi > k_lo
@@ -301,7 +305,7 @@ if triton is not None:
             p = tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0)
             dp = _mma(do, tl.trans(v), INTERPRETER, PRECISION)
             if DROPOUT:
-                keep = _dropout_keep(RngState, head, rows[:, None] + cols[None, :] * 0,
+                keep = _dropout_keep(seed, rng_offset, head, rows[:, None] + cols[None, :] * 0,
                                      cols[None, :] - k_lo[:, None], dropout_p)
                 dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
             ds = p * (dp - delta[:, None])
@@ -323,6 +327,9 @@ if triton is not None:
         col_ok = cols < total_k
         dims = tl.arange(0, BLOCK_D)
         dim_ok = dims < head_dim
+        if DROPOUT:
+            seed = tl.load(RngState)
+            rng_offset = tl.load(RngState + 1).to(tl.int32)
         seg = _segment_of(CuK, cols, num_segments)
         k_start = tl.load(CuK + seg)
         q_lo = tl.load(CuQ + seg)
@@ -361,7 +368,7 @@ if triton is not None:
                 p_t = tl.where(visible, tl.exp2(s_t - lse2[None, :]), 0.0)
                 dp_t = _mma(v, tl.trans(do), INTERPRETER, PRECISION)
                 if DROPOUT:
-                    keep = _dropout_keep(RngState, head, rows[None, :] + cols[:, None] * 0,
+                    keep = _dropout_keep(seed, rng_offset, head, rows[None, :] + cols[:, None] * 0,
                                          cols[:, None] - k_start[:, None] + rows[None, :] * 0, dropout_p)
                     p_kept = tl.where(keep, p_t / (1.0 - dropout_p), 0.0)
                     dp_t = tl.where(keep, dp_t / (1.0 - dropout_p), 0.0)
