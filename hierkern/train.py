@@ -238,8 +238,7 @@ def _train(args, device, rank, world_size, distributed, log) -> dict:
                                   drop_last=True) if distributed
                else RandomSampler(sentences, generator=torch.Generator().manual_seed(args.seed)))
     loader = DataLoader(sentences, batch_size=args.batch_size, sampler=sampler, drop_last=True,
-                        collate_fn=collate_fn(vocab, max_word_len=args.max_word_len),
-                        pin_memory=device.type == "cuda")
+                        collate_fn=collate_fn(vocab, max_word_len=args.max_word_len))
     if len(loader) == 0:
         raise ValueError(f"the corpus has {len(sentences)} sentences, fewer than one batch of "
                          f"{args.batch_size} per process")
@@ -266,6 +265,9 @@ def _train(args, device, rank, world_size, distributed, log) -> dict:
         batch, positions, targets = mask_chars(batch, args.mask_prob, mask_rng)
         if args.compile:
             batch = _bucket_max_lens(batch, encoder)
+        if device.type == "cuda":
+            # Pinned after masking (masking makes new tensors), so the copies below are asynchronous.
+            batch = batch.pin_memory()
         batch = batch.to(device, non_blocking=True)
         positions, targets = positions.to(device), targets.to(device)
         for group in optimizer.param_groups:
