@@ -80,7 +80,7 @@ def _digest(parts: list[str]) -> str:
         h.update(path.name.encode())
         h.update(path.read_bytes())
     for part in parts:
-        h.update(part.encode())
+        h.update(str(part).encode())
     return h.hexdigest()[:16]
 
 
@@ -118,27 +118,19 @@ def parse_ptxas(log: str) -> list[KernelReport]:
 
 
 @dataclass(frozen=True)
-class Job:
-    cmd: list[str]
-    log: Path  # the output of a successful run is cached here
-
-
-@dataclass(frozen=True)
 class Result:
     ok: bool
     output: str
 
 
-def _run_parallel(jobs: dict[str, Job]) -> dict[str, Result]:
-    """Run the uncached commands at once (nvcc and g++ are single-threaded, so this is the speed-up)."""
-    procs = {name: subprocess.Popen(job.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for name, job in jobs.items() if not job.log.exists()}
-    results = {name: Result(True, job.log.read_text()) for name, job in jobs.items() if job.log.exists()}
+def _run_parallel(jobs: dict[str, list[str]]) -> dict[str, Result]:
+    """Run the commands at once (nvcc and g++ are single-threaded, so this is the speed-up)."""
+    procs = {name: subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for name, cmd in jobs.items()}
+    results = {}
     for name, proc in procs.items():
         output, _ = proc.communicate()
-        if proc.returncode == 0:
-            jobs[name].log.write_text(output)
-        results[name] = Result(proc.returncode == 0, f"{' '.join(jobs[name].cmd)}\n{output}")
+        results[name] = Result(proc.returncode == 0, f"{' '.join(jobs[name])}\n{output}")
     return results
 
 
@@ -146,36 +138,50 @@ def _torch_include() -> Path:
     return Path(torch.__file__).parent / "include"
 
 
-def _binding_job() -> Job | None:
+def _binding_command(build: Path) -> list[str] | None:
     """g++ -fsyntax-only of binding.cpp against this torch's headers. A CPU-only torch cannot link it, and
     its wheel lacks one generated header (c10/cuda/impl/cuda_cmake_macros.h), which a stub replaces."""
     if CXX is None or _cuda_include() is None:
         return None
     include = _torch_include()
-    out = CACHE / _digest([torch.__version__, "binding"])
-    stub = out / "stub" / "c10" / "cuda" / "impl"
+    stub = build / "stub" / "c10" / "cuda" / "impl"
     stub.mkdir(parents=True, exist_ok=True)
     (stub / "cuda_cmake_macros.h").write_text("#pragma once\n")
-    cmd = [CXX, "-std=c++17", "-fsyntax-only", "-Wall", "-Wextra", "-Werror", "-isystem", str(out / "stub"),
-           "-isystem", str(include), "-isystem", str(include / "torch" / "csrc" / "api" / "include"),
-           "-isystem", str(_cuda_include()), str(CSRC_CUDA / "binding.cpp")]
-    return Job(cmd, out / "binding.log")
+    return [CXX, "-std=c++17", "-fsyntax-only", "-Wall", "-Wextra", "-Werror", "-isystem", str(build / "stub"),
+            "-isystem", str(include), "-isystem", str(include / "torch" / "csrc" / "api" / "include"),
+            "-isystem", str(_cuda_include()), str(CSRC_CUDA / "binding.cpp")]
+
+
+def _build_dir() -> Path:
+    return CACHE / _digest(_nvcc_command(Path("x.cu"), Path("x.o")) + [torch.__version__, str(CXX)])
 
 
 @pytest.fixture(scope="session")
 def builds() -> dict[str, Result]:
-    """nvcc of every .cu (sm_80 + sm_90a) and the binding's syntax check, all in parallel, cached under
-    build/cuda_check keyed by a hash of csrc/cuda and the flags."""
+    """nvcc of every .cu (sm_80 + sm_90a) and the binding's syntax check, all in parallel. A successful
+    build is kept under build/cuda_check/<hash of csrc/cuda, flags, torch version>: it is built in a private
+    directory and renamed into place, so concurrent test runs never see half-written files."""
+    final = _build_dir()
+    if final.is_dir():
+        return {log.name[:-len(".log")]: Result(True, log.read_text()) for log in final.glob("*.log")}
+    build = Path(f"{final}.tmp{os.getpid()}")
+    build.mkdir(parents=True, exist_ok=True)
     jobs = {}
     if NVCC is not None:
-        out = CACHE / _digest(_nvcc_command(Path("x.cu"), Path("x.o")))
-        out.mkdir(parents=True, exist_ok=True)
         for source in sorted(CSRC_CUDA.glob("*.cu")):
-            jobs[source.name] = Job(_nvcc_command(source, out / f"{source.stem}.o"), out / f"{source.stem}.ptxas.log")
-    binding = _binding_job()
+            jobs[source.name] = _nvcc_command(source, build / f"{source.stem}.o")
+    binding = _binding_command(build)
     if binding is not None:
         jobs["binding.cpp"] = binding
-    return _run_parallel(jobs)
+    results = _run_parallel(jobs)
+    for name, result in results.items():
+        (build / f"{name}.log").write_text(result.output)
+    if all(r.ok for r in results.values()):
+        try:
+            build.rename(final)
+        except OSError:  # another run got there first; its build is the same
+            shutil.rmtree(build, ignore_errors=True)
+    return results
 
 
 @pytest.fixture(scope="session")
@@ -225,7 +231,7 @@ int main(int argc, char**) {
 def test_launchers_link_with_only_cudart(ptxas_reports, tmp_path):
     """The kernel objects are torch-free: with a host main calling both launchers they link against the
     CUDA runtime alone, every template instantiation resolved."""
-    objects = sorted((CACHE / _digest(_nvcc_command(Path("x.cu"), Path("x.o")))).glob("*.o"))
+    objects = sorted(_build_dir().glob("*.o"))
     assert len(objects) == len(ptxas_reports)
     (tmp_path / "main.cpp").write_text(_LINK_MAIN)
     cmd = [NVCC, "-I", str(CSRC_CUDA), str(tmp_path / "main.cpp"), *map(str, objects), "-o", str(tmp_path / "main"),

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import math
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -42,10 +43,12 @@ def emu():
     lib = CACHE / f"emulation-{digest}" / "libhkemu.so"
     if not lib.exists():
         lib.parent.mkdir(parents=True, exist_ok=True)
+        private = lib.with_suffix(f".{os.getpid()}.so")  # renamed into place: concurrent runs never load half a file
         # No _FORTIFY_SOURCE: its longjmp check rejects the switches between fiber stacks.
         subprocess.run([CXX, "-std=c++17", "-O2", "-U_FORTIFY_SOURCE", "-shared", "-fPIC", "-Wall", "-Wextra",
                         "-Werror", "-Wno-unknown-pragmas", "-I", str(TESTS), "-I", str(CSRC_CUDA), "-isystem",
-                        str(_cuda_include()), str(sources[0]), "-o", str(lib)], check=True)
+                        str(_cuda_include()), str(sources[0]), "-o", str(private)], check=True)
+        os.replace(private, lib)
     handle = ctypes.CDLL(str(lib))
     ptr, i32 = ctypes.c_void_p, ctypes.c_int
     common = [i32] * 7 + [ptr] * 5 + [ctypes.c_float, i32, ctypes.c_float, ctypes.c_ulonglong, ctypes.c_ulonglong]
