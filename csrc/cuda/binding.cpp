@@ -71,6 +71,11 @@ void fill_common(hk::VarlenArgs& a, const at::Tensor& q, const at::Tensor& k, co
   TORCH_CHECK_VALUE(cu_q.numel() == cu_k.numel(), "cu_seqlens_q and cu_seqlens_k must have the same length, got ",
                     cu_q.numel(), " and ", cu_k.numel());
   TORCH_CHECK_VALUE(q.size(0) <= INT32_MAX && k.size(0) <= INT32_MAX, "more than 2^31 - 1 tokens");
+  // The offsets' values are trusted (reading them would sync): hierkern.varlen_attention validates them
+  // where they are host-readable. Without any segment there must be no token for them to index.
+  TORCH_CHECK_VALUE(cu_q.numel() >= 2 || (q.size(0) == 0 && k.size(0) == 0),
+                    "cu_seqlens_q describes no segment but there are ", q.size(0), " queries and ", k.size(0),
+                    " keys");
   TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
   a.dtype = dtype_of(q);
   a.head_dim = static_cast<int>(q.size(2));
