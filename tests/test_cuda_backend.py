@@ -282,6 +282,9 @@ def test_op_rejects_bad_arguments():
         fwd(q[..., :48], q[..., :48], q[..., :48], cu, cu, 5, 5, 0.125, False, 0.0, None)
     with pytest.raises(TypeError, match="dtype"):
         fwd(q, q.float(), q, cu, cu, 5, 5, 0.125, False, 0.0, None)
+    no_segments = torch.zeros(1, dtype=torch.int32, device="cuda")
+    with pytest.raises(ValueError, match="no segment"):
+        fwd(q, q, q, no_segments, no_segments, 0, 0, 0.125, False, 0.0, None)
 
 
 _SANITIZER_CASE = """
