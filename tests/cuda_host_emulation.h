@@ -51,14 +51,18 @@ struct Fiber {
   std::vector<char> stack;
   bool started = false;
   bool done = false;
+  long collectives = 0;  // warp collectives this thread has entered
   const Barrier* waiting_on = nullptr;  // blocked until waiting_on->generation != waiting_generation
   long waiting_generation = 0;
 };
 
+// Collectives exchange through two buffers used alternately, so one barrier per collective suffices: a
+// lane can write buffer i % 2 for collective i only after every lane passed collective i - 1's barrier,
+// hence finished reading collective i - 2 from that buffer.
 struct Warp {
   Barrier barrier;
-  float floats[32];
-  int ints[32];
+  float floats[2][32];
+  int ints[2][32];
 };
 
 inline dim3 thread_idx;
@@ -119,6 +123,7 @@ inline bool launch(dim3 grid, int threads, const std::function<void()>& body) {
       for (Fiber& f : fibers) {
         f.stack.resize(kStack);
         f.started = f.done = false;
+        f.collectives = 0;
         f.waiting_on = nullptr;
         getcontext(&f.start);
         f.start.uc_stack.ss_sp = f.stack.data();
@@ -156,21 +161,19 @@ inline void __syncthreads() { hk_emu::wait(hk_emu::cta_barrier); }
 inline float __shfl_xor_sync(unsigned, float x, int lane_mask) {
   hk_emu::Warp& w = hk_emu::my_warp();
   const int lane = static_cast<int>(hk_emu::thread_idx.x % 32);
-  w.floats[lane] = x;
+  float* buffer = w.floats[hk_emu::fibers[hk_emu::thread_idx.x].collectives++ % 2];
+  buffer[lane] = x;
   hk_emu::wait(w.barrier);
-  const float y = w.floats[lane ^ lane_mask];
-  hk_emu::wait(w.barrier);
-  return y;
+  return buffer[lane ^ lane_mask];
 }
 
 inline int __reduce_max_sync(unsigned, int x) {
   hk_emu::Warp& w = hk_emu::my_warp();
   const int lane = static_cast<int>(hk_emu::thread_idx.x % 32);
-  w.ints[lane] = x;
+  int* buffer = w.ints[hk_emu::fibers[hk_emu::thread_idx.x].collectives++ % 2];
+  buffer[lane] = x;
   hk_emu::wait(w.barrier);
-  const int m = *std::max_element(w.ints, w.ints + 32);
-  hk_emu::wait(w.barrier);
-  return m;
+  return *std::max_element(buffer, buffer + 32);
 }
 
 inline float __uint_as_float(unsigned u) {
