@@ -151,7 +151,7 @@ __device__ __forceinline__ void stage_rows(T (*dst)[HeadDim], const T* base, int
   }
 }
 
-// Host side of a launch, shared by the launchers and the host emulation in tests/test_cuda_build.py:
+// Host side of a launch, shared by the launchers and the host emulation (tests/cuda_emulation_harness.cpp):
 // the grid over (row tiles, heads) and the dropout constants the kernels take.
 template <typename T, int HeadDim>
 inline dim3 row_grid(int rows, int heads) {

@@ -11,7 +11,7 @@
 // factor, and dS_ij = P_ij (Z_ij dout_i.v_j - delta_i). Because every row owns its accumulator, there are
 // no atomics and no scratch beyond delta, which grows with the tokens, not the segments.
 //
-// Kernel templates only (launchers in the .cu next to it), so tests/test_cuda_build.py can also compile
+// Kernel templates only (launchers in the .cu next to it), so tests/test_cuda_emulation.py can also compile
 // them for the host under an emulation of the CUDA execution model.
 #pragma once
 

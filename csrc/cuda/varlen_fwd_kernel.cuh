@@ -6,7 +6,7 @@
 // so rows of different words in one tile never see each other (the block-diagonal mask) and a word's
 // queries cost its own keys, not a tile's. No host sync, no scratch, no atomics.
 //
-// Kernel templates only (launchers in the .cu next to it), so tests/test_cuda_build.py can also compile
+// Kernel templates only (launchers in the .cu next to it), so tests/test_cuda_emulation.py can also compile
 // them for the host under an emulation of the CUDA execution model.
 #pragma once
 
