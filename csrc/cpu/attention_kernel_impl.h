@@ -27,9 +27,9 @@ inline void axpy(A* __restrict y, A alpha, const A* __restrict x, int64_t n) {
 }
 
 // exp(x) for float to ~2 ulp (Cephes' polynomial): unlike std::exp it inlines and vectorises. Inputs below
-// -87.3 return ~1e-38 instead of 0, which no sum over a row's maximum (exp(0) = 1) can notice.
-inline float exp_poly(float x) {
-  x = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
+// -87.3 (where exp underflows to denormals) return exactly 0, so -inf padding contributes nothing.
+inline float exp_poly(float x_in) {
+  const float x = std::min(std::max(x_in, -87.3f), 88.3f);  // min/max, not ?:, so the loop vectorises
   // Round x*log2(e) to nearest with the 1.5*2^23 trick; its low mantissa bits are the integer n.
   const float shifted = x * 1.44269504088896341f + 12582912.0f;
   const float n = shifted - 12582912.0f;
@@ -49,10 +49,29 @@ inline float exp_poly(float x) {
   const int32_t scale_bits = (n_bits + 127) << 23;
   float scale;
   std::memcpy(&scale, &scale_bits, sizeof(scale));
-  return y * scale;
+  return y * scale * static_cast<float>(x_in >= -87.3f);  // y * scale is finite: x was clamped
 }
 inline double exp_acc(double x) { return std::exp(x); }
 inline float exp_acc(float x) { return exp_poly(x); }
+
+// Rows are short (a word has ~5 keys), shorter than one vector: exp runs over the scores padded with -inf to
+// a whole number of vectors, so it is one vector pass instead of a scalar remainder loop. (std::exp for
+// double does not vectorise, so double is not padded.)
+template <typename A> constexpr int64_t kExpBlock = std::is_same_v<A, float> ? 16 : 1;
+
+// s[j] = exp(s[j] - shift) for j < n (and the padding); returns the sum.
+template <typename A>
+inline A exp_shifted(A* __restrict s, int64_t n, A shift) {
+  const int64_t padded = (n + kExpBlock<A> - 1) / kExpBlock<A> * kExpBlock<A>;
+  for (int64_t j = n; j < padded; ++j) s[j] = -std::numeric_limits<A>::infinity();
+  A sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < padded; ++j) {
+    s[j] = exp_acc(s[j] - shift);
+    sum += s[j];
+  }
+  return sum;
+}
 
 // Number of keys query row i sees: all of them, or the causal prefix aligned bottom-right.
 inline int64_t visible_keys(int64_t i, int64_t lq, int64_t lk, bool causal) {
@@ -101,10 +120,11 @@ struct Scratch {
   A *scores, *probs, *qrow, *dorow, *acc, *keys, *values, *dkeys, *dvalues;
   Scratch(int64_t max_k, int64_t kv_heads, int64_t d, bool backward) {
     const int64_t kv = kConvert ? max_k * kv_heads * d : 0;
-    buf.assign(2 * max_k + 3 * d + 2 * kv + (backward ? 2 * kv : 0), A(0));
+    const int64_t row = (max_k + kExpBlock<A> - 1) / kExpBlock<A> * kExpBlock<A>;
+    buf.assign(2 * row + 3 * d + 2 * kv + (backward ? 2 * kv : 0), A(0));
     A* p = buf.data();
-    scores = p; p += max_k;
-    probs = p; p += max_k;
+    scores = p; p += row;
+    probs = p; p += row;
     qrow = p; p += d;
     dorow = p; p += d;
     acc = p; p += d;
@@ -190,12 +210,7 @@ void fwd_units(const AttentionParams& p, int64_t unit_begin, int64_t unit_end) {
         s[j] = dot(qr, keys.row(g, j), d);
         row_max = std::max(row_max, s[j]);
       }
-      A sum = 0;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t j = 0; j < n; ++j) {
-        s[j] = exp_acc(s[j] - row_max);
-        sum += s[j];
-      }
+      const A sum = exp_shifted(s, n, row_max);
       for (int64_t c = 0; c < d; ++c) acc[c] = 0;
       for (int64_t j = 0; j < n; ++j) axpy(acc, s[j], values.row(g, j), d);
       const A inv = A(1) / sum;
@@ -270,13 +285,10 @@ void bwd_units(const AttentionParams& p, int64_t unit_begin, int64_t unit_end) {
         // lse is float32: renormalise in double so float64 gradients keep float64 accuracy.
         A row_max = -std::numeric_limits<A>::infinity();
         for (int64_t j = 0; j < n; ++j) row_max = std::max(row_max, s[j]);
-        A sum = 0;
-        for (int64_t j = 0; j < n; ++j) sum += (s[j] = std::exp(s[j] - row_max));
+        const A sum = exp_shifted(s, n, row_max);
         for (int64_t j = 0; j < n; ++j) s[j] /= sum;
       } else {
-        const A row_lse = p.lse[h * p.total_q + q0 + i];
-#pragma omp simd
-        for (int64_t j = 0; j < n; ++j) s[j] = exp_acc(s[j] - row_lse);
+        exp_shifted(s, n, static_cast<A>(p.lse[h * p.total_q + q0 + i]));
       }
       for (int64_t c = 0; c < d; ++c) acc[c] = 0;
       for (int64_t j = 0; j < n; ++j) {
