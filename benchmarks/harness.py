@@ -1,0 +1,246 @@
+"""What every benchmark shares: problems, the correctness gate, peak memory, timing and the recorded fields.
+
+A benchmark (1) prepares an implementation on a seeded problem, (2) runs it once untimed and checks its output
+(and gradients, for forward+backward) against ``hierkern.reference`` evaluated in float64 on the CPU,
+(3) measures its peak memory in one more untimed call, then (4) hands the call to pytest-benchmark. On CUDA
+the timed call ends with ``torch.cuda.synchronize()``, so a round is the time a caller waits for the result.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import pytest
+import torch
+
+import hierkern
+from hierkern.bench import Workload, make_qkv
+from hierkern.reference import varlen_attention_reference
+
+MODES = ("fwd", "fwd+bwd")
+
+# The correctness gate guards against timing a wrong answer; it is not a precision test (tests/ is). Relative
+# Frobenius error vs the float64 reference, per dtype: (output, gradients). Each is a few times the error
+# of an fp32-accumulating kernel with inputs in that dtype.
+TOLERANCE = {
+    torch.float32: (1e-5, 1e-4),
+    torch.bfloat16: (2e-2, 5e-2),
+    torch.float16: (3e-3, 1e-2),
+}
+
+# Padded attention computes S * H * max_len**2 scores; past these limits a padded baseline would run for
+# minutes (CPU) or exhaust memory, so it is skipped with the numbers in the reason.
+PADDED_SCORE_LIMIT = {"cpu": 2 ** 30, "cuda": 2 ** 36}
+
+# torch's per-segment paths (a Python loop over segments; SDPA on jagged nested tensors on the CPU, which
+# processes segments one by one) cost milliseconds per segment for forward+backward on a 2-core CPU: past
+# these segment counts one call would take minutes, so they are skipped with the count in the reason.
+PER_SEGMENT_LIMIT = {"fwd": 8192, "fwd+bwd": 1024}
+
+BYTES_DEFINITION = {
+    "fwd": "floor: read q, k, v + write out, once each",
+    "fwd+bwd": "floor: fwd (q, k, v, out) + bwd (read q, k, v, out, dout; write dq, dk, dv) = 12 tensors",
+}
+
+
+@dataclass
+class Problem:
+    """One benchmark input: a workload's packed tensors on a device, and the upstream gradient."""
+
+    workload: Workload
+    mode: str
+    dtype: torch.dtype
+    device: torch.device
+    q: torch.Tensor           # (total, H, D)
+    k: torch.Tensor
+    v: torch.Tensor
+    dout: torch.Tensor        # (total, H, D), the gradient of out for fwd+bwd
+    seg: hierkern.Segments
+
+    @property
+    def backward(self) -> bool:
+        return self.mode == "fwd+bwd"
+
+    def leaves(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Fresh copies of ``q, k, v``, requiring grad for forward+backward."""
+        return tuple(t.detach().clone().requires_grad_(self.backward) for t in (self.q, self.k, self.v))
+
+    def attention_bytes(self) -> int:
+        """The memory-traffic floor of the attention core (``BYTES_DEFINITION``)."""
+        tensors = 12 if self.backward else 4
+        return tensors * self.q.numel() * self.q.element_size()
+
+
+@dataclass
+class Prepared:
+    """An implementation ready to time.
+
+    ``run()`` is the timed call; ``result(run())`` gives the packed output ``(total, H, D)`` and, for
+    forward+backward, the packed gradients of ``q, k, v``. ``extra`` lands in the JSON's ``extra_info``.
+    """
+
+    run: Callable[[], object]
+    result: Callable[[object], tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]]
+    extra: dict = field(default_factory=dict)
+
+
+def make_problem(workload: Workload, mode: str, dtype: torch.dtype, device: str) -> Problem:
+    device = torch.device(device)
+    q, k, v = make_qkv(workload, dtype, device, seed=0)
+    gen = torch.Generator().manual_seed(1)
+    dout = torch.randn(q.shape, generator=gen).to(device=device, dtype=dtype)
+    return Problem(workload, mode, dtype, device, q, k, v, dout, workload.segments(device))
+
+
+@functools.lru_cache(maxsize=4)
+def reference64(workload: Workload, mode: str, dtype: torch.dtype, device: str):
+    """Float64 CPU reference for a problem: ``(out, grads or None)``, packed. Cached per problem."""
+    p = make_problem(workload, mode, dtype, device)
+    q, k, v = (t.detach().to("cpu", torch.float64).requires_grad_(p.backward) for t in (p.q, p.k, p.v))
+    offsets = p.seg.offsets.cpu()
+    with torch.enable_grad():
+        out, _ = varlen_attention_reference(q, k, v, offsets, offsets)
+        grads = None
+        if p.backward:
+            grads = torch.autograd.grad(out, (q, k, v), p.dout.to("cpu", torch.float64))
+    return out.detach(), grads
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """``||x - ref|| / ||ref||`` in float64 on the CPU; ``inf`` when ``x`` has a NaN."""
+    x = x.detach().to("cpu", torch.float64)
+    if not torch.isfinite(x).all():
+        return math.inf
+    denom = ref.norm().item()
+    diff = (x - ref).norm().item()
+    return diff if denom == 0 else diff / denom
+
+
+def check_against_reference(name: str, got, ref, dtype: torch.dtype) -> dict:
+    """Fail the benchmark (``AssertionError``) if ``got`` is not the reference's answer.
+
+    Args:
+        name: the implementation, for the message.
+        got: ``(out, grads or None)`` packed, as ``Prepared.result`` returns.
+        ref: the same from ``reference64``.
+        dtype: the inputs' dtype (picks the tolerance).
+
+    Returns:
+        ``{"rel_err_out": ..., "rel_err_grad": ...}`` for ``extra_info``.
+    """
+    tol_out, tol_grad = TOLERANCE[dtype]
+    out, grads = got
+    ref_out, ref_grads = ref
+    assert out.shape == ref_out.shape, f"{name}: output shape {tuple(out.shape)} != {tuple(ref_out.shape)}"
+    errors = {"rel_err_out": rel_err(out, ref_out)}
+    assert errors["rel_err_out"] <= tol_out, (
+        f"{name}: output differs from the float64 reference (rel. error {errors['rel_err_out']:.3g} > "
+        f"{tol_out:g}); not timing a wrong answer")
+    if ref_grads is not None:
+        assert grads is not None, f"{name}: no gradients returned"
+        # Jointly over (dq, dk, dv): with length-1 segments dq and dk are exactly zero, and a relative error
+        # against a zero tensor would measure rounding noise alone.
+        worst = rel_err(torch.cat([g.detach().cpu().double().flatten() for g in grads]),
+                        torch.cat([r.flatten() for r in ref_grads]))
+        errors["rel_err_grad"] = worst
+        assert worst <= tol_grad, (
+            f"{name}: gradients differ from the float64 reference (rel. error {worst:.3g} > {tol_grad:g}); "
+            f"not timing a wrong answer")
+    return errors
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device) -> tuple[int, str]:
+    """Bytes allocated above the starting level at the peak of one call of ``fn``, and how it was measured.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` after a reset. CPU: the allocation and free events of torch's
+    CPU allocator recorded by ``torch.profiler`` (``profile_memory=True``), summed in time order; it sees
+    every tensor (outputs and autograd buffers included) but not memory that C++ code takes outside torch's
+    allocator.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        result = fn()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+        del result
+        return peak, "torch.cuda.max_memory_allocated"
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    del result
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    level = peak = 0
+    for _, nbytes in events:
+        level += nbytes
+        peak = max(peak, level)
+    return peak, "torch.profiler CPU allocator events (profile_memory=True)"
+
+
+def synchronized(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
+    if device.type != "cuda":
+        return fn
+
+    def run():
+        result = fn()
+        torch.cuda.synchronize(device)
+        return result
+    return run
+
+
+def padded_guard(workload: Workload, device: torch.device, what: str) -> None:
+    """Skip a baseline that pads to ``max_len`` when the padded score count is over the device's limit."""
+    scores = workload.padded_tokens * workload.max_len * workload.num_heads
+    limit = PADDED_SCORE_LIMIT[device.type]
+    if scores > limit:
+        useful = workload.attention_pairs() * workload.num_heads
+        pytest.skip(f"{what} pads {workload.num_segments} segments to {workload.max_len} tokens: "
+                    f"{scores:.3g} scores ({scores / max(useful, 1):.0f}x the useful {useful:.3g}), over this "
+                    f"suite's {device.type} limit of {limit:.3g}")
+
+
+def per_segment_guard(workload: Workload, mode: str, what: str) -> None:
+    """Skip a baseline that works segment by segment when the workload has too many segments."""
+    limit = PER_SEGMENT_LIMIT[mode]
+    if workload.num_segments > limit:
+        pytest.skip(f"{what} works segment by segment: {workload.num_segments} segments is over this suite's "
+                    f"{mode} limit of {limit}")
+
+
+def run_benchmark(benchmark, *, group: str, impl: str, prepared: Prepared, reference, dtype: torch.dtype,
+                  device: torch.device, floor_bytes: int, info: dict) -> None:
+    """Check, measure memory, time, and record everything in ``benchmark.extra_info``.
+
+    Args:
+        benchmark: the pytest-benchmark fixture.
+        group: ``"<workload>/<mode>/<dtype>"``.
+        impl: ``"hierkern-..."`` for ours, ``"torch-..."`` for torch baselines, else the library's name.
+        prepared: the implementation.
+        reference: ``(out, grads or None)`` to check ``prepared`` against, or a callable that checks the
+            result itself and returns the errors to record.
+        dtype, device: of the inputs.
+        floor_bytes: the memory-traffic floor of one call (``bytes_per_s`` divides it by the median time).
+        info: workload fields (tokens, segments, ...) to record.
+    """
+    benchmark.group = group
+    benchmark.extra_info.update(impl=impl, device=str(device), dtype=str(dtype).replace("torch.", ""),
+                                **info, **prepared.extra)
+    run = synchronized(prepared.run, device)
+    result = prepared.result(run())
+    if callable(reference):
+        errors = reference(result)
+    else:
+        errors = check_against_reference(impl, result, reference, dtype)
+    del result
+    peak, method = peak_memory(run, device)
+    benchmark.extra_info.update(errors, bytes=floor_bytes, peak_memory_bytes=peak, peak_memory_method=method)
+    benchmark(run)
+    if benchmark.stats is not None:     # None under --benchmark-disable
+        median = benchmark.stats.stats.median
+        benchmark.extra_info["bytes_per_s"] = floor_bytes / median if median > 0 else None
+        benchmark.extra_info["tokens_per_s"] = info["tokens"] / median if median > 0 else None
