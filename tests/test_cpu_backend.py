@@ -7,6 +7,7 @@ layout; low precision is bounded relative to the reference's own error in that d
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 
@@ -317,6 +318,40 @@ def test_backward_op_rejects_bad_input():
         torch.ops.hierkern.varlen_bwd(out, q, kv, kv, out, lse.double(), cu, cu, 4, 4, 0.5, False, 0.0, None)
     with pytest.raises(ValueError, match="dout and out must have q's shape"):
         torch.ops.hierkern.varlen_bwd(out[:5], q, kv, kv, out, lse, cu, cu, 4, 4, 0.5, False, 0.0, None)
+
+
+@needs_kernel
+def test_baseline_kernels_match_oracle():
+    """The kernels built for the baseline instruction set (what a CPU without AVX2 runs), forced by
+    HIERKERN_CPU_KERNELS=generic in a fresh process: forward and gradients on every head-dim path."""
+    script = """
+import sys, torch, hierkern
+sys.path.insert(0, sys.argv[1])
+from helpers import adversarial_layouts, offsets_of, oracle_attention, random_qkv, rel_err
+from hierkern.reference import varlen_attention_reference
+for layout in adversarial_layouts()[1:3] + adversarial_layouts()[6:8]:
+    for dtype, head_dim in ((torch.float32, 32), (torch.float32, 64), (torch.float32, 128), (torch.float32, 5),
+                            (torch.bfloat16, 32), (torch.float64, 32)):
+        g = torch.Generator().manual_seed(9)
+        q, k, v = random_qkv(layout, 4, 2, head_dim, dtype=dtype, generator=g, requires_grad=True)
+        cu_q, cu_k = offsets_of(layout.lengths_q), offsets_of(layout.keys)
+        out = hierkern.varlen_attention(q, k, v, cu_q, cu_k, causal=True, backend="cpu")
+        ref, _ = oracle_attention(q, k, v, cu_q, cu_k, causal=True)
+        tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+        assert rel_err(out, ref) < tol, (layout.name, dtype, head_dim, rel_err(out, ref))
+        dout = torch.randn(q.shape, generator=g, dtype=torch.float64)
+        grads = torch.autograd.grad(out, (q, k, v), dout.to(dtype))
+        exact = [t.detach().double().requires_grad_() for t in (q, k, v)]
+        ref_out, _ = varlen_attention_reference(*exact, cu_q, cu_k, causal=True)
+        ref_grads = torch.autograd.grad(ref_out, exact, dout)
+        for a, b in zip(grads, ref_grads):
+            assert (a.double() - b).norm() <= 10 * tol * max(b.norm(), 1.0), (layout.name, dtype, head_dim)
+print("ok")
+"""
+    env = dict(os.environ, HIERKERN_CPU_KERNELS="generic")
+    result = subprocess.run([sys.executable, "-c", script, os.path.dirname(__file__)], capture_output=True,
+                            text=True, timeout=300, env=env)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr
 
 
 def test_missing_extension_degrades_to_reference():

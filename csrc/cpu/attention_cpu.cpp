@@ -6,6 +6,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "attention_kernel.h"
@@ -19,7 +21,13 @@ struct Kernels {
   UnitRangeFn bwd;
 };
 
+// The best kernels this CPU runs. HIERKERN_CPU_KERNELS=generic forces the baseline build (read once, at the
+// first call), so that tests on AVX2 machines can check it too.
 Kernels select_kernels() {
+  const char* forced = std::getenv("HIERKERN_CPU_KERNELS");
+  if (forced != nullptr && std::string(forced) == "generic") {
+    return {generic::varlen_fwd_units, generic::varlen_bwd_units};
+  }
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
   if (avx2_kernels_built() && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
     return {avx2::varlen_fwd_units, avx2::varlen_bwd_units};

@@ -6,7 +6,7 @@
 // most max_seqlen_k floats) live in a per-thread buffer, the row's visible keys are the prefix [0, n) of the
 // segment's keys (causal bottom-right alignment makes it a prefix), so there is no masking work at all.
 // The inner loops run over head_dim (dot products, axpy) or over keys (exp, max, sum) and are written so the
-// compiler vectorises them (`omp simd` reductions; a polynomial exp instead of a libm call).
+// compiler vectorises them (`omp simd` reductions), and exp is explicit vector code (exp8).
 
 // Numbers accumulate in Acc: float for float/bfloat16/half inputs, double for double inputs.
 template <typename T> struct AccOf { using type = float; };
@@ -26,50 +26,59 @@ inline void axpy(A* __restrict y, A alpha, const A* __restrict x, int64_t n) {
   for (int64_t d = 0; d < n; ++d) y[d] += alpha * x[d];
 }
 
-// exp(x) for float to ~2 ulp (Cephes' polynomial): unlike std::exp it inlines and vectorises. Inputs below
-// -87.3 (where exp underflows to denormals) return exactly 0, so -inf padding contributes nothing.
-inline float exp_poly(float x_in) {
-  const float x = std::min(std::max(x_in, -87.3f), 88.3f);  // min/max, not ?:, so the loop vectorises
-  // Round x*log2(e) to nearest with the 1.5*2^23 trick; its low mantissa bits are the integer n.
-  const float shifted = x * 1.44269504088896341f + 12582912.0f;
-  const float n = shifted - 12582912.0f;
-  int32_t n_bits;
-  std::memcpy(&n_bits, &shifted, sizeof(n_bits));
-  n_bits -= 0x4B400000;  // bit pattern of 12582912.0f
-  float r = x - n * 0.693359375f;
+// exp over 8 floats to ~2 ulp (Cephes' polynomial, range reduction by powers of 2), written with GCC/Clang
+// vector extensions so that it is vector code on every target (two SSE halves on the baseline build, one
+// AVX2 register in kernel_avx2.cpp): libm's exp is scalar and rows are too short to auto-vectorise.
+// Inputs below -87.3 (where exp underflows) give exactly 0, so -inf padding contributes nothing.
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+
+inline f32x8 exp8(f32x8 x_in) {
+  const f32x8 lo = f32x8{} - 87.3f, hi = f32x8{} + 88.3f;
+  f32x8 x = x_in < lo ? lo : x_in;
+  x = x > hi ? hi : x;
+  // Round x*log2(e) to nearest with the 1.5*2^23 trick; the low mantissa bits of `shifted` are the integer n.
+  const f32x8 shifted = x * 1.44269504088896341f + 12582912.0f;
+  const f32x8 n = shifted - 12582912.0f;
+  const i32x8 n_bits = reinterpret_cast<const i32x8&>(shifted) - 0x4B400000;
+  f32x8 r = x - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
-  const float r2 = r * r;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
+  const f32x8 r2 = r * r;
+  f32x8 y = r * 1.9875691500e-4f + 1.3981999507e-3f;
   y = y * r + 8.3334519073e-3f;
   y = y * r + 4.1665795894e-2f;
   y = y * r + 1.6666665459e-1f;
   y = y * r + 5.0000001201e-1f;
   y = y * r2 + r + 1.0f;
-  const int32_t scale_bits = (n_bits + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &scale_bits, sizeof(scale));
-  return y * scale * static_cast<float>(x_in >= -87.3f);  // y * scale is finite: x was clamped
+  const i32x8 scale_bits = (n_bits + 127) << 23;
+  const f32x8 result = y * reinterpret_cast<const f32x8&>(scale_bits);
+  return x_in < lo ? f32x8{} : result;
 }
-inline double exp_acc(double x) { return std::exp(x); }
-inline float exp_acc(float x) { return exp_poly(x); }
 
 // Rows are short (a word has ~5 keys), shorter than one vector: exp runs over the scores padded with -inf to
-// a whole number of vectors, so it is one vector pass instead of a scalar remainder loop. (std::exp for
-// double does not vectorise, so double is not padded.)
-template <typename A> constexpr int64_t kExpBlock = std::is_same_v<A, float> ? 16 : 1;
+// whole vectors. kScorePad is the padding granularity of the score buffers.
+template <typename A> constexpr int64_t kScorePad = std::is_same_v<A, float> ? 8 : 1;
 
-// s[j] = exp(s[j] - shift) for j < n (and the padding); returns the sum.
-template <typename A>
-inline A exp_shifted(A* __restrict s, int64_t n, A shift) {
-  const int64_t padded = (n + kExpBlock<A> - 1) / kExpBlock<A> * kExpBlock<A>;
-  for (int64_t j = n; j < padded; ++j) s[j] = -std::numeric_limits<A>::infinity();
-  A sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < padded; ++j) {
-    s[j] = exp_acc(s[j] - shift);
-    sum += s[j];
+// s[j] = exp(s[j] - shift) for j < n, and returns their sum. s has room for n rounded up to kScorePad.
+inline float exp_shifted(float* __restrict s, int64_t n, float shift) {
+  f32x8 sum{};
+  for (int64_t j = 0; j < n; j += 8) {
+    f32x8 x;
+    std::memcpy(&x, s + j, sizeof(x));
+    const i32x8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
+    x = lane < static_cast<int32_t>(std::min<int64_t>(n - j, 8)) ? x - shift : f32x8{} - INFINITY;
+    x = exp8(x);
+    std::memcpy(s + j, &x, sizeof(x));
+    sum += x;
   }
+  float total = 0;
+  for (int t = 0; t < 8; ++t) total += sum[t];
+  return total;
+}
+
+inline double exp_shifted(double* __restrict s, int64_t n, double shift) {
+  double sum = 0;
+  for (int64_t j = 0; j < n; ++j) sum += (s[j] = std::exp(s[j] - shift));
   return sum;
 }
 
@@ -120,7 +129,7 @@ struct Scratch {
   A *scores, *probs, *qrow, *dorow, *acc, *keys, *values, *dkeys, *dvalues;
   Scratch(int64_t max_k, int64_t kv_heads, int64_t d, bool backward) {
     const int64_t kv = kConvert ? max_k * kv_heads * d : 0;
-    const int64_t row = (max_k + kExpBlock<A> - 1) / kExpBlock<A> * kExpBlock<A>;
+    const int64_t row = (max_k + kScorePad<A> - 1) / kScorePad<A> * kScorePad<A>;
     buf.assign(2 * row + 3 * d + 2 * kv + (backward ? 2 * kv : 0), A(0));
     A* p = buf.data();
     scores = p; p += row;
