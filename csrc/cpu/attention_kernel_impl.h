@@ -32,6 +32,10 @@ inline void axpy(A* __restrict y, A alpha, const A* __restrict x, int64_t n) {
 // Inputs below -87.3 (where exp underflows) give exactly 0, so -inf padding contributes nothing.
 typedef float f32x8 __attribute__((vector_size(32)));
 typedef int32_t i32x8 __attribute__((vector_size(32)));
+typedef float f32x8_unaligned __attribute__((vector_size(32), aligned(4)));
+
+inline f32x8 load8(const float* p) { return *reinterpret_cast<const f32x8_unaligned*>(p); }
+inline void store8(float* p, f32x8 x) { *reinterpret_cast<f32x8_unaligned*>(p) = x; }
 
 inline f32x8 exp8(f32x8 x_in) {
   const f32x8 lo = f32x8{} - 87.3f, hi = f32x8{} + 88.3f;
@@ -63,12 +67,11 @@ template <typename A> constexpr int64_t kScorePad = std::is_same_v<A, float> ? 8
 inline float exp_shifted(float* __restrict s, int64_t n, float shift) {
   f32x8 sum{};
   for (int64_t j = 0; j < n; j += 8) {
-    f32x8 x;
-    std::memcpy(&x, s + j, sizeof(x));
+    f32x8 x = load8(s + j);
     const i32x8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
     x = lane < static_cast<int32_t>(std::min<int64_t>(n - j, 8)) ? x - shift : f32x8{} - INFINITY;
     x = exp8(x);
-    std::memcpy(s + j, &x, sizeof(x));
+    store8(s + j, x);
     sum += x;
   }
   float total = 0;
@@ -80,6 +83,42 @@ inline double exp_shifted(double* __restrict s, int64_t n, double shift) {
   double sum = 0;
   for (int64_t j = 0; j < n; ++j) sum += (s[j] = std::exp(s[j] - shift));
   return sum;
+}
+
+// Scores of one query row against keys [0, n), head dim kD (a multiple of 8): s[j] = q . key(j). Eight keys at
+// a time, each dot product kept as 8 partial sums and the eight reduced together by a transposing add tree
+// (21 shuffles/adds instead of 8 horizontal reductions), stored as whole vectors so that exp_shifted reads
+// them back without a store-forwarding stall. Returns the row maximum.
+template <int kD, typename RowFn>
+inline float scores8(float* __restrict s, const float* __restrict q, int64_t n, RowFn&& key) {
+  static_assert(kD > 0 && kD % 8 == 0, "scores8 needs a head dim that is a multiple of 8");
+  f32x8 row_max = f32x8{} - INFINITY;
+  const i32x8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
+  for (int64_t jb = 0; jb < n; jb += 8) {
+    f32x8 part[8];
+    for (int t = 0; t < 8; ++t) {
+      part[t] = f32x8{};
+      if (jb + t < n) {
+        const float* k = key(jb + t);
+        for (int c = 0; c < kD; c += 8) part[t] += load8(q + c) * load8(k + c);
+      }
+    }
+    f32x8 a[4], b[2];
+    for (int t = 0; t < 4; ++t)
+      a[t] = __builtin_shufflevector(part[2 * t], part[2 * t + 1], 0, 8, 2, 10, 4, 12, 6, 14) +
+             __builtin_shufflevector(part[2 * t], part[2 * t + 1], 1, 9, 3, 11, 5, 13, 7, 15);
+    for (int t = 0; t < 2; ++t)
+      b[t] = __builtin_shufflevector(a[2 * t], a[2 * t + 1], 0, 1, 8, 9, 4, 5, 12, 13) +
+             __builtin_shufflevector(a[2 * t], a[2 * t + 1], 2, 3, 10, 11, 6, 7, 14, 15);
+    const f32x8 sums = __builtin_shufflevector(b[0], b[1], 0, 1, 2, 3, 8, 9, 10, 11) +
+                       __builtin_shufflevector(b[0], b[1], 4, 5, 6, 7, 12, 13, 14, 15);
+    store8(s + jb, sums);
+    const f32x8 visible = lane < static_cast<int32_t>(std::min<int64_t>(n - jb, 8)) ? sums : f32x8{} - INFINITY;
+    row_max = visible > row_max ? visible : row_max;
+  }
+  float result = row_max[0];
+  for (int t = 1; t < 8; ++t) result = std::max(result, row_max[t]);
+  return result;
 }
 
 // Number of keys query row i sees: all of them, or the causal prefix aligned bottom-right.
@@ -215,9 +254,13 @@ void fwd_units(const AttentionParams& p, int64_t unit_begin, int64_t unit_end) {
       A* __restrict acc = kD ? acc_regs : scratch.acc;
       load_row(qr, q + (q0 + i) * p.q_row + h * p.q_head, d, scale);
       A row_max = -std::numeric_limits<A>::infinity();
-      for (int64_t j = 0; j < n; ++j) {
-        s[j] = dot(qr, keys.row(g, j), d);
-        row_max = std::max(row_max, s[j]);
+      if constexpr (std::is_same_v<A, float> && kD % 8 == 0 && kD > 0) {
+        row_max = scores8<kD>(s, qr, n, [&](int64_t j) { return keys.row(g, j); });
+      } else {
+        for (int64_t j = 0; j < n; ++j) {
+          s[j] = dot(qr, keys.row(g, j), d);
+          row_max = std::max(row_max, s[j]);
+        }
       }
       const A sum = exp_shifted(s, n, row_max);
       for (int64_t c = 0; c < d; ++c) acc[c] = 0;
