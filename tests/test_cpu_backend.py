@@ -44,6 +44,17 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The oracles run thousands of tiny torch ops; with an OpenMP team on a busy 2-core machine each op waits
+    for a descheduled thread (~250x slower). The kernel's split across threads is checked on its own, by
+    test_results_independent_of_thread_count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _call(q, k, v, layout, causal, **kw):
     return hierkern.varlen_attention(q, k, v, offsets_of(layout.lengths_q), offsets_of(layout.keys),
                                      causal=causal, backend="cpu", **kw)
@@ -348,7 +359,7 @@ for layout in adversarial_layouts()[1:3] + adversarial_layouts()[6:8]:
             assert (a.double() - b).norm() <= 10 * tol * max(b.norm(), 1.0), (layout.name, dtype, head_dim)
 print("ok")
 """
-    env = dict(os.environ, HIERKERN_CPU_KERNELS="generic")
+    env = dict(os.environ, HIERKERN_CPU_KERNELS="generic", OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, "-c", script, os.path.dirname(__file__)], capture_output=True,
                             text=True, timeout=300, env=env)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr
