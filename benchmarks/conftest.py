@@ -21,13 +21,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from hierkern.bench import workloads  # noqa: E402
-
 BENCHMARK_DEFAULTS = {"benchmark_max_time": ("--benchmark-max-time", "0.25"),
                       "benchmark_min_rounds": ("--benchmark-min-rounds", 3)}
-
-DTYPES = {"cpu": (torch.float32,), "cuda": (torch.bfloat16, torch.float16)}
-
 
 def pytest_addoption(parser):
     group = parser.getgroup("hierkern benchmarks")
@@ -54,28 +49,6 @@ def pytest_configure(config):
     for dest, (flag, value) in BENCHMARK_DEFAULTS.items():
         if not _given(config, flag):
             setattr(config.option, dest, parse_seconds(value) if isinstance(value, str) else value)
-
-
-def devices(config) -> list[str]:
-    choice = config.getoption("--hk-device")
-    if choice == "auto":
-        return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
-    return ["cpu", "cuda"] if choice == "all" else [choice]
-
-
-def cases(config, modes) -> list[tuple]:
-    """``(device, workload, mode, dtype)`` for every benchmark group, in a cache-friendly order."""
-    out = []
-    for device in devices(config):
-        for workload in workloads(config.getoption("--hk-size"), device):
-            for mode in modes:
-                for dtype in DTYPES[device]:
-                    out.append((device, workload, mode, dtype))
-    return out
-
-
-def case_id(device, workload, mode, dtype) -> str:
-    return f"{device}-{workload.name}-{mode}-{str(dtype).replace('torch.', '')}"
 
 
 @pytest.fixture

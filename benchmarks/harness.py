@@ -17,18 +17,19 @@ import pytest
 import torch
 
 import hierkern
-from hierkern.bench import Workload, make_qkv
+from hierkern.bench import Workload, make_qkv, workloads
 from hierkern.reference import varlen_attention_reference
 
 MODES = ("fwd", "fwd+bwd")
+DTYPES = {"cpu": (torch.float32,), "cuda": (torch.bfloat16, torch.float16)}
 
 # The correctness gate guards against timing a wrong answer; it is not a precision test (tests/ is). Relative
 # Frobenius error vs the float64 reference, per dtype: (output, gradients). Each is a few times the error
 # of an fp32-accumulating kernel with inputs in that dtype.
 TOLERANCE = {
     torch.float32: (1e-5, 1e-4),
-    torch.bfloat16: (2e-2, 5e-2),
-    torch.float16: (3e-3, 1e-2),
+    torch.bfloat16: (3e-2, 6e-2),
+    torch.float16: (5e-3, 2e-2),
 }
 
 # Padded attention computes S * H * max_len**2 scores; past these limits a padded baseline would run for
@@ -44,6 +45,28 @@ BYTES_DEFINITION = {
     "fwd": "floor: read q, k, v + write out, once each",
     "fwd+bwd": "floor: fwd (q, k, v, out) + bwd (read q, k, v, out, dout; write dq, dk, dv) = 12 tensors",
 }
+
+
+def devices(config) -> list[str]:
+    choice = config.getoption("--hk-device")
+    if choice == "auto":
+        return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+    return ["cpu", "cuda"] if choice == "all" else [choice]
+
+
+def cases(config, modes) -> list[tuple]:
+    """``(device, workload, mode, dtype)`` for every benchmark group, in a cache-friendly order."""
+    out = []
+    for device in devices(config):
+        for workload in workloads(config.getoption("--hk-size"), device):
+            for mode in modes:
+                for dtype in DTYPES[device]:
+                    out.append((device, workload, mode, dtype))
+    return out
+
+
+def case_id(device, workload, mode, dtype) -> str:
+    return f"{device}-{workload.name}-{mode}-{str(dtype).replace('torch.', '')}"
 
 
 @dataclass
@@ -95,18 +118,23 @@ def make_problem(workload: Workload, mode: str, dtype: torch.dtype, device: str)
     return Problem(workload, mode, dtype, device, q, k, v, dout, workload.segments(device))
 
 
-@functools.lru_cache(maxsize=4)
+# Parametrisation keeps every implementation of one problem together, so two entries are enough; at the
+# large CUDA size one entry holds gigabytes.
+@functools.lru_cache(maxsize=2)
 def reference64(workload: Workload, mode: str, dtype: torch.dtype, device: str):
-    """Float64 CPU reference for a problem: ``(out, grads or None)``, packed. Cached per problem."""
+    """``hierkern.reference`` in float64 on the problem's inputs: ``(out, grads or None)``, packed, on the CPU.
+
+    Evaluated on the problem's device (float64 on a GPU is exact enough and far faster than the CPU at the
+    GPU sizes). Cached per problem.
+    """
     p = make_problem(workload, mode, dtype, device)
-    q, k, v = (t.detach().to("cpu", torch.float64).requires_grad_(p.backward) for t in (p.q, p.k, p.v))
-    offsets = p.seg.offsets.cpu()
+    q, k, v = (t.detach().to(torch.float64).requires_grad_(p.backward) for t in (p.q, p.k, p.v))
     with torch.enable_grad():
-        out, _ = varlen_attention_reference(q, k, v, offsets, offsets)
+        out, _ = varlen_attention_reference(q, k, v, p.seg.offsets, p.seg.offsets)
         grads = None
         if p.backward:
-            grads = torch.autograd.grad(out, (q, k, v), p.dout.to("cpu", torch.float64))
-    return out.detach(), grads
+            grads = tuple(g.cpu() for g in torch.autograd.grad(out, (q, k, v), p.dout.to(torch.float64)))
+    return out.detach().cpu(), grads
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -231,7 +259,14 @@ def run_benchmark(benchmark, *, group: str, impl: str, prepared: Prepared, refer
     benchmark.extra_info.update(impl=impl, device=str(device), dtype=str(dtype).replace("torch.", ""),
                                 **info, **prepared.extra)
     run = synchronized(prepared.run, device)
-    result = prepared.result(run())
+    try:
+        result = prepared.result(run())
+    except (RuntimeError, NotImplementedError) as exc:
+        if impl.startswith("hierkern-"):
+            raise
+        # A baseline that torch (or another library) cannot run on this input is reported, not ours to fix.
+        pytest.skip(f"{impl} failed on this input (torch {torch.__version__}): {type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0][:200] if str(exc) else ''}")
     if callable(reference):
         errors = reference(result)
     else:

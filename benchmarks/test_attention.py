@@ -24,9 +24,8 @@ import torch
 import torch.nn.functional as F
 
 import hierkern
-from conftest import case_id, cases
-from harness import (MODES, BYTES_DEFINITION, Prepared, Problem, make_problem, padded_guard, per_segment_guard,
-                     reference64, run_benchmark)
+from harness import (BYTES_DEFINITION, MODES, Prepared, Problem, case_id, cases, make_problem, padded_guard,
+                     per_segment_guard, reference64, run_benchmark)
 
 
 def baseline_impls(device: str) -> list[str]:
@@ -53,18 +52,19 @@ def _packed_result(result):
     return out.detach(), grads
 
 
+def attention_call(p: Problem, q, k, v) -> hierkern.AttentionCall:
+    with torch.set_grad_enabled(p.backward):
+        return hierkern.AttentionCall.of(q, k, v, p.seg.max_len, p.seg.max_len, False, 0.0)
+
+
 def prepare_hierkern(p: Problem, backend: str, size: str) -> Prepared:
-    call = hierkern.AttentionCall(
-        device_type=p.device.type, dtype=p.dtype, head_dim=p.workload.head_dim,
-        num_heads=p.workload.num_heads, num_kv_heads=p.workload.num_heads, max_seqlen_q=p.seg.max_len,
-        max_seqlen_k=p.seg.max_len, causal=False, dropout=False, requires_grad=p.backward)
-    reason = hierkern.explain(call)[backend]
+    q, k, v = p.leaves()
+    reason = hierkern.explain(attention_call(p, q, k, v))[backend]
     if reason is not None:
         pytest.skip(f"hierkern backend {backend!r} refuses this call: {reason}")
     if backend == "reference" and size == "large":
         pytest.skip("the reference backend is the slow fallback (it syncs and pads by length bucket); "
                     "benchmarked at small and default sizes only")
-    q, k, v = p.leaves()
 
     def run():
         out = hierkern.varlen_attention(q, k, v, p.seg, backend=backend)
@@ -126,15 +126,15 @@ def prepare_sdpa_nested(p: Problem) -> Prepared:
 
 def prepare_sdpa_loop(p: Problem) -> Prepared:
     per_segment_guard(p.workload, p.mode, "torch-sdpa-loop")
-    bounds = p.seg.offsets.tolist()
-    spans = [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    lengths = list(p.workload.lengths)
     q, k, v = p.leaves()
 
     def run():
+        # split, not slicing: its backward is one concatenation instead of a full-size gradient per slice.
         out = torch.cat([
-            F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k[a:b].transpose(0, 1),
-                                           v[a:b].transpose(0, 1)).transpose(0, 1)      # (H, L, D) per segment
-            for a, b in spans])
+            F.scaled_dot_product_attention(qs.transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1))
+            .transpose(0, 1)                                                   # (L, H, D) <- (H, L, D)
+            for qs, ks, vs in zip(q.split(lengths), k.split(lengths), v.split(lengths)) if qs.shape[0]])
         if p.backward:
             return out, torch.autograd.grad(out, (q, k, v), p.dout)
         return out, None
@@ -150,7 +150,9 @@ def prepare_flex(p: Problem) -> Prepared:
         return doc[q_idx] == doc[kv_idx]
 
     def build():
-        return create_block_mask(document_mask, B=None, H=None, Q_LEN=total, KV_LEN=total, device=p.device)
+        # _compile=True builds the block mask tile by tile; the eager builder materialises total**2 booleans.
+        return create_block_mask(document_mask, B=None, H=None, Q_LEN=total, KV_LEN=total, device=p.device,
+                                 _compile=True)
 
     build()     # compile the mask builder once
     times = []
@@ -201,7 +203,7 @@ def test_attention(benchmark, request, skip_without_device, device, workload, mo
                    "torch-sdpa-loop": prepare_sdpa_loop, "torch-flex": prepare_flex,
                    "flash-attn-varlen": prepare_flash_attn}[impl]
         prepared = prepare(p)
-    call = hierkern.AttentionCall.of(p.q, p.k, p.v, p.seg.max_len, p.seg.max_len, False, 0.0)
+    call = attention_call(p, *p.leaves())
     info = dict(workload=workload.name, mode=mode, tokens=workload.total, segments=workload.num_segments,
                 mean_len=workload.mean_len, max_len=workload.max_len, num_heads=workload.num_heads,
                 head_dim=workload.head_dim, size=size, bytes_definition=BYTES_DEFINITION[mode],

@@ -22,8 +22,7 @@ import pytest
 import torch
 
 import hierkern
-from conftest import case_id, cases
-from harness import MODES, Prepared, check_against_reference, run_benchmark
+from harness import MODES, Prepared, case_id, cases, check_against_reference, run_benchmark
 
 LAYER_WORKLOADS = ("chars-in-words", "words-in-sentences")
 LAYER_BYTES_DEFINITION = {

@@ -153,8 +153,8 @@ def detail_table(groups: list[Group]) -> str:
 
 
 def plot_speedups(groups: list[Group], path) -> None:
-    """Write a PNG: speedup of each hierkern implementation vs the best torch baseline, against mean
-    segment length, one series per (implementation, mode, dtype).
+    """Write a PNG: speedup of each hierkern implementation vs the best torch baseline against mean segment
+    length, one marker style per (implementation, mode, dtype); the layer groups (``mha*``) in a second panel.
 
     Raises:
         PlotUnavailable: matplotlib is not installed.
@@ -166,31 +166,36 @@ def plot_speedups(groups: list[Group], path) -> None:
     except ImportError:
         raise PlotUnavailable("matplotlib is not installed; install it with `pip install 'hierkern[plot]'` "
                               "(or `pip install matplotlib`) to write the plot") from None
-    series: dict[str, list[tuple[float, float, str]]] = {}
+    panels: dict[str, dict[str, list[tuple[float, float]]]] = {}
     for g in groups:
         mean_len = g.field("mean_len")
         if mean_len is None or mean_len <= 0:
             continue
         workload, _, rest = g.name.partition("/")
+        panel = "layer (MultiheadAttention)" if workload.startswith("mha") else "attention core"
         for e in g.entries:
             s = g.speedup(e)
             if e.is_hierkern and s is not None:
-                series.setdefault(f"{e.impl} {rest}", []).append((mean_len, s, workload))
-    fig, ax = plt.subplots(figsize=(9, 5.5))
-    for label, points in sorted(series.items()):
-        points.sort()
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
-    ax.axhline(1.0, color="gray", linestyle="--", linewidth=1)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("mean segment length (tokens)")
-    ax.set_ylabel("speedup vs fastest torch baseline (x)")
-    ax.set_title("hierkern vs torch: higher is faster")
-    if series:
-        ax.legend(fontsize=7)
-    ax.grid(True, which="both", alpha=0.3)
+                label = f"{e.impl}{' need_weights' if workload.startswith('mha-weights') else ''} {rest}"
+                panels.setdefault(panel, {}).setdefault(label, []).append((mean_len, s))
+    names = sorted(panels) or ["attention core"]
+    fig, axes = plt.subplots(1, len(names), figsize=(7 * len(names), 5), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        # Different workloads share a mean length, so points are not joined by lines.
+        for i, (label, points) in enumerate(sorted(panels.get(name, {}).items())):
+            ax.plot([p[0] for p in points], [p[1] for p in points], linestyle="none", marker="osD^v<>"[i % 7],
+                    alpha=0.8, label=label)
+        ax.axhline(1.0, color="gray", linestyle="--", linewidth=1)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("mean segment length (tokens)")
+        ax.set_ylabel("speedup vs fastest torch baseline (x)")
+        ax.set_title(f"{name}: hierkern vs torch (higher is faster)")
+        if panels.get(name):
+            ax.legend(fontsize=7)
+        ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
