@@ -1,4 +1,4 @@
-"""Options and parametrisation of ``pytest benchmarks``.
+"""Options of ``pytest benchmarks`` (the parametrisation lives in ``harness.py``).
 
 Options:
     --hk-size=small|default|large   workload size (``hierkern.bench.workloads.SIZES``; default: default).
@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 BENCHMARK_DEFAULTS = {"benchmark_max_time": ("--benchmark-max-time", "0.25"),
                       "benchmark_min_rounds": ("--benchmark-min-rounds", 3)}
+
 
 def pytest_addoption(parser):
     group = parser.getgroup("hierkern benchmarks")

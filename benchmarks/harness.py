@@ -1,7 +1,7 @@
 """What every benchmark shares: problems, the correctness gate, peak memory, timing and the recorded fields.
 
 A benchmark (1) prepares an implementation on a seeded problem, (2) runs it once untimed and checks its output
-(and gradients, for forward+backward) against ``hierkern.reference`` evaluated in float64 on the CPU,
+(and gradients, for forward+backward) against ``hierkern.reference`` evaluated in float64 on the same inputs,
 (3) measures its peak memory in one more untimed call, then (4) hands the call to pytest-benchmark. On CUDA
 the timed call ends with ``torch.cuda.synchronize()``, so a round is the time a caller waits for the result.
 """
