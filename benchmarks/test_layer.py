@@ -136,12 +136,18 @@ def test_layer(benchmark, request, skip_without_device, device, workload, mode, 
             errors["path"] = module.last_path   # which path ours took: "varlen" or torch's math
         return errors
 
-    element = torch.tensor([], dtype=dtype).element_size()
+    # The attention backend "auto" picks inside the layer (shape, dtype and device decide, not the data).
+    probe = torch.empty(0, workload.num_heads, workload.head_dim, device=device, dtype=dtype,
+                        requires_grad=mode == "fwd+bwd")
+    with torch.set_grad_enabled(mode == "fwd+bwd"):
+        call = hierkern.AttentionCall.of(probe, probe, probe, workload.max_len, workload.max_len, False, 0.0)
+    element = probe.element_size()
     tokens, params = workload.total * workload.embed_dim, prepared.extra["num_parameters"]
     floor = (2 * tokens + params) if mode == "fwd" else (5 * tokens + 3 * params)
     info = dict(workload=workload.name, mode=mode, tokens=workload.total, segments=workload.num_segments,
                 mean_len=workload.mean_len, max_len=workload.max_len, num_heads=workload.num_heads,
                 head_dim=workload.head_dim, need_weights=need_weights,
+                auto_backend=hierkern.backends.select_backend(call).name,
                 size=request.config.getoption("--hk-size"), bytes_definition=LAYER_BYTES_DEFINITION[mode])
     run_benchmark(benchmark, group=f"{variant}-{workload.name}/{mode}/{str(dtype).replace('torch.', '')}",
                   impl=impl, prepared=prepared, reference=check, dtype=dtype, device=torch.device(device),
