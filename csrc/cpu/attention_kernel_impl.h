@@ -158,6 +158,14 @@ Block<const A> load_block(const T* src, int64_t row_stride, int64_t head_stride,
   }
 }
 
+// Segments with at least this many keys take the blocked float path (kBlockRows query rows of one head at a
+// time): below it a row's keys are fewer than one 8-key score vector and per-row overheads dominate anyway.
+constexpr int64_t kBlockMinKeys = 16;
+constexpr int64_t kBlockRows = 4;
+
+template <typename A, int kD>
+constexpr bool kBlocked = std::is_same_v<A, float> && kD > 0 && kD % 32 == 0;
+
 // Per-thread scratch, sized once per call of a *_units function (one call per thread and launch). Only
 // what the dtype needs is allocated: converted keys/values for non-Acc inputs, dk/dv accumulators likewise
 // (for Acc inputs the backward accumulates straight into dk/dv).
@@ -165,16 +173,19 @@ template <typename T, typename A>
 struct Scratch {
   static constexpr bool kConvert = !std::is_same_v<T, A>;
   std::vector<A> buf;
+  // scores, probs: kBlockRows rows of row_len; qrow, dorow: kBlockRows rows of d (the blocked path's block).
   A *scores, *probs, *qrow, *dorow, *acc, *keys, *values, *dkeys, *dvalues;
+  int64_t row_len;
   Scratch(int64_t max_k, int64_t kv_heads, int64_t d, bool backward) {
     const int64_t kv = kConvert ? max_k * kv_heads * d : 0;
-    const int64_t row = (max_k + kScorePad<A> - 1) / kScorePad<A> * kScorePad<A>;
-    buf.assign(2 * row + 3 * d + 2 * kv + (backward ? 2 * kv : 0), A(0));
+    row_len = (max_k + kScorePad<A> - 1) / kScorePad<A> * kScorePad<A>;
+    const int64_t row = kBlockRows * row_len;
+    buf.assign(2 * row + (2 * kBlockRows + 1) * d + 2 * kv + (backward ? 2 * kv : 0), A(0));
     A* p = buf.data();
     scores = p; p += row;
     probs = p; p += row;
-    qrow = p; p += d;
-    dorow = p; p += d;
+    qrow = p; p += kBlockRows * d;
+    dorow = p; p += kBlockRows * d;
     acc = p; p += d;
     keys = p; p += kv;
     values = p; p += kv;
@@ -216,6 +227,118 @@ inline void for_each_row(int64_t lk, int64_t h0, int64_t h1, int64_t lq, int64_t
   }
 }
 
+// res_r[c] = sum_{j < n} w_r[j] * row(j)[c] for two weight rows at once: each loaded row chunk feeds both, and
+// the sums stay in registers (32 columns x 2 rows = 8 vectors) instead of a memory accumulator whose
+// store-to-load latency would serialise the key loop. Weights must be 0 (not garbage) up to n for both rows.
+template <int kD, typename RowFn>
+inline void combine2(float* __restrict res0, float* __restrict res1, const float* __restrict w0,
+                     const float* __restrict w1, int64_t n, RowFn&& row) {
+  for (int c0 = 0; c0 < kD; c0 += 32) {
+    f32x8 a0[4] = {}, a1[4] = {};
+    for (int64_t j = 0; j < n; ++j) {
+      const float* x = row(j) + c0;
+      const f32x8 b0 = f32x8{} + w0[j], b1 = f32x8{} + w1[j];
+      for (int t = 0; t < 4; ++t) {
+        const f32x8 xv = load8(x + 8 * t);
+        a0[t] += b0 * xv;
+        a1[t] += b1 * xv;
+      }
+    }
+    for (int t = 0; t < 4; ++t) {
+      store8(res0 + c0 + 8 * t, a0[t]);
+      store8(res1 + c0 + 8 * t, a1[t]);
+    }
+  }
+}
+
+// Blocked forward of query rows [i0, i0 + r) of head h (float, kD a multiple of 32): scores and softmax row
+// by row, then P @ V two rows at a time so that each value row is loaded once per pair.
+template <typename T, int kD, typename KeyFn, typename ValFn, typename OutFn>
+inline void fwd_block(const T* const* q_rows, int64_t r, const int64_t* n, float scale, float* scores,
+                      int64_t row_len, float* qrows, float* lse_out[], OutFn&& out_row, KeyFn&& key, ValFn&& val) {
+  int64_t n_max = 0;
+  float inv[kBlockRows];
+  for (int64_t b = 0; b < r; ++b) {
+    float* s = scores + b * row_len;
+    n_max = std::max(n_max, n[b]);
+    if (n[b] == 0) {
+      *lse_out[b] = -std::numeric_limits<float>::infinity();
+      inv[b] = 0;
+      continue;
+    }
+    float* qr = qrows + b * kD;
+    load_row(qr, q_rows[b], kD, scale);
+    const float row_max = scores8<kD>(s, qr, n[b], key);
+    const float sum = exp_shifted(s, n[b], row_max);
+    inv[b] = 1.0f / sum;
+    *lse_out[b] = row_max + std::log(sum);
+  }
+  for (int64_t b = 0; b < r; ++b)
+    for (int64_t j = n[b]; j < n_max; ++j) scores[b * row_len + j] = 0;
+  alignas(64) float res[2][kD];
+  for (int64_t b = 0; b < r; b += 2) {
+    const int64_t b1 = b + 1 < r ? b + 1 : b;
+    combine2<kD>(res[0], res[1], scores + b * row_len, scores + b1 * row_len, std::max(n[b], n[b1]), val);
+    for (int64_t e = b; e <= b1; ++e) {
+      T* o = out_row(e);
+      for (int64_t c = 0; c < kD; ++c) o[c] = static_cast<T>(res[e - b][c] * inv[e]);
+    }
+  }
+}
+
+// Blocked backward of query rows [i0, i0 + r) of head h (float, kD a multiple of 32). Row by row: P from the
+// scores and lse, dS = P * (dout . v - delta), both score rows by scores8. Then dq = dS @ K two rows at a time
+// (combine2), and dk += dS^T (scale * q), dv += P^T dout with each dk/dv row loaded and stored once per block
+// rather than once per query row. Rows of the block past their causal prefix contribute exact zeros.
+template <typename T, int kD, typename KeyFn, typename ValFn, typename DkFn, typename DvFn>
+inline void bwd_block(const T* const* q_rows, const T* const* do_rows, const T* const* o_rows,
+                      const float* lse, int64_t r, const int64_t* n, float scale, float* probs, float* dscores,
+                      int64_t row_len, float* qrows, float* dorows, T* const* dq_rows, KeyFn&& key, ValFn&& val,
+                      DkFn&& dk_row, DvFn&& dv_row) {
+  int64_t n_max = 0;
+  for (int64_t b = 0; b < r; ++b) {
+    n_max = std::max(n_max, n[b]);
+    if (n[b] == 0) continue;
+    float* P = probs + b * row_len;
+    float* dS = dscores + b * row_len;
+    float* qr = qrows + b * kD;
+    float* dor = dorows + b * kD;
+    load_row(qr, q_rows[b], kD, scale);
+    load_row(dor, do_rows[b], kD, 1.0f);
+    float delta = 0;  // rowsum(dout * out): the softmax Jacobian's correction term
+    for (int64_t c = 0; c < kD; ++c) delta += dor[c] * static_cast<float>(o_rows[b][c]);
+    scores8<kD>(P, qr, n[b], key);
+    scores8<kD>(dS, dor, n[b], val);
+    exp_shifted(P, n[b], lse[b]);
+    for (int64_t j = 0; j < n[b]; ++j) dS[j] = P[j] * (dS[j] - delta);
+  }
+  for (int64_t b = 0; b < r; ++b) {
+    for (int64_t j = n[b]; j < n_max; ++j) probs[b * row_len + j] = dscores[b * row_len + j] = 0;
+    if (n[b] == 0)
+      for (int64_t c = 0; c < kD; ++c) qrows[b * kD + c] = dorows[b * kD + c] = 0;
+  }
+  alignas(64) float res[2][kD];
+  for (int64_t b = 0; b < r; b += 2) {
+    const int64_t b1 = b + 1 < r ? b + 1 : b;
+    combine2<kD>(res[0], res[1], dscores + b * row_len, dscores + b1 * row_len, std::max(n[b], n[b1]), key);
+    for (int64_t e = b; e <= b1; ++e)
+      for (int64_t c = 0; c < kD; ++c) dq_rows[e][c] = static_cast<T>(scale * res[e - b][c]);
+  }
+  for (int64_t j = 0; j < n_max; ++j) {
+    float* dk = dk_row(j);
+    float* dv = dv_row(j);
+    for (int t = 0; t < kD; t += 8) {
+      f32x8 a = load8(dk + t), bv = load8(dv + t);
+      for (int64_t b = 0; b < r; ++b) {
+        a += (f32x8{} + dscores[b * row_len + j]) * load8(qrows + b * kD + t);
+        bv += (f32x8{} + probs[b * row_len + j]) * load8(dorows + b * kD + t);
+      }
+      store8(dk + t, a);
+      store8(dv + t, bv);
+    }
+  }
+}
+
 // kD: the head dim fixed at compile time (0: read from p), so that the loops over it unroll and the output
 // accumulator lives in registers.
 template <typename T, int kD>
@@ -238,6 +361,29 @@ void fwd_units(const AttentionParams& p, int64_t unit_begin, int64_t unit_end) {
                                  scratch.keys);
     const auto values = load_block(v + k0 * p.v_row + g0 * p.v_head, p.v_row, p.v_head, lk, g1 - g0, d,
                                    scratch.values);
+    if constexpr (kBlocked<A, kD>) {
+      if (lk >= kBlockMinKeys) {
+        for (int64_t h = g0 * group; h < g1 * group; ++h) {
+          const int64_t g = h / group - g0;
+          for (int64_t i0 = 0; i0 < lq; i0 += kBlockRows) {
+            const int64_t r = std::min(kBlockRows, lq - i0);
+            const T* q_rows[kBlockRows];
+            int64_t n[kBlockRows];
+            float* lse_out[kBlockRows];
+            for (int64_t b = 0; b < r; ++b) {
+              q_rows[b] = q + (q0 + i0 + b) * p.q_row + h * p.q_head;
+              n[b] = visible_keys(i0 + b, lq, lk, p.causal);
+              lse_out[b] = p.lse + h * p.total_q + q0 + i0 + b;
+            }
+            fwd_block<T, kD>(
+                q_rows, r, n, scale, scratch.scores, scratch.row_len, scratch.qrow, lse_out,
+                [&](int64_t b) { return out + (q0 + i0 + b) * p.out_row + h * p.out_head; },
+                [&](int64_t j) { return keys.row(g, j); }, [&](int64_t j) { return values.row(g, j); });
+          }
+        }
+        return;
+      }
+    }
     for_each_row(lk, g0 * group, g1 * group, lq, 2 * d * sizeof(A), [&](int64_t h, int64_t i) {
       T* o = out + (q0 + i) * p.out_row + h * p.out_head;
       float* lse = p.lse + h * p.total_q + q0 + i;
@@ -310,7 +456,34 @@ void bwd_units(const AttentionParams& p, int64_t unit_begin, int64_t unit_end) {
                                  scratch.keys);
     const auto values = load_block(v + k0 * p.v_row + g0 * p.v_head, p.v_row, p.v_head, rows, heads, d,
                                    scratch.values);
-    for_each_row(lk, g0 * group, g1 * group, lq, 4 * d * sizeof(A), [&](int64_t h, int64_t i) {
+    bool blocked = false;
+    if constexpr (kBlocked<A, kD>) {
+      blocked = lk >= kBlockMinKeys;
+      for (int64_t h = g0 * group; blocked && h < g1 * group; ++h) {
+        const int64_t g = h / group - g0;
+        for (int64_t i0 = 0; i0 < lq; i0 += kBlockRows) {
+          const int64_t r = std::min(kBlockRows, lq - i0);
+          const T *q_rows[kBlockRows], *do_rows[kBlockRows], *o_rows[kBlockRows];
+          T* dq_rows[kBlockRows];
+          int64_t n[kBlockRows];
+          float lse[kBlockRows];
+          for (int64_t b = 0; b < r; ++b) {
+            const int64_t t = q0 + i0 + b;
+            q_rows[b] = q + t * p.q_row + h * p.q_head;
+            do_rows[b] = dout + t * p.dout_row + h * p.dout_head;
+            o_rows[b] = out + t * p.out_row + h * p.out_head;
+            dq_rows[b] = dq + t * q_stride + h * d;
+            n[b] = visible_keys(i0 + b, lq, lk, p.causal);
+            lse[b] = p.lse[h * p.total_q + t];
+          }
+          bwd_block<T, kD>(q_rows, do_rows, o_rows, lse, r, n, scale, scratch.probs, scratch.scores,
+                           scratch.row_len, scratch.qrow, scratch.dorow, dq_rows,
+                           [&](int64_t j) { return keys.row(g, j); }, [&](int64_t j) { return values.row(g, j); },
+                           [&](int64_t j) { return dk_acc.row(g, j); }, [&](int64_t j) { return dv_acc.row(g, j); });
+        }
+      }
+    }
+    if (!blocked) for_each_row(lk, g0 * group, g1 * group, lq, 4 * d * sizeof(A), [&](int64_t h, int64_t i) {
       T* dq_row = dq + (q0 + i) * q_stride + h * d;
       const int64_t n = visible_keys(i, lq, lk, p.causal);
       if (n == 0) {
