@@ -35,6 +35,8 @@ typedef int32_t i32x8 __attribute__((vector_size(32)));
 typedef float f32x8_unaligned __attribute__((vector_size(32), aligned(4)));
 
 inline f32x8 load8(const float* p) { return *reinterpret_cast<const f32x8_unaligned*>(p); }
+// Not `f32x8{} + x`: 0 + x is not an identity (x = -0), so that costs an add before the broadcast.
+inline f32x8 bcast8(float x) { return f32x8{x, x, x, x, x, x, x, x}; }
 inline void store8(float* p, f32x8 x) { *reinterpret_cast<f32x8_unaligned*>(p) = x; }
 
 inline f32x8 exp8(f32x8 x_in) {
@@ -95,13 +97,15 @@ inline float scores8(float* __restrict s, const float* __restrict q, int64_t n, 
   f32x8 row_max = f32x8{} - INFINITY;
   const i32x8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
   for (int64_t jb = 0; jb < n; jb += 8) {
+    // Lanes past n repeat the last key instead of branching, so that part[] stays in registers; callers
+    // mask those lanes.
     f32x8 part[8];
+#pragma GCC unroll 8
     for (int t = 0; t < 8; ++t) {
-      part[t] = f32x8{};
-      if (jb + t < n) {
-        const float* k = key(jb + t);
-        for (int c = 0; c < kD; c += 8) part[t] += load8(q + c) * load8(k + c);
-      }
+      const float* k = key(std::min<int64_t>(jb + t, n - 1));
+      part[t] = load8(q) * load8(k);
+#pragma GCC unroll 16
+      for (int c = 8; c < kD; c += 8) part[t] += load8(q + c) * load8(k + c);
     }
     f32x8 a[4], b[2];
     for (int t = 0; t < 4; ++t)
@@ -162,6 +166,9 @@ Block<const A> load_block(const T* src, int64_t row_stride, int64_t head_stride,
 // time): below it a row's keys are fewer than one 8-key score vector and per-row overheads dominate anyway.
 constexpr int64_t kBlockMinKeys = 16;
 constexpr int64_t kBlockRows = 4;
+// Query rows per backward block: dk/dv rows are read and written once per block, so bigger is better up to
+// the scratch it costs (2 x kBwdRows score rows).
+constexpr int64_t kBwdRows = 64;
 
 template <typename A, int kD>
 constexpr bool kBlocked = std::is_same_v<A, float> && kD > 0 && kD % 32 == 0;
@@ -173,19 +180,20 @@ template <typename T, typename A>
 struct Scratch {
   static constexpr bool kConvert = !std::is_same_v<T, A>;
   std::vector<A> buf;
-  // scores, probs: kBlockRows rows of row_len; qrow, dorow: kBlockRows rows of d (the blocked path's block).
+  // scores, probs: a block of rows (kBlockRows forward, kBwdRows backward) of row_len (a multiple of 16);
+  // qrow, dorow: as many rows of d.
   A *scores, *probs, *qrow, *dorow, *acc, *keys, *values, *dkeys, *dvalues;
   int64_t row_len;
   Scratch(int64_t max_k, int64_t kv_heads, int64_t d, bool backward) {
     const int64_t kv = kConvert ? max_k * kv_heads * d : 0;
-    row_len = (max_k + kScorePad<A> - 1) / kScorePad<A> * kScorePad<A>;
-    const int64_t row = kBlockRows * row_len;
-    buf.assign(2 * row + (2 * kBlockRows + 1) * d + 2 * kv + (backward ? 2 * kv : 0), A(0));
+    row_len = (max_k + 15) / 16 * 16;
+    const int64_t rows = backward ? kBwdRows : kBlockRows;
+    buf.assign(2 * rows * row_len + (2 * rows + 1) * d + 2 * kv + (backward ? 2 * kv : 0), A(0));
     A* p = buf.data();
-    scores = p; p += row;
-    probs = p; p += row;
-    qrow = p; p += kBlockRows * d;
-    dorow = p; p += kBlockRows * d;
+    scores = p; p += rows * row_len;
+    probs = p; p += rows * row_len;
+    qrow = p; p += rows * d;
+    dorow = p; p += rows * d;
     acc = p; p += d;
     keys = p; p += kv;
     values = p; p += kv;
@@ -237,7 +245,7 @@ inline void combine2(float* __restrict res0, float* __restrict res1, const float
     f32x8 a0[4] = {}, a1[4] = {};
     for (int64_t j = 0; j < n; ++j) {
       const float* x = row(j) + c0;
-      const f32x8 b0 = f32x8{} + w0[j], b1 = f32x8{} + w1[j];
+      const f32x8 b0 = bcast8(w0[j]), b1 = bcast8(w1[j]);
       for (int t = 0; t < 4; ++t) {
         const f32x8 xv = load8(x + 8 * t);
         a0[t] += b0 * xv;
@@ -286,10 +294,43 @@ inline void fwd_block(const T* const* q_rows, int64_t r, const int64_t* n, float
   }
 }
 
-// Blocked backward of query rows [i0, i0 + r) of head h (float, kD a multiple of 32). Row by row: P from the
-// scores and lse, dS = P * (dout . v - delta), both score rows by scores8. Then dq = dS @ K two rows at a time
-// (combine2), and dk += dS^T (scale * q), dv += P^T dout with each dk/dv row loaded and stored once per block
-// rather than once per query row. Rows of the block past their causal prefix contribute exact zeros.
+// g_j[c] += sum_{b < r} w_b[j] * x_b[c] for keys j in [0, n): the rank-r update dk += dS^T (scale q) or
+// dv += P^T dout of a chunk of query rows. Two keys x 32 columns of g stay in registers across all the rows,
+// so g is loaded and stored once per chunk. w: r rows of row_len weights, 0 past each row's keys and
+// readable up to n rounded up to 2; x: r rows of kD. Rows before first[j] (causal: rows that do not see key
+// j) are skipped.
+template <int kD, typename GradFn>
+inline void rank_update(const float* __restrict w, int64_t row_len, const float* __restrict x, int64_t r,
+                        const int64_t* n, int64_t n_keys, GradFn&& grad) {
+  int64_t first = 0;  // rows with n[b] <= j contribute nothing; n is nondecreasing, so they are a prefix
+  for (int64_t j = 0; j < n_keys; j += 2) {
+    while (first < r && n[first] <= j) ++first;
+    const bool pair = j + 1 < n_keys;
+    float* g0 = grad(j);
+    float* g1 = grad(pair ? j + 1 : j);
+    for (int c0 = 0; c0 < kD; c0 += 32) {
+      f32x8 a0[4], a1[4];
+      for (int t = 0; t < 4; ++t) a0[t] = a1[t] = f32x8{};
+      for (int64_t b = first; b < r; ++b) {
+        const f32x8 w0 = bcast8(w[b * row_len + j]), w1 = bcast8(w[b * row_len + j + 1]);
+        const float* xb = x + b * kD + c0;
+        for (int t = 0; t < 4; ++t) {
+          const f32x8 xv = load8(xb + 8 * t);
+          a0[t] += w0 * xv;
+          a1[t] += w1 * xv;
+        }
+      }
+      for (int t = 0; t < 4; ++t) store8(g0 + c0 + 8 * t, load8(g0 + c0 + 8 * t) + a0[t]);
+      if (pair)
+        for (int t = 0; t < 4; ++t) store8(g1 + c0 + 8 * t, load8(g1 + c0 + 8 * t) + a1[t]);
+    }
+  }
+}
+
+// Blocked backward of query rows [i0, i0 + r) of head h (float, kD a multiple of 32, r <= kBwdRows). Row by
+// row: P from the scores and lse, dS = P * (dout . v - delta), both score rows by scores8. Then the three
+// products as register-tiled loops: dq = dS @ K two rows at a time (combine2), dk += dS^T (scale q) and
+// dv += P^T dout two keys at a time over all r rows (rank_update).
 template <typename T, int kD, typename KeyFn, typename ValFn, typename DkFn, typename DvFn>
 inline void bwd_block(const T* const* q_rows, const T* const* do_rows, const T* const* o_rows,
                       const float* lse, int64_t r, const int64_t* n, float scale, float* probs, float* dscores,
@@ -312,11 +353,10 @@ inline void bwd_block(const T* const* q_rows, const T* const* do_rows, const T* 
     exp_shifted(P, n[b], lse[b]);
     for (int64_t j = 0; j < n[b]; ++j) dS[j] = P[j] * (dS[j] - delta);
   }
-  for (int64_t b = 0; b < r; ++b) {
-    for (int64_t j = n[b]; j < n_max; ++j) probs[b * row_len + j] = dscores[b * row_len + j] = 0;
-    if (n[b] == 0)
-      for (int64_t c = 0; c < kD; ++c) qrows[b * kD + c] = dorows[b * kD + c] = 0;
-  }
+  // Weights past a row's keys are read as exact zeros (up to n_max rounded to 2 for rank_update's pairs).
+  const int64_t n_pad = std::min(row_len, (n_max + 1) / 2 * 2);
+  for (int64_t b = 0; b < r; ++b)
+    for (int64_t j = n[b]; j < n_pad; ++j) probs[b * row_len + j] = dscores[b * row_len + j] = 0;
   alignas(64) float res[2][kD];
   for (int64_t b = 0; b < r; b += 2) {
     const int64_t b1 = b + 1 < r ? b + 1 : b;
@@ -324,19 +364,8 @@ inline void bwd_block(const T* const* q_rows, const T* const* do_rows, const T* 
     for (int64_t e = b; e <= b1; ++e)
       for (int64_t c = 0; c < kD; ++c) dq_rows[e][c] = static_cast<T>(scale * res[e - b][c]);
   }
-  for (int64_t j = 0; j < n_max; ++j) {
-    float* dk = dk_row(j);
-    float* dv = dv_row(j);
-    for (int t = 0; t < kD; t += 8) {
-      f32x8 a = load8(dk + t), bv = load8(dv + t);
-      for (int64_t b = 0; b < r; ++b) {
-        a += (f32x8{} + dscores[b * row_len + j]) * load8(qrows + b * kD + t);
-        bv += (f32x8{} + probs[b * row_len + j]) * load8(dorows + b * kD + t);
-      }
-      store8(dk + t, a);
-      store8(dv + t, bv);
-    }
-  }
+  rank_update<kD>(dscores, row_len, qrows, r, n, n_max, dk_row);
+  rank_update<kD>(probs, row_len, dorows, r, n, n_max, dv_row);
 }
 
 // kD: the head dim fixed at compile time (0: read from p), so that the loops over it unroll and the output
@@ -461,12 +490,12 @@ void bwd_units(const AttentionParams& p, int64_t unit_begin, int64_t unit_end) {
       blocked = lk >= kBlockMinKeys;
       for (int64_t h = g0 * group; blocked && h < g1 * group; ++h) {
         const int64_t g = h / group - g0;
-        for (int64_t i0 = 0; i0 < lq; i0 += kBlockRows) {
-          const int64_t r = std::min(kBlockRows, lq - i0);
-          const T *q_rows[kBlockRows], *do_rows[kBlockRows], *o_rows[kBlockRows];
-          T* dq_rows[kBlockRows];
-          int64_t n[kBlockRows];
-          float lse[kBlockRows];
+        for (int64_t i0 = 0; i0 < lq; i0 += kBwdRows) {
+          const int64_t r = std::min(kBwdRows, lq - i0);
+          const T *q_rows[kBwdRows], *do_rows[kBwdRows], *o_rows[kBwdRows];
+          T* dq_rows[kBwdRows];
+          int64_t n[kBwdRows];
+          float lse[kBwdRows];
           for (int64_t b = 0; b < r; ++b) {
             const int64_t t = q0 + i0 + b;
             q_rows[b] = q + t * p.q_row + h * p.q_head;
