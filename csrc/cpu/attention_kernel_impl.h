@@ -259,6 +259,18 @@ inline void combine2(float* __restrict res0, float* __restrict res1, const float
   }
 }
 
+// Asks for rows [0, n) of row(j) (`bytes` each) to be brought into L2 while the current head is computed. The
+// next head's rows are 1/H of each token's row, a stride the hardware prefetchers do not run ahead of, so
+// without this each head of the forward starts with a burst of cache misses. (Measured: it slows the
+// backward, which is not bound by those misses.)
+template <typename RowFn>
+inline void prefetch_rows(int64_t n, int64_t bytes, RowFn&& row) {
+  for (int64_t j = 0; j < n; ++j) {
+    const char* r = reinterpret_cast<const char*>(row(j));
+    for (int64_t c = 0; c < bytes; c += 64) __builtin_prefetch(r + c, 0, 1);
+  }
+}
+
 // Blocked forward of query rows [i0, i0 + r) of head h (float, kD a multiple of 32): scores and softmax row
 // by row, then P @ V two rows at a time so that each value row is loaded once per pair.
 template <typename T, int kD, typename KeyFn, typename ValFn, typename OutFn>
@@ -394,6 +406,14 @@ void fwd_units(const AttentionParams& p, int64_t unit_begin, int64_t unit_end) {
       if (lk >= kBlockMinKeys) {
         for (int64_t h = g0 * group; h < g1 * group; ++h) {
           const int64_t g = h / group - g0;
+          if (h + 1 < g1 * group) {
+            const int64_t gn = (h + 1) / group - g0;
+            if (gn != g) {
+              prefetch_rows(lk, kD * sizeof(A), [&](int64_t j) { return keys.row(gn, j); });
+              prefetch_rows(lk, kD * sizeof(A), [&](int64_t j) { return values.row(gn, j); });
+            }
+            prefetch_rows(lq, kD * sizeof(T), [&](int64_t i) { return q + (q0 + i) * p.q_row + (h + 1) * p.q_head; });
+          }
           for (int64_t i0 = 0; i0 < lq; i0 += kBlockRows) {
             const int64_t r = std::min(kBlockRows, lq - i0);
             const T* q_rows[kBlockRows];
