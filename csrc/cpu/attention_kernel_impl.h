@@ -7,6 +7,12 @@
 // segment's keys (causal bottom-right alignment makes it a prefix), so there is no masking work at all.
 // The inner loops run over head_dim (dot products, axpy) or over keys (exp, max, sum) and are written so the
 // compiler vectorises them (`omp simd` reductions), and exp is explicit vector code (exp8).
+//
+// Segments of at least kBlockMinKeys keys in float accumulation with head dim 32/64/128 take a blocked path
+// instead, one head at a time: the forward handles kBlockRows query rows per block and computes P @ V for two
+// rows per pass over the values (combine2); the backward handles kBwdRows rows per block, dq = dS @ K likewise
+// and dk/dv as rank updates over the whole block with two keys x 32 columns held in registers (rank_update).
+// Each row's arithmetic keeps the same order whatever the thread count, so results stay bit-identical.
 
 // Numbers accumulate in Acc: float for float/bfloat16/half inputs, double for double inputs.
 template <typename T> struct AccOf { using type = float; };
