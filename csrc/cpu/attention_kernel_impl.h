@@ -454,6 +454,33 @@ inline void tiny_row(T* __restrict o, float* __restrict lse, const T* __restrict
   *lse = row_max + std::log(sum);
 }
 
+// The forward of segments of at most 8 keys, token by token over heads [g0 * group, g1 * group). Kept out of
+// line so that it does not change the code generated for the blocked path of long segments.
+template <typename T, int kD, typename A>
+__attribute__((noinline)) void tiny_segment(const AttentionParams& p, int64_t q0, int64_t lq, int64_t lk,
+                                            int64_t g0, int64_t g1, float scale, const Block<const A>& keys,
+                                            const Block<const A>& values) {
+  const int64_t group = p.num_heads / p.num_kv_heads;
+  const T* q = static_cast<const T*>(p.q);
+  T* out = static_cast<T*>(p.out);
+  constexpr int64_t d = kD;
+  for (int64_t i = 0; i < lq; ++i) {
+    const int64_t n = visible_keys(i, lq, lk, p.causal);
+    for (int64_t h = g0 * group; h < g1 * group; ++h) {
+      T* o = out + (q0 + i) * p.out_row + h * p.out_head;
+      float* lse = p.lse + h * p.total_q + q0 + i;
+      if (n == 0) {
+        for (int64_t c = 0; c < d; ++c) o[c] = T(0);
+        *lse = -std::numeric_limits<float>::infinity();
+        continue;
+      }
+      const int64_t g = h / group - g0;
+      tiny_row<T, kD>(o, lse, q + (q0 + i) * p.q_row + h * p.q_head, scale, n,
+                      [&](int64_t j) { return keys.row(g, j); }, [&](int64_t j) { return values.row(g, j); });
+    }
+  }
+}
+
 // kD: the head dim fixed at compile time (0: read from p), so that the loops over it unroll and the output
 // accumulator lives in registers.
 template <typename T, int kD>
@@ -509,21 +536,7 @@ void fwd_units(const AttentionParams& p, int64_t unit_begin, int64_t unit_end) {
     }
     if constexpr (std::is_same_v<A, float> && kD > 0 && kD % 8 == 0 && kD <= 64) {
       if (lk <= 8) {
-        for (int64_t i = 0; i < lq; ++i) {
-          const int64_t n = visible_keys(i, lq, lk, p.causal);
-          for (int64_t h = g0 * group; h < g1 * group; ++h) {
-            T* o = out + (q0 + i) * p.out_row + h * p.out_head;
-            float* lse = p.lse + h * p.total_q + q0 + i;
-            if (n == 0) {
-              for (int64_t c = 0; c < d; ++c) o[c] = T(0);
-              *lse = -std::numeric_limits<float>::infinity();
-              continue;
-            }
-            const int64_t g = h / group - g0;
-            tiny_row<T, kD>(o, lse, q + (q0 + i) * p.q_row + h * p.q_head, scale, n,
-                            [&](int64_t j) { return keys.row(g, j); }, [&](int64_t j) { return values.row(g, j); });
-          }
-        }
+        tiny_segment<T, kD>(p, q0, lq, lk, g0, g1, scale, keys, values);
         return;
       }
     }
