@@ -386,101 +386,6 @@ inline void bwd_block(const T* const* q_rows, const T* const* do_rows, const T* 
   rank_update<kD>(probs, row_len, dorows, r, n, n_max, dv_row);
 }
 
-// Forward of one query row that sees n keys, 1 <= n <= 8 (words: the common case), float accumulation and
-// kD a multiple of 8. Each step of a short row is latency bound, so the whole row stays in registers: q, the
-// eight scores (one vector: max, exp and sum without a round trip through memory) and the output
-// accumulator. Same arithmetic, in the same order, as scores8 + exp_shifted + axpy.
-template <typename T, int kD, typename KeyFn, typename ValFn>
-inline void tiny_row(T* __restrict o, float* __restrict lse, const T* __restrict q_src, float scale, int64_t n,
-                     KeyFn&& key, ValFn&& val) {
-  constexpr int kC = kD / 8;
-  f32x8 qv[kC];
-  for (int c = 0; c < kC; ++c) {
-    if constexpr (std::is_same_v<T, float>) {
-      qv[c] = load8(q_src + 8 * c) * bcast8(scale);
-    } else {
-      alignas(32) float tmp[8];
-      for (int e = 0; e < 8; ++e) tmp[e] = static_cast<float>(q_src[8 * c + e]) * scale;
-      qv[c] = load8(tmp);
-    }
-  }
-  f32x8 part[8];
-#pragma GCC unroll 8
-  for (int t = 0; t < 8; ++t) {
-    const float* k = key(std::min<int64_t>(t, n - 1));
-    part[t] = qv[0] * load8(k);
-#pragma GCC unroll 16
-    for (int c = 1; c < kC; ++c) part[t] += qv[c] * load8(k + 8 * c);
-  }
-  f32x8 a[4], b[2];
-  for (int t = 0; t < 4; ++t)
-    a[t] = __builtin_shufflevector(part[2 * t], part[2 * t + 1], 0, 8, 2, 10, 4, 12, 6, 14) +
-           __builtin_shufflevector(part[2 * t], part[2 * t + 1], 1, 9, 3, 11, 5, 13, 7, 15);
-  for (int t = 0; t < 2; ++t)
-    b[t] = __builtin_shufflevector(a[2 * t], a[2 * t + 1], 0, 1, 8, 9, 4, 5, 12, 13) +
-           __builtin_shufflevector(a[2 * t], a[2 * t + 1], 2, 3, 10, 11, 6, 7, 14, 15);
-  const f32x8 sums = __builtin_shufflevector(b[0], b[1], 0, 1, 2, 3, 8, 9, 10, 11) +
-                     __builtin_shufflevector(b[0], b[1], 4, 5, 6, 7, 12, 13, 14, 15);
-  const i32x8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
-  const auto live = lane < static_cast<int32_t>(n);
-  const f32x8 visible = live ? sums : f32x8{} - INFINITY;
-  // Maximum by halving shuffles: the order of a max does not change its value.
-  f32x8 mx = __builtin_shufflevector(visible, visible, 4, 5, 6, 7, 0, 1, 2, 3);
-  mx = visible > mx ? visible : mx;
-  f32x8 mx2 = __builtin_shufflevector(mx, mx, 2, 3, 0, 1, 6, 7, 4, 5);
-  mx = mx > mx2 ? mx : mx2;
-  mx2 = __builtin_shufflevector(mx, mx, 1, 0, 3, 2, 5, 4, 7, 6);
-  mx = mx > mx2 ? mx : mx2;
-  const float row_max = mx[0];
-  alignas(32) float pr[8];
-  store8(pr, exp8(live ? sums - row_max : f32x8{} - INFINITY));
-  float sum = 0;
-  for (int t = 0; t < 8; ++t) sum += pr[t];
-  f32x8 acc[kC];
-  for (int c = 0; c < kC; ++c) acc[c] = f32x8{};
-  for (int64_t j = 0; j < n; ++j) {
-    const float* x = val(j);
-    const f32x8 w = bcast8(pr[j]);
-    for (int c = 0; c < kC; ++c) acc[c] += w * load8(x + 8 * c);
-  }
-  const float inv = 1.0f / sum;
-  for (int c = 0; c < kC; ++c) {
-    if constexpr (std::is_same_v<T, float>) {
-      store8(o + 8 * c, acc[c] * inv);
-    } else {
-      for (int e = 0; e < 8; ++e) o[8 * c + e] = static_cast<T>(acc[c][e] * inv);
-    }
-  }
-  *lse = row_max + std::log(sum);
-}
-
-// The forward of segments of at most 8 keys, token by token over heads [g0 * group, g1 * group). Kept out of
-// line so that it does not change the code generated for the blocked path of long segments.
-template <typename T, int kD, typename A>
-__attribute__((noinline)) void tiny_segment(const AttentionParams& p, int64_t q0, int64_t lq, int64_t lk,
-                                            int64_t g0, int64_t g1, float scale, const Block<const A>& keys,
-                                            const Block<const A>& values) {
-  const int64_t group = p.num_heads / p.num_kv_heads;
-  const T* q = static_cast<const T*>(p.q);
-  T* out = static_cast<T*>(p.out);
-  constexpr int64_t d = kD;
-  for (int64_t i = 0; i < lq; ++i) {
-    const int64_t n = visible_keys(i, lq, lk, p.causal);
-    for (int64_t h = g0 * group; h < g1 * group; ++h) {
-      T* o = out + (q0 + i) * p.out_row + h * p.out_head;
-      float* lse = p.lse + h * p.total_q + q0 + i;
-      if (n == 0) {
-        for (int64_t c = 0; c < d; ++c) o[c] = T(0);
-        *lse = -std::numeric_limits<float>::infinity();
-        continue;
-      }
-      const int64_t g = h / group - g0;
-      tiny_row<T, kD>(o, lse, q + (q0 + i) * p.q_row + h * p.q_head, scale, n,
-                      [&](int64_t j) { return keys.row(g, j); }, [&](int64_t j) { return values.row(g, j); });
-    }
-  }
-}
-
 // kD: the head dim fixed at compile time (0: read from p), so that the loops over it unroll and the output
 // accumulator lives in registers.
 template <typename T, int kD>
@@ -531,12 +436,6 @@ void fwd_units(const AttentionParams& p, int64_t unit_begin, int64_t unit_end) {
                 [&](int64_t j) { return keys.row(g, j); }, [&](int64_t j) { return values.row(g, j); });
           }
         }
-        return;
-      }
-    }
-    if constexpr (std::is_same_v<A, float> && kD > 0 && kD % 8 == 0 && kD <= 64) {
-      if (lk <= 8) {
-        tiny_segment<T, kD>(p, q0, lq, lk, g0, g1, scale, keys, values);
         return;
       }
     }
