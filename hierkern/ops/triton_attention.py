@@ -180,19 +180,24 @@ if triton is not None:
         return tl.uint_to_uniform_float(rand) >= dropout_p
 
     @triton.jit
-    def _visible_keys(cu_q, cu_k, seg, rows, row_ok, CAUSAL: tl.constexpr):
-        """Per query row, the packed key range ``[k_lo, k_hi)`` it sees (empty for padding rows).
+    def _visible_keys(cu_q, cu_k, num_segments, rows, row_ok, CAUSAL: tl.constexpr):
+        """Per query row, the packed key range ``[k_lo, k_hi)`` it sees (empty for padding rows), and the
+        block's key range ``[lo, hi)``: the union over its rows, empty when no row sees a key.
 
         Causal aligns bottom-right: query ``i`` of a segment with ``Lq`` queries and ``Lk`` keys sees local
         key ``j`` iff ``j <= i + Lk - Lq``, i.e. packed key ``c < row + 1 + k_end - q_end``.
         """
+        seg = _segment_of(cu_q, rows, num_segments)
         q_end = tl.load(cu_q + seg + 1)
         k_lo = tl.load(cu_k + seg)
         k_hi = tl.load(cu_k + seg + 1)
         if CAUSAL:
             k_hi = tl.minimum(k_hi, rows + 1 + k_hi - q_end)
         k_hi = tl.where(row_ok, k_hi, k_lo)
-        return k_lo, k_hi
+        has_keys = k_hi > k_lo
+        lo = tl.min(tl.where(has_keys, k_lo, INT32_MAX_C), 0)
+        hi = tl.max(tl.where(has_keys, k_hi, 0), 0)
+        return k_lo, k_hi, lo, hi
 
     @triton.jit
     def _attn_fwd_kernel(
@@ -211,11 +216,7 @@ if triton is not None:
         if DROPOUT:
             seed = tl.load(RngState)
             rng_offset = tl.load(RngState + 1).to(tl.int32)
-        seg = _segment_of(CuQ, rows, num_segments)
-        k_lo, k_hi = _visible_keys(CuQ, CuK, seg, rows, row_ok, CAUSAL)
-        has_keys = k_hi > k_lo
-        lo = tl.min(tl.where(has_keys, k_lo, INT32_MAX_C), 0)
-        hi = tl.max(tl.where(has_keys, k_hi, 0), 0)
+        k_lo, k_hi, lo, hi = _visible_keys(CuQ, CuK, num_segments, rows, row_ok, CAUSAL)
 
         rows64 = rows.to(tl.int64)
         q = tl.load(Q + rows64[:, None] * stride_qt + head * stride_qh + dims[None, :],
@@ -272,11 +273,7 @@ if triton is not None:
         if DROPOUT:
             seed = tl.load(RngState)
             rng_offset = tl.load(RngState + 1).to(tl.int32)
-        seg = _segment_of(CuQ, rows, num_segments)
-        k_lo, k_hi = _visible_keys(CuQ, CuK, seg, rows, row_ok, CAUSAL)
-        has_keys = k_hi > k_lo
-        lo = tl.min(tl.where(has_keys, k_lo, INT32_MAX_C), 0)
-        hi = tl.max(tl.where(has_keys, k_hi, 0), 0)
+        k_lo, k_hi, lo, hi = _visible_keys(CuQ, CuK, num_segments, rows, row_ok, CAUSAL)
 
         rows64 = rows.to(tl.int64)
         row_mask = row_ok[:, None] & dim_ok[None, :]
