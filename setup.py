@@ -26,7 +26,9 @@ def _extensions():
     import torch
 
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    # No -std: torch's BuildExtension adds the standard its headers need (a pinned -std=c++17 fails on
+    # torch 2.14, whose ATen.h requires C++20).
+    cxx_flags = ["-O3", "-fopenmp"]
     cuda_sources = _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")
     if cuda_sources and CUDA_HOME is not None and torch.version.cuda is not None:
         archs = os.environ.get("HIERKERN_CUDA_ARCHS", "80;90a").split(";")
@@ -34,7 +36,7 @@ def _extensions():
         ext = CUDAExtension(
             "hierkern._C", sources + cuda_sources,
             extra_compile_args={"cxx": cxx_flags + ["-DHIERKERN_WITH_CUDA"],
-                                "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"] + gencode},
+                                "nvcc": ["-O3", "--use_fast_math", "-lineinfo"] + gencode},
             extra_link_args=["-fopenmp"])
     else:
         ext = CppExtension("hierkern._C", sources, extra_compile_args=cxx_flags, extra_link_args=["-fopenmp"])

@@ -42,7 +42,8 @@ def jit_build_flags(archs: str | None = None) -> list[str]:
     default ``"80;90a"``), e.g. ``["-O3", ..., "-gencode=arch=compute_80,code=sm_80", ...]``."""
     archs = os.environ.get("HIERKERN_CUDA_ARCHS", "80;90a") if archs is None else archs
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs.split(";") if a]
-    return ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"] + gencode
+    # No -std: torch's cpp_extension adds the C++ standard its headers need (C++20 for torch 2.14).
+    return ["-O3", "--use_fast_math", "-lineinfo"] + gencode
 
 
 def load_jit(verbose: bool = False) -> None:
@@ -66,7 +67,7 @@ def load_jit(verbose: bool = False) -> None:
     from torch.utils.cpp_extension import load
 
     sources = sorted(glob.glob(os.path.join(CSRC_CUDA, "*.cu"))) + [os.path.join(CSRC_CUDA, "binding.cpp")]
-    load(name=_JIT_NAME, sources=sources, extra_cflags=["-O3", "-std=c++17"],
+    load(name=_JIT_NAME, sources=sources, extra_cflags=["-O3"],
          extra_cuda_cflags=jit_build_flags(), extra_include_paths=[CSRC_CUDA], is_python_module=False,
          verbose=verbose)
     _jit_loaded = True
