@@ -3,6 +3,8 @@ of torch are both present.
 
 Environment:
     HIERKERN_CUDA_ARCHS  semicolon-separated SM list for the CUDA kernels (default "80;90a").
+    HIERKERN_NO_CUDA=1   build the C++ CPU kernels only, even where CUDA could be built (the CUDA kernels can
+                         then be JIT-built: hierkern.ops.cuda_attention.load_jit).
     HIERKERN_NO_EXT=1    skip the extension (pure-Python install; the reference backend still works).
     MAX_JOBS             parallel compile jobs (torch's ninja build honours it).
 """
@@ -30,7 +32,8 @@ def _extensions():
     # torch 2.14, whose ATen.h requires C++20).
     cxx_flags = ["-O3", "-fopenmp"]
     cuda_sources = _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")
-    if cuda_sources and CUDA_HOME is not None and torch.version.cuda is not None:
+    with_cuda = os.environ.get("HIERKERN_NO_CUDA") != "1" and CUDA_HOME is not None and torch.version.cuda is not None
+    if cuda_sources and with_cuda:
         archs = os.environ.get("HIERKERN_CUDA_ARCHS", "80;90a").split(";")
         gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs if a]
         ext = CUDAExtension(

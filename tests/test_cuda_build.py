@@ -1,7 +1,8 @@
 """CUDA checks that need no GPU: every csrc/cuda kernel compiles for sm_80 and sm_90a with zero spills
 within the designed register budget, the torch binding compiles against torch's headers, and the
 schedule and dropout-RNG code the kernels run (``__host__ __device__``, compiled here for the host) matches
-a Python model of the semantics on adversarial layouts.
+a Python model of the semantics on adversarial layouts, and kernels that ``load_jit`` registers after import
+make the backend available. Building and linking against a CUDA build of torch is ``.ci/cuda-link-check``.
 
 Compilation is cached under ``build/cuda_check/<hash of sources and flags>``: a fresh run takes ~20-40 s on
 two cores (two nvcc processes and one g++ in parallel), a cached one well under a second.
@@ -246,6 +247,67 @@ def test_launchers_link_with_only_cudart(ptxas_reports, tmp_path):
 def test_binding_compiles_against_torch_headers(builds):
     result = builds["binding.cpp"]
     assert result.ok, result.output[-4000:]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The JIT path's bookkeeping: the build itself needs a CUDA build of torch (.ci/cuda-link-check runs it), so
+# here torch's `load` is replaced by one that registers (or fails to register) CUDA kernels for the ops.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _fake_load(registers: tuple[str, ...], libraries: list, calls: list | None = None):
+    def load(**kwargs):
+        if calls is not None:
+            calls.append(kwargs)
+        lib = torch.library.Library("hierkern", "IMPL")  # destroyed by the jit_module fixture
+        libraries.append(lib)
+        for op in registers:
+            lib.impl(op, lambda *args: None, "CUDA")
+    return load
+
+
+@pytest.fixture
+def jit_module(monkeypatch):
+    """hierkern.ops.cuda_attention as a process without CUDA kernels sees it, reset after the test."""
+    from hierkern.ops import cuda_attention, extension
+    if extension.LOAD_ERROR is not None:
+        pytest.skip(f"hierkern._C is not loaded: {extension.LOAD_ERROR}")
+    if extension.kernel_unavailable_reason("CUDA") is None:
+        pytest.skip("this hierkern._C was built with CUDA kernels: load_jit has nothing to do")
+    monkeypatch.setattr(cuda_attention, "_jit_loaded", False)
+    monkeypatch.setattr(cuda_attention, "_jit_error", None)
+    monkeypatch.setenv("HIERKERN_CUDA_JIT", "1")
+    libraries = []
+    yield cuda_attention, monkeypatch, libraries
+    for lib in libraries:
+        lib._destroy()
+
+
+def test_jit_kernels_count_once_registered(jit_module):
+    """extension.kernel_unavailable_reason is fixed at import; kernels the JIT build registers later must
+    still make the backend available (HIERKERN_CUDA_JIT=1 and an explicit load_jit())."""
+    cuda_attention, monkeypatch, libraries = jit_module
+    import torch.utils.cpp_extension
+    calls = []
+    monkeypatch.setattr(torch.utils.cpp_extension, "load",
+                        _fake_load(("varlen_fwd", "varlen_bwd"), libraries, calls))
+    assert cuda_attention._kernels_unavailable() is None
+    assert len(calls) == 1
+    assert sorted(Path(p).name for p in calls[0]["sources"]) == ["binding.cpp", "varlen_bwd.cu", "varlen_fwd.cu"]
+    assert calls[0]["extra_cuda_cflags"] == cuda_attention.jit_build_flags()
+    cuda_attention.load_jit()  # already loaded: builds nothing
+    assert len(calls) == 1
+
+
+def test_jit_build_that_registers_nothing_is_refused(jit_module):
+    cuda_attention, monkeypatch, libraries = jit_module
+    import torch.utils.cpp_extension
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", _fake_load(("varlen_fwd",), libraries))
+    reason = cuda_attention._kernels_unavailable()
+    assert reason == ("the JIT build of csrc/cuda failed (RuntimeError: the JIT build of csrc/cuda loaded but "
+                      "registered no CUDA kernel for hierkern::varlen_bwd)")
+    assert cuda_attention._kernels_unavailable() == reason
+    assert len(libraries) == 1  # a failed build is not retried on every call
 
 
 # ---------------------------------------------------------------------------------------------------------

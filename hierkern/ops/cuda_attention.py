@@ -70,13 +70,22 @@ def load_jit(verbose: bool = False) -> None:
     load(name=_JIT_NAME, sources=sources, extra_cflags=["-O3"],
          extra_cuda_cflags=jit_build_flags(), extra_include_paths=[CSRC_CUDA], is_python_module=False,
          verbose=verbose)
+    # extension.kernel_unavailable_reason was computed at import, before this library registered anything:
+    # ask the dispatcher itself whether the kernels arrived.
+    missing = [op for op in ("varlen_fwd", "varlen_bwd")
+               if not torch._C._dispatch_has_kernel_for_dispatch_key(f"hierkern::{op}", "CUDA")]
+    if missing:
+        raise RuntimeError(f"the JIT build of csrc/cuda loaded but registered no CUDA kernel for "
+                           f"{', '.join('hierkern::' + op for op in missing)}")
     _jit_loaded = True
 
 
 def _kernels_unavailable() -> str | None:
     global _jit_error
     reason = extension.kernel_unavailable_reason("CUDA")
-    if reason is None or extension.LOAD_ERROR is not None:
+    if reason is None or _jit_loaded:
+        return None
+    if extension.LOAD_ERROR is not None:
         return reason
     if os.environ.get("HIERKERN_CUDA_JIT") != "1":
         return (f"{reason}, or set HIERKERN_CUDA_JIT=1 (or call hierkern.ops.cuda_attention.load_jit()) to "
@@ -86,7 +95,7 @@ def _kernels_unavailable() -> str | None:
             load_jit()
         except Exception as exc:  # a failed build leaves the backend unavailable, with the reason
             _jit_error = f"the JIT build of csrc/cuda failed ({type(exc).__name__}: {exc})"
-    return _jit_error if _jit_error is not None else extension.kernel_unavailable_reason("CUDA")
+    return _jit_error
 
 
 # Both checks run once per trace under torch.compile (assume_constant_result), so a compiled graph calling
