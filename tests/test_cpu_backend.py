@@ -26,6 +26,10 @@ needs_kernel = pytest.mark.skipif(CPU.unavailable_reason() is not None,
 LAYOUTS = adversarial_layouts() + [
     Layout("long-500+", (3, 517, 0, 2, 640)),
     Layout("long-cross", (600, 1, 4), (520, 7, 0)),
+    # Either side of the kernel's path thresholds (csrc/cpu: forward lanes below 32 keys, blocked backward
+    # from 16), self and cross, with causal rows that see no key (lq > lk).
+    Layout("cpu-path-boundaries", (7, 8, 9, 15, 16, 17, 31, 32, 33)),
+    Layout("cpu-path-boundaries-cross", (40, 31, 3, 17), (31, 33, 8, 15)),
 ]
 # (heads, kv heads, head dim): MHA and GQA on unrolled head dims, MQA with an odd head dim (generic path).
 MHA, GQA, MQA = (4, 4, 32), (4, 2, 64), (3, 1, 7)
@@ -137,12 +141,13 @@ def test_gradients_match_reference(layout, causal, case):
 
 
 @needs_kernel
-def test_every_output_element_is_written():
+@pytest.mark.parametrize("head_dim", [32, 40], ids=["fast-paths", "generic-path"])
+def test_every_output_element_is_written(head_dim):
     """The ops allocate with torch.empty; deterministic mode makes torch.empty fill with NaN, so any element
     the kernel skips stays NaN (finite inputs can produce no other NaN)."""
-    layout = Layout("mixed", (0, 1, 5, 0, 70, 3, 0), (2, 0, 5, 4, 66, 3, 0))
+    layout = Layout("mixed", (0, 1, 5, 0, 70, 3, 0, 20), (2, 0, 5, 4, 66, 3, 0, 17))
     g = torch.Generator().manual_seed(3)
-    q, k, v = random_qkv(layout, 4, 2, 40, generator=g)
+    q, k, v = random_qkv(layout, 4, 2, head_dim, generator=g)
     cu_q, cu_k = offsets_of(layout.lengths_q), offsets_of(layout.keys)
     dout = torch.randn(q.shape, generator=g)
     old = torch.are_deterministic_algorithms_enabled()

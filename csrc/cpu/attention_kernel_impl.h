@@ -2,16 +2,20 @@
 // `namespace hierkern::cpu::<isa>` after choosing the code-generation target, so the same source is compiled
 // for several instruction sets. It must only include what kernel_common.h already included.
 //
-// One unit of work is (segment, kv-head). Query rows are processed one at a time: the scores of a row (at
-// most max_seqlen_k floats) live in a per-thread buffer, the row's visible keys are the prefix [0, n) of the
-// segment's keys (causal bottom-right alignment makes it a prefix), so there is no masking work at all.
-// The inner loops run over head_dim (dot products, axpy) or over keys (exp, max, sum) and are written so the
-// compiler vectorises them (`omp simd` reductions), and exp is explicit vector code (exp8).
+// One unit of work is (segment, kv-head). A query row's visible keys are the prefix [0, n) of the segment's keys
+// (causal bottom-right alignment makes it a prefix), so there is no masking work beyond the row's end.
 //
-// Segments of at least kBlockMinKeys keys in float accumulation with head dim 32/64/128 take a blocked path
-// instead, one head at a time: the forward handles kBlockRows query rows per block and computes P @ V for two
-// rows per pass over the values (combine2); the backward handles kBwdRows rows per block, dq = dS @ K likewise
-// and dk/dv as rank updates over the whole block with two keys x 32 columns held in registers (rank_update).
+// Float accumulation with head dim 32/64/128 (the fast paths):
+// - forward, segments of fewer than kFwdBlockMinKeys keys (words): eight (query row, head) pairs side by side,
+//   one per vector lane, so that a short row's softmax needs no horizontal reduction (fwd_short_segment);
+// - forward, longer segments: one head at a time, kBlockRows query rows per block, P @ V for two rows per pass
+//   over the values (fwd_block, combine2);
+// - backward, segments of at least kBwdBlockMinKeys keys: kBwdRows rows per block, dq = dS @ K two rows at a
+//   time and dk/dv as rank updates over the whole block with two keys x 32 columns held in registers
+//   (bwd_block, rank_update).
+// Everything else (double, other head dims, short segments in the backward) goes one query row at a time with
+// the row's scores in a per-thread buffer; its inner loops are written so the compiler vectorises them
+// (`omp simd` reductions), and exp is explicit vector code (exp8).
 // Each row's arithmetic keeps the same order whatever the thread count, so results stay bit-identical.
 
 // Numbers accumulate in Acc: float for float/bfloat16/half inputs, double for double inputs.
@@ -67,24 +71,39 @@ inline f32x8 exp8(f32x8 x_in) {
   return x_in < lo ? f32x8{} : result;
 }
 
-// Rows are short (a word has ~5 keys), shorter than one vector: exp runs over the scores padded with -inf to
-// whole vectors. kScorePad is the padding granularity of the score buffers.
-template <typename A> constexpr int64_t kScorePad = std::is_same_v<A, float> ? 8 : 1;
+// The lanes [0, n - jb) of x, the others -inf: the scores of a block of keys with the invisible ones masked.
+inline f32x8 mask_past(f32x8 x, int64_t jb, int64_t n) {
+  const i32x8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
+  return lane < static_cast<int32_t>(std::min<int64_t>(n - jb, 8)) ? x : f32x8{} - INFINITY;
+}
 
-// s[j] = exp(s[j] - shift) for j < n, and returns their sum. s has room for n rounded up to kScorePad.
+// Maximum and sum of the eight lanes by halving shuffles, every lane holding the result: no round trip through
+// memory, and no scalar chain of seven dependent operations.
+inline f32x8 hmax8(f32x8 x) {
+  f32x8 y = __builtin_shufflevector(x, x, 4, 5, 6, 7, 0, 1, 2, 3);
+  x = x > y ? x : y;
+  y = __builtin_shufflevector(x, x, 2, 3, 0, 1, 6, 7, 4, 5);
+  x = x > y ? x : y;
+  y = __builtin_shufflevector(x, x, 1, 0, 3, 2, 5, 4, 7, 6);
+  return x > y ? x : y;
+}
+
+inline f32x8 hsum8(f32x8 x) {
+  x += __builtin_shufflevector(x, x, 4, 5, 6, 7, 0, 1, 2, 3);
+  x += __builtin_shufflevector(x, x, 2, 3, 0, 1, 6, 7, 4, 5);
+  return x + __builtin_shufflevector(x, x, 1, 0, 3, 2, 5, 4, 7, 6);
+}
+
+// s[j] = exp(s[j] - shift) for j < n, and returns their sum. Rows are short (a word has ~5 keys), shorter than
+// one vector: exp runs over whole vectors with the lanes past n masked, so s needs room for n rounded up to 8.
 inline float exp_shifted(float* __restrict s, int64_t n, float shift) {
   f32x8 sum{};
   for (int64_t j = 0; j < n; j += 8) {
-    f32x8 x = load8(s + j);
-    const i32x8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
-    x = lane < static_cast<int32_t>(std::min<int64_t>(n - j, 8)) ? x - shift : f32x8{} - INFINITY;
-    x = exp8(x);
+    const f32x8 x = exp8(mask_past(load8(s + j) - shift, j, n));
     store8(s + j, x);
     sum += x;
   }
-  float total = 0;
-  for (int t = 0; t < 8; ++t) total += sum[t];
-  return total;
+  return hsum8(sum)[0];
 }
 
 inline double exp_shifted(double* __restrict s, int64_t n, double shift) {
@@ -93,18 +112,46 @@ inline double exp_shifted(double* __restrict s, int64_t n, double shift) {
   return sum;
 }
 
-// Scores of one query row against keys [0, n), head dim kD (a multiple of 8): s[j] = q . key(j). Eight keys at
-// a time, each dot product kept as 8 partial sums and the eight reduced together by a transposing add tree
-// (21 shuffles/adds instead of 8 horizontal reductions), stored as whole vectors so that exp_shifted reads
-// them back without a store-forwarding stall. Returns the row maximum.
+// Lane t of the result is the sum of the eight lanes of part[t]: a transposing add tree (21 shuffles/adds
+// instead of 8 horizontal reductions) that reduces every lane in the same order.
+__attribute__((always_inline)) inline f32x8 transpose_sum8(const f32x8* part) {
+  f32x8 a[4], b[2];
+  for (int t = 0; t < 4; ++t)
+    a[t] = __builtin_shufflevector(part[2 * t], part[2 * t + 1], 0, 8, 2, 10, 4, 12, 6, 14) +
+           __builtin_shufflevector(part[2 * t], part[2 * t + 1], 1, 9, 3, 11, 5, 13, 7, 15);
+  for (int t = 0; t < 2; ++t)
+    b[t] = __builtin_shufflevector(a[2 * t], a[2 * t + 1], 0, 1, 8, 9, 4, 5, 12, 13) +
+           __builtin_shufflevector(a[2 * t], a[2 * t + 1], 2, 3, 10, 11, 6, 7, 14, 15);
+  return __builtin_shufflevector(b[0], b[1], 0, 1, 2, 3, 8, 9, 10, 11) +
+         __builtin_shufflevector(b[0], b[1], 4, 5, 6, 7, 12, 13, 14, 15);
+}
+
+// Dot products of eight (query, key) row pairs of head dim kD (a multiple of 8) as one vector: lane l is
+// q[l] . (k[l] + offset).
+template <int kD>
+__attribute__((always_inline)) inline f32x8 dot8_lanes(const float* const* q, const float* const* k,
+                                                        int64_t offset) {
+  f32x8 part[8];
+#pragma GCC unroll 8
+  for (int l = 0; l < 8; ++l) {
+    const float* kl = k[l] + offset;
+    part[l] = load8(q[l]) * load8(kl);
+#pragma GCC unroll 16
+    for (int c = 8; c < kD; c += 8) part[l] += load8(q[l] + c) * load8(kl + c);
+  }
+  return transpose_sum8(part);
+}
+
+// Scores of one query row against keys [0, n), head dim kD (a multiple of 8): s[j] = q . key(j), eight keys at
+// a time, each dot product kept as 8 partial sums and the eight reduced together (transpose_sum8), stored as
+// whole vectors so that exp_shifted reads them back without a store-forwarding stall. Returns the row maximum.
 template <int kD, typename RowFn>
 inline float scores8(float* __restrict s, const float* __restrict q, int64_t n, RowFn&& key) {
   static_assert(kD > 0 && kD % 8 == 0, "scores8 needs a head dim that is a multiple of 8");
   f32x8 row_max = f32x8{} - INFINITY;
-  const i32x8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
   for (int64_t jb = 0; jb < n; jb += 8) {
-    // Lanes past n repeat the last key instead of branching, so that part[] stays in registers; callers
-    // mask those lanes.
+    // Lanes past n repeat the last key instead of branching, so that part[] stays in registers; they are
+    // masked below.
     f32x8 part[8];
 #pragma GCC unroll 8
     for (int t = 0; t < 8; ++t) {
@@ -113,22 +160,12 @@ inline float scores8(float* __restrict s, const float* __restrict q, int64_t n, 
 #pragma GCC unroll 16
       for (int c = 8; c < kD; c += 8) part[t] += load8(q + c) * load8(k + c);
     }
-    f32x8 a[4], b[2];
-    for (int t = 0; t < 4; ++t)
-      a[t] = __builtin_shufflevector(part[2 * t], part[2 * t + 1], 0, 8, 2, 10, 4, 12, 6, 14) +
-             __builtin_shufflevector(part[2 * t], part[2 * t + 1], 1, 9, 3, 11, 5, 13, 7, 15);
-    for (int t = 0; t < 2; ++t)
-      b[t] = __builtin_shufflevector(a[2 * t], a[2 * t + 1], 0, 1, 8, 9, 4, 5, 12, 13) +
-             __builtin_shufflevector(a[2 * t], a[2 * t + 1], 2, 3, 10, 11, 6, 7, 14, 15);
-    const f32x8 sums = __builtin_shufflevector(b[0], b[1], 0, 1, 2, 3, 8, 9, 10, 11) +
-                       __builtin_shufflevector(b[0], b[1], 4, 5, 6, 7, 12, 13, 14, 15);
+    const f32x8 sums = transpose_sum8(part);
     store8(s + jb, sums);
-    const f32x8 visible = lane < static_cast<int32_t>(std::min<int64_t>(n - jb, 8)) ? sums : f32x8{} - INFINITY;
+    const f32x8 visible = mask_past(sums, jb, n);
     row_max = visible > row_max ? visible : row_max;
   }
-  float result = row_max[0];
-  for (int t = 1; t < 8; ++t) result = std::max(result, row_max[t]);
-  return result;
+  return hmax8(row_max)[0];
 }
 
 // Number of keys query row i sees: all of them, or the causal prefix aligned bottom-right.
@@ -168,9 +205,12 @@ Block<const A> load_block(const T* src, int64_t row_stride, int64_t head_stride,
   }
 }
 
-// Segments with at least this many keys take the blocked float path (kBlockRows query rows of one head at a
-// time): below it a row's keys are fewer than one 8-key score vector and per-row overheads dominate anyway.
-constexpr int64_t kBlockMinKeys = 16;
+// Segments with at least this many keys take the blocked float paths (rows of one head at a time). Forward:
+// below 32 keys the lane-parallel short-segment kernel is faster (measured, one thread: 16-17 keys 13 ms vs
+// 14-16.5 ms, 32 keys on par). Backward: below 16 keys a row's keys are fewer than two 8-key score vectors and
+// per-row overheads dominate anyway.
+constexpr int64_t kFwdBlockMinKeys = 32;
+constexpr int64_t kBwdBlockMinKeys = 16;
 constexpr int64_t kBlockRows = 4;
 // Query rows per backward block: dk/dv rows are read and written once per block, so bigger is better up to
 // the scratch it costs (2 x kBwdRows score rows).
@@ -274,6 +314,120 @@ inline void prefetch_rows(int64_t n, int64_t bytes, RowFn&& row) {
   for (int64_t j = 0; j < n; ++j) {
     const char* r = reinterpret_cast<const char*>(row(j));
     for (int64_t c = 0; c < bytes; c += 64) __builtin_prefetch(r + c, 0, 1);
+  }
+}
+
+// o = inv * sum_{j < n} w[j * w_stride] * row(j) for one output row, with the sums in registers: 32 columns at
+// a time, even and odd keys in separate accumulators so that two independent FMA chains hide each other's
+// latency (a memory accumulator would serialise the key loop on store-to-load forwarding).
+template <typename T, int kD, typename RowFn>
+inline void store_weighted_sum(T* __restrict o, const float* __restrict w, int64_t w_stride, int64_t n, float inv,
+                               RowFn&& row) {
+  for (int c0 = 0; c0 < kD; c0 += 32) {
+    constexpr int kV = kD < 32 ? kD / 8 : 4;
+    f32x8 even[kV] = {}, odd[kV] = {};
+    int64_t j = 0;
+    for (; j + 1 < n; j += 2) {
+      const float *x0 = row(j) + c0, *x1 = row(j + 1) + c0;
+      const f32x8 w0 = bcast8(w[j * w_stride]), w1 = bcast8(w[(j + 1) * w_stride]);
+      for (int t = 0; t < kV; ++t) {
+        even[t] += w0 * load8(x0 + 8 * t);
+        odd[t] += w1 * load8(x1 + 8 * t);
+      }
+    }
+    if (j < n) {
+      const float* x0 = row(j) + c0;
+      const f32x8 w0 = bcast8(w[j * w_stride]);
+      for (int t = 0; t < kV; ++t) even[t] += w0 * load8(x0 + 8 * t);
+    }
+    for (int t = 0; t < kV; ++t) {
+      const f32x8 res = (even[t] + odd[t]) * bcast8(inv);
+      if constexpr (std::is_same_v<T, float>) {
+        store8(o + c0 + 8 * t, res);
+      } else {
+        for (int e = 0; e < 8; ++e) o[c0 + 8 * t + e] = static_cast<T>(res[e]);
+      }
+    }
+  }
+}
+
+// Forward of a segment with fewer than kFwdBlockMinKeys keys (float accumulation, kD a multiple of 8) for kv heads
+// [g0, g1): its (query row, query head) pairs in token order, eight at a time, one pair per vector lane. A
+// short row's softmax is shorter than one vector and every step of it is latency bound, so rows go side by
+// side: the scores of key j for the eight pairs form one vector, and max, exp, sum and 1/sum are lane-wise,
+// with no horizontal reduction and one dependency chain per eight rows. Lanes past the last pair repeat it
+// and are not stored. A lane's arithmetic does not depend on its neighbours (the transposing add tree reduces
+// every lane in the same order), so results stay bit-identical whatever the thread split.
+template <typename T, int kD, typename A>
+void fwd_short_segment(const AttentionParams& p, int64_t q0, int64_t lq, int64_t lk, int64_t g0, int64_t g1,
+                       const Block<const A>& keys, const Block<const A>& values) {
+  static_assert(std::is_same_v<A, float> && kD > 0 && kD % 8 == 0, "fwd_short_segment is the float kernel");
+  const int64_t group = p.num_heads / p.num_kv_heads, kv_heads = g1 - g0, pairs = lq * kv_heads * group;
+  const T* q = static_cast<const T*>(p.q);
+  T* out = static_cast<T*>(p.out);
+  const f32x8 scale = bcast8(static_cast<float>(p.softmax_scale));
+  const i32x8 lane_id = {0, 1, 2, 3, 4, 5, 6, 7};
+  alignas(32) float probs[kFwdBlockMinKeys * 8];  // probs[8 * j + lane]: scores, then probabilities
+  alignas(32) float q_converted[std::is_same_v<T, float> ? 1 : 8][kD];
+  // The pair that the next lane takes: row i, kv head g0 + g, query head r of that kv head's group. Counted
+  // up rather than divided out of the pair index (a 64-bit division per lane costs more than a short row).
+  int64_t i = 0, g = 0, r = 0;
+  for (int64_t first = 0; first < pairs; first += 8) {
+    const int lanes = static_cast<int>(std::min<int64_t>(8, pairs - first));
+    const float *q_lane[8], *k_lane[8], *v_lane[8];
+    T* o_lane[8];
+    float* lse_lane[8];
+    alignas(32) int32_t n_lane[8];
+    int64_t n_max = 0;
+    for (int l = 0; l < 8; ++l) {
+      if (l >= lanes) {
+        q_lane[l] = q_lane[lanes - 1];
+        k_lane[l] = k_lane[lanes - 1];
+        n_lane[l] = n_lane[lanes - 1];
+        continue;
+      }
+      const int64_t h = (g0 + g) * group + r, t = q0 + i;
+      const T* q_row = q + t * p.q_row + h * p.q_head;
+      if constexpr (std::is_same_v<T, float>) {
+        q_lane[l] = q_row;
+      } else {
+        load_row(q_converted[l], q_row, kD, 1.0f);
+        q_lane[l] = q_converted[l];
+      }
+      k_lane[l] = keys.row(g, 0);
+      v_lane[l] = values.row(g, 0);
+      o_lane[l] = out + t * p.out_row + h * p.out_head;
+      lse_lane[l] = p.lse + h * p.total_q + t;
+      n_lane[l] = static_cast<int32_t>(visible_keys(i, lq, lk, p.causal));
+      n_max = std::max<int64_t>(n_max, n_lane[l]);
+      if (++r == group) {
+        r = 0;
+        if (++g == kv_heads) g = 0, ++i;
+      }
+    }
+    const i32x8 n = *reinterpret_cast<const i32x8*>(n_lane);
+    f32x8 row_max = f32x8{} - INFINITY;
+    for (int64_t j = 0; j < n_max; ++j) {
+      const f32x8 scores = dot8_lanes<kD>(q_lane, k_lane, j * keys.row_stride) * scale;
+      const f32x8 visible = static_cast<int32_t>(j) < n ? scores : f32x8{} - INFINITY;
+      store8(probs + 8 * j, visible);
+      row_max = visible > row_max ? visible : row_max;
+    }
+    // A lane with no keys shifts by 0, so that its exp(-inf - shift) is 0 and not NaN.
+    const f32x8 shift = row_max == f32x8{} - INFINITY ? f32x8{} : row_max;
+    f32x8 sum{};
+    for (int64_t j = 0; j < n_max; ++j) {
+      const f32x8 e = exp8(load8(probs + 8 * j) - shift);
+      store8(probs + 8 * j, e);
+      sum += e;
+    }
+    const f32x8 inv = sum > f32x8{} ? 1.0f / sum : f32x8{};
+    for (int l = 0; l < lanes; ++l) {
+      *lse_lane[l] = n_lane[l] ? row_max[l] + std::log(sum[l]) : -std::numeric_limits<float>::infinity();
+      const float* v_rows = v_lane[l];
+      store_weighted_sum<T, kD>(o_lane[l], probs + l, 8, n_lane[l], inv[l],
+                                [&](int64_t j) { return v_rows + j * values.row_stride; });
+    }
   }
 }
 
@@ -409,7 +563,7 @@ void fwd_units(const AttentionParams& p, int64_t unit_begin, int64_t unit_end) {
     const auto values = load_block(v + k0 * p.v_row + g0 * p.v_head, p.v_row, p.v_head, lk, g1 - g0, d,
                                    scratch.values);
     if constexpr (kBlocked<A, kD>) {
-      if (lk >= kBlockMinKeys) {
+      if (lk >= kFwdBlockMinKeys) {
         for (int64_t h = g0 * group; h < g1 * group; ++h) {
           const int64_t g = h / group - g0;
           if (h + 1 < g1 * group) {
@@ -438,38 +592,35 @@ void fwd_units(const AttentionParams& p, int64_t unit_begin, int64_t unit_end) {
         }
         return;
       }
-    }
-    for_each_row(lk, g0 * group, g1 * group, lq, 2 * d * sizeof(A), [&](int64_t h, int64_t i) {
-      T* o = out + (q0 + i) * p.out_row + h * p.out_head;
-      float* lse = p.lse + h * p.total_q + q0 + i;
-      const int64_t n = visible_keys(i, lq, lk, p.causal);
-      if (n == 0) {
-        for (int64_t c = 0; c < d; ++c) o[c] = T(0);
-        *lse = -std::numeric_limits<float>::infinity();
-        return;
-      }
-      const int64_t g = h / group - g0;
-      alignas(64) A acc_regs[kD ? kD : 1];
-      A* __restrict qr = scratch.qrow;
-      A* __restrict s = scratch.scores;
-      A* __restrict acc = kD ? acc_regs : scratch.acc;
-      load_row(qr, q + (q0 + i) * p.q_row + h * p.q_head, d, scale);
-      A row_max = -std::numeric_limits<A>::infinity();
-      if constexpr (std::is_same_v<A, float> && kD % 8 == 0 && kD > 0) {
-        row_max = scores8<kD>(s, qr, n, [&](int64_t j) { return keys.row(g, j); });
-      } else {
+      fwd_short_segment<T, kD>(p, q0, lq, lk, g0, g1, keys, values);
+    } else {
+      for_each_row(lk, g0 * group, g1 * group, lq, 2 * d * sizeof(A), [&](int64_t h, int64_t i) {
+        T* o = out + (q0 + i) * p.out_row + h * p.out_head;
+        float* lse = p.lse + h * p.total_q + q0 + i;
+        const int64_t n = visible_keys(i, lq, lk, p.causal);
+        if (n == 0) {
+          for (int64_t c = 0; c < d; ++c) o[c] = T(0);
+          *lse = -std::numeric_limits<float>::infinity();
+          return;
+        }
+        const int64_t g = h / group - g0;
+        A* __restrict qr = scratch.qrow;
+        A* __restrict s = scratch.scores;
+        A* __restrict acc = scratch.acc;
+        load_row(qr, q + (q0 + i) * p.q_row + h * p.q_head, d, scale);
+        A row_max = -std::numeric_limits<A>::infinity();
         for (int64_t j = 0; j < n; ++j) {
           s[j] = dot(qr, keys.row(g, j), d);
           row_max = std::max(row_max, s[j]);
         }
-      }
-      const A sum = exp_shifted(s, n, row_max);
-      for (int64_t c = 0; c < d; ++c) acc[c] = 0;
-      for (int64_t j = 0; j < n; ++j) axpy(acc, s[j], values.row(g, j), d);
-      const A inv = A(1) / sum;
-      for (int64_t c = 0; c < d; ++c) o[c] = static_cast<T>(acc[c] * inv);
-      *lse = static_cast<float>(row_max + std::log(sum));
-    });
+        const A sum = exp_shifted(s, n, row_max);
+        for (int64_t c = 0; c < d; ++c) acc[c] = 0;
+        for (int64_t j = 0; j < n; ++j) axpy(acc, s[j], values.row(g, j), d);
+        const A inv = A(1) / sum;
+        for (int64_t c = 0; c < d; ++c) o[c] = static_cast<T>(acc[c] * inv);
+        *lse = static_cast<float>(row_max + std::log(sum));
+      });
+    }
   });
 }
 
@@ -513,7 +664,7 @@ void bwd_units(const AttentionParams& p, int64_t unit_begin, int64_t unit_end) {
                                    scratch.values);
     bool blocked = false;
     if constexpr (kBlocked<A, kD>) {
-      blocked = lk >= kBlockMinKeys;
+      blocked = lk >= kBwdBlockMinKeys;
       for (int64_t h = g0 * group; blocked && h < g1 * group; ++h) {
         const int64_t g = h / group - g0;
         for (int64_t i0 = 0; i0 < lq; i0 += kBwdRows) {
