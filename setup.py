@@ -13,6 +13,7 @@ import glob
 import os
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -46,5 +47,19 @@ def _extensions():
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
+class BuildPyWithCudaSources(build_py):
+    """Ships csrc/cuda inside the package (hierkern/csrc/cuda) so that load_jit can compile the CUDA kernels
+    where hierkern was installed without them. An editable install compiles the checkout's csrc/cuda."""
+
+    def run(self):
+        super().run()
+        if self.editable_mode:
+            return
+        target = os.path.join(self.build_lib, "hierkern", "csrc", "cuda")
+        self.mkpath(target)
+        for source in _sources("csrc/cuda/*"):
+            self.copy_file(os.path.join(ROOT, source), target)
+
+
 ext_modules, cmdclass = _extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+setup(ext_modules=ext_modules, cmdclass={"build_py": BuildPyWithCudaSources, **cmdclass})

@@ -30,8 +30,11 @@ __all__ = ["CudaBackend", "SUPPORTED_HEAD_DIMS", "load_jit", "jit_build_flags"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
-CSRC_CUDA = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                         "csrc", "cuda")
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The kernels' sources: shipped in the package by setup.py, or the checkout's for an editable install.
+CSRC_CUDA = next((path for path in (os.path.join(_PACKAGE, "csrc", "cuda"),
+                                    os.path.join(os.path.dirname(_PACKAGE), "csrc", "cuda"))
+                  if os.path.isdir(path)), os.path.join(_PACKAGE, "csrc", "cuda"))
 _JIT_NAME = "hierkern_cuda_jit"
 _jit_error: str | None = None
 _jit_loaded = False
@@ -66,6 +69,8 @@ def load_jit(verbose: bool = False) -> None:
         return
     from torch.utils.cpp_extension import load
 
+    if not os.path.isfile(os.path.join(CSRC_CUDA, "binding.cpp")):
+        raise RuntimeError(f"the CUDA sources are not at {CSRC_CUDA}: reinstall hierkern from its source tree")
     sources = sorted(glob.glob(os.path.join(CSRC_CUDA, "*.cu"))) + [os.path.join(CSRC_CUDA, "binding.cpp")]
     load(name=_JIT_NAME, sources=sources, extra_cflags=["-O3"],
          extra_cuda_cflags=jit_build_flags(), extra_include_paths=[CSRC_CUDA], is_python_module=False,
