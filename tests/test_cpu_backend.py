@@ -37,7 +37,7 @@ MHA, GQA, MQA = (4, 4, 32), (4, 2, 64), (3, 1, 7)
 FORWARD_CASES = [(torch.float32, MHA), (torch.float32, GQA), (torch.float32, MQA), (torch.float64, GQA),
                  (torch.bfloat16, MHA), (torch.bfloat16, MQA), (torch.float16, GQA)]
 GRADIENT_CASES = [(torch.float32, MHA), (torch.float32, GQA), (torch.float32, MQA), (torch.float64, GQA),
-                  (torch.bfloat16, MQA)]
+                  (torch.bfloat16, MHA), (torch.bfloat16, MQA), (torch.float16, GQA)]
 
 
 def _case_id(case):

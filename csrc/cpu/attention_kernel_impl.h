@@ -351,64 +351,95 @@ inline void store_weighted_sum(T* __restrict o, const float* __restrict w, int64
   }
 }
 
+// The (query row, query head) pairs of one segment's kv heads [g0, g1), in token order, eight at a time: one
+// pair per vector lane of the short-segment kernels. Lanes past the last pair repeat it (the kernels compute
+// them and do not store them).
+class PairBatches {
+ public:
+  PairBatches(int64_t lq, int64_t kv_heads, int64_t group)
+      : kv_heads_(kv_heads), group_(group), left_(lq * kv_heads * group) {}
+
+  // Fills row[l] (query row in the segment), kv[l] (kv head, counted from g0) and rank[l] (query head within
+  // kv head's group) for l < 8; returns how many lanes are real pairs, 0 when all pairs are done.
+  int next(int64_t* row, int64_t* kv, int64_t* rank) {
+    const int lanes = static_cast<int>(std::min<int64_t>(8, left_));
+    left_ -= lanes;
+    for (int l = 0; l < 8; ++l) {
+      if (l >= lanes) {
+        row[l] = row[lanes - 1], kv[l] = kv[lanes - 1], rank[l] = rank[lanes - 1];
+        continue;
+      }
+      row[l] = i_, kv[l] = g_, rank[l] = r_;
+      // Counted up rather than divided out of a pair index: a 64-bit division per lane costs more than a
+      // short row's arithmetic.
+      if (++r_ == group_) {
+        r_ = 0;
+        if (++g_ == kv_heads_) g_ = 0, ++i_;
+      }
+    }
+    return lanes;
+  }
+
+ private:
+  int64_t kv_heads_, group_, left_, i_ = 0, g_ = 0, r_ = 0;
+};
+
+// Rows of eight lanes as float: the rows themselves for float tensors, else converted into `converted`.
+template <typename T, int kD>
+struct LaneRows {
+  const float* row[8];
+  alignas(32) float converted[std::is_same_v<T, float> ? 1 : 8][kD];
+  void set(int l, const T* src) {
+    if constexpr (std::is_same_v<T, float>) {
+      row[l] = src;
+    } else {
+      load_row(converted[l], src, kD, 1.0f);
+      row[l] = converted[l];
+    }
+  }
+};
+
+// y += w * x over kD floats (kD a multiple of 8).
+template <int kD>
+inline void add_scaled(float* __restrict y, float w, const float* __restrict x) {
+  const f32x8 wv = bcast8(w);
+  for (int c = 0; c < kD; c += 8) store8(y + c, load8(y + c) + wv * load8(x + c));
+}
+
 // Forward of a segment with fewer than kFwdBlockMinKeys keys (float accumulation, kD a multiple of 8) for kv heads
-// [g0, g1): its (query row, query head) pairs in token order, eight at a time, one pair per vector lane. A
-// short row's softmax is shorter than one vector and every step of it is latency bound, so rows go side by
-// side: the scores of key j for the eight pairs form one vector, and max, exp, sum and 1/sum are lane-wise,
-// with no horizontal reduction and one dependency chain per eight rows. Lanes past the last pair repeat it
-// and are not stored. A lane's arithmetic does not depend on its neighbours (the transposing add tree reduces
-// every lane in the same order), so results stay bit-identical whatever the thread split.
+// [g0, g1), eight (query row, head) pairs at a time (PairBatches). A short row's softmax is shorter than one
+// vector and every step of it is latency bound, so rows go side by side: the scores of key j for the eight
+// pairs form one vector, and max, exp, sum and 1/sum are lane-wise, with no horizontal reduction and one
+// dependency chain per eight rows. A lane's arithmetic does not depend on its neighbours (the transposing add
+// tree reduces every lane in the same order), so results stay bit-identical whatever the thread split.
 template <typename T, int kD, typename A>
 void fwd_short_segment(const AttentionParams& p, int64_t q0, int64_t lq, int64_t lk, int64_t g0, int64_t g1,
                        const Block<const A>& keys, const Block<const A>& values) {
   static_assert(std::is_same_v<A, float> && kD > 0 && kD % 8 == 0, "fwd_short_segment is the float kernel");
-  const int64_t group = p.num_heads / p.num_kv_heads, kv_heads = g1 - g0, pairs = lq * kv_heads * group;
+  const int64_t group = p.num_heads / p.num_kv_heads;
   const T* q = static_cast<const T*>(p.q);
   T* out = static_cast<T*>(p.out);
   const f32x8 scale = bcast8(static_cast<float>(p.softmax_scale));
-  const i32x8 lane_id = {0, 1, 2, 3, 4, 5, 6, 7};
   alignas(32) float probs[kFwdBlockMinKeys * 8];  // probs[8 * j + lane]: scores, then probabilities
-  alignas(32) float q_converted[std::is_same_v<T, float> ? 1 : 8][kD];
-  // The pair that the next lane takes: row i, kv head g0 + g, query head r of that kv head's group. Counted
-  // up rather than divided out of the pair index (a 64-bit division per lane costs more than a short row).
-  int64_t i = 0, g = 0, r = 0;
-  for (int64_t first = 0; first < pairs; first += 8) {
-    const int lanes = static_cast<int>(std::min<int64_t>(8, pairs - first));
-    const float *q_lane[8], *k_lane[8], *v_lane[8];
-    T* o_lane[8];
-    float* lse_lane[8];
-    alignas(32) int32_t n_lane[8];
+  LaneRows<T, kD> q_lane;
+  const float *k_lane[8], *v_lane[8];
+  alignas(32) int32_t n_lane[8];
+  int64_t row[8], kv[8], rank[8];
+  PairBatches batches(lq, g1 - g0, group);
+  while (const int lanes = batches.next(row, kv, rank)) {
     int64_t n_max = 0;
     for (int l = 0; l < 8; ++l) {
-      if (l >= lanes) {
-        q_lane[l] = q_lane[lanes - 1];
-        k_lane[l] = k_lane[lanes - 1];
-        n_lane[l] = n_lane[lanes - 1];
-        continue;
-      }
-      const int64_t h = (g0 + g) * group + r, t = q0 + i;
-      const T* q_row = q + t * p.q_row + h * p.q_head;
-      if constexpr (std::is_same_v<T, float>) {
-        q_lane[l] = q_row;
-      } else {
-        load_row(q_converted[l], q_row, kD, 1.0f);
-        q_lane[l] = q_converted[l];
-      }
-      k_lane[l] = keys.row(g, 0);
-      v_lane[l] = values.row(g, 0);
-      o_lane[l] = out + t * p.out_row + h * p.out_head;
-      lse_lane[l] = p.lse + h * p.total_q + t;
-      n_lane[l] = static_cast<int32_t>(visible_keys(i, lq, lk, p.causal));
+      const int64_t h = (g0 + kv[l]) * group + rank[l];
+      q_lane.set(l, q + (q0 + row[l]) * p.q_row + h * p.q_head);
+      k_lane[l] = keys.row(kv[l], 0);
+      v_lane[l] = values.row(kv[l], 0);
+      n_lane[l] = static_cast<int32_t>(visible_keys(row[l], lq, lk, p.causal));
       n_max = std::max<int64_t>(n_max, n_lane[l]);
-      if (++r == group) {
-        r = 0;
-        if (++g == kv_heads) g = 0, ++i;
-      }
     }
     const i32x8 n = *reinterpret_cast<const i32x8*>(n_lane);
     f32x8 row_max = f32x8{} - INFINITY;
     for (int64_t j = 0; j < n_max; ++j) {
-      const f32x8 scores = dot8_lanes<kD>(q_lane, k_lane, j * keys.row_stride) * scale;
+      const f32x8 scores = dot8_lanes<kD>(q_lane.row, k_lane, j * keys.row_stride) * scale;
       const f32x8 visible = static_cast<int32_t>(j) < n ? scores : f32x8{} - INFINITY;
       store8(probs + 8 * j, visible);
       row_max = visible > row_max ? visible : row_max;
@@ -423,10 +454,73 @@ void fwd_short_segment(const AttentionParams& p, int64_t q0, int64_t lq, int64_t
     }
     const f32x8 inv = sum > f32x8{} ? 1.0f / sum : f32x8{};
     for (int l = 0; l < lanes; ++l) {
-      *lse_lane[l] = n_lane[l] ? row_max[l] + std::log(sum[l]) : -std::numeric_limits<float>::infinity();
+      const int64_t h = (g0 + kv[l]) * group + rank[l], t = q0 + row[l];
+      p.lse[h * p.total_q + t] =
+          n_lane[l] ? row_max[l] + std::log(sum[l]) : -std::numeric_limits<float>::infinity();
       const float* v_rows = v_lane[l];
-      store_weighted_sum<T, kD>(o_lane[l], probs + l, 8, n_lane[l], inv[l],
+      store_weighted_sum<T, kD>(out + t * p.out_row + h * p.out_head, probs + l, 8, n_lane[l], inv[l],
                                 [&](int64_t j) { return v_rows + j * values.row_stride; });
+    }
+  }
+}
+
+// Backward of a segment with fewer than kBwdBlockMinKeys keys, the same way as fwd_short_segment: per key j,
+// one vector each of scores, P (from lse), dP = dout . v and dS = P * (dP - delta) for eight pairs, with
+// delta = rowsum(dout * out) for the eight from one transposing add tree. Then per lane dq = scale * dS @ K in
+// registers, and dk += scale * dS^T q, dv += P^T dout into dk_acc/dv_acc, lane by lane in pair order, so each
+// dk/dv row receives its terms in the same order whatever the batching (bit-identical across thread splits).
+template <typename T, int kD, typename A>
+void bwd_short_segment(const AttentionParams& p, int64_t q0, int64_t lq, int64_t lk, int64_t g0, int64_t g1,
+                       const Block<const A>& keys, const Block<const A>& values, const Block<A>& dk_acc,
+                       const Block<A>& dv_acc) {
+  static_assert(std::is_same_v<A, float> && kD > 0 && kD % 8 == 0, "bwd_short_segment is the float kernel");
+  const int64_t group = p.num_heads / p.num_kv_heads, q_stride = p.num_heads * kD;  // dq is contiguous
+  const T* q = static_cast<const T*>(p.q);
+  const T* out = static_cast<const T*>(p.out);
+  const T* dout = static_cast<const T*>(p.dout);
+  T* dq = static_cast<T*>(p.dq);
+  const float scale_s = static_cast<float>(p.softmax_scale);
+  const f32x8 scale = bcast8(scale_s);
+  alignas(32) float probs[kBwdBlockMinKeys * 8], dscores[kBwdBlockMinKeys * 8];  // [8 * j + lane]
+  LaneRows<T, kD> q_lane, do_lane, o_lane;
+  const float *k_lane[8], *v_lane[8];
+  alignas(32) int32_t n_lane[8];
+  alignas(32) float lse_lane[8];
+  int64_t row[8], kv[8], rank[8];
+  PairBatches batches(lq, g1 - g0, group);
+  while (const int lanes = batches.next(row, kv, rank)) {
+    int64_t n_max = 0;
+    for (int l = 0; l < 8; ++l) {
+      const int64_t h = (g0 + kv[l]) * group + rank[l], t = q0 + row[l];
+      q_lane.set(l, q + t * p.q_row + h * p.q_head);
+      do_lane.set(l, dout + t * p.dout_row + h * p.dout_head);
+      o_lane.set(l, out + t * p.out_row + h * p.out_head);
+      k_lane[l] = keys.row(kv[l], 0);
+      v_lane[l] = values.row(kv[l], 0);
+      n_lane[l] = static_cast<int32_t>(visible_keys(row[l], lq, lk, p.causal));
+      lse_lane[l] = p.lse[h * p.total_q + t];
+      n_max = std::max<int64_t>(n_max, n_lane[l]);
+    }
+    const i32x8 n = *reinterpret_cast<const i32x8*>(n_lane);
+    const f32x8 lse = load8(lse_lane);
+    const f32x8 delta = dot8_lanes<kD>(do_lane.row, o_lane.row, 0);  // the softmax Jacobian's correction
+    for (int64_t j = 0; j < n_max; ++j) {
+      const f32x8 scores = dot8_lanes<kD>(q_lane.row, k_lane, j * keys.row_stride) * scale;
+      const f32x8 dp = dot8_lanes<kD>(do_lane.row, v_lane, j * values.row_stride);
+      // Masked before exp: a lane without keys has lse = -inf, and exp(s - lse) would be inf.
+      const f32x8 prob = exp8(static_cast<int32_t>(j) < n ? scores - lse : f32x8{} - INFINITY);
+      store8(probs + 8 * j, prob);
+      store8(dscores + 8 * j, prob * (dp - delta));
+    }
+    for (int l = 0; l < lanes; ++l) {
+      const int64_t h = (g0 + kv[l]) * group + rank[l];
+      const float* k_rows = k_lane[l];
+      store_weighted_sum<T, kD>(dq + (q0 + row[l]) * q_stride + h * kD, dscores + l, 8, n_lane[l], scale_s,
+                                [&](int64_t j) { return k_rows + j * keys.row_stride; });
+      for (int64_t j = 0; j < n_lane[l]; ++j) {
+        add_scaled<kD>(dk_acc.row(kv[l], j), scale_s * dscores[8 * j + l], q_lane.row[l]);
+        add_scaled<kD>(dv_acc.row(kv[l], j), probs[8 * j + l], do_lane.row[l]);
+      }
     }
   }
 }
@@ -662,10 +756,11 @@ void bwd_units(const AttentionParams& p, int64_t unit_begin, int64_t unit_end) {
                                  scratch.keys);
     const auto values = load_block(v + k0 * p.v_row + g0 * p.v_head, p.v_row, p.v_head, rows, heads, d,
                                    scratch.values);
-    bool blocked = false;
+    bool generic = true;
     if constexpr (kBlocked<A, kD>) {
-      blocked = lk >= kBwdBlockMinKeys;
-      for (int64_t h = g0 * group; blocked && h < g1 * group; ++h) {
+      generic = false;
+      if (lk < kBwdBlockMinKeys) bwd_short_segment<T, kD>(p, q0, lq, lk, g0, g1, keys, values, dk_acc, dv_acc);
+      for (int64_t h = g0 * group; lk >= kBwdBlockMinKeys && h < g1 * group; ++h) {
         const int64_t g = h / group - g0;
         for (int64_t i0 = 0; i0 < lq; i0 += kBwdRows) {
           const int64_t r = std::min(kBwdRows, lq - i0);
@@ -689,7 +784,7 @@ void bwd_units(const AttentionParams& p, int64_t unit_begin, int64_t unit_end) {
         }
       }
     }
-    if (!blocked) for_each_row(lk, g0 * group, g1 * group, lq, 4 * d * sizeof(A), [&](int64_t h, int64_t i) {
+    if (generic) for_each_row(lk, g0 * group, g1 * group, lq, 4 * d * sizeof(A), [&](int64_t h, int64_t i) {
       T* dq_row = dq + (q0 + i) * q_stride + h * d;
       const int64_t n = visible_keys(i, lq, lk, p.causal);
       if (n == 0) {
