@@ -71,6 +71,31 @@ inline f32x8 exp8(f32x8 x_in) {
   return x_in < lo ? f32x8{} : result;
 }
 
+// Natural log over 8 positive, normal floats to ~1 ulp (Cephes' logf polynomial on the mantissa in
+// [sqrt(1/2), sqrt(2)), exponent added back in two parts): eight libm calls per eight rows would cost more
+// than a short row's whole softmax.
+inline f32x8 log8(f32x8 x) {
+  const i32x8 bits = reinterpret_cast<const i32x8&>(x);
+  const i32x8 mantissa_bits = (bits & 0x807fffff) | 0x3f000000;  // the mantissa as a float in [0.5, 1)
+  f32x8 m = reinterpret_cast<const f32x8&>(mantissa_bits);
+  f32x8 e = __builtin_convertvector(((bits >> 23) & 0xff) - 126, f32x8);
+  const auto small = m < 0.707106781186547524f;
+  e = small ? e - 1.0f : e;
+  m = (small ? m + m : m) - 1.0f;
+  const f32x8 z = m * m;
+  f32x8 y = m * 7.0376836292e-2f - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  y = y + e * -2.12194440e-4f - 0.5f * z;
+  return m + y + e * 0.693359375f;
+}
+
 // The lanes [0, n - jb) of x, the others -inf: the scores of a block of keys with the invisible ones masked.
 inline f32x8 mask_past(f32x8 x, int64_t jb, int64_t n) {
   const i32x8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
@@ -453,10 +478,11 @@ void fwd_short_segment(const AttentionParams& p, int64_t q0, int64_t lq, int64_t
       sum += e;
     }
     const f32x8 inv = sum > f32x8{} ? 1.0f / sum : f32x8{};
+    // sum >= 1 where a lane has keys (its maximum contributes exp(0)), so log8 sees normal numbers only.
+    const f32x8 lse = n > 0 ? row_max + log8(sum > f32x8{} ? sum : f32x8{} + 1.0f) : f32x8{} - INFINITY;
     for (int l = 0; l < lanes; ++l) {
       const int64_t h = (g0 + kv[l]) * group + rank[l], t = q0 + row[l];
-      p.lse[h * p.total_q + t] =
-          n_lane[l] ? row_max[l] + std::log(sum[l]) : -std::numeric_limits<float>::infinity();
+      p.lse[h * p.total_q + t] = lse[l];
       const float* v_rows = v_lane[l];
       store_weighted_sum<T, kD>(out + t * p.out_row + h * p.out_head, probs + l, 8, n_lane[l], inv[l],
                                 [&](int64_t j) { return v_rows + j * values.row_stride; });
