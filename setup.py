@@ -10,6 +10,7 @@ Environment:
 """
 
 import glob
+import importlib.util
 import os
 
 from setuptools import setup
@@ -22,6 +23,16 @@ def _sources(pattern):
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
 
+def _cuda_flags():
+    """hierkern/ops/cuda_flags.py, loaded by path: importing hierkern would import torch-dependent modules
+    of a package that is not installed yet."""
+    spec = importlib.util.spec_from_file_location("_hierkern_cuda_flags",
+                                                  os.path.join(ROOT, "hierkern", "ops", "cuda_flags.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _extensions():
     if os.environ.get("HIERKERN_NO_EXT") == "1":
         return [], {}
@@ -29,19 +40,14 @@ def _extensions():
     import torch
 
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
-    # No -std: torch's BuildExtension adds the standard its headers need (a pinned -std=c++17 fails on
-    # torch 2.14, whose ATen.h requires C++20).
+    # No -std: torch's BuildExtension adds the standard its headers need (torch 2.14's ATen.h requires C++20).
     cxx_flags = ["-O3", "-fopenmp"]
     cuda_sources = _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")
     with_cuda = os.environ.get("HIERKERN_NO_CUDA") != "1" and CUDA_HOME is not None and torch.version.cuda is not None
     if cuda_sources and with_cuda:
-        archs = os.environ.get("HIERKERN_CUDA_ARCHS", "80;90a").split(";")
-        gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs if a]
-        ext = CUDAExtension(
-            "hierkern._C", sources + cuda_sources,
-            extra_compile_args={"cxx": cxx_flags + ["-DHIERKERN_WITH_CUDA"],
-                                "nvcc": ["-O3", "--use_fast_math", "-lineinfo"] + gencode},
-            extra_link_args=["-fopenmp"])
+        ext = CUDAExtension("hierkern._C", sources + cuda_sources,
+                            extra_compile_args={"cxx": cxx_flags, "nvcc": _cuda_flags().nvcc_flags()},
+                            extra_link_args=["-fopenmp"])
     else:
         ext = CppExtension("hierkern._C", sources, extra_compile_args=cxx_flags, extra_link_args=["-fopenmp"])
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}

@@ -17,6 +17,7 @@ import random
 import re
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,9 +39,10 @@ ARCHS = ("sm_80", "sm_90a")
 # 65536 / (4 * 128) = 128 registers per thread, and static shared memory under the 48 KiB opt-in limit.
 MAX_REGISTERS = 128
 MAX_STATIC_SMEM = 48 * 1024
-# What torch's CUDAExtension adds to every nvcc command: the kernels must compile under it.
-TORCH_NVCC_DEFINES = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
-                      "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"]
+# What torch's CUDAExtension adds to every nvcc command (the C++ standard too: our flags leave it to torch):
+# the kernels must compile under it.
+TORCH_NVCC_FLAGS = ["-std=c++20", "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+                    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"]
 
 
 def _find_nvcc() -> str | None:
@@ -71,7 +73,7 @@ requires_cxx = pytest.mark.skipif(CXX is None, reason="no host C++ compiler (g++
 def _nvcc_command(source: Path, obj: Path) -> list[str]:
     # The flags setup.py and the JIT build use, plus ptxas' per-kernel report.
     from hierkern.ops.cuda_attention import jit_build_flags
-    return [NVCC, "-c", str(source), "-o", str(obj), *jit_build_flags("80;90a"), *TORCH_NVCC_DEFINES,
+    return [NVCC, "-c", str(source), "-o", str(obj), *jit_build_flags("80;90a"), *TORCH_NVCC_FLAGS,
             "-Xptxas", "-v"]
 
 
@@ -148,7 +150,7 @@ def _binding_command(build: Path) -> list[str] | None:
     stub = build / "stub" / "c10" / "cuda" / "impl"
     stub.mkdir(parents=True, exist_ok=True)
     (stub / "cuda_cmake_macros.h").write_text("#pragma once\n")
-    return [CXX, "-std=c++17", "-fsyntax-only", "-Wall", "-Wextra", "-Werror", "-isystem", str(build / "stub"),
+    return [CXX, "-std=c++20", "-fsyntax-only", "-Wall", "-Wextra", "-Werror", "-isystem", str(build / "stub"),
             "-isystem", str(include), "-isystem", str(include / "torch" / "csrc" / "api" / "include"),
             "-isystem", str(_cuda_include()), str(CSRC_CUDA / "binding.cpp")]
 
@@ -247,6 +249,38 @@ def test_launchers_link_with_only_cudart(ptxas_reports, tmp_path):
 def test_binding_compiles_against_torch_headers(builds):
     result = builds["binding.cpp"]
     assert result.ok, result.output[-4000:]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The nvcc flags' one definition (hierkern/ops/cuda_flags.py), which setup.py loads by path
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_nvcc_flags_load_without_torch():
+    """setup.py runs before hierkern is installed, possibly before torch is importable."""
+    code = ("import importlib.util, sys\n"
+            "sys.modules['torch'] = None  # any import of torch now raises\n"
+            f"path = {str(ROOT / 'hierkern' / 'ops' / 'cuda_flags.py')!r}\n"
+            "spec = importlib.util.spec_from_file_location('flags', path)\n"
+            "module = importlib.util.module_from_spec(spec)\n"
+            "spec.loader.exec_module(module)\n"
+            "print(' '.join(module.nvcc_flags('80;90a')))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    from hierkern.ops.cuda_attention import jit_build_flags
+    assert result.stdout.split() == jit_build_flags("80;90a")
+
+
+def test_nvcc_flags_archs(monkeypatch):
+    from hierkern.ops.cuda_flags import nvcc_flags
+    monkeypatch.delenv("HIERKERN_CUDA_ARCHS", raising=False)
+    assert nvcc_flags() == nvcc_flags("80;90a")
+    monkeypatch.setenv("HIERKERN_CUDA_ARCHS", "90a")
+    sass = [f for f in nvcc_flags() if f.startswith("-gencode") and ",code=sm_" in f]
+    assert sass == ["-gencode=arch=compute_90a,code=sm_90a"]
+    for bad in ("", ";", "sm_80", "80,90"):
+        with pytest.raises(ValueError, match="HIERKERN_CUDA_ARCHS"):
+            nvcc_flags(bad)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import os
 import torch
 
 from ..backends import AttentionCall, register_backend
-from . import extension
+from . import cuda_flags, extension
 
 __all__ = ["CudaBackend", "SUPPORTED_HEAD_DIMS", "load_jit", "jit_build_flags"]
 
@@ -41,12 +41,10 @@ _jit_loaded = False
 
 
 def jit_build_flags(archs: str | None = None) -> list[str]:
-    """nvcc flags of the CUDA kernels: ``setup.py``'s, for the SMs in ``archs`` (``HIERKERN_CUDA_ARCHS``,
-    default ``"80;90a"``), e.g. ``["-O3", ..., "-gencode=arch=compute_80,code=sm_80", ...]``."""
-    archs = os.environ.get("HIERKERN_CUDA_ARCHS", "80;90a") if archs is None else archs
-    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs.split(";") if a]
-    # No -std: torch's cpp_extension adds the C++ standard its headers need (C++20 for torch 2.14).
-    return ["-O3", "--use_fast_math", "-lineinfo"] + gencode
+    """nvcc flags of the CUDA kernels, the same as ``setup.py``'s (both come from
+    :func:`hierkern.ops.cuda_flags.nvcc_flags`), for the SMs in ``archs`` (``HIERKERN_CUDA_ARCHS``, default
+    ``"80;90a"``), e.g. ``["-O3", ..., "-gencode=arch=compute_80,code=sm_80", ...]``."""
+    return cuda_flags.nvcc_flags(archs)
 
 
 def load_jit(verbose: bool = False) -> None:
