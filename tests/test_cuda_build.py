@@ -1,5 +1,6 @@
 """CUDA checks that need no GPU: every csrc/cuda kernel compiles for sm_80 and sm_90a with zero spills
-within the designed register budget, the torch binding compiles against torch's headers, and the
+within the designed register budget, so does the embedded compute_80 PTX that newer GPUs (sm_100, sm_120)
+JIT-compile, the torch binding compiles against torch's headers, and the
 schedule and dropout-RNG code the kernels run (``__host__ __device__``, compiled here for the host) matches
 a Python model of the semantics on adversarial layouts, and kernels that ``load_jit`` registers after import
 make the backend available. Building and linking against a CUDA build of torch is ``.ci/cuda-link-check``.
@@ -216,6 +217,45 @@ def test_no_spills_and_register_budget(ptxas_reports):
     assert not big, f"kernels over {MAX_STATIC_SMEM} bytes of static shared memory: {big}"
 
 
+def _cuobjdump() -> str | None:
+    """cuobjdump: the toolkit's, else the copy in the triton wheel (DESIGN.md, "The machines")."""
+    candidates = [shutil.which("cuobjdump")]
+    if NVCC is not None:
+        candidates.append(str(Path(NVCC).resolve().parent / "cuobjdump"))
+    try:
+        import triton
+        candidates.append(str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"))
+    except ImportError:
+        pass
+    return next((c for c in candidates if c and os.path.isfile(c) and os.access(c, os.X_OK)), None)
+
+
+@requires_nvcc
+@pytest.mark.parametrize("arch", ["sm_100", "sm_120"])
+def test_ptx_fallback_for_newer_gpus(ptxas_reports, tmp_path, arch):
+    """A GPU newer than every SASS target (Blackwell) runs the embedded PTX, JIT-compiled by its driver: it
+    must be compute_80's (arch-specific compute_90a PTX would not load there) and compile for that GPU with
+    every kernel inside the same budget as the SASS."""
+    cuobjdump, ptxas = _cuobjdump(), Path(NVCC).resolve().parent / "ptxas"
+    if cuobjdump is None or not ptxas.is_file():
+        pytest.skip("cuobjdump or ptxas not found next to nvcc (or in the triton wheel)")
+    reports = []
+    for obj in sorted(_build_dir().glob("*.o")):
+        listing = subprocess.run([cuobjdump, "--list-ptx", str(obj)], capture_output=True, text=True, check=True)
+        assert re.findall(r"PTX file\s+\d+: (\S+)", listing.stdout) == [f"{obj.stem}.sm_80.ptx"], listing.stdout
+        subprocess.run([cuobjdump, "-xptx", "all", str(obj)], cwd=tmp_path, capture_output=True, check=True)
+        ptx = tmp_path / f"{obj.stem}.sm_80.ptx"
+        assert re.search(r"^\.target sm_80$", ptx.read_text(), re.M)
+        result = subprocess.run([str(ptxas), f"-arch={arch}", "-v", str(ptx), "-o", os.devnull],
+                                capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-4000:]
+        reports += parse_ptxas(result.stdout + result.stderr)
+    assert {(r.kernel, r.dtype, r.head_dim, r.arch) for r in reports} == {
+        (k, t, d, arch) for k in KERNELS for t in DTYPES.values() for d in HEAD_DIMS}
+    assert not [r for r in reports if r.spill_stores or r.spill_loads or r.registers > MAX_REGISTERS
+                or r.smem > MAX_STATIC_SMEM]
+
+
 _LINK_MAIN = r"""
 #include "varlen_attention.h"
 int main(int argc, char**) {
@@ -272,12 +312,16 @@ def test_nvcc_flags_load_without_torch():
 
 
 def test_nvcc_flags_archs(monkeypatch):
-    from hierkern.ops.cuda_flags import nvcc_flags
+    from hierkern.ops.cuda_flags import nvcc_flags, ptx_arch
     monkeypatch.delenv("HIERKERN_CUDA_ARCHS", raising=False)
     assert nvcc_flags() == nvcc_flags("80;90a")
     monkeypatch.setenv("HIERKERN_CUDA_ARCHS", "90a")
     sass = [f for f in nvcc_flags() if f.startswith("-gencode") and ",code=sm_" in f]
     assert sass == ["-gencode=arch=compute_90a,code=sm_90a"]
+    # PTX for the oldest SM, never arch-specific (compute_90a PTX runs on sm_90 alone).
+    assert ptx_arch("80;90a") == "80" and ptx_arch("90a") == "90" and ptx_arch("100a;90a") == "90"
+    ptx = [f for f in nvcc_flags("80;90a") if ",code=compute_" in f]
+    assert ptx == ["-gencode=arch=compute_80,code=compute_80"]
     for bad in ("", ";", "sm_80", "80,90"):
         with pytest.raises(ValueError, match="HIERKERN_CUDA_ARCHS"):
             nvcc_flags(bad)
