@@ -1,9 +1,9 @@
 """CUDA checks that need no GPU: every csrc/cuda kernel compiles for sm_80 and sm_90a with zero spills
 within the designed register budget, so does the embedded compute_80 PTX that newer GPUs (sm_100, sm_120)
-JIT-compile, the torch binding compiles against torch's headers, and the
-schedule and dropout-RNG code the kernels run (``__host__ __device__``, compiled here for the host) matches
-a Python model of the semantics on adversarial layouts, and kernels that ``load_jit`` registers after import
-make the backend available. Building and linking against a CUDA build of torch is ``.ci/cuda-link-check``.
+JIT-compile, the torch binding compiles against torch's headers, the schedule and dropout-RNG code the
+kernels run (``__host__ __device__``, compiled here for the host) matches a Python model of the semantics
+on adversarial layouts, and kernels that ``load_jit`` registers after import make the backend available.
+Building and linking against a CUDA build of torch is ``.ci/cuda-link-check``.
 
 Compilation is cached under ``build/cuda_check/<hash of sources and flags>``: a fresh run takes ~20-40 s on
 two cores (two nvcc processes and one g++ in parallel), a cached one well under a second.
