@@ -48,6 +48,10 @@ inline f32x8 load8(const float* p) { return *reinterpret_cast<const f32x8_unalig
 // Not `f32x8{} + x`: 0 + x is not an identity (x = -0), so that costs an add before the broadcast.
 inline f32x8 bcast8(float x) { return f32x8{x, x, x, x, x, x, x, x}; }
 inline void store8(float* p, f32x8 x) { *reinterpret_cast<f32x8_unaligned*>(p) = x; }
+// The same 256 bits seen as the other lane type: a vector cast reinterprets (a reference cast would break
+// strict aliasing).
+inline i32x8 bits_of(f32x8 x) { return (i32x8)x; }
+inline f32x8 float_of(i32x8 x) { return (f32x8)x; }
 
 inline f32x8 exp8(f32x8 x_in) {
   const f32x8 lo = f32x8{} - 87.3f, hi = f32x8{} + 88.3f;
@@ -56,7 +60,7 @@ inline f32x8 exp8(f32x8 x_in) {
   // Round x*log2(e) to nearest with the 1.5*2^23 trick; the low mantissa bits of `shifted` are the integer n.
   const f32x8 shifted = x * 1.44269504088896341f + 12582912.0f;
   const f32x8 n = shifted - 12582912.0f;
-  const i32x8 n_bits = reinterpret_cast<const i32x8&>(shifted) - 0x4B400000;
+  const i32x8 n_bits = bits_of(shifted) - 0x4B400000;
   f32x8 r = x - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
   const f32x8 r2 = r * r;
@@ -67,7 +71,7 @@ inline f32x8 exp8(f32x8 x_in) {
   y = y * r + 5.0000001201e-1f;
   y = y * r2 + r + 1.0f;
   const i32x8 scale_bits = (n_bits + 127) << 23;
-  const f32x8 result = y * reinterpret_cast<const f32x8&>(scale_bits);
+  const f32x8 result = y * float_of(scale_bits);
   return x_in < lo ? f32x8{} : result;
 }
 
@@ -75,9 +79,9 @@ inline f32x8 exp8(f32x8 x_in) {
 // [sqrt(1/2), sqrt(2)), exponent added back in two parts): eight libm calls per eight rows would cost more
 // than a short row's whole softmax.
 inline f32x8 log8(f32x8 x) {
-  const i32x8 bits = reinterpret_cast<const i32x8&>(x);
+  const i32x8 bits = bits_of(x);
   const i32x8 mantissa_bits = (bits & 0x807fffff) | 0x3f000000;  // the mantissa as a float in [0.5, 1)
-  f32x8 m = reinterpret_cast<const f32x8&>(mantissa_bits);
+  f32x8 m = float_of(mantissa_bits);
   f32x8 e = __builtin_convertvector(((bits >> 23) & 0xff) - 126, f32x8);
   const auto small = m < 0.707106781186547524f;
   e = small ? e - 1.0f : e;
