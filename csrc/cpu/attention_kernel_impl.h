@@ -6,16 +6,17 @@
 // (causal bottom-right alignment makes it a prefix), so there is no masking work beyond the row's end.
 //
 // Float accumulation with head dim 32/64/128 (the fast paths):
-// - forward, segments of fewer than kFwdBlockMinKeys keys (words): eight (query row, head) pairs side by side,
-//   one per vector lane, so that a short row's softmax needs no horizontal reduction (fwd_short_segment);
+// - segments of fewer than kFwdBlockMinKeys (forward) or kBwdBlockMinKeys (backward) keys, i.e. words: eight
+//   (query row, head) pairs side by side, one per vector lane, so that a short row's softmax needs no
+//   horizontal reduction (fwd_short_segment, bwd_short_segment);
 // - forward, longer segments: one head at a time, kBlockRows query rows per block, P @ V for two rows per pass
 //   over the values (fwd_block, combine2);
 // - backward, segments of at least kBwdBlockMinKeys keys: kBwdRows rows per block, dq = dS @ K two rows at a
 //   time and dk/dv as rank updates over the whole block with two keys x 32 columns held in registers
 //   (bwd_block, rank_update).
-// Everything else (double, other head dims, short segments in the backward) goes one query row at a time with
-// the row's scores in a per-thread buffer; its inner loops are written so the compiler vectorises them
-// (`omp simd` reductions), and exp is explicit vector code (exp8).
+// Everything else (double, other head dims) goes one query row at a time with the row's scores in a per-thread
+// buffer; its inner loops are written so the compiler vectorises them (`omp simd` reductions), and exp is
+// explicit vector code (exp8).
 // Each row's arithmetic keeps the same order whatever the thread count, so results stay bit-identical.
 
 // Numbers accumulate in Acc: float for float/bfloat16/half inputs, double for double inputs.
@@ -234,10 +235,10 @@ Block<const A> load_block(const T* src, int64_t row_stride, int64_t head_stride,
   }
 }
 
-// Segments with at least this many keys take the blocked float paths (rows of one head at a time). Forward:
-// below 32 keys the lane-parallel short-segment kernel is faster (measured, one thread: 16-17 keys 13 ms vs
-// 14-16.5 ms, 32 keys on par). Backward: below 16 keys a row's keys are fewer than two 8-key score vectors and
-// per-row overheads dominate anyway.
+// Segments with at least this many keys take the blocked float paths (rows of one head at a time), shorter ones
+// the lane-parallel kernels. Measured on one thread, 19.6k tokens: forward at 16-17 keys 13 ms lane-parallel
+// vs 14-16.5 ms blocked, on par at 32; backward on par from 16 to 17 keys (30-33 ms either way), where the
+// blocked one's dk/dv rank updates start to pay.
 constexpr int64_t kFwdBlockMinKeys = 32;
 constexpr int64_t kBwdBlockMinKeys = 16;
 constexpr int64_t kBlockRows = 4;
