@@ -36,7 +36,9 @@ __all__ = [
 # "English Letter Frequency Counts: Mayzner Revisited" (2013, norvig.com/mayzner.html; 743 billion word
 # occurrences of the Google Books Ngram corpus). The published column sums to ~99% (longer words omitted);
 # sampling normalises it. Mean of this table: ~4.7 characters. Printed English text averages ~4.5-4.8
-# characters per word depending on the corpus; this is the largest published count.
+# characters per word depending on the corpus; this is the largest published count. The values were entered
+# from that page and cross-checked against its cumulative shares as quoted elsewhere (words of at most 4, 5
+# and 6 letters: ~56%, ~67% and ~75% of occurrences; this table gives 55.9%, 66.6% and 75.0%).
 ENGLISH_WORD_LENGTH_PERCENT: dict[int, float] = {
     1: 2.998, 2: 17.651, 3: 20.511, 4: 14.787, 5: 10.629, 6: 8.401, 7: 7.987, 8: 6.050, 9: 4.151,
     10: 2.799, 11: 1.536, 12: 0.829, 13: 0.445, 14: 0.166, 15: 0.058, 16: 0.028, 17: 0.012, 18: 0.005,
