@@ -256,19 +256,75 @@ def test_torch_compile_fullgraph_matches_eager():
 
 
 @needs_kernel
-def test_auto_selects_cpu_and_routes_dropout_to_reference():
+def test_auto_selects_cpu_with_and_without_dropout():
     q = torch.randn(5, 2, 8)
-    call = AttentionCall.of(q, q, q, 5, 5, causal=False, dropout_p=0.0)
-    assert select_backend(call).name == "cpu"
-    dropout_call = AttentionCall.of(q, q, q, 5, 5, causal=False, dropout_p=0.1)
-    reason = hierkern.explain(dropout_call)["cpu"]
-    assert "dropout" in reason
-    assert select_backend(dropout_call).name == "reference"
-    with pytest.raises(ValueError, match="dropout"):
-        hierkern.varlen_attention(q, q, q, offsets_of([5]), dropout_p=0.1, backend="cpu")
+    for dropout_p in (0.0, 0.1):
+        assert select_backend(AttentionCall.of(q, q, q, 5, 5, causal=False, dropout_p=dropout_p)).name == "cpu"
     cuda_call = AttentionCall(device_type="cuda", dtype=torch.float32, head_dim=8, num_heads=2, num_kv_heads=2,
                               max_seqlen_q=5, max_seqlen_k=5, causal=False, dropout=False, requires_grad=False)
     assert "CPU tensors" in CPU.why_not(cuda_call)
+
+
+# Every kernel path under dropout: lane-parallel (words), the row kernel that long segments take under dropout,
+# and the generic kernel (head dim 7, float64).
+DROPOUT_LAYOUTS = [Layout("words", (1, 5, 3, 0, 8, 2, 11, 4, 7)),
+                   Layout("boundaries-cross", (15, 16, 33, 40, 2), (15, 17, 31, 34, 0)),
+                   Layout("long", (70, 1, 3))]
+DROPOUT_CASES = [(torch.float32, MHA), (torch.float32, GQA), (torch.float64, MQA), (torch.bfloat16, MHA)]
+
+
+@needs_kernel
+@pytest.mark.parametrize("layout", DROPOUT_LAYOUTS, ids=lambda l: l.name)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("case", DROPOUT_CASES, ids=_case_id)
+def test_dropout_matches_the_philox_mask_model(layout, causal, case):
+    """Forward and gradients under dropout against a float64 dense model that applies the mask of the CUDA
+    kernels' Philox generator (rebuilt in Python by tests/cuda_oracles.py): the CPU kernel drops exactly those
+    weights, and the backward regenerates the forward's mask."""
+    from cuda_oracles import dense_attention, keep_mask
+
+    dtype, (num_heads, num_kv_heads, head_dim) = case
+    p, seed, offset = 0.3, 987654321, 17
+    g = torch.Generator().manual_seed(11)
+    q, k, v = random_qkv(layout, num_heads, num_kv_heads, head_dim, dtype=dtype, generator=g, requires_grad=True)
+    cu_q, cu_k = offsets_of(layout.lengths_q), offsets_of(layout.keys)
+    scale = 1 / math.sqrt(head_dim)
+    rng_state = torch.tensor([seed, offset], dtype=torch.int64)
+    out, _ = torch.ops.hierkern.varlen_fwd(q, k, v, cu_q, cu_k, max(layout.lengths_q), max(layout.keys), scale,
+                                           causal, p, rng_state)
+    dout = torch.randn(q.shape, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad(out, (q, k, v), dout.to(dtype))
+
+    keep = keep_mask(seed, offset, num_heads, q.shape[0], k.shape[0], p).double()
+    assert 0.55 < keep.mean() < 0.85  # the mask really drops about 30%
+    leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = dense_attention(*leaves64, layout, causal, scale, keep, p)
+    ref_grads = torch.autograd.grad(ref, leaves64, dout)
+    tol = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 2e-2}[dtype]
+    assert rel_err(out, ref) < tol
+    for name, grad, ref_grad in zip("qkv", grads, ref_grads):
+        assert _grad_err(grad, ref_grad) < 5 * tol, f"d{name}"
+    again, _ = torch.ops.hierkern.varlen_fwd(q, k, v, cu_q, cu_k, max(layout.lengths_q), max(layout.keys), scale,
+                                             causal, p, rng_state)
+    assert torch.equal(out, again)
+
+
+@needs_kernel
+def test_dropout_through_the_api_is_seeded_by_torch():
+    layout = DROPOUT_LAYOUTS[0]
+    q, k, v = random_qkv(layout, 4, 4, 32, generator=torch.Generator().manual_seed(5), requires_grad=True)
+    cu = offsets_of(layout.lengths_q)
+
+    def run(seed):
+        torch.manual_seed(seed)
+        out = hierkern.varlen_attention(q, k, v, cu, dropout_p=0.2, backend="cpu")
+        return out, torch.autograd.grad(out.square().sum(), (q, k, v))
+
+    (out1, grads1), (out2, grads2) = run(7), run(7)
+    assert torch.equal(out1, out2) and all(torch.equal(a, b) for a, b in zip(grads1, grads2))
+    assert not torch.equal(run(8)[0], out1)
+    no_dropout = hierkern.varlen_attention(q, k, v, cu, backend="cpu")
+    assert not torch.equal(no_dropout, out1)
 
 
 @needs_kernel
@@ -284,7 +340,8 @@ def test_auto_selects_cpu_and_routes_dropout_to_reference():
     ("heads", ValueError, "multiple of the number of key/value heads"),
     ("head dim", ValueError, "same head_dim"),
     ("rank", ValueError, "q must have shape"),
-    ("dropout", ValueError, "dropout is not implemented"),
+    ("dropout without rng_state", ValueError, "needs rng_state"),
+    ("dropout_p of 1", ValueError, r"dropout_p must be in \[0, 1\)"),
     ("scale", ValueError, "softmax_scale must be finite"),
 ])
 def test_op_rejects_bad_input(case, error, match):
@@ -315,8 +372,10 @@ def test_op_rejects_bad_input(case, error, match):
         args["q"] = torch.randn(6, 4, 4)
     elif case == "rank":
         args["q"] = q.flatten(1)
-    elif case == "dropout":
+    elif case == "dropout without rng_state":
         args["dropout"] = 0.5
+    elif case == "dropout_p of 1":
+        args["dropout"] = 1.0
     elif case == "scale":
         args["scale"] = math.inf
     with pytest.raises(error, match=match):

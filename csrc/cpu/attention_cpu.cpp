@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "attention_kernel.h"
+#include "../cuda/philox.cuh"  // torch-free: dropout_threshold, shared with the CUDA kernels
 
 namespace hierkern {
 namespace cpu {
@@ -91,7 +92,8 @@ int64_t check_offsets(const at::Tensor& cu, const char* name, int64_t total, int
 
 AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t max_seqlen_q,
-                            int64_t max_seqlen_k, double softmax_scale, bool causal, double dropout_p) {
+                            int64_t max_seqlen_k, double softmax_scale, bool causal, double dropout_p,
+                            const c10::optional<at::Tensor>& rng_state) {
   check_packed(q, "q");
   check_packed(k, "k");
   check_packed(v, "v");
@@ -110,8 +112,8 @@ AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::
                     "describe the same number of segments, got ", cu_q.numel() - 1, " and ", cu_k.numel() - 1);
   TORCH_CHECK_VALUE(std::isfinite(softmax_scale), "hierkern CPU attention: softmax_scale must be finite, got ",
                     softmax_scale);
-  TORCH_CHECK_VALUE(dropout_p == 0.0, "hierkern CPU attention: dropout is not implemented by the CPU kernel "
-                    "(dropout_p=", dropout_p, "); use the reference backend for dropout");
+  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, "hierkern CPU attention: dropout_p must be in [0, 1), "
+                    "got ", dropout_p);
   check_offsets(cu_q, "cu_seqlens_q", q.size(0), max_seqlen_q, "max_seqlen_q");
   check_offsets(cu_k, "cu_seqlens_k", k.size(0), max_seqlen_k, "max_seqlen_k");
 
@@ -127,6 +129,21 @@ AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::
   p.cu_seqlens_k = cu_k.data_ptr<int32_t>();
   p.softmax_scale = softmax_scale;
   p.causal = causal;
+  if (dropout_p > 0.0) {
+    TORCH_CHECK_VALUE(rng_state.has_value(), "hierkern CPU attention: dropout_p > 0 needs rng_state = [seed, "
+                      "offset]");
+    const at::Tensor& rng = *rng_state;
+    TORCH_CHECK_VALUE(rng.device().is_cpu() && rng.scalar_type() == at::kLong && rng.numel() == 2,
+                      "hierkern CPU attention: rng_state must be an int64 CPU tensor [seed, offset], got ",
+                      rng.scalar_type(), " on ", rng.device(), " with ", rng.numel(), " elements");
+    const at::Tensor r = rng.contiguous();
+    p.dropout_p = dropout_p;
+    p.dropout_scale = 1.0 / (1.0 - dropout_p);
+    // The CUDA kernels' threshold for the float32 dropout_p they receive: both backends keep the same weights.
+    p.dropout_threshold = ::hierkern::cuda::dropout_threshold(static_cast<float>(dropout_p));
+    p.dropout_seed = static_cast<uint64_t>(r.data_ptr<int64_t>()[0]);
+    p.dropout_offset = static_cast<uint64_t>(r.data_ptr<int64_t>()[1]);
+  }
   p.q = q.data_ptr();
   p.q_row = q.stride(0);
   p.q_head = q.stride(1);
@@ -185,13 +202,12 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cpu(const at::Tensor& q_in, const 
                                                   const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
                                                   int64_t max_seqlen_k, double softmax_scale, bool causal,
                                                   double dropout_p, const c10::optional<at::Tensor>& rng_state) {
-  (void)rng_state;  // only meaningful with dropout, which make_params refuses
   check_packed(q_in, "q");
   check_packed(k_in, "k");
   check_packed(v_in, "v");
   const at::Tensor q = unit_stride_last(q_in), k = unit_stride_last(k_in), v = unit_stride_last(v_in);
   AttentionParams p = make_params(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                  softmax_scale, causal, dropout_p);
+                                  softmax_scale, causal, dropout_p, rng_state);
   // torch::empty, not zeros: the kernel writes every element (rows without keys get 0 and -inf).
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({q.size(1), q.size(0)}, q.options().dtype(at::kFloat));
@@ -208,7 +224,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cpu(
     const at::Tensor& out_in, const at::Tensor& lse_in, const at::Tensor& cu_seqlens_q,
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale,
     bool causal, double dropout_p, const c10::optional<at::Tensor>& rng_state) {
-  (void)rng_state;
   check_packed(dout_in, "dout");
   check_packed(q_in, "q");
   check_packed(k_in, "k");
@@ -217,7 +232,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cpu(
   const at::Tensor q = unit_stride_last(q_in), k = unit_stride_last(k_in), v = unit_stride_last(v_in);
   const at::Tensor out = unit_stride_last(out_in), dout = unit_stride_last(dout_in);
   AttentionParams p = make_params(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                  softmax_scale, causal, dropout_p);
+                                  softmax_scale, causal, dropout_p, rng_state);
   TORCH_CHECK_VALUE(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), "hierkern CPU attention: dout and "
                     "out must have q's shape ", q.sizes(), ", got ", dout.sizes(), " and ", out.sizes());
   TORCH_CHECK_TYPE(dout.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),

@@ -20,6 +20,12 @@ struct AttentionParams {
   const int32_t* cu_seqlens_k;
   double softmax_scale;
   bool causal;
+  // Attention dropout: weight (head, query token, key token) is kept, scaled by 1 / (1 - dropout_p), iff its
+  // Philox draw under (dropout_seed, dropout_offset) is at least dropout_threshold (csrc/cuda/philox.cuh: the
+  // CUDA kernels' generator, so both backends drop the same weights for the same rng_state).
+  double dropout_p, dropout_scale;
+  uint32_t dropout_threshold;
+  uint64_t dropout_seed, dropout_offset;
 
   const void* q;  int64_t q_row, q_head;
   const void* k;  int64_t k_row, k_head;

@@ -205,6 +205,17 @@ inline int64_t visible_keys(int64_t i, int64_t lq, int64_t lk, bool causal) {
   return n < 0 ? 0 : (n > lk ? lk : n);
 }
 
+// Dropout's factor for attention weight (head, query token, key token): 1 / (1 - dropout_p) where kept, else 0,
+// in the accumulation type A. A pure function of its arguments and the rng_state, so the backward regenerates
+// the forward's mask.
+template <typename A = float>
+inline A dropout_factor(const AttentionParams& p, int64_t head, int64_t query, int64_t key) {
+  return ::hierkern::cuda::dropout_keep(p.dropout_seed, p.dropout_offset, static_cast<int>(head),
+                                        static_cast<int>(query), static_cast<int>(key), p.dropout_threshold)
+             ? static_cast<A>(p.dropout_scale)
+             : A(0);
+}
+
 template <typename T, typename A>
 inline void load_row(A* __restrict dst, const T* __restrict src, int64_t d, A scale) {
   for (int64_t c = 0; c < d; ++c) dst[c] = static_cast<A>(src[c]) * scale;
@@ -299,10 +310,12 @@ inline void for_each_segment_part(const AttentionParams& p, int64_t unit_begin, 
 // Calls fn(h, i) for query heads [h0, h1) and rows [0, lq). Token order (every head of a row, then the next
 // row) reads q and writes out sequentially: tiny segments are bound by memory latency, and their keys and
 // values for all heads stay in L1 anyway. Head order keeps one head's keys and values cached across rows,
-// which long segments need.
+// which long segments need. The choice depends on the segment and all its heads (num_heads), never on the
+// share of heads a thread got, so every dk/dv row sums its terms in the same order whatever the split.
 template <typename F>
-inline void for_each_row(int64_t lk, int64_t h0, int64_t h1, int64_t lq, int64_t bytes_per_key, F&& fn) {
-  if (lk * (h1 - h0) * bytes_per_key <= (32 << 10)) {
+inline void for_each_row(int64_t lk, int64_t num_heads, int64_t h0, int64_t h1, int64_t lq, int64_t bytes_per_key,
+                         F&& fn) {
+  if (lk * num_heads * bytes_per_key <= (32 << 10)) {
     for (int64_t i = 0; i < lq; ++i)
       for (int64_t h = h0; h < h1; ++h) fn(h, i);
   } else {
@@ -443,8 +456,8 @@ inline void add_scaled(float* __restrict y, float w, const float* __restrict x) 
 // dependency chain per eight rows. A lane's arithmetic does not depend on its neighbours (the transposing add
 // tree reduces every lane in the same order), so results stay bit-identical whatever the thread split.
 template <typename T, int kD, typename A>
-void fwd_short_segment(const AttentionParams& p, int64_t q0, int64_t lq, int64_t lk, int64_t g0, int64_t g1,
-                       const Block<const A>& keys, const Block<const A>& values) {
+void fwd_short_segment(const AttentionParams& p, int64_t q0, int64_t lq, int64_t k0, int64_t lk, int64_t g0,
+                       int64_t g1, const Block<const A>& keys, const Block<const A>& values) {
   static_assert(std::is_same_v<A, float> && kD > 0 && kD % 8 == 0, "fwd_short_segment is the float kernel");
   const int64_t group = p.num_heads / p.num_kv_heads;
   const T* q = static_cast<const T*>(p.q);
@@ -454,12 +467,12 @@ void fwd_short_segment(const AttentionParams& p, int64_t q0, int64_t lq, int64_t
   LaneRows<T, kD> q_lane;
   const float *k_lane[8], *v_lane[8];
   alignas(32) int32_t n_lane[8];
-  int64_t row[8], kv[8], rank[8];
+  int64_t row[8], kv[8], rank[8], head[8];
   PairBatches batches(lq, g1 - g0, group);
   while (const int lanes = batches.next(row, kv, rank)) {
     int64_t n_max = 0;
     for (int l = 0; l < 8; ++l) {
-      const int64_t h = (g0 + kv[l]) * group + rank[l];
+      const int64_t h = head[l] = (g0 + kv[l]) * group + rank[l];
       q_lane.set(l, q + (q0 + row[l]) * p.q_row + h * p.q_head);
       k_lane[l] = keys.row(kv[l], 0);
       v_lane[l] = values.row(kv[l], 0);
@@ -482,11 +495,16 @@ void fwd_short_segment(const AttentionParams& p, int64_t q0, int64_t lq, int64_t
       store8(probs + 8 * j, e);
       sum += e;
     }
+    // Dropout scales the weights of P @ V, not the normaliser: sum and lse are the undropped softmax's.
+    if (p.dropout_p > 0.0) {
+      for (int64_t j = 0; j < n_max; ++j)
+        for (int l = 0; l < lanes; ++l) probs[8 * j + l] *= dropout_factor(p, head[l], q0 + row[l], k0 + j);
+    }
     const f32x8 inv = sum > f32x8{} ? 1.0f / sum : f32x8{};
     // sum >= 1 where a lane has keys (its maximum contributes exp(0)), so log8 sees normal numbers only.
     const f32x8 lse = n > 0 ? row_max + log8(sum > f32x8{} ? sum : f32x8{} + 1.0f) : f32x8{} - INFINITY;
     for (int l = 0; l < lanes; ++l) {
-      const int64_t h = (g0 + kv[l]) * group + rank[l], t = q0 + row[l];
+      const int64_t h = head[l], t = q0 + row[l];
       p.lse[h * p.total_q + t] = lse[l];
       const float* v_rows = v_lane[l];
       store_weighted_sum<T, kD>(out + t * p.out_row + h * p.out_head, probs + l, 8, n_lane[l], inv[l],
@@ -497,13 +515,14 @@ void fwd_short_segment(const AttentionParams& p, int64_t q0, int64_t lq, int64_t
 
 // Backward of a segment with fewer than kBwdBlockMinKeys keys, the same way as fwd_short_segment: per key j,
 // one vector each of scores, P (from lse), dP = dout . v and dS = P * (dP - delta) for eight pairs, with
-// delta = rowsum(dout * out) for the eight from one transposing add tree. Then per lane dq = scale * dS @ K in
-// registers, and dk += scale * dS^T q, dv += P^T dout into dk_acc/dv_acc, lane by lane in pair order, so each
-// dk/dv row receives its terms in the same order whatever the batching (bit-identical across thread splits).
+// delta = rowsum(dout * out) for the eight from one transposing add tree (under dropout, dV takes P * keep and
+// dS = P * (keep * dP - delta)). Then per lane dq = scale * dS @ K in registers, and dk += scale * dS^T q,
+// dv += P^T dout into dk_acc/dv_acc, lane by lane in pair order, so each dk/dv row receives its terms in the
+// same order whatever the batching (bit-identical across thread splits).
 template <typename T, int kD, typename A>
-void bwd_short_segment(const AttentionParams& p, int64_t q0, int64_t lq, int64_t lk, int64_t g0, int64_t g1,
-                       const Block<const A>& keys, const Block<const A>& values, const Block<A>& dk_acc,
-                       const Block<A>& dv_acc) {
+void bwd_short_segment(const AttentionParams& p, int64_t q0, int64_t lq, int64_t k0, int64_t lk, int64_t g0,
+                       int64_t g1, const Block<const A>& keys, const Block<const A>& values,
+                       const Block<A>& dk_acc, const Block<A>& dv_acc) {
   static_assert(std::is_same_v<A, float> && kD > 0 && kD % 8 == 0, "bwd_short_segment is the float kernel");
   const int64_t group = p.num_heads / p.num_kv_heads, q_stride = p.num_heads * kD;  // dq is contiguous
   const T* q = static_cast<const T*>(p.q);
@@ -516,13 +535,13 @@ void bwd_short_segment(const AttentionParams& p, int64_t q0, int64_t lq, int64_t
   LaneRows<T, kD> q_lane, do_lane, o_lane;
   const float *k_lane[8], *v_lane[8];
   alignas(32) int32_t n_lane[8];
-  alignas(32) float lse_lane[8];
-  int64_t row[8], kv[8], rank[8];
+  alignas(32) float lse_lane[8], keep[8];
+  int64_t row[8], kv[8], rank[8], head[8];
   PairBatches batches(lq, g1 - g0, group);
   while (const int lanes = batches.next(row, kv, rank)) {
     int64_t n_max = 0;
     for (int l = 0; l < 8; ++l) {
-      const int64_t h = (g0 + kv[l]) * group + rank[l], t = q0 + row[l];
+      const int64_t h = head[l] = (g0 + kv[l]) * group + rank[l], t = q0 + row[l];
       q_lane.set(l, q + t * p.q_row + h * p.q_head);
       do_lane.set(l, dout + t * p.dout_row + h * p.dout_head);
       o_lane.set(l, out + t * p.out_row + h * p.out_head);
@@ -540,11 +559,19 @@ void bwd_short_segment(const AttentionParams& p, int64_t q0, int64_t lq, int64_t
       const f32x8 dp = dot8_lanes<kD>(do_lane.row, v_lane, j * values.row_stride);
       // Masked before exp: a lane without keys has lse = -inf, and exp(s - lse) would be inf.
       const f32x8 prob = exp8(static_cast<int32_t>(j) < n ? scores - lse : f32x8{} - INFINITY);
-      store8(probs + 8 * j, prob);
-      store8(dscores + 8 * j, prob * (dp - delta));
+      if (p.dropout_p > 0.0) {
+        // The forward used P * keep for P @ V: dV takes P * keep, and dP reaches dS through the same mask.
+        for (int l = 0; l < 8; ++l) keep[l] = dropout_factor(p, head[l], q0 + row[l], k0 + j);
+        const f32x8 factor = load8(keep);
+        store8(probs + 8 * j, prob * factor);
+        store8(dscores + 8 * j, prob * (dp * factor - delta));
+      } else {
+        store8(probs + 8 * j, prob);
+        store8(dscores + 8 * j, prob * (dp - delta));
+      }
     }
     for (int l = 0; l < lanes; ++l) {
-      const int64_t h = (g0 + kv[l]) * group + rank[l];
+      const int64_t h = head[l];
       const float* k_rows = k_lane[l];
       store_weighted_sum<T, kD>(dq + (q0 + row[l]) * q_stride + h * kD, dscores + l, 8, n_lane[l], scale_s,
                                 [&](int64_t j) { return k_rows + j * keys.row_stride; });
@@ -688,7 +715,12 @@ void fwd_units(const AttentionParams& p, int64_t unit_begin, int64_t unit_end) {
     const auto values = load_block(v + k0 * p.v_row + g0 * p.v_head, p.v_row, p.v_head, lk, g1 - g0, d,
                                    scratch.values);
     if constexpr (kBlocked<A, kD>) {
-      if (lk >= kFwdBlockMinKeys) {
+      if (lk < kFwdBlockMinKeys) {
+        fwd_short_segment<T, kD>(p, q0, lq, k0, lk, g0, g1, keys, values);
+        return;
+      }
+      // The blocked kernel has no dropout: long segments under dropout take the row kernel below.
+      if (p.dropout_p == 0.0) {
         for (int64_t h = g0 * group; h < g1 * group; ++h) {
           const int64_t g = h / group - g0;
           if (h + 1 < g1 * group) {
@@ -717,35 +749,36 @@ void fwd_units(const AttentionParams& p, int64_t unit_begin, int64_t unit_end) {
         }
         return;
       }
-      fwd_short_segment<T, kD>(p, q0, lq, lk, g0, g1, keys, values);
-    } else {
-      for_each_row(lk, g0 * group, g1 * group, lq, 2 * d * sizeof(A), [&](int64_t h, int64_t i) {
-        T* o = out + (q0 + i) * p.out_row + h * p.out_head;
-        float* lse = p.lse + h * p.total_q + q0 + i;
-        const int64_t n = visible_keys(i, lq, lk, p.causal);
-        if (n == 0) {
-          for (int64_t c = 0; c < d; ++c) o[c] = T(0);
-          *lse = -std::numeric_limits<float>::infinity();
-          return;
-        }
-        const int64_t g = h / group - g0;
-        A* __restrict qr = scratch.qrow;
-        A* __restrict s = scratch.scores;
-        A* __restrict acc = scratch.acc;
-        load_row(qr, q + (q0 + i) * p.q_row + h * p.q_head, d, scale);
-        A row_max = -std::numeric_limits<A>::infinity();
-        for (int64_t j = 0; j < n; ++j) {
-          s[j] = dot(qr, keys.row(g, j), d);
-          row_max = std::max(row_max, s[j]);
-        }
-        const A sum = exp_shifted(s, n, row_max);
-        for (int64_t c = 0; c < d; ++c) acc[c] = 0;
-        for (int64_t j = 0; j < n; ++j) axpy(acc, s[j], values.row(g, j), d);
-        const A inv = A(1) / sum;
-        for (int64_t c = 0; c < d; ++c) o[c] = static_cast<T>(acc[c] * inv);
-        *lse = static_cast<float>(row_max + std::log(sum));
-      });
     }
+    for_each_row(lk, p.num_heads, g0 * group, g1 * group, lq, 2 * d * sizeof(A), [&](int64_t h, int64_t i) {
+      T* o = out + (q0 + i) * p.out_row + h * p.out_head;
+      float* lse = p.lse + h * p.total_q + q0 + i;
+      const int64_t n = visible_keys(i, lq, lk, p.causal);
+      if (n == 0) {
+        for (int64_t c = 0; c < d; ++c) o[c] = T(0);
+        *lse = -std::numeric_limits<float>::infinity();
+        return;
+      }
+      const int64_t g = h / group - g0;
+      A* __restrict qr = scratch.qrow;
+      A* __restrict s = scratch.scores;
+      A* __restrict acc = scratch.acc;
+      load_row(qr, q + (q0 + i) * p.q_row + h * p.q_head, d, scale);
+      A row_max = -std::numeric_limits<A>::infinity();
+      for (int64_t j = 0; j < n; ++j) {
+        s[j] = dot(qr, keys.row(g, j), d);
+        row_max = std::max(row_max, s[j]);
+      }
+      const A sum = exp_shifted(s, n, row_max);
+      // Dropout scales the weights of P @ V, not the normaliser: sum and lse are the undropped softmax's.
+      if (p.dropout_p > 0.0)
+        for (int64_t j = 0; j < n; ++j) s[j] *= dropout_factor<A>(p, h, q0 + i, k0 + j);
+      for (int64_t c = 0; c < d; ++c) acc[c] = 0;
+      for (int64_t j = 0; j < n; ++j) axpy(acc, s[j], values.row(g, j), d);
+      const A inv = A(1) / sum;
+      for (int64_t c = 0; c < d; ++c) o[c] = static_cast<T>(acc[c] * inv);
+      *lse = static_cast<float>(row_max + std::log(sum));
+    });
   });
 }
 
@@ -789,9 +822,13 @@ void bwd_units(const AttentionParams& p, int64_t unit_begin, int64_t unit_end) {
                                    scratch.values);
     bool generic = true;
     if constexpr (kBlocked<A, kD>) {
-      generic = false;
-      if (lk < kBwdBlockMinKeys) bwd_short_segment<T, kD>(p, q0, lq, lk, g0, g1, keys, values, dk_acc, dv_acc);
-      for (int64_t h = g0 * group; lk >= kBwdBlockMinKeys && h < g1 * group; ++h) {
+      if (lk < kBwdBlockMinKeys) {
+        bwd_short_segment<T, kD>(p, q0, lq, k0, lk, g0, g1, keys, values, dk_acc, dv_acc);
+        generic = false;
+      } else if (p.dropout_p == 0.0) {  // the blocked kernel has no dropout: the row kernel below does
+        generic = false;
+      }
+      for (int64_t h = g0 * group; !generic && lk >= kBwdBlockMinKeys && h < g1 * group; ++h) {
         const int64_t g = h / group - g0;
         for (int64_t i0 = 0; i0 < lq; i0 += kBwdRows) {
           const int64_t r = std::min(kBwdRows, lq - i0);
@@ -815,7 +852,8 @@ void bwd_units(const AttentionParams& p, int64_t unit_begin, int64_t unit_end) {
         }
       }
     }
-    if (generic) for_each_row(lk, g0 * group, g1 * group, lq, 4 * d * sizeof(A), [&](int64_t h, int64_t i) {
+    if (generic) for_each_row(lk, p.num_heads, g0 * group, g1 * group, lq, 4 * d * sizeof(A),
+                              [&](int64_t h, int64_t i) {
       T* dq_row = dq + (q0 + i) * q_stride + h * d;
       const int64_t n = visible_keys(i, lq, lk, p.causal);
       if (n == 0) {
@@ -849,10 +887,12 @@ void bwd_units(const AttentionParams& p, int64_t unit_begin, int64_t unit_end) {
       }
       for (int64_t c = 0; c < d; ++c) acc[c] = 0;
       for (int64_t j = 0; j < n; ++j) {
-        const A ds = s[j] * (dp[j] - delta);
+        // The forward used P * keep for P @ V: dV takes P * keep, and dP reaches dS through the same mask.
+        const A factor = p.dropout_p > 0.0 ? dropout_factor<A>(p, h, q0 + i, k0 + j) : A(1);
+        const A ds = s[j] * (factor * dp[j] - delta);
         axpy(acc, ds, keys.row(g, j), d);
         axpy(dk_acc.row(g, j), scale * ds, qr, d);
-        axpy(dv_acc.row(g, j), s[j], dor, d);
+        axpy(dv_acc.row(g, j), s[j] * factor, dor, d);
       }
       for (int64_t c = 0; c < d; ++c) dq_row[c] = static_cast<T>(scale * acc[c]);
     });

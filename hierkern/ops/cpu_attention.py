@@ -2,8 +2,9 @@
 
 One pass per (segment, kv-head) over packed tokens, spread over threads by cost; no padding, no score
 tensor, fp32 accumulation (float64 for float64 inputs). Float32, float64, bfloat16 and float16; causal
-(bottom-right), GQA/MQA, unequal query/key segments. Dropout is not implemented: ``why_not`` refuses it so
-``"auto"`` routes dropout to the reference backend.
+(bottom-right), GQA/MQA, unequal query/key segments. Dropout draws the CUDA kernels' Philox mask
+(``csrc/cuda/philox.cuh``) from an ``rng_state`` of ``[seed, offset]``, so for the same state both backends drop
+the same attention weights.
 """
 
 from __future__ import annotations
@@ -29,15 +30,13 @@ class CpuBackend:
     def why_not(self, call: AttentionCall) -> str | None:
         if call.device_type != "cpu":
             return f"the CPU kernel runs on CPU tensors, and these are on {call.device_type}."
-        if call.dropout:
-            return ("the CPU kernel does not implement attention dropout (dropout_p > 0); the reference "
-                    "backend does.")
         return None
 
     def __call__(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
                  causal, dropout_p):
         return torch.ops.hierkern.varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                             softmax_scale, causal, dropout_p, None)
+                                             softmax_scale, causal, dropout_p,
+                                             extension.dropout_rng_state(dropout_p))
 
 
 register_backend(CpuBackend())

@@ -141,13 +141,9 @@ class CudaBackend:
 
     def __call__(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
                  causal, dropout_p):
-        rng_state = None
-        if dropout_p > 0.0:
-            # [seed, offset] on the CPU as the op schema asks: drawn from torch's CPU generator (seeded by
-            # torch.manual_seed) with no device sync; the saved copy regenerates the mask in the backward.
-            rng_state = torch.randint(0, 2**62, (2,), dtype=torch.int64)
         return torch.ops.hierkern.varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                             softmax_scale, causal, dropout_p, rng_state)
+                                             softmax_scale, causal, dropout_p,
+                                             extension.dropout_rng_state(dropout_p))
 
 
 register_backend(CudaBackend())

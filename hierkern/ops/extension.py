@@ -60,6 +60,13 @@ def kernel_unavailable_reason(dispatch_key: str) -> str | None:
     return _KERNEL_REASONS[dispatch_key]
 
 
+def dropout_rng_state(dropout_p: float) -> torch.Tensor | None:
+    """The ops' ``rng_state`` for one call: ``[seed, offset]`` int64 on the CPU, as the op schema asks, drawn
+    from torch's CPU generator (seeded by ``torch.manual_seed``) with no device sync; ``None`` without dropout.
+    Autograd saves it, so the backward regenerates the forward's Philox mask."""
+    return torch.randint(0, 2**62, (2,), dtype=torch.int64) if dropout_p > 0.0 else None
+
+
 def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
                      dropout_p, rng_state):
     out = q.new_empty(q.shape)
