@@ -205,15 +205,68 @@ inline int64_t visible_keys(int64_t i, int64_t lq, int64_t lk, bool causal) {
   return n < 0 ? 0 : (n > lk ? lk : n);
 }
 
-// Dropout's factor for attention weight (head, query token, key token): 1 / (1 - dropout_p) where kept, else 0,
-// in the accumulation type A. A pure function of its arguments and the rng_state, so the backward regenerates
-// the forward's mask.
-template <typename A = float>
-inline A dropout_factor(const AttentionParams& p, int64_t head, int64_t query, int64_t key) {
-  return ::hierkern::cuda::dropout_keep(p.dropout_seed, p.dropout_offset, static_cast<int>(head),
-                                        static_cast<int>(query), static_cast<int>(key), p.dropout_threshold)
-             ? static_cast<A>(p.dropout_scale)
-             : A(0);
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+
+// The high and low 32 bits of m * x in each of 8 lanes. Generic vectors would make GCC emulate full 64-bit
+// products (three multiplies each); x86's 32x32->64-bit multiply takes the even lanes and, after a 32-bit
+// shift, the odd ones.
+inline void mulhilo8(uint32_t m, u32x8 x, u32x8& hi, u32x8& lo) {
+  u32x8 even, odd;  // [lo, hi] of the products of lanes (0, 2, 4, 6) and (1, 3, 5, 7)
+#if defined(HIERKERN_AVX2_BUILT)  // kernel_avx2.cpp
+  const __m256i xv = (__m256i)x, mv = _mm256_set1_epi32(static_cast<int>(m));
+  even = (u32x8)_mm256_mul_epu32(xv, mv);
+  odd = (u32x8)_mm256_mul_epu32(_mm256_srli_epi64(xv, 32), mv);
+#elif defined(__SSE2__)
+  typedef uint32_t u32x4 __attribute__((vector_size(16)));
+  const __m128i mv = _mm_set1_epi32(static_cast<int>(m));
+  const __m128i x0 = (__m128i)__builtin_shufflevector(x, x, 0, 1, 2, 3);
+  const __m128i x1 = (__m128i)__builtin_shufflevector(x, x, 4, 5, 6, 7);
+  const u32x4 e0 = (u32x4)_mm_mul_epu32(x0, mv), e1 = (u32x4)_mm_mul_epu32(x1, mv);
+  const u32x4 o0 = (u32x4)_mm_mul_epu32(_mm_srli_epi64(x0, 32), mv);
+  const u32x4 o1 = (u32x4)_mm_mul_epu32(_mm_srli_epi64(x1, 32), mv);
+  even = __builtin_shufflevector(e0, e1, 0, 1, 2, 3, 4, 5, 6, 7);
+  odd = __builtin_shufflevector(o0, o1, 0, 1, 2, 3, 4, 5, 6, 7);
+#else
+  for (int l = 0; l < 4; ++l) {
+    const uint64_t pe = static_cast<uint64_t>(m) * x[2 * l], po = static_cast<uint64_t>(m) * x[2 * l + 1];
+    even[2 * l] = static_cast<uint32_t>(pe), even[2 * l + 1] = static_cast<uint32_t>(pe >> 32);
+    odd[2 * l] = static_cast<uint32_t>(po), odd[2 * l + 1] = static_cast<uint32_t>(po >> 32);
+  }
+#endif
+  lo = __builtin_shufflevector(even, odd, 0, 8, 2, 10, 4, 12, 6, 14);
+  hi = __builtin_shufflevector(even, odd, 1, 9, 3, 11, 5, 13, 7, 15);
+}
+
+// Whether dropout keeps each of eight attention weights (head[l], query[l], key[l]) (query and key as packed
+// token indices): ::hierkern::cuda::dropout_keep's Philox4x32-10 in eight lanes at once, since one scalar draw
+// costs about as much as a short row's softmax. -1 where kept, 0 where dropped.
+inline i32x8 dropout_keep8(const AttentionParams& p, u32x8 head, u32x8 query, u32x8 key) {
+  u32x8 c0 = query, c1 = key, c2 = head, c3 = u32x8{} + static_cast<uint32_t>(p.dropout_offset);
+  uint32_t k0 = static_cast<uint32_t>(p.dropout_seed);
+  uint32_t k1 = static_cast<uint32_t>(p.dropout_seed >> 32) ^ static_cast<uint32_t>(p.dropout_offset >> 32);
+  for (int round = 0; round < 10; ++round) {
+    u32x8 hi0, lo0, hi1, lo1;
+    mulhilo8(0xD2511F53u, c0, hi0, lo0);
+    mulhilo8(0xCD9E8D57u, c2, hi1, lo1);
+    c0 = hi1 ^ c1 ^ k0;
+    c1 = lo1;
+    c2 = hi0 ^ c3 ^ k1;
+    c3 = lo0;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return c0 >= p.dropout_threshold;
+}
+
+// Dropout's factors, in precision A, for the weights of one query row (head, query) against keys key0 + j,
+// j < n (n <= 8): 1 / (1 - dropout_p) where kept, else 0.
+template <typename A>
+inline void dropout_factors(const AttentionParams& p, int64_t head, int64_t query, int64_t key0, int64_t n,
+                            A* factor) {
+  const u32x8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
+  const i32x8 keep = dropout_keep8(p, u32x8{} + static_cast<uint32_t>(head), u32x8{} + static_cast<uint32_t>(query),
+                                   lane + static_cast<uint32_t>(key0));
+  for (int64_t l = 0; l < n; ++l) factor[l] = keep[l] ? static_cast<A>(p.dropout_scale) : A(0);
 }
 
 template <typename T, typename A>
@@ -497,8 +550,13 @@ void fwd_short_segment(const AttentionParams& p, int64_t q0, int64_t lq, int64_t
     }
     // Dropout scales the weights of P @ V, not the normaliser: sum and lse are the undropped softmax's.
     if (p.dropout_p > 0.0) {
-      for (int64_t j = 0; j < n_max; ++j)
-        for (int l = 0; l < lanes; ++l) probs[8 * j + l] *= dropout_factor(p, head[l], q0 + row[l], k0 + j);
+      u32x8 heads, tokens;
+      for (int l = 0; l < 8; ++l) heads[l] = static_cast<uint32_t>(head[l]), tokens[l] = q0 + row[l];
+      const f32x8 kept = f32x8{} + static_cast<float>(p.dropout_scale);
+      for (int64_t j = 0; j < n_max; ++j) {
+        const i32x8 keep = dropout_keep8(p, heads, tokens, u32x8{} + static_cast<uint32_t>(k0 + j));
+        store8(probs + 8 * j, load8(probs + 8 * j) * (keep ? kept : f32x8{}));
+      }
     }
     const f32x8 inv = sum > f32x8{} ? 1.0f / sum : f32x8{};
     // sum >= 1 where a lane has keys (its maximum contributes exp(0)), so log8 sees normal numbers only.
@@ -535,13 +593,15 @@ void bwd_short_segment(const AttentionParams& p, int64_t q0, int64_t lq, int64_t
   LaneRows<T, kD> q_lane, do_lane, o_lane;
   const float *k_lane[8], *v_lane[8];
   alignas(32) int32_t n_lane[8];
-  alignas(32) float lse_lane[8], keep[8];
-  int64_t row[8], kv[8], rank[8], head[8];
+  alignas(32) float lse_lane[8];
+  int64_t row[8], kv[8], rank[8];
+  u32x8 heads, tokens;  // of the lanes, for the dropout mask
   PairBatches batches(lq, g1 - g0, group);
   while (const int lanes = batches.next(row, kv, rank)) {
     int64_t n_max = 0;
     for (int l = 0; l < 8; ++l) {
-      const int64_t h = head[l] = (g0 + kv[l]) * group + rank[l], t = q0 + row[l];
+      const int64_t h = (g0 + kv[l]) * group + rank[l], t = q0 + row[l];
+      heads[l] = static_cast<uint32_t>(h), tokens[l] = static_cast<uint32_t>(t);
       q_lane.set(l, q + t * p.q_row + h * p.q_head);
       do_lane.set(l, dout + t * p.dout_row + h * p.dout_head);
       o_lane.set(l, out + t * p.out_row + h * p.out_head);
@@ -561,8 +621,8 @@ void bwd_short_segment(const AttentionParams& p, int64_t q0, int64_t lq, int64_t
       const f32x8 prob = exp8(static_cast<int32_t>(j) < n ? scores - lse : f32x8{} - INFINITY);
       if (p.dropout_p > 0.0) {
         // The forward used P * keep for P @ V: dV takes P * keep, and dP reaches dS through the same mask.
-        for (int l = 0; l < 8; ++l) keep[l] = dropout_factor(p, head[l], q0 + row[l], k0 + j);
-        const f32x8 factor = load8(keep);
+        const i32x8 keep = dropout_keep8(p, heads, tokens, u32x8{} + static_cast<uint32_t>(k0 + j));
+        const f32x8 factor = keep ? f32x8{} + static_cast<float>(p.dropout_scale) : f32x8{};
         store8(probs + 8 * j, prob * factor);
         store8(dscores + 8 * j, prob * (dp * factor - delta));
       } else {
@@ -571,7 +631,7 @@ void bwd_short_segment(const AttentionParams& p, int64_t q0, int64_t lq, int64_t
       }
     }
     for (int l = 0; l < lanes; ++l) {
-      const int64_t h = head[l];
+      const int64_t h = heads[l];
       const float* k_rows = k_lane[l];
       store_weighted_sum<T, kD>(dq + (q0 + row[l]) * q_stride + h * kD, dscores + l, 8, n_lane[l], scale_s,
                                 [&](int64_t j) { return k_rows + j * keys.row_stride; });
@@ -771,8 +831,14 @@ void fwd_units(const AttentionParams& p, int64_t unit_begin, int64_t unit_end) {
       }
       const A sum = exp_shifted(s, n, row_max);
       // Dropout scales the weights of P @ V, not the normaliser: sum and lse are the undropped softmax's.
-      if (p.dropout_p > 0.0)
-        for (int64_t j = 0; j < n; ++j) s[j] *= dropout_factor<A>(p, h, q0 + i, k0 + j);
+      if (p.dropout_p > 0.0) {
+        A factor[8];
+        for (int64_t j0 = 0; j0 < n; j0 += 8) {
+          const int64_t m = std::min<int64_t>(8, n - j0);
+          dropout_factors(p, h, q0 + i, k0 + j0, m, factor);
+          for (int64_t j = 0; j < m; ++j) s[j0 + j] *= factor[j];
+        }
+      }
       for (int64_t c = 0; c < d; ++c) acc[c] = 0;
       for (int64_t j = 0; j < n; ++j) axpy(acc, s[j], values.row(g, j), d);
       const A inv = A(1) / sum;
@@ -886,13 +952,15 @@ void bwd_units(const AttentionParams& p, int64_t unit_begin, int64_t unit_end) {
         exp_shifted(s, n, static_cast<A>(p.lse[h * p.total_q + q0 + i]));
       }
       for (int64_t c = 0; c < d; ++c) acc[c] = 0;
+      A factor[8] = {1, 1, 1, 1, 1, 1, 1, 1};
       for (int64_t j = 0; j < n; ++j) {
         // The forward used P * keep for P @ V: dV takes P * keep, and dP reaches dS through the same mask.
-        const A factor = p.dropout_p > 0.0 ? dropout_factor<A>(p, h, q0 + i, k0 + j) : A(1);
-        const A ds = s[j] * (factor * dp[j] - delta);
+        if (p.dropout_p > 0.0 && j % 8 == 0)
+          dropout_factors(p, h, q0 + i, k0 + j, std::min<int64_t>(8, n - j), factor);
+        const A ds = s[j] * (factor[j % 8] * dp[j] - delta);
         axpy(acc, ds, keys.row(g, j), d);
         axpy(dk_acc.row(g, j), scale * ds, qr, d);
-        axpy(dv_acc.row(g, j), s[j] * factor, dor, d);
+        axpy(dv_acc.row(g, j), s[j] * factor[j % 8], dor, d);
       }
       for (int64_t c = 0; c < d; ++c) dq_row[c] = static_cast<T>(scale * acc[c]);
     });

@@ -10,6 +10,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__x86_64__)
+#include <immintrin.h>  // the 32x32->64-bit multiplies of the dropout RNG (mulhilo8)
+#endif
+
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
