@@ -398,7 +398,8 @@ def test_backward_op_rejects_bad_input():
 @needs_kernel
 def test_baseline_kernels_match_oracle():
     """The kernels built for the baseline instruction set (what a CPU without AVX2 runs), forced by
-    HIERKERN_CPU_KERNELS=generic in a fresh process: forward and gradients on every head-dim path."""
+    HIERKERN_CPU_KERNELS=generic in a fresh process: forward and gradients on every head-dim path, and the
+    dropout mask."""
     script = """
 import sys, torch, hierkern
 sys.path.insert(0, sys.argv[1])
@@ -421,6 +422,16 @@ for layout in adversarial_layouts()[1:3] + adversarial_layouts()[6:8]:
         ref_grads = torch.autograd.grad(ref_out, exact, dout)
         for a, b in zip(grads, ref_grads):
             assert (a.double() - b).norm() <= 10 * tol * max(b.norm(), 1.0), (layout.name, dtype, head_dim)
+# Dropout: the baseline build's Philox (no AVX2 multiplies) draws the same mask.
+from cuda_oracles import dense_attention, keep_mask
+layout = adversarial_layouts()[2]
+q, k, v = random_qkv(layout, 4, 2, 32, generator=torch.Generator().manual_seed(3))
+cu_q, cu_k = offsets_of(layout.lengths_q), offsets_of(layout.keys)
+out, _ = torch.ops.hierkern.varlen_fwd(q, k, v, cu_q, cu_k, max(layout.lengths_q), max(layout.keys), 0.25, False,
+                                       0.3, torch.tensor([5, 6]))
+keep = keep_mask(5, 6, 4, q.shape[0], k.shape[0], 0.3).double()
+ref = dense_attention(q.double(), k.double(), v.double(), layout, False, 0.25, keep, 0.3)
+assert rel_err(out, ref) < 1e-5, rel_err(out, ref)
 print("ok")
 """
     env = dict(os.environ, HIERKERN_CPU_KERNELS="generic", OMP_NUM_THREADS="1")
