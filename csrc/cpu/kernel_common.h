@@ -18,5 +18,3 @@
 #include <c10/util/Half.h>
 
 #include "attention_kernel.h"
-// Torch-free and host-compilable: the CUDA kernels' Philox, so that the CPU kernels drop the same weights.
-#include "../cuda/philox.cuh"
