@@ -17,6 +17,7 @@ import torch
 import hierkern
 from hierkern.backends import AttentionCall, get_backend, select_backend
 from hierkern.reference import varlen_attention_reference
+from cuda_oracles import dense_attention, keep_mask
 from helpers import Layout, adversarial_layouts, offsets_of, oracle_attention, random_qkv, rel_err
 
 CPU = get_backend("cpu")
@@ -281,8 +282,6 @@ def test_dropout_matches_the_philox_mask_model(layout, causal, case):
     """Forward and gradients under dropout against a float64 dense model that applies the mask of the CUDA
     kernels' Philox generator (rebuilt in Python by tests/cuda_oracles.py): the CPU kernel drops exactly those
     weights, and the backward regenerates the forward's mask."""
-    from cuda_oracles import dense_attention, keep_mask
-
     dtype, (num_heads, num_kv_heads, head_dim) = case
     p, seed, offset = 0.3, 987654321, 17
     g = torch.Generator().manual_seed(11)
