@@ -266,8 +266,8 @@ def test_auto_selects_cpu_with_and_without_dropout():
     assert "CPU tensors" in CPU.why_not(cuda_call)
 
 
-# Every kernel path under dropout: lane-parallel (words), the row kernel that long segments take under dropout,
-# and the generic kernel (head dim 7, float64).
+# Every kernel path under dropout: lane-parallel (words), blocked (forward from 32 keys, backward from 16) and
+# the generic row kernel (head dim 7, float64).
 DROPOUT_LAYOUTS = [Layout("words", (1, 5, 3, 0, 8, 2, 11, 4, 7)),
                    Layout("boundaries-cross", (15, 16, 33, 40, 2), (15, 17, 31, 34, 0)),
                    Layout("long", (70, 1, 3))]

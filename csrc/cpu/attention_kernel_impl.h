@@ -269,6 +269,39 @@ inline void dropout_factors(const AttentionParams& p, int64_t head, int64_t quer
   for (int64_t l = 0; l < n; ++l) factor[l] = keep[l] ? static_cast<A>(p.dropout_scale) : A(0);
 }
 
+// Dropout on one query row (head, query) of probabilities against keys key0 + j, j < n, in place: the weights
+// P @ V uses (the normaliser and lse stay the undropped softmax's).
+template <typename A>
+inline void apply_dropout(const AttentionParams& p, int64_t head, int64_t query, int64_t key0, int64_t n, A* s) {
+  A factor[8];
+  for (int64_t j0 = 0; j0 < n; j0 += 8) {
+    const int64_t m = std::min<int64_t>(8, n - j0);
+    dropout_factors(p, head, query, key0 + j0, m, factor);
+    for (int64_t j = 0; j < m; ++j) s[j0 + j] *= factor[j];
+  }
+}
+
+// The softmax's backward for one query row (head, query) against keys key0 + j, j < n, in place: dS[j] holds
+// dP = dout . v_j on entry and dS = P * (keep * dP - delta) on exit, and P[j] becomes P * keep, the weight
+// that dV sees. keep is dropout's factor, 1 without dropout.
+template <typename A>
+inline void softmax_backward_row(const AttentionParams& p, int64_t head, int64_t query, int64_t key0, int64_t n,
+                                 A delta, A* __restrict P, A* __restrict dS) {
+  if (p.dropout_p == 0.0) {
+    for (int64_t j = 0; j < n; ++j) dS[j] = P[j] * (dS[j] - delta);
+    return;
+  }
+  A factor[8];
+  for (int64_t j0 = 0; j0 < n; j0 += 8) {
+    const int64_t m = std::min<int64_t>(8, n - j0);
+    dropout_factors(p, head, query, key0 + j0, m, factor);
+    for (int64_t j = j0; j < j0 + m; ++j) {
+      dS[j] = P[j] * (factor[j - j0] * dS[j] - delta);
+      P[j] *= factor[j - j0];
+    }
+  }
+}
+
 template <typename T, typename A>
 inline void load_row(A* __restrict dst, const T* __restrict src, int64_t d, A scale) {
   for (int64_t c = 0; c < d; ++c) dst[c] = static_cast<A>(src[c]) * scale;
@@ -643,11 +676,13 @@ void bwd_short_segment(const AttentionParams& p, int64_t q0, int64_t lq, int64_t
   }
 }
 
-// Blocked forward of query rows [i0, i0 + r) of head h (float, kD a multiple of 32): scores and softmax row
-// by row, then P @ V two rows at a time so that each value row is loaded once per pair.
+// Blocked forward of query rows [i0, i0 + r) of head h (float, kD a multiple of 32), tokens token0 + b against
+// keys key0 + j: scores and softmax row by row, then P @ V two rows at a time so that each value row is loaded
+// once per pair.
 template <typename T, int kD, typename KeyFn, typename ValFn, typename OutFn>
-inline void fwd_block(const T* const* q_rows, int64_t r, const int64_t* n, float scale, float* scores,
-                      int64_t row_len, float* qrows, float* lse_out[], OutFn&& out_row, KeyFn&& key, ValFn&& val) {
+inline void fwd_block(const AttentionParams& p, int64_t head, int64_t token0, int64_t key0, const T* const* q_rows,
+                      int64_t r, const int64_t* n, float scale, float* scores, int64_t row_len, float* qrows,
+                      float* lse_out[], OutFn&& out_row, KeyFn&& key, ValFn&& val) {
   int64_t n_max = 0;
   float inv[kBlockRows];
   for (int64_t b = 0; b < r; ++b) {
@@ -662,6 +697,7 @@ inline void fwd_block(const T* const* q_rows, int64_t r, const int64_t* n, float
     load_row(qr, q_rows[b], kD, scale);
     const float row_max = scores8<kD>(s, qr, n[b], key);
     const float sum = exp_shifted(s, n[b], row_max);
+    if (p.dropout_p > 0.0) apply_dropout(p, head, token0 + b, key0, n[b], s);
     inv[b] = 1.0f / sum;
     *lse_out[b] = row_max + std::log(sum);
   }
@@ -711,15 +747,16 @@ inline void rank_update(const float* __restrict w, int64_t row_len, const float*
   }
 }
 
-// Blocked backward of query rows [i0, i0 + r) of head h (float, kD a multiple of 32, r <= kBwdRows). Row by
-// row: P from the scores and lse, dS = P * (dout . v - delta), both score rows by scores8. Then the three
+// Blocked backward of query rows [i0, i0 + r) of head h (float, kD a multiple of 32, r <= kBwdRows), tokens
+// token0 + b against keys key0 + j. Row by row: P from the scores and lse, dS = P * (dout . v - delta), both
+// score rows by scores8 (softmax_backward_row applies dropout). Then the three
 // products as register-tiled loops: dq = dS @ K two rows at a time (combine2), dk += dS^T (scale q) and
 // dv += P^T dout two keys at a time over all r rows (rank_update).
 template <typename T, int kD, typename KeyFn, typename ValFn, typename DkFn, typename DvFn>
-inline void bwd_block(const T* const* q_rows, const T* const* do_rows, const T* const* o_rows,
-                      const float* lse, int64_t r, const int64_t* n, float scale, float* probs, float* dscores,
-                      int64_t row_len, float* qrows, float* dorows, T* const* dq_rows, KeyFn&& key, ValFn&& val,
-                      DkFn&& dk_row, DvFn&& dv_row) {
+inline void bwd_block(const AttentionParams& p, int64_t head, int64_t token0, int64_t key0, const T* const* q_rows,
+                      const T* const* do_rows, const T* const* o_rows, const float* lse, int64_t r, const int64_t* n,
+                      float scale, float* probs, float* dscores, int64_t row_len, float* qrows, float* dorows,
+                      T* const* dq_rows, KeyFn&& key, ValFn&& val, DkFn&& dk_row, DvFn&& dv_row) {
   int64_t n_max = 0;
   for (int64_t b = 0; b < r; ++b) {
     n_max = std::max(n_max, n[b]);
@@ -735,7 +772,7 @@ inline void bwd_block(const T* const* q_rows, const T* const* do_rows, const T* 
     scores8<kD>(P, qr, n[b], key);
     scores8<kD>(dS, dor, n[b], val);
     exp_shifted(P, n[b], lse[b]);
-    for (int64_t j = 0; j < n[b]; ++j) dS[j] = P[j] * (dS[j] - delta);
+    softmax_backward_row(p, head, token0 + b, key0, n[b], delta, P, dS);
   }
   // Weights past a row's keys are read as exact zeros (up to n_max rounded to 2 for rank_update's pairs).
   const int64_t n_pad = std::min(row_len, (n_max + 1) / 2 * 2);
@@ -777,10 +814,7 @@ void fwd_units(const AttentionParams& p, int64_t unit_begin, int64_t unit_end) {
     if constexpr (kBlocked<A, kD>) {
       if (lk < kFwdBlockMinKeys) {
         fwd_short_segment<T, kD>(p, q0, lq, k0, lk, g0, g1, keys, values);
-        return;
-      }
-      // The blocked kernel has no dropout: long segments under dropout take the row kernel below.
-      if (p.dropout_p == 0.0) {
+      } else {
         for (int64_t h = g0 * group; h < g1 * group; ++h) {
           const int64_t g = h / group - g0;
           if (h + 1 < g1 * group) {
@@ -802,49 +836,42 @@ void fwd_units(const AttentionParams& p, int64_t unit_begin, int64_t unit_end) {
               lse_out[b] = p.lse + h * p.total_q + q0 + i0 + b;
             }
             fwd_block<T, kD>(
-                q_rows, r, n, scale, scratch.scores, scratch.row_len, scratch.qrow, lse_out,
+                p, h, q0 + i0, k0, q_rows, r, n, scale, scratch.scores, scratch.row_len, scratch.qrow, lse_out,
                 [&](int64_t b) { return out + (q0 + i0 + b) * p.out_row + h * p.out_head; },
                 [&](int64_t j) { return keys.row(g, j); }, [&](int64_t j) { return values.row(g, j); });
           }
         }
-        return;
       }
-    }
-    for_each_row(lk, p.num_heads, g0 * group, g1 * group, lq, 2 * d * sizeof(A), [&](int64_t h, int64_t i) {
-      T* o = out + (q0 + i) * p.out_row + h * p.out_head;
-      float* lse = p.lse + h * p.total_q + q0 + i;
-      const int64_t n = visible_keys(i, lq, lk, p.causal);
-      if (n == 0) {
-        for (int64_t c = 0; c < d; ++c) o[c] = T(0);
-        *lse = -std::numeric_limits<float>::infinity();
-        return;
-      }
-      const int64_t g = h / group - g0;
-      A* __restrict qr = scratch.qrow;
-      A* __restrict s = scratch.scores;
-      A* __restrict acc = scratch.acc;
-      load_row(qr, q + (q0 + i) * p.q_row + h * p.q_head, d, scale);
-      A row_max = -std::numeric_limits<A>::infinity();
-      for (int64_t j = 0; j < n; ++j) {
-        s[j] = dot(qr, keys.row(g, j), d);
-        row_max = std::max(row_max, s[j]);
-      }
-      const A sum = exp_shifted(s, n, row_max);
-      // Dropout scales the weights of P @ V, not the normaliser: sum and lse are the undropped softmax's.
-      if (p.dropout_p > 0.0) {
-        A factor[8];
-        for (int64_t j0 = 0; j0 < n; j0 += 8) {
-          const int64_t m = std::min<int64_t>(8, n - j0);
-          dropout_factors(p, h, q0 + i, k0 + j0, m, factor);
-          for (int64_t j = 0; j < m; ++j) s[j0 + j] *= factor[j];
+    } else {
+      for_each_row(lk, p.num_heads, g0 * group, g1 * group, lq, 2 * d * sizeof(A), [&](int64_t h, int64_t i) {
+        T* o = out + (q0 + i) * p.out_row + h * p.out_head;
+        float* lse = p.lse + h * p.total_q + q0 + i;
+        const int64_t n = visible_keys(i, lq, lk, p.causal);
+        if (n == 0) {
+          for (int64_t c = 0; c < d; ++c) o[c] = T(0);
+          *lse = -std::numeric_limits<float>::infinity();
+          return;
         }
-      }
-      for (int64_t c = 0; c < d; ++c) acc[c] = 0;
-      for (int64_t j = 0; j < n; ++j) axpy(acc, s[j], values.row(g, j), d);
-      const A inv = A(1) / sum;
-      for (int64_t c = 0; c < d; ++c) o[c] = static_cast<T>(acc[c] * inv);
-      *lse = static_cast<float>(row_max + std::log(sum));
-    });
+        const int64_t g = h / group - g0;
+        A* __restrict qr = scratch.qrow;
+        A* __restrict s = scratch.scores;
+        A* __restrict acc = scratch.acc;
+        load_row(qr, q + (q0 + i) * p.q_row + h * p.q_head, d, scale);
+        A row_max = -std::numeric_limits<A>::infinity();
+        for (int64_t j = 0; j < n; ++j) {
+          s[j] = dot(qr, keys.row(g, j), d);
+          row_max = std::max(row_max, s[j]);
+        }
+        const A sum = exp_shifted(s, n, row_max);
+        // Dropout scales the weights of P @ V, not the normaliser: sum and lse are the undropped softmax's.
+        if (p.dropout_p > 0.0) apply_dropout(p, h, q0 + i, k0, n, s);
+        for (int64_t c = 0; c < d; ++c) acc[c] = 0;
+        for (int64_t j = 0; j < n; ++j) axpy(acc, s[j], values.row(g, j), d);
+        const A inv = A(1) / sum;
+        for (int64_t c = 0; c < d; ++c) o[c] = static_cast<T>(acc[c] * inv);
+        *lse = static_cast<float>(row_max + std::log(sum));
+      });
+    }
   });
 }
 
@@ -888,13 +915,9 @@ void bwd_units(const AttentionParams& p, int64_t unit_begin, int64_t unit_end) {
                                    scratch.values);
     bool generic = true;
     if constexpr (kBlocked<A, kD>) {
-      if (lk < kBwdBlockMinKeys) {
-        bwd_short_segment<T, kD>(p, q0, lq, k0, lk, g0, g1, keys, values, dk_acc, dv_acc);
-        generic = false;
-      } else if (p.dropout_p == 0.0) {  // the blocked kernel has no dropout: the row kernel below does
-        generic = false;
-      }
-      for (int64_t h = g0 * group; !generic && lk >= kBwdBlockMinKeys && h < g1 * group; ++h) {
+      generic = false;
+      if (lk < kBwdBlockMinKeys) bwd_short_segment<T, kD>(p, q0, lq, k0, lk, g0, g1, keys, values, dk_acc, dv_acc);
+      for (int64_t h = g0 * group; lk >= kBwdBlockMinKeys && h < g1 * group; ++h) {
         const int64_t g = h / group - g0;
         for (int64_t i0 = 0; i0 < lq; i0 += kBwdRows) {
           const int64_t r = std::min(kBwdRows, lq - i0);
@@ -911,8 +934,8 @@ void bwd_units(const AttentionParams& p, int64_t unit_begin, int64_t unit_end) {
             n[b] = visible_keys(i0 + b, lq, lk, p.causal);
             lse[b] = p.lse[h * p.total_q + t];
           }
-          bwd_block<T, kD>(q_rows, do_rows, o_rows, lse, r, n, scale, scratch.probs, scratch.scores,
-                           scratch.row_len, scratch.qrow, scratch.dorow, dq_rows,
+          bwd_block<T, kD>(p, h, q0 + i0, k0, q_rows, do_rows, o_rows, lse, r, n, scale, scratch.probs,
+                           scratch.scores, scratch.row_len, scratch.qrow, scratch.dorow, dq_rows,
                            [&](int64_t j) { return keys.row(g, j); }, [&](int64_t j) { return values.row(g, j); },
                            [&](int64_t j) { return dk_acc.row(g, j); }, [&](int64_t j) { return dv_acc.row(g, j); });
         }
@@ -952,15 +975,11 @@ void bwd_units(const AttentionParams& p, int64_t unit_begin, int64_t unit_end) {
         exp_shifted(s, n, static_cast<A>(p.lse[h * p.total_q + q0 + i]));
       }
       for (int64_t c = 0; c < d; ++c) acc[c] = 0;
-      A factor[8] = {1, 1, 1, 1, 1, 1, 1, 1};
+      softmax_backward_row(p, h, q0 + i, k0, n, delta, s, dp);  // dp <- dS, s <- the weights dV sees
       for (int64_t j = 0; j < n; ++j) {
-        // The forward used P * keep for P @ V: dV takes P * keep, and dP reaches dS through the same mask.
-        if (p.dropout_p > 0.0 && j % 8 == 0)
-          dropout_factors(p, h, q0 + i, k0 + j, std::min<int64_t>(8, n - j), factor);
-        const A ds = s[j] * (factor[j % 8] * dp[j] - delta);
-        axpy(acc, ds, keys.row(g, j), d);
-        axpy(dk_acc.row(g, j), scale * ds, qr, d);
-        axpy(dv_acc.row(g, j), s[j] * factor[j % 8], dor, d);
+        axpy(acc, dp[j], keys.row(g, j), d);
+        axpy(dk_acc.row(g, j), scale * dp[j], qr, d);
+        axpy(dv_acc.row(g, j), s[j], dor, d);
       }
       for (int64_t c = 0; c < d; ++c) dq_row[c] = static_cast<T>(scale * acc[c]);
     });
