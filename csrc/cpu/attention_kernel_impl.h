@@ -553,13 +553,15 @@ void fwd_short_segment(const AttentionParams& p, int64_t q0, int64_t lq, int64_t
   LaneRows<T, kD> q_lane;
   const float *k_lane[8], *v_lane[8];
   alignas(32) int32_t n_lane[8];
-  int64_t row[8], kv[8], rank[8], head[8];
+  int64_t row[8], kv[8], rank[8];
+  u32x8 heads, tokens;  // of the lanes, for the dropout mask
   PairBatches batches(lq, g1 - g0, group);
   while (const int lanes = batches.next(row, kv, rank)) {
     int64_t n_max = 0;
     for (int l = 0; l < 8; ++l) {
-      const int64_t h = head[l] = (g0 + kv[l]) * group + rank[l];
-      q_lane.set(l, q + (q0 + row[l]) * p.q_row + h * p.q_head);
+      const int64_t h = (g0 + kv[l]) * group + rank[l], t = q0 + row[l];
+      heads[l] = static_cast<uint32_t>(h), tokens[l] = static_cast<uint32_t>(t);
+      q_lane.set(l, q + t * p.q_row + h * p.q_head);
       k_lane[l] = keys.row(kv[l], 0);
       v_lane[l] = values.row(kv[l], 0);
       n_lane[l] = static_cast<int32_t>(visible_keys(row[l], lq, lk, p.causal));
@@ -583,8 +585,6 @@ void fwd_short_segment(const AttentionParams& p, int64_t q0, int64_t lq, int64_t
     }
     // Dropout scales the weights of P @ V, not the normaliser: sum and lse are the undropped softmax's.
     if (p.dropout_p > 0.0) {
-      u32x8 heads, tokens;
-      for (int l = 0; l < 8; ++l) heads[l] = static_cast<uint32_t>(head[l]), tokens[l] = q0 + row[l];
       const f32x8 kept = f32x8{} + static_cast<float>(p.dropout_scale);
       for (int64_t j = 0; j < n_max; ++j) {
         const i32x8 keep = dropout_keep8(p, heads, tokens, u32x8{} + static_cast<uint32_t>(k0 + j));
@@ -595,7 +595,7 @@ void fwd_short_segment(const AttentionParams& p, int64_t q0, int64_t lq, int64_t
     // sum >= 1 where a lane has keys (its maximum contributes exp(0)), so log8 sees normal numbers only.
     const f32x8 lse = n > 0 ? row_max + log8(sum > f32x8{} ? sum : f32x8{} + 1.0f) : f32x8{} - INFINITY;
     for (int l = 0; l < lanes; ++l) {
-      const int64_t h = head[l], t = q0 + row[l];
+      const int64_t h = heads[l], t = tokens[l];
       p.lse[h * p.total_q + t] = lse[l];
       const float* v_rows = v_lane[l];
       store_weighted_sum<T, kD>(out + t * p.out_row + h * p.out_head, probs + l, 8, n_lane[l], inv[l],
