@@ -20,11 +20,13 @@ Characters the vocabulary has not seen map to ``CharVocab.UNK``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import secrets
 import unicodedata
 from collections import Counter
-from typing import Iterable, Sequence
+from typing import IO, Callable, Iterable, Sequence
 
 import torch
 
@@ -33,6 +35,29 @@ from .layout import Segments
 __all__ = ["CharVocab", "TextBatch", "TextCollator", "collate_fn", "split_words", "DEFAULT_MAX_WORD_LEN"]
 
 DEFAULT_MAX_WORD_LEN = 24
+
+
+def _atomic_write(path: str | os.PathLike, write: Callable[[IO], None], *, binary: bool) -> None:
+    """Write ``path`` through ``write(file)`` so that it holds either its old content or all of the new.
+
+    The data goes to a temporary file in the same directory (``os.replace`` is atomic only within one file
+    system), is flushed to disk (so a crash after the rename cannot leave an empty file) and then replaces
+    ``path``; the temporary file is removed whatever fails, interrupts included.
+    """
+    path = os.fspath(path)
+    tmp = f"{path}.{secrets.token_hex(4)}.tmp"
+    # "x": never clobbers a file this call did not create, so the cleanup below only removes our own.
+    f = open(tmp, "xb") if binary else open(tmp, "x", encoding="utf-8")
+    try:
+        with f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def _is_punct(ch: str) -> bool:
@@ -156,9 +181,13 @@ class CharVocab:
         return cls(data["chars"])
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the vocabulary as UTF-8 JSON."""
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, ensure_ascii=False)
+        """Write the vocabulary as JSON, atomically (a failed save leaves the previous file as it was).
+
+        Non-ASCII characters are written as ``\\u`` escapes: every ``str`` character round-trips that
+        way, lone surrogates included, which no UTF-8 encoder accepts.
+        """
+        text = json.dumps(self.to_dict(), ensure_ascii=True)
+        _atomic_write(path, lambda f: f.write(text), binary=False)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "CharVocab":

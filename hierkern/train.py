@@ -8,14 +8,25 @@ character-stage state (the word's other characters: spelling) joined with its wo
 Prints ``step <i>/<n> loss=<value> ...`` every ``--log-every`` steps and a final summary line
 ``done: <n> steps, loss <first> -> <last> ..., <chars/s> chars/s``, where ``first`` is the first step's
 loss and ``last`` the mean over the last logging window (averaged over ranks).
+
+Losing work: every argument is checked before anything is trained (argparse errors name the flag). With
+``--checkpoint`` the run saves at the end, every ``--save-every`` steps, and on SIGINT/SIGTERM: the step under
+way is finished (under torchrun on CUDA: up to the next ``--log-every`` step, where the ranks agree to stop),
+the checkpoint written, and the process exits with ``128 + signal`` (130, 143). Saves are atomic. A loss
+that is not finite stops the run (exit status 1) without saving the diverged model. Resuming takes the model
+configuration from the checkpoint; a model flag that contradicts it is refused.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import signal
+import tempfile
+import threading
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -26,11 +37,38 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from .corpus import default_corpus
 from .layout import Segments
 from .nn.layers import POOLING_MODES, HierarchicalEncoder
-from .text import DEFAULT_MAX_WORD_LEN, CharVocab, TextBatch, collate_fn
+from .text import DEFAULT_MAX_WORD_LEN, CharVocab, TextBatch, _atomic_write, collate_fn
 
-__all__ = ["MaskedCharModel", "mask_chars", "load_checkpoint", "build_parser", "main"]
+__all__ = ["MaskedCharModel", "mask_chars", "load_checkpoint", "build_parser", "main", "TrainingStopped"]
 
 CHECKPOINT_FORMAT = "hierkern.train/1"
+
+# The model flags: destination -> (HierarchicalEncoder config key, default for a new model). They default to
+# None in the parser so that a resumed run can tell a flag the user gave from one left out.
+MODEL_FLAGS = {
+    "dim": ("dim", 128),
+    "heads": ("num_heads", 4),
+    "char_layers": ("char_layers", 2),
+    "word_layers": ("word_layers", 2),
+    "pooling": ("pooling", "cls"),
+    "positional": ("positional", "sinusoidal"),
+    "dropout": ("dropout", 0.0),
+    "max_word_len": ("max_word_len", DEFAULT_MAX_WORD_LEN),
+}
+# Dropout changes no parameter shape and no tokenization, so a resumed run may change it.
+RESUME_MAY_CHANGE = {"dropout"}
+
+
+class TrainingStopped(RuntimeError):
+    """Training ended before its last step (a signal, or a loss that is not finite).
+
+    Attributes:
+        exit_code: the status ``python -m hierkern train`` exits with.
+    """
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class MaskedCharModel(nn.Module):
@@ -96,9 +134,7 @@ def _bucket_max_lens(batch: TextBatch, encoder: HierarchicalEncoder) -> TextBatc
 def _save_checkpoint(path: str, model: MaskedCharModel, vocab: CharVocab, optimizer, step: int) -> None:
     state = {"format": CHECKPOINT_FORMAT, "config": model.encoder.config, "vocab": vocab.to_dict(),
              "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}
-    tmp = f"{path}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # never leave a half-written checkpoint behind
+    _atomic_write(path, lambda f: torch.save(state, f), binary=True)
 
 
 def _read_checkpoint(path: str, map_location="cpu") -> dict:
@@ -125,66 +161,169 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> tuple[Hierar
     return encoder.eval(), CharVocab.from_dict(state["vocab"])
 
 
+def _number(kind: type, ok: Callable[[float], bool], requirement: str) -> Callable[[str], float]:
+    """An argparse ``type`` accepting a ``kind`` (int or float) that satisfies ``ok``; argparse's error then
+    names the flag: ``argument --dim: must be an integer >= 1, got '0'``."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text!r}") from None
+        if (kind is float and not math.isfinite(value)) or not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text!r}")
+        return value
+    return parse
+
+
+_positive = _number(int, lambda v: v >= 1, "an integer >= 1")
+_non_negative = _number(int, lambda v: v >= 0, "an integer >= 0")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m hierkern train",
                                 description="Train a hierarchical char->word->sentence encoder with a "
-                                            "masked-character objective.")
-    p.add_argument("--steps", type=int, default=200, help="optimizer steps to run (default 200)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+                                            "masked-character objective.",
+                                epilog="Model flags (--dim ... --max-word-len) left out of a resumed run take "
+                                       "the checkpoint's values; one that contradicts the checkpoint is an "
+                                       "error (except --dropout, which may change).")
+    p.add_argument("--steps", type=_positive, default=200, help="optimizer steps to run (default %(default)s)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to train (default %(default)s)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--checkpoint", metavar="PATH",
-                   help="resume from PATH if it exists (model, vocab, optimizer); save to PATH at the end")
+                   help="resume from PATH if it exists (model, vocab, optimizer, step); save to PATH at the end, "
+                        "every --save-every steps and on SIGINT/SIGTERM, creating its directory if needed "
+                        "(default: none, nothing is saved)")
+    p.add_argument("--save-every", type=_non_negative, default=0, metavar="N",
+                   help="also save the checkpoint every N steps, against crashes that give no signal "
+                        "(default %(default)s: only at the end and on SIGINT/SIGTERM)")
     p.add_argument("--corpus", metavar="FILE",
                    help="UTF-8 text, one sentence per line (default: the embedded generated corpus)")
-    p.add_argument("--corpus-size", type=int, default=20000, help="sentences of the embedded corpus")
-    p.add_argument("--batch-size", type=int, default=32, help="sentences per step and process")
-    p.add_argument("--dim", type=int, default=128)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--char-layers", type=int, default=2)
-    p.add_argument("--word-layers", type=int, default=2)
-    p.add_argument("--pooling", choices=POOLING_MODES, default="cls")
-    p.add_argument("--positional", choices=("sinusoidal", "learned"), default="sinusoidal")
-    p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--max-word-len", type=int, default=DEFAULT_MAX_WORD_LEN)
-    p.add_argument("--mask-prob", type=float, default=0.15)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup", type=int, default=20, help="linear learning-rate warm-up steps")
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--corpus-size", type=_positive, default=20000,
+                   help="sentences of the embedded corpus (default %(default)s)")
+    p.add_argument("--batch-size", type=_positive, default=32,
+                   help="sentences per step and process (default %(default)s)")
+    for flag, dest, kind, help_text in (
+            ("--dim", "dim", _positive, "model width, a multiple of --heads"),
+            ("--heads", "heads", _positive, "attention heads"),
+            ("--char-layers", "char_layers", _non_negative, "layers of the character stage"),
+            ("--word-layers", "word_layers", _non_negative, "layers of the word stage"),
+            ("--max-word-len", "max_word_len", _positive, "longest word kept whole (longer: head + tail)")):
+        p.add_argument(flag, type=kind, help=f"{help_text} (default {MODEL_FLAGS[dest][1]})")
+    p.add_argument("--pooling", choices=POOLING_MODES, help=f"characters -> word vector "
+                                                            f"(default {MODEL_FLAGS['pooling'][1]})")
+    p.add_argument("--positional", choices=("sinusoidal", "learned"),
+                   help=f"position encoding (default {MODEL_FLAGS['positional'][1]})")
+    p.add_argument("--dropout", type=_number(float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
+                   help=f"dropout probability (default {MODEL_FLAGS['dropout'][1]})")
+    p.add_argument("--mask-prob", type=_number(float, lambda v: 0.0 < v < 1.0, "a number in (0, 1)"), default=0.15,
+                   help="probability that a character is masked (default %(default)s)")
+    p.add_argument("--lr", type=_number(float, lambda v: v > 0.0, "a finite number > 0"), default=2e-3,
+                   help="peak learning rate of AdamW (default %(default)s)")
+    p.add_argument("--warmup", type=_non_negative, default=20,
+                   help="linear learning-rate warm-up steps (default %(default)s)")
+    p.add_argument("--log-every", type=_positive, default=10,
+                   help="print the mean loss every N steps; on CUDA the loss is also checked for NaN/inf "
+                        "only then, to keep the loop free of host syncs (default %(default)s)")
+    p.add_argument("--threads", type=_non_negative, default=1,
                    help="CPU intra-op threads per process (default 1: this model's matrices are small, so "
                         "threads cost more than they save and oversubscribe shared machines; scale out with "
                         "torchrun instead; 0 keeps torch's default)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_number(int, lambda v: 0 <= v < 2 ** 32, "an integer in [0, 2**32)"), default=0,
+                   help="seed of the corpus, initial weights, sampling and masking (default %(default)s)")
     return p
 
 
-def _read_corpus(path: str) -> list[str]:
-    with open(path, encoding="utf-8") as f:
-        sentences = [line.strip() for line in f]
+def _read_corpus(parser: argparse.ArgumentParser, path: str) -> list[str]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            sentences = [line.strip() for line in f]
+    except (OSError, UnicodeDecodeError) as e:
+        parser.error(f"--corpus {path}: cannot be read as UTF-8 text ({e})")
     sentences = [s for s in sentences if s]
     if not sentences:
-        raise ValueError(f"--corpus {path} has no non-empty lines")
+        parser.error(f"--corpus {path} has no non-empty lines")
     return sentences
+
+
+def _read_resume(parser: argparse.ArgumentParser, path: str) -> dict | None:
+    """The checkpoint to resume from, ``None`` for a new run; refuses a path that cannot be saved to."""
+    if os.path.isdir(path):
+        parser.error(f"--checkpoint {path} is a directory; give a file in it, such as {path}/model.pt")
+    if not os.path.exists(path):
+        return None
+    try:
+        return _read_checkpoint(path)
+    # Whatever the reason (not a zip, truncated, another format), this file is no checkpoint to resume,
+    # and a run that went on would overwrite it at the end. torch.load's own message is left out: it
+    # suggests weights_only=False, which would unpickle arbitrary code.
+    except Exception as e:  # noqa: BLE001
+        parser.error(f"--checkpoint {path} exists but is not a readable hierkern checkpoint "
+                     f"({type(e).__name__}); refusing to overwrite it")
+
+
+def _prepare_checkpoint_dir(parser: argparse.ArgumentParser, path: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):  # a real write: permissions alone miss read-only mounts
+            pass
+    except OSError as e:
+        parser.error(f"--checkpoint {path}: cannot write in {directory} ({e.strerror or e})")
+
+
+def _resolve_model_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, resume: dict | None) -> None:
+    """Fill the model flags left out: the checkpoint's values on resume, else the defaults. A resumed run
+    must never build one model and tokenize for another, so a contradicting flag is refused."""
+    if resume is None:
+        for dest, (_, default) in MODEL_FLAGS.items():
+            if getattr(args, dest) is None:
+                setattr(args, dest, default)
+    else:
+        saved = resume["config"]
+        conflicts = [f"--{dest.replace('_', '-')} {getattr(args, dest)} (checkpoint: {saved[key]})"
+                     for dest, (key, _) in MODEL_FLAGS.items()
+                     if dest not in RESUME_MAY_CHANGE and getattr(args, dest) not in (None, saved[key])]
+        if conflicts:
+            parser.error(f"--checkpoint {args.checkpoint} holds a different model: {', '.join(conflicts)}; "
+                         f"leave these flags out to continue it, or give a new --checkpoint path")
+        for dest, (key, _) in MODEL_FLAGS.items():
+            if getattr(args, dest) is None:
+                setattr(args, dest, saved[key])
+    if args.dim % args.heads:
+        parser.error(f"--dim {args.dim} must be a multiple of --heads {args.heads}")
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     """Run training; returns the summary (``first_loss``, ``last_loss``, ``chars_per_s``, ``steps``, ...).
 
+    Every argument is validated before any step runs (argparse's ``SystemExit(2)`` naming the flag).
+
     Args:
         argv: command-line arguments after ``train`` (``None`` reads ``sys.argv``).
+
+    Raises:
+        TrainingStopped: on SIGINT/SIGTERM (after saving) or when the loss stops being finite.
     """
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.steps < 1:
-        parser.error("--steps must be at least 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but no CUDA device is available")
-    if args.threads < 0:
-        parser.error("--threads must be non-negative")
+    if args.save_every and not args.checkpoint:
+        parser.error("--save-every needs --checkpoint")
+    resume = _read_resume(parser, args.checkpoint) if args.checkpoint else None
+    _resolve_model_flags(parser, args, resume)
+    sentences = (_read_corpus(parser, args.corpus) if args.corpus
+                 else default_corpus(args.corpus_size, seed=args.seed))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    per_process = len(sentences) // world_size  # DistributedSampler(drop_last=True)
+    if per_process < args.batch_size:
+        parser.error(f"--batch-size {args.batch_size}: the corpus has {len(sentences)} sentences, "
+                     f"{per_process} per process, fewer than one batch")
+    if args.checkpoint:
+        _prepare_checkpoint_dir(parser, args.checkpoint)
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     distributed = world_size > 1
     if distributed:
         dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
@@ -198,19 +337,53 @@ def main(argv: Sequence[str] | None = None) -> dict:
     log = print if rank == 0 else (lambda *a, **k: None)
 
     try:
-        return _train(args, device, rank, world_size, distributed, log)
+        return _train(args, sentences, resume, device, rank, world_size, distributed, log)
     finally:
         if distributed:
             dist.destroy_process_group()
 
 
-def _train(args, device, rank, world_size, distributed, log) -> dict:
-    sentences = _read_corpus(args.corpus) if args.corpus else default_corpus(args.corpus_size, seed=args.seed)
-    resume = _read_checkpoint(args.checkpoint) if args.checkpoint and os.path.exists(args.checkpoint) else None
+class _StopSignals:
+    """While active, SIGINT and SIGTERM only record that the run should stop, so that the loop can finish its
+    step and save. Signals after the first change nothing: the wind-down takes a step and a save, and torchrun
+    relays a terminal's Ctrl-C to workers that already got it; SIGKILL still ends a run at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum = 0
+        self._previous = {}
+
+    def _record(self, signum, frame) -> None:
+        self.signum = self.signum or signum
+
+    def __enter__(self) -> "_StopSignals":
+        if threading.current_thread() is threading.main_thread():  # the only thread that may set handlers
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._record)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            # None: a handler not installed from Python, which cannot be put back; the default is closest.
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+
+
+def _first_nonfinite(losses: list[torch.Tensor], first_step: int) -> tuple[int, float] | None:
+    """``(step, loss)`` of the first loss that is not finite, ``None`` if all are (one host sync)."""
+    values = torch.stack(losses).float().cpu()
+    bad = (~torch.isfinite(values)).nonzero()
+    if len(bad) == 0:
+        return None
+    i = int(bad[0])
+    return first_step + i, float(values[i])
+
+
+def _train(args, sentences, resume, device, rank, world_size, distributed, log) -> dict:
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     if resume is not None:
         vocab = CharVocab.from_dict(resume["vocab"])
-        encoder = HierarchicalEncoder(**resume["config"])
+        encoder = HierarchicalEncoder(**{**resume["config"], "dropout": args.dropout})
     else:
         vocab = CharVocab.from_texts(sentences)
         encoder = HierarchicalEncoder(len(vocab), args.dim, args.heads, args.char_layers, args.word_layers,
@@ -223,7 +396,9 @@ def _train(args, device, rank, world_size, distributed, log) -> dict:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         start = resume["step"]
-        log(f"resumed from {args.checkpoint} at step {start}", flush=True)
+        saved_dropout = resume["config"]["dropout"]
+        change = f", dropout {saved_dropout} -> {args.dropout}" if args.dropout != saved_dropout else ""
+        log(f"resumed from {args.checkpoint} at step {start}{change}", flush=True)
     model.to(device)
     # Optimizer state loaded on the CPU must follow the parameters.
     for state in optimizer.state.values():
@@ -239,9 +414,6 @@ def _train(args, device, rank, world_size, distributed, log) -> dict:
                else RandomSampler(sentences, generator=torch.Generator().manual_seed(args.seed)))
     loader = DataLoader(sentences, batch_size=args.batch_size, sampler=sampler, drop_last=True,
                         collate_fn=collate_fn(vocab, max_word_len=args.max_word_len))
-    if len(loader) == 0:
-        raise ValueError(f"the corpus has {len(sentences)} sentences, fewer than one batch of "
-                         f"{args.batch_size} per process")
     mask_rng = torch.Generator().manual_seed(args.seed * 1000 + rank)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"hierkern train: {len(sentences)} sentences, vocab {len(vocab)}, {n_params / 1e6:.2f}M parameters, "
@@ -250,52 +422,92 @@ def _train(args, device, rank, world_size, distributed, log) -> dict:
     def lr_at(step: int) -> float:
         return args.lr * min(1.0, step / max(1, args.warmup))
 
+    def save(step: int) -> None:
+        if rank == 0:
+            _save_checkpoint(args.checkpoint, model, vocab, optimizer, step)
+            log(f"saved {args.checkpoint} (step {step})", flush=True)
+
+    final = start + args.steps
+    # Reading a loss is free on the CPU but a host sync on CUDA, which would stall the queue of kernels
+    # every step: there, losses are tested at the steps that sync anyway (logging) and before every save.
+    check_every = 1 if device.type == "cpu" else args.log_every
     net.train()
     epoch, batches = 0, iter(())
-    first_loss, window, chars = None, [], 0
+    first_loss, window, unchecked, chars = None, [], [], 0
     t0 = time.perf_counter()
-    for step in range(start + 1, start + args.steps + 1):
-        batch = next(batches, None)
-        if batch is None:
+    with _StopSignals() as stop:
+        for step in range(start + 1, final + 1):
+            batch = next(batches, None)
+            if batch is None:
+                if distributed:
+                    sampler.set_epoch(epoch)
+                epoch += 1
+                batches = iter(loader)
+                batch = next(batches)
+            batch, positions, targets = mask_chars(batch, args.mask_prob, mask_rng)
+            if args.compile:
+                batch = _bucket_max_lens(batch, encoder)
+            if device.type == "cuda":
+                # Pinned after masking (masking makes new tensors), so the copies below are asynchronous.
+                batch = batch.pin_memory()
+            batch = batch.to(device, non_blocking=True)
+            positions, targets = positions.to(device), targets.to(device)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step)
+            loss = F.cross_entropy(net(batch, positions), targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            chars += batch.num_chars
+            window.append(loss.detach())
+            unchecked.append(loss.detach())
+            if first_loss is None:
+                first_loss = _mean_over_ranks(loss.detach(), distributed)
+
+            logging = step % args.log_every == 0 or step == final
+            saving = bool(args.checkpoint) and (step == final or (args.save_every and step % args.save_every == 0))
+            # A process acts on its own signal at once only when it is alone: ranks must stop at one step,
+            # which they agree on at the check steps.
+            if not (logging or saving or step % check_every == 0 or (stop.signum and not distributed)):
+                continue
+            bad = _first_nonfinite(unchecked, step - len(unchecked) + 1)
+            unchecked = []
+            signum, diverged = stop.signum, bad is not None
             if distributed:
-                sampler.set_epoch(epoch)
-            epoch += 1
-            batches = iter(loader)
-            batch = next(batches)
-        batch, positions, targets = mask_chars(batch, args.mask_prob, mask_rng)
-        if args.compile:
-            batch = _bucket_max_lens(batch, encoder)
-        if device.type == "cuda":
-            # Pinned after masking (masking makes new tensors), so the copies below are asynchronous.
-            batch = batch.pin_memory()
-        batch = batch.to(device, non_blocking=True)
-        positions, targets = positions.to(device), targets.to(device)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step)
-        loss = F.cross_entropy(net(batch, positions), targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        chars += batch.num_chars
-        window.append(loss.detach())
-        if first_loss is None:
-            first_loss = _mean_over_ranks(loss.detach(), distributed)
-        if step % args.log_every == 0 or step == start + args.steps:
-            value = _mean_over_ranks(torch.stack(window).mean(), distributed)
-            elapsed = time.perf_counter() - t0
-            log(f"step {step}/{start + args.steps} loss={value:.4f} lr={lr_at(step):.2e} "
-                f"chars/s={chars * world_size / elapsed:.0f}", flush=True)
-            last_loss, window = value, []
+                flags = torch.tensor([signum, int(diverged)], device=device)
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                signum, diverged = (int(v) for v in flags.tolist())
+            if diverged:
+                where = (f"the loss is {bad[1]} at step {bad[0]}" if bad is not None
+                         else f"the loss of another process stopped being finite by step {step}")
+                kept = f"; {args.checkpoint} keeps its last save" if args.checkpoint else ""
+                raise TrainingStopped(f"training diverged: {where}; stopped without saving the model{kept} "
+                                      f"(try a lower --lr than {args.lr:g})", 1)
+            if logging:
+                value = _mean_over_ranks(torch.stack(window).mean(), distributed)
+                elapsed = time.perf_counter() - t0
+                log(f"step {step}/{final} loss={value:.4f} lr={lr_at(step):.2e} "
+                    f"chars/s={chars * world_size / elapsed:.0f}", flush=True)
+                last_loss, window = value, []
+            if signum:
+                name = signal.Signals(signum).name
+                if args.checkpoint:
+                    save(step)
+                    if distributed:
+                        dist.barrier()  # a rank exiting early would have torchrun kill rank 0 mid-save
+                    outcome = f"saved {args.checkpoint}; run again with the same --checkpoint to resume"
+                else:
+                    outcome = "nothing saved (no --checkpoint)"
+                raise TrainingStopped(f"interrupted by {name} after step {step}/{final}: {outcome}", 128 + signum)
+            if saving:
+                save(step)
     elapsed = time.perf_counter() - t0
     chars_per_s = chars * world_size / elapsed
     log(f"done: {args.steps} steps, loss {first_loss:.4f} -> {last_loss:.4f} (first step -> last window), "
         f"{chars_per_s:.0f} chars/s, {elapsed:.1f} s", flush=True)
-    if args.checkpoint and rank == 0:
-        _save_checkpoint(args.checkpoint, model, vocab, optimizer, start + args.steps)
-        log(f"saved {args.checkpoint}", flush=True)
     return {"steps": args.steps, "first_loss": first_loss, "last_loss": last_loss, "chars_per_s": chars_per_s,
-            "seconds": elapsed, "final_step": start + args.steps}
+            "seconds": elapsed, "final_step": final}
 
 
 def _mean_over_ranks(value: torch.Tensor, distributed: bool) -> float:

@@ -1,5 +1,6 @@
 """Text pipeline: tokenisation rules, CharVocab, TextBatch packing, DataLoader collation, device moves."""
 
+import os
 import pickle
 
 import pytest
@@ -135,3 +136,22 @@ def test_pin_memory_and_cuda_transfer():
     cuda = batch.to("cuda", non_blocking=True)
     assert cuda.char_ids.is_cuda and cuda.words.offsets.is_cuda and cuda.sentences.offsets.is_cuda
     assert torch.equal(cuda.char_ids.cpu(), batch.char_ids)
+
+
+def test_vocab_save_round_trips_any_character(tmp_path):
+    path = tmp_path / "vocab.json"
+    vocab = CharVocab(["a", "\ud800", "\u00e9", "\U0001f600"])  # a lone surrogate cannot be UTF-8 encoded
+    vocab.save(path)
+    assert CharVocab.load(path) == vocab and os.listdir(tmp_path) == ["vocab.json"]
+
+
+def test_vocab_save_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "vocab.json"
+    CharVocab(["a"]).save(path)
+    before = path.read_bytes()
+    broken = CharVocab(["b"])
+    # A value json cannot write, after some it can: a non-atomic save would leave a truncated file.
+    monkeypatch.setattr(broken, "to_dict", lambda: {"format": "hierkern.CharVocab", "chars": ["b", object()]})
+    with pytest.raises(TypeError):
+        broken.save(path)
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["vocab.json"]
