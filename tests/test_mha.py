@@ -7,6 +7,7 @@ with a prefix key_padding_mask, the padded query positions must be exactly zero.
 
 from __future__ import annotations
 
+import io
 import random
 import warnings
 from dataclasses import dataclass
@@ -511,6 +512,164 @@ def test_dropout_on_varlen_path_is_unbiased_and_off_in_eval():
     spread = draws.std(0) / 150 ** 0.5
     valid = ~kpm[..., None].expand_as(clean)
     assert bool(((draws.mean(0) - clean).abs() <= 5 * spread + 1e-6)[valid].all())
+
+
+# -- mask dtypes --------------------------------------------------------------------------------------
+
+# bf16 on the varlen path rounds differently from torch's SDPA; fp16 keeps 3 more mantissa bits.
+DTYPE_TOL = {torch.float32: TOL, torch.bfloat16: dict(rtol=2e-2, atol=2e-2), torch.float16: dict(rtol=4e-3, atol=4e-3)}
+
+
+def _additive(blocked: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(blocked.shape, dtype=dtype).masked_fill(blocked, float("-inf"))
+
+
+@pytest.mark.parametrize("self_attention", [True, False])
+@pytest.mark.parametrize("kind", ["bool", "float32", "query_dtype", "float32_additive", "query_dtype_additive"])
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_key_padding_mask_of_any_dtype_torch_takes(dtype, batch_first, kind, self_attention):
+    """A float key_padding_mask need not have the query's dtype (torch hands it to SDPA, which takes float32
+    too). 0/-inf prefix padding runs varlen; any other values are added to the scores, so torch's path."""
+    ref, ours = make_pair(dict(embed_dim=8, num_heads=2, batch_first=batch_first), seed=14)
+    ref.to(dtype)
+    ours.to(dtype)
+    gen = torch.Generator().manual_seed(14)
+    pad = _prefix_mask([5, 2, 4], 5)
+    mask_dtype = dtype if kind.startswith("query_dtype") else torch.float32
+    if kind == "bool":
+        kpm = pad
+    elif kind.endswith("_additive"):
+        kpm = torch.randn(pad.shape, generator=gen).masked_fill(pad, float("-inf")).to(mask_dtype)
+    else:
+        kpm = _additive(pad, mask_dtype)
+
+    def layout(t):
+        return (t if batch_first else t.transpose(0, 1)).to(dtype)
+
+    key = layout(torch.randn(3, 5, 8, generator=gen))
+    query = key if self_attention else layout(torch.randn(3, 4, 8, generator=gen))
+    out_r, _ = ref(query, key, key, key_padding_mask=kpm, need_weights=False)
+    out_o, _ = ours(query, key, key, key_padding_mask=kpm, need_weights=False)
+    if kind.endswith("_additive"):
+        assert ours.last_path == "torch"
+        assert torch.equal(out_o, out_r)
+        return
+    assert ours.last_path == "varlen"
+    valid = ~pad if self_attention else torch.ones(3, 4, dtype=torch.bool)
+    if not batch_first:
+        out_o, out_r = out_o.transpose(0, 1), out_r.transpose(0, 1)
+    torch.testing.assert_close(out_o[valid], out_r[valid], **DTYPE_TOL[dtype])
+    assert bool((out_o[~valid] == 0).all())
+
+
+MASK_DTYPES = [None, torch.bool, torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_mask_dtypes_accepted_exactly_where_torch_accepts_them(dtype):
+    """Every combination of mask dtypes, need_weights and is_causal: ours raises where torch raises (torch
+    adds the masks and gives SDPA their sum, or baddbmm with need_weights), otherwise the results agree."""
+    ref, ours = make_pair(dict(embed_dim=8, num_heads=2, batch_first=True), seed=15)
+    ref.to(dtype)
+    ours.to(dtype)
+    x = torch.randn(2, 4, 8).to(dtype)
+    pad = _prefix_mask([4, 3], 4)
+    causal = torch.ones(4, 4, dtype=torch.bool).triu(1)
+    refused = foreign_on_varlen = 0
+    for kpm_dtype in MASK_DTYPES:
+        for mask_dtype in MASK_DTYPES:
+            for need_weights in (False, True):
+                for is_causal in ((False, True) if mask_dtype is not None else (False,)):
+                    kwargs = dict(need_weights=need_weights, is_causal=is_causal,
+                                  key_padding_mask=None if kpm_dtype is None else
+                                  pad if kpm_dtype is torch.bool else _additive(pad, kpm_dtype),
+                                  attn_mask=None if mask_dtype is None else
+                                  causal if mask_dtype is torch.bool else _additive(causal, mask_dtype))
+                    call = f"{dtype} query, key_padding_mask {kpm_dtype}, attn_mask {mask_dtype}, {kwargs}"
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")  # torch deprecates mixing mask types; both warn
+                        try:
+                            out_r, w_r = ref(x, x, x, **kwargs)
+                        except RuntimeError:
+                            with pytest.raises((TypeError, RuntimeError), match="mask|dtype"):
+                                ours(x, x, x, **kwargs)
+                            refused += 1
+                            continue
+                        out_o, w_o = ours(x, x, x, **kwargs)
+                    foreign_on_varlen += ours.last_path == "varlen" and any(
+                        d not in (None, torch.bool, dtype) for d in (kpm_dtype, mask_dtype))
+                    valid = ~pad if (ours.last_path == "varlen" and kpm_dtype is not None) else torch.ones_like(pad)
+                    torch.testing.assert_close(out_o[valid], out_r[valid], **DTYPE_TOL[dtype], msg=call)
+                    if need_weights:
+                        torch.testing.assert_close(w_o, w_r, **DTYPE_TOL[dtype], msg=call)
+    assert refused and foreign_on_varlen, (refused, foreign_on_varlen)
+
+
+# -- TorchScript --------------------------------------------------------------------------------------
+
+# torch 2.13 deprecates TorchScript (torch.jit.script/save/load warn); it still works, and so must we.
+torchscript = pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+
+
+@torchscript
+@pytest.mark.parametrize("ctor", CTORS)
+def test_torchscript_scripts_torchs_module_with_the_same_parameters(ctor):
+    ref, ours = make_pair(ctor, seed=16)
+    ref.eval()
+    ours.eval()
+    if not ctor.get("bias", True):
+        # torch's own forward does not script with in_proj_bias None (it reads the Optional attribute's
+        # dtype), so neither does ours; a failed compile cannot be retried in-process to compare the two.
+        with pytest.raises(RuntimeError, match="in_proj_bias"):
+            torch.jit.script(ours)
+        return
+    scripted = torch.jit.script(ours)
+    assert not scripted.training
+    own = dict(ours.named_parameters())
+    assert dict(scripted.named_parameters()).keys() == own.keys()
+    assert all(p is own[name] for name, p in scripted.named_parameters()), "parameters are shared"
+    e, kdim, vdim = ctor["embed_dim"], ctor.get("kdim") or ctor["embed_dim"], ctor.get("vdim") or ctor["embed_dim"]
+    q, k, v = torch.randn(4, 3, e), torch.randn(5, 3, kdim), torch.randn(5, 3, vdim)
+    if ctor.get("batch_first"):
+        q, k, v = (t.transpose(0, 1) for t in (q, k, v))
+    kpm = _prefix_mask([5, 2, 4], 5)
+    buffer = io.BytesIO()
+    torch.jit.save(scripted, buffer)
+    buffer.seek(0)
+    loaded = torch.jit.load(buffer)
+    for need_weights in (False, True):
+        out_r, w_r = ref(q, k, v, key_padding_mask=kpm, need_weights=need_weights)
+        for module in (scripted, loaded):
+            out_s, w_s = module(q, k, v, key_padding_mask=kpm, need_weights=need_weights)
+            torch.testing.assert_close(out_s, out_r, **TOL)
+            if need_weights:
+                torch.testing.assert_close(w_s, w_r, **TOL)
+
+
+@torchscript
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_torchscript_of_a_model_holding_one(batch_first):
+    torch.manual_seed(17)
+    layer = dict(d_model=8, nhead=2, dim_feedforward=16, dropout=0.0, batch_first=batch_first)
+    ref = nn.TransformerEncoderLayer(**layer)
+    model = nn.TransformerEncoderLayer(**layer)
+    model.self_attn = MultiheadAttention(8, 2, batch_first=batch_first)
+    model.load_state_dict(ref.state_dict())
+    ours = model.self_attn
+    scripted = torch.jit.script(model)
+    src = torch.randn(3, 5, 8)
+    if not batch_first:
+        src = src.transpose(0, 1)
+    pad = _prefix_mask([5, 2, 4], 5)
+    causal = nn.Transformer.generate_square_subsequent_mask(5)
+    for kwargs in (dict(src_key_padding_mask=pad), dict(src_mask=causal, is_causal=True),
+                   dict(src_mask=causal, src_key_padding_mask=_additive(pad, torch.float32))):
+        torch.testing.assert_close(scripted(src, **kwargs), ref(src, **kwargs), **TOL)
+    # Documented: torch.jit.script puts the torch module it scripts into the eager model as well.
+    assert type(model.self_attn) is nn.MultiheadAttention
+    assert model.self_attn.in_proj_weight is ours.in_proj_weight
+    assert model.self_attn.out_proj is ours.out_proj
 
 
 # -- bad input ----------------------------------------------------------------------------------------

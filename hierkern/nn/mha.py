@@ -10,6 +10,7 @@ and re-pads. Every other call runs torch's own ``forward``, so its results are t
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 
@@ -43,18 +44,37 @@ def _check_tensor(name: str, t) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
 
 
-def _canonical_mask(mask: Tensor | None, name: str, dtype: torch.dtype) -> Tensor | None:
-    """A bool or float mask as an additive float mask of ``dtype`` (True -> -inf), as torch does."""
-    if mask is None:
-        return None
+def _check_mask(name: str, mask) -> None:
     _check_tensor(name, mask)
     if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
         raise TypeError(f"{name} must be a bool or floating-point tensor, got {mask.dtype}")
-    if mask.dtype.is_floating_point and mask.dtype != dtype:
-        raise TypeError(f"a floating-point {name} must have the query's dtype ({dtype}), got {mask.dtype}")
-    if mask.dtype == torch.bool:
-        return torch.zeros_like(mask, dtype=dtype).masked_fill_(mask, float("-inf"))
-    return mask
+
+
+def _canonical_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """A bool mask as an additive float mask of ``dtype`` (True -> -inf); a float mask, of any dtype,
+    unchanged. As torch's ``F._canonical_mask``."""
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros_like(mask, dtype=dtype).masked_fill_(mask, float("-inf"))
+
+
+def _check_sdpa_mask_dtype(key_padding_mask: Tensor | None, attn_mask: Tensor | None, is_causal: bool,
+                           dtype: torch.dtype) -> None:
+    """Refuse, for a ``need_weights=False`` call, the masks torch refuses. torch adds them (a bool mask as
+    a float mask of the query's ``dtype``; ``attn_mask`` dropped for ``is_causal`` without padding) and
+    hands the sum to ``scaled_dot_product_attention``, which takes a float mask only as float32 or
+    ``dtype``."""
+    masks = {"key_padding_mask": key_padding_mask}
+    if key_padding_mask is not None or not is_causal:
+        masks["attn_mask"] = attn_mask
+    given = {name: mask.dtype for name, mask in masks.items() if mask is not None}
+    if not given:
+        return
+    merged = functools.reduce(torch.promote_types, (dtype if d == torch.bool else d for d in given.values()))
+    if merged not in (torch.float32, dtype):
+        described = " + ".join(f"{name} ({d})" for name, d in given.items())
+        raise TypeError(f"{described} gives a {merged} attention mask; torch's attention takes a "
+                        f"floating-point mask only as torch.float32 or the query's dtype ({dtype})")
 
 
 def _prefix_padding(kpm: Tensor) -> Tensor | None:
@@ -104,13 +124,18 @@ class MultiheadAttention(nn.MultiheadAttention):
 
     * **varlen** (``hierkern.varlen_attention``, backend ``"auto"``) when ``need_weights=False``, there is
       no ``bias_k``/``bias_v`` and no ``add_zero_attn``, and the only masking is a ``key_padding_mask``
-      (bool, or float holding only 0 and -inf) whose valid keys are a prefix of each row and/or causal
-      masking: ``is_causal=True`` (which, as in torch, means "causal" when there is no
-      ``key_padding_mask``) or an ``attn_mask`` equal to the causal mask. Causal masking with padding
-      takes this path in self-attention only, and with ``L != S`` not at all (torch aligns its causal mask
-      top-left, varlen bottom-right).
+      (bool, or float of any dtype torch takes, holding only 0 and -inf) whose valid keys are a prefix of
+      each row and/or causal masking: ``is_causal=True`` (which, as in torch, means "causal" when there
+      is no ``key_padding_mask``) or an ``attn_mask`` equal to the causal mask. Causal masking with
+      padding takes this path in self-attention only, and with ``L != S`` not at all (torch aligns its
+      causal mask top-left, varlen bottom-right).
     * **torch** (``torch.nn.MultiheadAttention.forward`` itself) otherwise: ``need_weights=True``,
-      arbitrary masks, ``add_bias_kv``, ``add_zero_attn``, padding that is not a prefix, nested tensors.
+      arbitrary masks (a float mask with other values than 0 and -inf is added to the scores),
+      ``add_bias_kv``, ``add_zero_attn``, padding that is not a prefix, nested tensors.
+
+    Mask dtypes are accepted exactly where torch accepts them: bool, or float of the query's dtype; with
+    ``need_weights=False`` also float32 (torch adds the two masks and hands the sum to
+    ``scaled_dot_product_attention``, which takes float32 or the query's dtype).
 
     Dropout (training only) on the varlen path is the backend's: the same distribution as torch's, not
     the same random draws.
@@ -119,9 +144,18 @@ class MultiheadAttention(nn.MultiheadAttention):
     (``query is key is value``) with a ``key_padding_mask``, the outputs at padded *query* positions are
     zeros (as with torch's own nested-tensor fast path) rather than attention over the valid keys. Every
     other position, and every position of a cross-attention call, equals torch's. Malformed arguments
-    raise ``ValueError``/``TypeError`` naming the argument where torch would raise an ``AssertionError``
-    deep inside; ``is_causal=True`` without ``attn_mask`` raises torch's ``RuntimeError`` on every path
-    (torch's inference fast path silently ignores the flag instead).
+    raise ``ValueError``/``TypeError`` naming the argument where torch would raise an ``AssertionError``,
+    or for a mask dtype it refuses a ``RuntimeError``, deep inside (with ``need_weights=True`` mask dtypes
+    are left to torch's own error); ``is_causal=True`` without ``attn_mask`` raises torch's
+    ``RuntimeError`` on every path (torch's inference fast path silently ignores the flag instead).
+
+    ``torch.jit.script`` cannot compile this ``forward`` (``Segments`` arguments, planning in Python), so
+    scripting this module, or a model holding it, compiles a ``torch.nn.MultiheadAttention`` that shares
+    its parameters (``__prepare_scriptable__``): the scripted model runs torch's kernels and gives
+    torch's results, and scripts wherever torch's module does (torch 2.13's does not with
+    ``bias=False``). torch's scripting puts that module in place of this one inside the eager model too,
+    so the eager model runs torch's kernels afterwards. For hierkern's kernels in a compiled model use
+    ``torch.compile``.
     """
 
     def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False, add_zero_attn=False,
@@ -137,6 +171,20 @@ class MultiheadAttention(nn.MultiheadAttention):
         state.setdefault("last_why_not_fast_path", None)
         super().__setstate__(state)
 
+    def __prepare_scriptable__(self) -> nn.MultiheadAttention:
+        """What ``torch.jit.script`` compiles in this module's place: a ``torch.nn.MultiheadAttention``
+        holding this module's parameter objects and ``out_proj``, in its train/eval mode. TorchScript
+        cannot compile this ``forward`` (``hierkern.Segments`` arguments, planning in Python); torch's
+        forward is its scriptable equivalent for every padded call."""
+        plain = nn.MultiheadAttention(self.embed_dim, self.num_heads, dropout=self.dropout,
+                                      bias=self.in_proj_bias is not None, add_bias_kv=self.bias_k is not None,
+                                      add_zero_attn=self.add_zero_attn, kdim=self.kdim, vdim=self.vdim,
+                                      batch_first=self.batch_first, device="meta")
+        for name, param in self.named_parameters(recurse=False):
+            setattr(plain, name, param)
+        plain.out_proj = self.out_proj
+        return plain.train(self.training)
+
     # -- public API -----------------------------------------------------------------------------------
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
@@ -151,7 +199,7 @@ class MultiheadAttention(nn.MultiheadAttention):
             key: ``(S, N, kdim)`` / ``(N, S, kdim)`` / ``(S, kdim)``, or packed ``(total_k, kdim)``.
             value: like ``key`` with ``vdim`` features.
             key_padding_mask: ``(N, S)`` (``(S,)`` unbatched), bool (True = ignore) or float (added to the
-                scores).
+                scores; float32 or the query's dtype, as torch takes it).
             need_weights: also return the attention weights (always takes torch's path).
             attn_mask: bool (True = blocked) or float (added) mask, ``(L, S)`` or ``(N * num_heads, L, S)``.
             average_attn_weights: average the returned weights over heads.
@@ -257,21 +305,24 @@ class MultiheadAttention(nn.MultiheadAttention):
             raise RuntimeError(_CAUSAL_NEEDS_MASK)
 
         if key_padding_mask is not None:
-            _check_tensor("key_padding_mask", key_padding_mask)
+            _check_mask("key_padding_mask", key_padding_mask)
             expected = (n, src_len) if batched else (src_len,)
             if tuple(key_padding_mask.shape) != expected:
                 raise ValueError(f"key_padding_mask must have shape {expected}, got "
                                  f"{tuple(key_padding_mask.shape)}")
         if attn_mask is not None:
-            _check_tensor("attn_mask", attn_mask)
+            _check_mask("attn_mask", attn_mask)
             shapes = [(tgt_len, src_len), (n * self.num_heads, tgt_len, src_len)]
             if tuple(attn_mask.shape) not in shapes:
                 raise ValueError(f"attn_mask must have shape {shapes[0]} or {shapes[1]}, got "
                                  f"{tuple(attn_mask.shape)}")
+        if not need_weights:
+            # With need_weights torch's own path runs, and raises its own error.
+            _check_sdpa_mask_dtype(key_padding_mask, attn_mask, is_causal, query.dtype)
         mismatched = (key_padding_mask is not None and attn_mask is not None
                       and key_padding_mask.dtype != attn_mask.dtype)
-        key_padding_mask = _canonical_mask(key_padding_mask, "key_padding_mask", query.dtype)
-        attn_mask = _canonical_mask(attn_mask, "attn_mask", query.dtype)
+        key_padding_mask = _canonical_mask(key_padding_mask, query.dtype)
+        attn_mask = _canonical_mask(attn_mask, query.dtype)
         for name, mask in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
             if mask is not None and mask.device != query.device:
                 raise ValueError(f"{name} is on {mask.device} but query is on {query.device}")
