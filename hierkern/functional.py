@@ -43,8 +43,9 @@ def _resolve_offsets(cu_seqlens, max_seqlen, total: int, device: torch.device, n
                         f"{type(cu_seqlens).__name__}")
     if offsets.device != device:
         raise ValueError(f"{name} is on {offsets.device} but q is on {device}")
-    if offsets.dtype != torch.int32:
-        offsets = offsets.to(torch.int32)
+    # Kernels read offsets with unit stride; a strided view (e.g. every other entry) is valid input. The copy
+    # is S + 1 ints and needs no sync.
+    offsets = offsets.to(torch.int32).contiguous()
     return offsets, _check_max_seqlen(max_seqlen, offsets, name, max_name)
 
 
@@ -91,7 +92,7 @@ def varlen_attention(
         q: ``(total_q, H, D)`` queries, float16/bfloat16/float32/float64.
         k: ``(total_k, H_kv, D)`` keys, ``H % H_kv == 0`` (GQA/MQA), same dtype and device as ``q``.
         v: ``(total_k, H_kv, D)`` values.
-        cu_seqlens_q: int32 ``(S + 1,)`` query offsets, or a ``hierkern.Segments``.
+        cu_seqlens_q: int32 (or int64) ``(S + 1,)`` query offsets of any stride, or a ``hierkern.Segments``.
         cu_seqlens_k: key offsets (``(S + 1,)`` or ``Segments``); ``None`` means the same as the queries.
         max_seqlen_q: longest query segment (host int). ``None`` takes it from a ``Segments``, or reads
             the offsets (a device sync for CUDA offsets).

@@ -77,7 +77,7 @@ class Segments:
         host = offsets.detach().cpu() if (validate or max_len is None or total is None) else None
         if validate:
             check_offsets(host, "offsets", total)
-        offsets = offsets.to(torch.int32)
+        offsets = offsets.to(torch.int32).contiguous()  # kernels read offsets with unit stride
         if max_len is None:
             max_len = int(host.diff().max()) if host.numel() > 1 else 0
         _check_length_arg(max_len, "max_len")

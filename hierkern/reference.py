@@ -7,7 +7,10 @@ Semantics (FlashAttention's varlen convention):
   ``h // (H // H_kv)`` (GQA/MQA).
 * ``causal``: query ``i`` of a segment with ``Lq`` queries and ``Lk`` keys sees key ``j`` iff
   ``j <= i + Lk - Lq`` (bottom-right alignment).
-* A query that sees no key returns zeros and ``lse = -inf``; nothing is ever NaN.
+* A query that sees no key returns zeros and ``lse = -inf``; finite inputs never give a NaN.
+* A token's value reaches only the outputs and gradients of the rows that attend to it: a NaN or an inf
+  follows IEEE arithmetic in those rows (as a float64 computation over each row's visible keys would) and
+  leaves every other row exactly as it would be otherwise.
 * Both matmuls accumulate in float32 for half-precision inputs (float64 for float64) and the softmax runs
   in that precision; the probabilities are rounded to the input dtype before ``P @ V`` and the output once
   at the end (what an fp32-accumulating kernel sees); ``lse`` is float32 ``(H, total_q)`` and carries no
@@ -17,6 +20,7 @@ Semantics (FlashAttention's varlen convention):
 
 Vectorised: segments are bucketed by (query length, key length) rounded up to a power of two and each bucket
 is one batched matmul, so the cost is within ~4x of the useful work and there is no Python loop over segments.
+A causal segment that holds a NaN or an inf is split into one problem per query row (see ``_units``).
 It reads the offsets on the host, so on CUDA tensors every call syncs: kernels exist to avoid that.
 """
 
@@ -31,10 +35,44 @@ __all__ = ["varlen_attention_reference"]
 
 
 def _length_buckets(lengths_q: torch.Tensor, lengths_k: torch.Tensor) -> torch.Tensor:
-    """Bucket id per segment: ceil(log2(len)) for queries and keys combined into one integer."""
+    """Bucket id per unit: ceil(log2(len)) for queries and keys combined into one integer."""
     def ceil_log2(lengths: torch.Tensor) -> torch.Tensor:
         return torch.ceil(torch.log2(lengths.clamp(min=1).double())).long()
     return ceil_log2(lengths_q) * 64 + ceil_log2(lengths_k)
+
+
+def _non_finite_per_segment(t: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Per segment of ``offsets`` (host int64), whether any of its tokens in ``t`` holds a NaN or an inf."""
+    bad = (~torch.isfinite(t.detach())).flatten(1).any(1).to("cpu", torch.int64)
+    counts = torch.cat([bad.new_zeros(1), bad.cumsum(0)])
+    return (counts[offsets[1:]] - counts[offsets[:-1]]) > 0
+
+
+def _units(q, k, v, offsets_q, offsets_k, causal):
+    """The independent attention problems, as host int64 ``(q_start, q_len, k_start, k_len, causal)``.
+
+    A unit is a segment, except that a causal segment holding a non-finite value is split into one unit per
+    query row over exactly the keys that row sees. The batched matmuls below multiply every masked score
+    and weight by zero, and ``0 * inf`` is NaN: splitting keeps a NaN or an inf away from the rows that do
+    not attend to it, in the forward and in autograd's backward alike.
+    """
+    q0, k0 = offsets_q[:-1], offsets_k[:-1]
+    lq, lk = offsets_q.diff(), offsets_k.diff()
+    flags = torch.full_like(lq, int(causal))
+    if not causal:
+        return q0, lq, k0, lk, flags
+    split = (_non_finite_per_segment(q, offsets_q) | _non_finite_per_segment(k, offsets_k)
+             | _non_finite_per_segment(v, offsets_k)) & (lq > 0)
+    if not bool(split.any()):
+        return q0, lq, k0, lk, flags
+    rows_per_seg = torch.where(split, lq, 0)
+    seg = torch.repeat_interleave(torch.arange(lq.numel()), rows_per_seg)
+    row = torch.arange(seg.numel()) - torch.repeat_interleave(rows_per_seg.cumsum(0) - rows_per_seg, rows_per_seg)
+    seen = (row + 1 + lk[seg] - lq[seg]).clamp(0, None).minimum(lk[seg])    # bottom-right alignment
+    keep = ~split
+    return (torch.cat([q0[keep], q0[seg] + row]), torch.cat([lq[keep], torch.ones_like(row)]),
+            torch.cat([k0[keep], k0[seg]]), torch.cat([lk[keep], seen]),
+            torch.cat([flags[keep], torch.zeros_like(row)]))
 
 
 def varlen_attention_reference(
@@ -68,7 +106,7 @@ def varlen_attention_reference(
 
     offsets_q = cu_seqlens_q.detach().to("cpu", torch.int64)
     offsets_k = cu_seqlens_k.detach().to("cpu", torch.int64)
-    lengths_q, lengths_k = offsets_q.diff(), offsets_k.diff()
+    start_q, lengths_q, start_k, lengths_k, unit_causal = _units(q, k, v, offsets_q, offsets_k, causal)
     buckets = _length_buckets(lengths_q, lengths_k)
 
     row_index, row_out, row_lse = [], [], []
@@ -81,19 +119,21 @@ def varlen_attention_reference(
         pos_q, pos_k = torch.arange(max_q), torch.arange(max_k)
         valid_q = pos_q[None, :] < seg_lq[:, None]                           # (n, Lq)
         valid_k = pos_k[None, :] < seg_lk[:, None]                           # (n, Lk)
-        idx_q = torch.where(valid_q, offsets_q[seg, None] + pos_q, 0)
-        idx_k = torch.where(valid_k, offsets_k[seg, None] + pos_k, 0)
+        idx_q = torch.where(valid_q, start_q[seg, None] + pos_q, 0)
+        idx_k = torch.where(valid_k, start_k[seg, None] + pos_k, 0)
         allowed = valid_k[:, None, :].expand(-1, max_q, -1)                  # (n, Lq, Lk)
-        if causal:
-            shift = (seg_lk - seg_lq)[:, None, None]
-            allowed = allowed & (pos_k[None, None, :] <= pos_q[None, :, None] + shift)
+        shift = (seg_lk - seg_lq)[:, None, None]
+        hidden = unit_causal[seg, None, None].bool() & (pos_k[None, None, :] > pos_q[None, :, None] + shift)
+        allowed = allowed & ~hidden
         idx_q_dev, idx_k_dev = idx_q.to(device), idx_k.to(device)
+        valid_q_dev, valid_k_dev = valid_q.to(device)[..., None, None], valid_k.to(device)[..., None, None]
 
         # Upcast before the matmuls: a half-precision einsum would round the scores to half precision,
-        # which no fp32-accumulating kernel does.
-        qb = q[idx_q_dev].to(compute_dtype)                                  # (n, Lq, H, D)
-        kb = k[idx_k_dev].to(compute_dtype).repeat_interleave(group, dim=2)  # (n, Lk, H, D)
-        vb = v[idx_k_dev].to(compute_dtype).repeat_interleave(group, dim=2)
+        # which no fp32-accumulating kernel does. Padding slots gather token 0, so they are zeroed with a
+        # select (not a product): a NaN in token 0 must not reach another segment's padding.
+        qb = torch.where(valid_q_dev, q[idx_q_dev].to(compute_dtype), 0.0)  # (n, Lq, H, D)
+        kb = torch.where(valid_k_dev, k[idx_k_dev].to(compute_dtype), 0.0).repeat_interleave(group, dim=2)
+        vb = torch.where(valid_k_dev, v[idx_k_dev].to(compute_dtype), 0.0).repeat_interleave(group, dim=2)
         scores = torch.einsum("nqhd,nkhd->nhqk", qb, kb) * scale
         mask = allowed.to(device)[:, None, :, :]                             # (n, 1, Lq, Lk)
         scores = scores.masked_fill(~mask, float("-inf"))

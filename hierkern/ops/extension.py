@@ -5,7 +5,7 @@ built with CUDA, CUDA) kernels. This module registers what every device shares:
 
 * ``register_fake`` for both ops, so ``torch.compile`` and ``opcheck`` can trace them without running them;
 * autograd on ``varlen_fwd`` whose backward is the ``varlen_bwd`` op (itself traceable, so compiled backward
-  graphs call the fused kernel too).
+  graphs call the fused kernel too), and on ``varlen_bwd`` one that refuses a double backward in words.
 
 Loading never raises: when the extension is missing or broken, a warning names the cause, ``LOAD_ERROR``
 keeps it, and backends built on the extension report it from ``unavailable_reason``.
@@ -98,7 +98,17 @@ def _backward(ctx, grad_out, grad_lse):
     return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
+def _no_double_backward(ctx, grad_dq, grad_dk, grad_dv):
+    raise NotImplementedError(
+        "hierkern's cpu and cuda kernels have no double backward (hierkern::varlen_bwd is not "
+        "differentiable): for second-order gradients (create_graph=True, then another backward) call "
+        "varlen_attention with backend=\"reference\"")
+
+
 if LOAD_ERROR is None:
     torch.library.register_fake("hierkern::varlen_fwd", _varlen_fwd_fake)
     torch.library.register_fake("hierkern::varlen_bwd", _varlen_bwd_fake)
     torch.library.register_autograd("hierkern::varlen_fwd", _backward, setup_context=_setup_context)
+    # Without a formula, autograd would treat the backward's outputs as constants under create_graph=True and
+    # a second backward would return zeros for every second-order term: refuse instead.
+    torch.library.register_autograd("hierkern::varlen_bwd", _no_double_backward)

@@ -1,0 +1,67 @@
+"""The conformance oracle: attention written from its definition, in float64, one query row at a time.
+
+It shares no code with ``hierkern.reference``. Each query row attends to exactly the keys it sees (its own
+segment's, cut by the bottom-right causal mask), so masked keys never enter any arithmetic: a NaN or an inf
+reaches only the rows that attend to it, and follows IEEE arithmetic there. Slow and obviously right;
+differentiable (autograd through float64 ops), including twice.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["attention", "visible_keys"]
+
+
+def visible_keys(row: int, len_q: int, len_k: int, causal: bool) -> int:
+    """How many leading keys of its segment query ``row`` sees (bottom-right causal alignment)."""
+    if not causal:
+        return len_k
+    return min(max(row + 1 + len_k - len_q, 0), len_k)
+
+
+def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale=None, causal=False, keep=None,
+              dropout_p=0.0):
+    """Varlen attention in float64.
+
+    Args:
+        q: ``(total_q, H, D)``; k, v: ``(total_k, H_kv, D)``; converted to float64 (gradients flow back).
+        cu_seqlens_q, cu_seqlens_k: ``(S + 1,)`` offsets (any int tensor or list).
+        softmax_scale: ``None`` means ``1 / sqrt(D)``.
+        causal: bottom-right aligned.
+        keep: optional ``(total_q, H, max_k)`` bool, the dropout keep-mask by local key position.
+        dropout_p: the probability that ``keep`` was drawn with (kept weights scale by ``1 / (1 - p)``).
+
+    Returns:
+        ``out`` ``(total_q, H, D)`` and ``lse`` ``(H, total_q)``, float64; rows with no key: 0 and -inf.
+    """
+    q, k, v = (t.to("cpu", torch.float64) for t in (q, k, v))
+    total_q, num_heads, head_dim = q.shape
+    group = num_heads // k.shape[1]
+    scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else softmax_scale
+    starts_q = [int(x) for x in cu_seqlens_q]
+    starts_k = [int(x) for x in cu_seqlens_k]
+    outs, lses = [], []
+    for seg in range(len(starts_q) - 1):
+        q0, len_q = starts_q[seg], starts_q[seg + 1] - starts_q[seg]
+        k0, len_k = starts_k[seg], starts_k[seg + 1] - starts_k[seg]
+        for row in range(len_q):
+            seen = visible_keys(row, len_q, len_k, causal)
+            if seen == 0:
+                outs.append(q.new_zeros(num_heads, head_dim))
+                lses.append(q.new_full((num_heads,), -math.inf))
+                continue
+            keys = k[k0:k0 + seen].repeat_interleave(group, dim=1)          # (seen, H, D)
+            values = v[k0:k0 + seen].repeat_interleave(group, dim=1)
+            scores = torch.einsum("hd,nhd->hn", q[q0 + row], keys) * scale
+            lse = torch.logsumexp(scores, dim=-1)
+            probs = torch.exp(scores - lse[:, None])
+            if keep is not None:
+                probs = torch.where(keep[q0 + row, :, :seen].cpu(), probs / (1.0 - dropout_p), 0.0)
+            outs.append(torch.einsum("hn,nhd->hd", probs, values))
+            lses.append(lse)
+    if not outs:
+        return q.new_zeros(0, num_heads, head_dim), q.new_zeros(num_heads, 0)
+    return torch.stack(outs), torch.stack(lses).t()

@@ -1,0 +1,80 @@
+"""Every backend against the float64 oracle: outputs, lse and gradients on the adversarial layouts, in every
+dtype, causal or not, with GQA/MQA and unequal query/key lengths; low-precision errors bounded by the reference
+backend's own error in that dtype."""
+
+import functools
+
+import pytest
+import torch
+
+from .cases import (HEAD_CONFIGS, LAYOUT_IDS, LAYOUTS, HeadConfig, bar, check_lse, errors, make_problem, run,
+                    run_oracle, skip_if_refused)
+from helpers import Layout
+
+
+@functools.lru_cache(maxsize=None)
+def _expected(layout, config, causal, softmax_scale):
+    """The oracle's out, lse and gradients: the same for every backend, so computed once."""
+    return run_oracle(make_problem(layout, config, "cpu"), causal, softmax_scale)
+
+
+@functools.lru_cache(maxsize=None)
+def _reference_errors(layout, config, causal, softmax_scale, device):
+    """The reference backend's errors in a half-precision dtype: what the bar is relative to."""
+    if config.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    expected_out, _, expected_grads = _expected(layout, config, causal, softmax_scale)
+    out, _, grads = run("reference", make_problem(layout, config, device), causal, softmax_scale=softmax_scale)
+    return errors(out, grads, expected_out, expected_grads)
+
+
+def _check(name, device, layout, config, causal, softmax_scale=None):
+    problem = make_problem(layout, config, device)
+    skip_if_refused(name, problem, causal)
+    out, lse, grads = run(name, problem, causal, softmax_scale=softmax_scale)
+    assert out.shape == problem.q.shape and out.dtype == config.dtype and out.device == problem.q.device
+    assert lse.shape == (config.num_heads, problem.q.shape[0])
+    assert [g.shape for g in grads] == [t.shape for t in problem.leaves]
+    expected_out, expected_lse, expected_grads = _expected(layout, config, causal, softmax_scale)
+    check_lse(lse, expected_lse, config.dtype)
+
+    got = errors(out, grads, expected_out, expected_grads)
+    reference = _reference_errors(layout, config, causal, softmax_scale, device) or dict.fromkeys(got)
+    limits = {key: bar("out" if key == "out" else "grad", config.dtype, reference[key]) for key in got}
+    failures = {key: f"{got[key]:.3g} > {limits[key]:.3g} (reference: {reference[key]})"
+                for key in got if not got[key] <= limits[key]}
+    assert not failures, f"relative errors against the float64 oracle: {failures}"
+
+
+@pytest.mark.parametrize("config", HEAD_CONFIGS, ids=lambda c: c.name)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
+def test_matches_oracle(backend, layout, causal, config):
+    name, device = backend
+    _check(name, device, layout, config, causal)
+
+
+@pytest.mark.parametrize("softmax_scale", [0.0, -0.7, 2.5])
+def test_softmax_scale(backend, softmax_scale):
+    name, device = backend
+    _check(name, device, LAYOUTS[2], HEAD_CONFIGS[0], True, softmax_scale)
+
+
+# Near one-hot rows: dS = P * (dP - D) is a small difference of close numbers, so a D formed from the output
+# rounded to bfloat16/float16 loses the gradients (issue 11, item 4).
+PEAKY = [(layout, scale) for layout in (LAYOUTS[7], LAYOUTS[2], LAYOUTS[-1]) for scale in (8.0,)] + [
+    (LAYOUTS[7], 4.0)]
+
+
+@pytest.mark.parametrize("config", [HeadConfig("bf16-gqa-d32", torch.bfloat16, 4, 2, 32),
+                                    HeadConfig("fp16-d32", torch.float16, 2, 2, 32)], ids=lambda c: c.name)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("layout, softmax_scale", PEAKY, ids=[f"{l.name}-scale{s:g}" for l, s in PEAKY])
+def test_peaky_softmax_gradients_in_half_precision(backend, layout, softmax_scale, causal, config):
+    name, device = backend
+    _check(name, device, layout, config, causal, softmax_scale)
+
+
+def test_no_tokens(backend):
+    name, device = backend
+    _check(name, device, Layout("nothing", ()), HEAD_CONFIGS[0], False)
