@@ -1,0 +1,112 @@
+"""A NaN or an inf reaches only the rows that attend to it (issue 11, item 3).
+
+One element of one token of q, k, v (or of the output gradient) is poisoned. Every row and key that does not
+interact with that token must come out as in the clean run: out, lse, dq, dk, dv. The rows that do see it follow
+IEEE arithmetic like the float64 oracle, which computes each row over exactly its visible keys: the same
+elements are non-finite, and the finite ones agree.
+"""
+
+import math
+
+import pytest
+import torch
+
+import hierkern
+
+from .cases import HeadConfig, Problem, grad, make_problem, skip_if_refused
+from .oracle import attention as oracle_attention, visible_keys
+from helpers import Layout
+
+# Short words that share a 16-row tile, and a 40-token segment: the CPU kernel's blocked path (>= 32 keys),
+# several tiles, and keys that causal rows do not see.
+MIXED = Layout("mixed", (3, 5, 1, 40, 4, 2, 7, 6))
+# (segment, position in it) of the poisoned token.
+WHERE = {"short": (1, 2), "long": (3, 10)}
+FP32 = HeadConfig("fp32-mqa-d32", torch.float32, 2, 1, 32)
+BF16 = HeadConfig("bf16-mqa-d32", torch.bfloat16, 2, 1, 32)
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+
+
+def _start(lengths, segment):
+    return sum(lengths[:segment])
+
+
+def _rows_seeing(segment, position, causal):
+    """Packed query rows of ``segment`` that attend to its key at ``position``."""
+    length = MIXED.lengths_q[segment]
+    start = _start(MIXED.lengths_q, segment)
+    return [start + row for row in range(length) if visible_keys(row, length, length, causal) > position]
+
+
+def _poisoned(problem: Problem, tensor: str, token: int, value: float) -> Problem:
+    leaves = {name: t.detach().clone() for name, t in zip("qkv", problem.leaves)}
+    dout = problem.dout.clone()
+    target = dout if tensor == "dout" else leaves[tensor]
+    target[token, 0, 3] = value
+    q, k, v = (leaves[name].requires_grad_(True) for name in "qkv")
+    return Problem(problem.layout, q, k, v, dout, problem.cu_q, problem.cu_k)
+
+
+def _run(name, problem, causal):
+    out, lse = hierkern.varlen_attention(*problem.leaves, problem.cu_q, problem.cu_k, causal=causal,
+                                         return_lse=True, backend=name)
+    return dict(zip(("out", "lse", "dq", "dk", "dv"), (out, lse.t()) + grad(out, problem.leaves, problem.dout)))
+
+
+def _check_untouched(clean, dirty, rows, keys, dtype):
+    """``rows``/``keys``: bool masks of the query rows and key tokens that must be as in the clean run."""
+    for key, mask in (("out", rows), ("lse", rows), ("dq", rows), ("dk", keys), ("dv", keys)):
+        torch.testing.assert_close(dirty[key][mask], clean[key][mask], **TOL[dtype],
+                                   msg=lambda m, key=key: f"{key} of a row/key that never meets the poisoned "
+                                                          f"token changed: {m}")
+
+
+def _case(backend, tensor, value, where, causal, config):
+    name, device = backend
+    problem = make_problem(MIXED, config, device)
+    skip_if_refused(name, problem, causal)
+    segment, position = WHERE[where]
+    token = _start(MIXED.lengths_q, segment) + position
+    dirty_problem = _poisoned(problem, tensor, token, value)
+    clean, dirty = _run(name, problem, causal), _run(name, dirty_problem, causal)
+
+    total = sum(MIXED.lengths_q)
+    start, end = _start(MIXED.lengths_q, segment), _start(MIXED.lengths_q, segment + 1)
+    in_segment = torch.zeros(total, dtype=torch.bool)
+    in_segment[start:end] = True
+    rows = torch.ones(total, dtype=torch.bool)
+    if tensor in ("q", "dout"):
+        rows[token] = False
+    else:
+        rows[_rows_seeing(segment, position, causal)] = False
+    keys = ~in_segment
+    if tensor == "q":
+        # Keys the poisoned query does not see take no part in its row.
+        seen = visible_keys(position, end - start, end - start, causal)
+        keys[start + seen:end] = True
+    device_rows, device_keys = rows.to(device), keys.to(device)
+    _check_untouched(clean, dirty, device_rows, device_keys, config.dtype)
+    if tensor == "dout":
+        return
+
+    # The rows that see the poisoned token: IEEE, like the oracle.
+    expected, _ = oracle_attention(*dirty_problem.leaves, problem.cu_q.cpu(), problem.cu_k.cpu(), causal=causal)
+    got = dirty["out"].detach().cpu().double()
+    seeing = ~rows
+    assert torch.equal(torch.isfinite(got[seeing]), torch.isfinite(expected[seeing])), (
+        "the rows that see the poisoned token must be non-finite exactly where the float64 oracle is")
+    finite = torch.isfinite(expected[seeing])
+    torch.testing.assert_close(got[seeing][finite], expected[seeing][finite], **TOL[config.dtype])
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("where", list(WHERE))
+@pytest.mark.parametrize("value", [math.inf, math.nan], ids=["inf", "nan"])
+@pytest.mark.parametrize("tensor", ["q", "k", "v", "dout"])
+def test_non_finite_value_stays_in_the_rows_that_see_it(backend, tensor, value, where, causal):
+    _case(backend, tensor, value, where, causal, FP32)
+
+
+@pytest.mark.parametrize("tensor", ["k", "v"])
+def test_non_finite_value_stays_in_the_rows_that_see_it_bf16(backend, tensor):
+    _case(backend, tensor, math.inf, "long", True, BF16)
