@@ -1,16 +1,17 @@
-"""Shared test utilities: the float64 loop oracle, adversarial layouts, error metrics.
+"""Shared test utilities: adversarial layouts, random inputs, the float64 oracle, error metrics.
 
-Every backend suite compares against ``oracle_attention`` (a per-segment, per-head loop in float64 on the
-CPU: slow and obviously right) or against ``hierkern.reference`` evaluated in float64.
+Every suite compares against ``oracle_attention``, the conformance oracle (a per-row loop in float64 on the
+CPU: slow and obviously right), or against ``hierkern.reference`` evaluated in float64.
 """
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass
 
 import torch
+
+from conformance import oracle
 
 
 @dataclass(frozen=True)
@@ -57,31 +58,10 @@ def random_qkv(layout: Layout, num_heads: int, num_kv_heads: int, head_dim: int,
 
 
 def oracle_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale=None, causal=False):
-    """Per-segment, per-head float64 loop. Returns ``(out (total_q, H, D), lse (H, total_q))`` float64."""
-    q, k, v = (t.detach().to("cpu", torch.float64) for t in (q, k, v))
-    total_q, num_heads, head_dim = q.shape
-    group = num_heads // k.shape[1]
-    scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else softmax_scale
-    oq, ok = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    out = torch.zeros_like(q)
-    lse = torch.full((num_heads, total_q), -math.inf, dtype=torch.float64)
-    for i in range(len(oq) - 1):
-        a, b, c, d = oq[i], oq[i + 1], ok[i], ok[i + 1]
-        lq, lk = b - a, d - c
-        if lq == 0 or lk == 0:
-            continue
-        allowed = torch.ones(lq, lk, dtype=torch.bool)
-        if causal:
-            allowed = torch.arange(lk)[None, :] <= torch.arange(lq)[:, None] + (lk - lq)
-        for h in range(num_heads):
-            scores = (q[a:b, h] @ k[c:d, h // group].T) * scale
-            scores = scores.masked_fill(~allowed, -math.inf)
-            row_lse = torch.logsumexp(scores, -1)
-            has_keys = torch.isfinite(row_lse)
-            probs = torch.where(has_keys[:, None], torch.exp(scores - row_lse[:, None]), 0.0)
-            out[a:b, h] = probs @ v[c:d, h // group]
-            lse[h, a:b] = row_lse
-    return out, lse
+    """The conformance oracle (tests/conformance/oracle.py) on detached inputs: ``(out (total_q, H, D),
+    lse (H, total_q))`` float64."""
+    return oracle.attention(q.detach(), k.detach(), v.detach(), cu_seqlens_q.cpu(), cu_seqlens_k.cpu(),
+                            softmax_scale, causal)
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:

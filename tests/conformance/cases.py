@@ -40,7 +40,7 @@ HEAD_CONFIGS = [
     HeadConfig("fp32-mqa-d40", torch.float32, 2, 1, 40),
     HeadConfig("bf16-d32", torch.bfloat16, 2, 2, 32),
     HeadConfig("fp16-mqa-d64", torch.float16, 2, 1, 64),
-    HeadConfig("fp64-mqa-d8", torch.float64, 2, 1, 8),
+    HeadConfig("fp64-mqa-d3", torch.float64, 2, 1, 3),
 ]
 
 # A backend's error against the float64 oracle may be at most RATIO times the reference backend's error in the
