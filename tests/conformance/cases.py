@@ -153,6 +153,17 @@ def check_lse(lse: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> 
     torch.testing.assert_close(lse[~empty], expected[~empty], rtol=1e-5, atol=1e-4)
 
 
+# Worst relative error per (backend-device, dtype, quantity) over the numerics tests run in this session:
+# printed at the end of the run (conftest.py), so a backend's author sees its margins, not only pass/fail.
+WORST: dict[tuple[str, str, str], float] = {}
+
+
+def record(backend: str, dtype: torch.dtype, got: dict[str, float]) -> None:
+    for quantity, err in got.items():
+        key = (backend, str(dtype).replace("torch.", ""), quantity)
+        WORST[key] = max(WORST.get(key, 0.0), err) if not math.isnan(err) else math.nan
+
+
 def errors(out, grads, expected_out, expected_grads) -> dict[str, float]:
     names = ("dq", "dk", "dv")
     result = {"out": rel_err(out, expected_out)}

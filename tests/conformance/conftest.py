@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from .cases import BACKENDS
+from .cases import BACKENDS, WORST
 
 
 @pytest.fixture(autouse=True)
@@ -21,3 +21,16 @@ def nan_poisoned_allocations():
 def backend(request):
     """``(backend name, device)`` for every registered backend and every device it can run on here."""
     return request.param
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The worst relative error (against the float64 oracle) of each backend, dtype and quantity."""
+    if not WORST:
+        return
+    quantities = ("out", "dq", "dk", "dv")
+    rows = sorted({key[:2] for key in WORST})
+    terminalreporter.section("conformance: worst relative error against the float64 oracle")
+    terminalreporter.write_line(f"{'backend':<16}{'dtype':<10}" + "".join(f"{q:>11}" for q in quantities))
+    for backend, dtype in rows:
+        cells = "".join(f"{WORST.get((backend, dtype, q), float('nan')):>11.2e}" for q in quantities)
+        terminalreporter.write_line(f"{backend:<16}{dtype:<10}{cells}")

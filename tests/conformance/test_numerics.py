@@ -7,8 +7,8 @@ import functools
 import pytest
 import torch
 
-from .cases import (HEAD_CONFIGS, LAYOUT_IDS, LAYOUTS, HeadConfig, bar, check_lse, errors, make_problem, run,
-                    run_oracle, skip_if_refused)
+from .cases import (HEAD_CONFIGS, LAYOUT_IDS, LAYOUTS, HeadConfig, bar, check_lse, errors, make_problem, record,
+                    run, run_oracle, skip_if_refused)
 from helpers import Layout
 
 
@@ -39,6 +39,7 @@ def _check(name, device, layout, config, causal, softmax_scale=None):
     check_lse(lse, expected_lse, config.dtype)
 
     got = errors(out, grads, expected_out, expected_grads)
+    record(f"{name}-{device}", config.dtype, got)
     reference = _reference_errors(layout, config, causal, softmax_scale, device) or dict.fromkeys(got)
     limits = {key: bar("out" if key == "out" else "grad", config.dtype, reference[key]) for key in got}
     failures = {key: f"{got[key]:.3g} > {limits[key]:.3g} (reference: {reference[key]})"
