@@ -1,7 +1,7 @@
 // ctypes entry points that run csrc/cuda's kernels under tests/cuda_host_emulation.h, for
 // tests/test_cuda_emulation.py: the launchers' logic (row_grid, dropout_consts, the dq-then-dk/dv order)
-// with dense (total, heads, head_dim) host tensors. Returns a cudaError_t: cudaErrorLaunchFailure when the
-// emulation deadlocked.
+// on host tensors, inputs with their own strides and dense outputs. Returns a cudaError_t:
+// cudaErrorLaunchFailure when the emulation deadlocked.
 #include "cuda_host_emulation.h"
 #include "varlen_bwd_kernel.cuh"
 #include "varlen_fwd_kernel.cuh"
@@ -37,10 +37,12 @@ struct EmuBwd {
   }
 };
 
-// Dense (total, heads, head_dim) tensors: token stride heads * head_dim, head stride head_dim.
+// strides: (token, head) strides in elements of q, k, v (and dout for the backward), as the binding passes a
+// tensor's own strides; outputs are dense.
 void fill(VarlenArgs& a, int dtype, int head_dim, int num_heads, int num_kv_heads, int total_q, int total_k,
-          int num_segments, const void* q, const void* k, const void* v, const int* cu_q, const int* cu_k,
-          float scale, int causal, float dropout_p, unsigned long long seed, unsigned long long offset) {
+          int num_segments, const void* q, const void* k, const void* v, const long long* strides, const int* cu_q,
+          const int* cu_k, float scale, int causal, float dropout_p, unsigned long long seed,
+          unsigned long long offset) {
   a.dtype = static_cast<DType>(dtype);
   a.head_dim = head_dim;
   a.num_heads = num_heads;
@@ -51,9 +53,12 @@ void fill(VarlenArgs& a, int dtype, int head_dim, int num_heads, int num_kv_head
   a.q = q;
   a.k = k;
   a.v = v;
-  a.q_token_stride = static_cast<int64_t>(num_heads) * head_dim;
-  a.k_token_stride = a.v_token_stride = static_cast<int64_t>(num_kv_heads) * head_dim;
-  a.q_head_stride = a.k_head_stride = a.v_head_stride = head_dim;
+  a.q_token_stride = strides[0];
+  a.q_head_stride = strides[1];
+  a.k_token_stride = strides[2];
+  a.k_head_stride = strides[3];
+  a.v_token_stride = strides[4];
+  a.v_head_stride = strides[5];
   a.cu_seqlens_q = cu_q;
   a.cu_seqlens_k = cu_k;
   a.softmax_scale = scale;
@@ -68,12 +73,12 @@ void fill(VarlenArgs& a, int dtype, int head_dim, int num_heads, int num_kv_head
 extern "C" {
 
 int emu_varlen_fwd(int dtype, int head_dim, int num_heads, int num_kv_heads, int total_q, int total_k,
-                   int num_segments, const void* q, const void* k, const void* v, const int* cu_q, const int* cu_k,
-                   float scale, int causal, float dropout_p, unsigned long long seed, unsigned long long offset,
-                   void* out, float* lse) {
+                   int num_segments, const void* q, const void* k, const void* v, const long long* strides,
+                   const int* cu_q, const int* cu_k, float scale, int causal, float dropout_p, unsigned long long seed,
+                   unsigned long long offset, void* out, float* lse) {
   FwdArgs a{};
-  fill(a, dtype, head_dim, num_heads, num_kv_heads, total_q, total_k, num_segments, q, k, v, cu_q, cu_k, scale,
-       causal, dropout_p, seed, offset);
+  fill(a, dtype, head_dim, num_heads, num_kv_heads, total_q, total_k, num_segments, q, k, v, strides, cu_q, cu_k,
+       scale, causal, dropout_p, seed, offset);
   a.out = out;
   a.lse = lse;
   if (total_q == 0) return cudaSuccess;
@@ -81,16 +86,16 @@ int emu_varlen_fwd(int dtype, int head_dim, int num_heads, int num_kv_heads, int
 }
 
 int emu_varlen_bwd(int dtype, int head_dim, int num_heads, int num_kv_heads, int total_q, int total_k,
-                   int num_segments, const void* q, const void* k, const void* v, const int* cu_q, const int* cu_k,
-                   float scale, int causal, float dropout_p, unsigned long long seed, unsigned long long offset,
-                   const void* dout, const void* out, const float* lse, float* delta, void* dq, void* dk, void* dv) {
+                   int num_segments, const void* q, const void* k, const void* v, const long long* strides,
+                   const int* cu_q, const int* cu_k, float scale, int causal, float dropout_p, unsigned long long seed,
+                   unsigned long long offset, const void* dout, const float* lse, float* delta, void* dq, void* dk,
+                   void* dv) {
   BwdArgs a{};
-  fill(a, dtype, head_dim, num_heads, num_kv_heads, total_q, total_k, num_segments, q, k, v, cu_q, cu_k, scale,
-       causal, dropout_p, seed, offset);
+  fill(a, dtype, head_dim, num_heads, num_kv_heads, total_q, total_k, num_segments, q, k, v, strides, cu_q, cu_k,
+       scale, causal, dropout_p, seed, offset);
   a.dout = dout;
-  a.out = out;
-  a.dout_token_stride = a.out_token_stride = a.q_token_stride;
-  a.dout_head_stride = a.out_head_stride = head_dim;
+  a.dout_token_stride = strides[6];
+  a.dout_head_stride = strides[7];
   a.lse = lse;
   a.delta = delta;
   a.dq = dq;

@@ -2,7 +2,8 @@
 Philox4x32-10 and the (seed, offset, head, query, key) -> keep mapping) and a dense float64 attention that
 applies an explicit keep mask. The host tests check the C++ RNG against the model and the published
 known-answer vectors; the GPU and emulation tests rebuild the exact mask a kernel applied and compare the
-kernel's outputs and gradients with the dense attention under that mask."""
+kernel's outputs and gradients with the dense attention under that mask. ``rowwise_attention`` is the
+float64 oracle for non-finite inputs: every row's output and gradients over its visible keys only."""
 
 from __future__ import annotations
 
@@ -69,11 +70,9 @@ def keep_mask(seed: int, offset: int, num_heads: int, total_q: int, total_k: int
     return word >= dropout_threshold(p)
 
 
-def dense_attention(q, k, v, layout: Layout, causal: bool, softmax_scale: float,
-                    keep: torch.Tensor | None = None, p: float = 0.0) -> torch.Tensor:
-    """Differentiable attention over all packed tokens at once with the block-diagonal (and bottom-right
-    causal) mask, and dropout given as an explicit keep mask ``(H, total_q, total_k)``:
-    ``out = (P * keep / (1 - p)) v``. Rows with no visible key give zeros."""
+def visibility(layout: Layout, causal: bool) -> torch.Tensor:
+    """Bool ``(total_q, total_k)``: whether packed query i sees packed key j (segment and bottom-right causal
+    masks)."""
     lq, lk = torch.tensor(layout.lengths_q), torch.tensor(layout.keys)
     n = len(layout.lengths_q)
     ids_q, ids_k = torch.repeat_interleave(torch.arange(n), lq), torch.repeat_interleave(torch.arange(n), lk)
@@ -82,6 +81,15 @@ def dense_attention(q, k, v, layout: Layout, causal: bool, softmax_scale: float,
     allowed = ids_q[:, None] == ids_k[None, :]
     if causal:
         allowed &= pos_k[None, :] <= pos_q[:, None] + (lk - lq)[ids_q][:, None]
+    return allowed
+
+
+def dense_attention(q, k, v, layout: Layout, causal: bool, softmax_scale: float,
+                    keep: torch.Tensor | None = None, p: float = 0.0) -> torch.Tensor:
+    """Differentiable attention over all packed tokens at once with the block-diagonal (and bottom-right
+    causal) mask, and dropout given as an explicit keep mask ``(H, total_q, total_k)``:
+    ``out = (P * keep / (1 - p)) v``. Rows with no visible key give zeros."""
+    allowed = visibility(layout, causal)
     group = q.shape[1] // k.shape[1]
     scores = torch.einsum("qhd,khd->hqk", q, k.repeat_interleave(group, 1)) * softmax_scale
     has_keys = allowed.any(-1)[None, :, None]
@@ -91,3 +99,37 @@ def dense_attention(q, k, v, layout: Layout, causal: bool, softmax_scale: float,
     if keep is not None:
         probs = probs * keep / (1 - p)
     return torch.einsum("hqk,khd->qhd", probs, v.repeat_interleave(group, 1))
+
+
+def rowwise_attention(q, k, v, dout, layout: Layout, causal: bool, softmax_scale: float):
+    """Forward and backward in float64 with every sum taken over visible (query, key) pairs only, so that an
+    inf or NaN reaches exactly the rows, keys and gradients IEEE arithmetic carries it to: a masked pair
+    contributes nothing, not ``0 * x``. Non-finite row maxima are not subtracted (reference.py's rule: a row
+    whose scores are all -inf gives zeros and lse = -inf), and only a zero denominator is replaced, so a
+    NaN one keeps its row NaN. Returns float64 ``out, lse (H, total_q), dq, dk, dv``; rows with no visible
+    key give zeros and lse = -inf."""
+    q, k, v, dout = (t.detach().double() for t in (q, k, v, dout))
+    group = q.shape[1] // k.shape[1]
+    kh, vh = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)   # (total_k, H, D)
+    seen = visibility(layout, causal)[None]                                  # (1, total_q, total_k)
+
+    def visible_sum(terms, dim):  # terms (H, total_q, total_k, D)
+        return torch.where(seen[..., None], terms, 0.0).sum(dim)
+
+    scores = torch.einsum("qhd,khd->hqk", q, kh) * softmax_scale
+    row_max = torch.where(seen, scores, -math.inf).amax(-1, keepdim=True)
+    shift = torch.where(torch.isfinite(row_max), row_max, 0.0)
+    exp = torch.where(seen, torch.exp(scores - shift), 0.0)
+    denom = exp.sum(-1, keepdim=True)
+    probs = exp / torch.where(denom == 0, 1.0, denom)
+    lse = (shift + torch.log(denom)).squeeze(-1)
+    out = visible_sum(probs[..., None] * vh.transpose(0, 1)[:, None], 2).transpose(0, 1)   # (total_q, H, D)
+
+    dprobs = torch.einsum("qhd,khd->hqk", dout, vh)
+    delta = torch.where(seen, probs * dprobs, 0.0).sum(-1, keepdim=True)
+    dscores = probs * (dprobs - delta)
+    dq = visible_sum(dscores[..., None] * kh.transpose(0, 1)[:, None], 2).transpose(0, 1) * softmax_scale
+    dk = visible_sum(dscores[..., None] * q.transpose(0, 1)[:, :, None], 1).transpose(0, 1) * softmax_scale
+    dv = visible_sum(probs[..., None] * dout.transpose(0, 1)[:, :, None], 1).transpose(0, 1)
+    fold = lambda g: g.unflatten(1, (k.shape[1], group)).sum(2)             # GQA: sum a group's query heads
+    return out, lse, dq, fold(dk), fold(dv)

@@ -1,8 +1,9 @@
 """The ``"cuda"`` backend (csrc/cuda) on a GPU: every adversarial layout against the float64 oracle in
 fp16/bf16/fp32, lse, gradients, dropout against an exact float64 model of the kernel's Philox mask,
-NaN-poisoned outputs, determinism, strided and misaligned inputs, opcheck, torch.compile, refusals, and a
-compute-sanitizer run. Skipped without a CUDA GPU; when the GPU is there but hierkern._C lacks CUDA kernels,
-the fixture JIT-builds csrc/cuda (a build failure is an error, not a skip).
+NaN-poisoned outputs, determinism, strided and misaligned inputs, offsets of any stride, inf/NaN inputs
+reaching only the rows that attend to them, half-precision gradients under a peaky softmax, opcheck,
+torch.compile, refusals, and a compute-sanitizer run. Skipped without a CUDA GPU; when the GPU is there but
+hierkern._C lacks CUDA kernels, the fixture JIT-builds csrc/cuda (a build failure is an error, not a skip).
 
 Run on a GPU machine: ``pytest tests/test_cuda_backend.py -q`` (add ``-m slow`` runs for the sanitizer).
 """
@@ -23,7 +24,9 @@ from hierkern.backends import AttentionCall, explain, get_backend
 from hierkern.reference import varlen_attention_reference
 
 from helpers import Layout, adversarial_layouts, offsets_of, oracle_attention, random_qkv, rel_err
-from cuda_oracles import dense_attention, keep_mask
+from cuda_oracles import dense_attention, keep_mask, rowwise_attention
+from test_cuda_emulation import (ISOLATION_CONFIG, ISOLATION_LAYOUTS, PEAKY, POISONS, _poison_sites, _reach,
+                                 _same_class)
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -202,6 +205,92 @@ def test_strided_and_misaligned_inputs_match_contiguous():
     out = hierkern.varlen_attention(shifted, shifted, shifted, cu, backend="cuda")
     c = shifted.clone()  # a fresh, aligned allocation
     assert torch.equal(out, hierkern.varlen_attention(c, c, c, cu, backend="cuda"))
+
+
+def test_offsets_of_any_stride():
+    """cu_seqlens views with a stride (here 2) are valid offsets: the binding reads a contiguous copy in the
+    forward and the backward, through the API and through the raw ops."""
+    strided = torch.tensor([0, 0, 3, 3, 8, 8, 9, 9, 9, 9, 13, 13], dtype=torch.int32, device="cuda")[::2]
+    dense = strided.contiguous()
+    assert strided.stride(0) == 2 and dense.tolist() == [0, 3, 8, 9, 9, 13]
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(13, 4, 64, generator=gen).to("cuda", torch.bfloat16).requires_grad_() for _ in range(3))
+    dout = torch.randn(13, 4, 64, generator=gen).to("cuda", torch.bfloat16)
+    for causal in (False, True):
+        runs = []
+        for cu in (strided, dense):
+            out = hierkern.varlen_attention(q, k, v, cu, causal=causal, backend="cuda")
+            runs.append((out, *torch.autograd.grad(out, (q, k, v), dout)))
+        assert all(torch.equal(a, b) for a, b in zip(*runs))
+        args = (q.detach(), k.detach(), v.detach())
+        fwd = [torch.ops.hierkern.varlen_fwd(*args, cu, cu, 5, 5, 0.125, causal, 0.0, None) for cu in (strided, dense)]
+        assert all(torch.equal(a, b) for a, b in zip(*fwd))
+        bwd = [torch.ops.hierkern.varlen_bwd(dout, *args, *fwd[1], cu, cu, 5, 5, 0.125, causal, 0.0, None)
+               for cu in (strided, dense)]
+        assert all(torch.equal(a, b) for a, b in zip(*bwd))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("layout", ISOLATION_LAYOUTS, ids=[lay.name for lay in ISOLATION_LAYOUTS])
+@pytest.mark.parametrize("tensor,value", POISONS, ids=[f"{t}-{v}".replace(" ", "-") for t, v in POISONS])
+def test_nonfinite_token_reaches_only_the_rows_that_attend_to_it(tensor, value, layout, causal):
+    """tests/test_cuda_emulation.py's isolation test on the GPU (fast-math exp2/log2/reciprocal included):
+    what cannot depend on the poisoned tokens is bit-for-bit the clean run's; the rest follows the float64
+    rowwise oracle's NaN/inf pattern."""
+    dtype, h, hk, d = ISOLATION_CONFIG
+    q, k, v, cu_q, cu_k = _inputs(layout, (h, hk, d), dtype)
+    scale = 0.7 / math.sqrt(d)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to("cuda", dtype)
+    if value == "-inf score":
+        other = k if tensor == "q" else q
+        other[..., 0] = other[..., 0].abs() + 0.25
+    max_q, max_k = max(layout.lengths_q), max(layout.keys)
+
+    def run(q, k, v, dout):
+        out, lse = torch.ops.hierkern.varlen_fwd(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, 0.0, None)
+        grads = torch.ops.hierkern.varlen_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, causal,
+                                              0.0, None)
+        return [t.cpu() for t in (out, lse, *grads)]
+
+    clean = run(q, k, v, dout)
+    tokens, head = _poison_sites(layout, tensor), 1
+    inputs = dict(q=q, k=k, v=v, dout=dout)
+    inputs[tensor] = inputs[tensor].clone()
+    if value == "-inf score":
+        inputs[tensor][tokens, head, 0] = -math.inf
+    else:
+        inputs[tensor][tokens, head] = value
+    poisoned = run(**inputs)
+    oracle = rowwise_attention(*(t.cpu() for t in inputs.values()), layout, causal, scale)
+    rows, keys = _reach(layout, causal, tensor, tokens, head, h, h // hk)
+    reach = {"out": rows.t()[..., None], "lse": rows, "dq": rows.t()[..., None], "dk": keys.t()[..., None],
+             "dv": keys.t()[..., None]}
+    for (name, where), got, before, want in zip(reach.items(), poisoned, clean, oracle):
+        where = where.expand_as(got)
+        assert torch.equal(got[~where], before[~where]), f"{name}: changed where it cannot depend on the token"
+        try:
+            _same_class(got[where], want[where])
+        except AssertionError as exc:
+            raise AssertionError(f"{name}: differs from the float64 rowwise oracle") from exc
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("scale", [4.0, 8.0])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_peaky_softmax_gradients_in_half_precision(dtype, scale, causal):
+    """Gradients under softmax_scale 4-8 within 3x the fp32-accumulating reference's own error (the kernels
+    recompute delta = sum_j P_ij dP_ij in fp32 instead of rounding it through out)."""
+    q, k, v, cu_q, cu_k = _inputs(PEAKY, (2, 1, 64), dtype, requires_grad=True)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    out = hierkern.varlen_attention(q, k, v, cu_q, cu_k, softmax_scale=scale, causal=causal, backend="cuda")
+    grads = torch.autograd.grad(out, (q, k, v), dout.to("cuda", dtype))
+    leaves64 = [t.detach().cpu().double().requires_grad_() for t in (q, k, v)]
+    ref, _ = varlen_attention_reference(*leaves64, cu_q.cpu(), cu_k.cpu(), softmax_scale=scale, causal=causal)
+    ref_grads = torch.autograd.grad(ref, leaves64, dout)
+    own, _ = varlen_attention_reference(q, k, v, cu_q, cu_k, softmax_scale=scale, causal=causal)
+    own_grads = torch.autograd.grad(own, (q, k, v), dout.to("cuda", dtype))
+    errors = {f"d{name}": (rel_err(g, r), rel_err(o, r)) for name, g, r, o in zip("qkv", grads, ref_grads, own_grads)}
+    assert all(kernel <= 3 * reference for kernel, reference in errors.values()), errors
 
 
 def test_many_words_and_one_long_segment_against_reference():

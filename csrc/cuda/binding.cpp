@@ -70,7 +70,8 @@ void fill_common(hk::VarlenArgs& a, const at::Tensor& q, const at::Tensor& k, co
                     ") must be a multiple of the number of key/value heads (", k.size(1), ")");
   TORCH_CHECK_VALUE(cu_q.numel() == cu_k.numel(), "cu_seqlens_q and cu_seqlens_k must have the same length, got ",
                     cu_q.numel(), " and ", cu_k.numel());
-  TORCH_CHECK_VALUE(q.size(0) <= INT32_MAX && k.size(0) <= INT32_MAX, "more than 2^31 - 1 tokens");
+  TORCH_CHECK_VALUE(q.size(0) <= hk::kMaxTokens && k.size(0) <= hk::kMaxTokens, "more than ", hk::kMaxTokens,
+                    " tokens: ", q.size(0), " queries and ", k.size(0), " keys");
   // The offsets' values are trusted (reading them would sync): hierkern.varlen_attention validates them
   // where they are host-readable. Without any segment there must be no token for them to index.
   TORCH_CHECK_VALUE(cu_q.numel() >= 2 || (q.size(0) == 0 && k.size(0) == 0),
@@ -155,7 +156,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cuda(
                         lse_in.size(0) == q.size(1) && lse_in.size(1) == q.size(0),
                     "lse must be a float32 tensor of shape (heads, total_q) on q's device, got ",
                     lse_in.scalar_type(), " ", lse_in.sizes());
-  const at::Tensor dout = vector_ready(dout_in), out = vector_ready(out_in), lse = lse_in.contiguous();
+  // out is checked for the schema's contract but not read: the kernels recompute delta = rowsum(dout * out)
+  // in fp32 (varlen_attention.h).
+  const at::Tensor dout = vector_ready(dout_in), lse = lse_in.contiguous();
   const at::Tensor cu_q = offsets_ready(cu_seqlens_q, "cu_seqlens_q", q);
   const at::Tensor cu_k = offsets_ready(cu_seqlens_k, "cu_seqlens_k", q);
   hk::BwdArgs args{};
@@ -165,11 +168,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cuda(
   at::Tensor dv = at::empty(v.sizes(), v.options());
   at::Tensor delta = at::empty({q.size(1), q.size(0)}, q.options().dtype(at::kFloat));
   args.dout = dout.data_ptr();
-  args.out = out.data_ptr();
   args.dout_token_stride = dout.stride(0);
   args.dout_head_stride = dout.stride(1);
-  args.out_token_stride = out.stride(0);
-  args.out_head_stride = out.stride(1);
   args.lse = lse.data_ptr<float>();
   args.delta = delta.data_ptr<float>();
   args.dq = dq.data_ptr();

@@ -27,6 +27,7 @@ constexpr int kThreads = 128;
 // per thread (tests/test_cuda_build.py asserts it, with zero spills). Without the cap sm_90a gives the
 // dk/dv kernel ~140 and one CTA less per SM.
 constexpr int kMinBlocksPerSM = 4;
+static_assert(kMaxTokens + kThreads <= INT32_MAX, "a tile's rows past kMaxTokens would overflow int");
 constexpr int kElems = 16;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;

@@ -52,7 +52,8 @@ HK_HOST_DEVICE Interval keys_of_query(const int* cu_seqlens_q, const int* cu_seq
   const int s = find_segment(cu_seqlens_q, num_segments, row);
   const int q0 = cu_seqlens_q[s], lq = cu_seqlens_q[s + 1] - q0;
   const int k0 = cu_seqlens_k[s], lk = cu_seqlens_k[s + 1] - k0;
-  const int visible = causal ? clamp_int(row - q0 + lk - lq + 1, 0, lk) : lk;
+  // (lk - lq) first: row - q0 + lk alone can pass 2^31 when a segment holds over 2^30 queries and keys.
+  const int visible = causal ? clamp_int(row - q0 + (lk - lq) + 1, 0, lk) : lk;
   return Interval{k0, k0 + visible};
 }
 

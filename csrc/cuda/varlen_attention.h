@@ -16,6 +16,11 @@ namespace cuda {
 
 enum class DType { kFloat32, kFloat16, kBFloat16 };
 
+// Most tokens on either side. Token indices are int: a tile's first row plus its rows (at most 128, the
+// CTA size), a key block's start plus its 64 keys, and the grid's rounding up of total / rows per tile must
+// all stay below 2^31. Offsets that scale with heads or head_dim are int64.
+constexpr int64_t kMaxTokens = INT32_MAX - 128;
+
 // Head dims with a compiled kernel; others are refused by the binding and by the Python backend.
 inline bool head_dim_supported(int head_dim) { return head_dim == 32 || head_dim == 64 || head_dim == 128; }
 
@@ -47,13 +52,13 @@ struct FwdArgs : VarlenArgs {
   float* lse;  // (num_heads, total_q)
 };
 
+// The backward takes no out: delta = rowsum(dout * out) is recomputed in fp32 from P and dout . v (out is
+// rounded to the input dtype, which a peaky softmax's dS = P (dP - delta) cannot afford).
 struct BwdArgs : VarlenArgs {
   const void* dout;
-  const void* out;
   int64_t dout_token_stride, dout_head_stride;
-  int64_t out_token_stride, out_head_stride;
   const float* lse;  // (num_heads, total_q) from the forward
-  float* delta;      // scratch (num_heads, total_q): rowsum(dout * out), written by the dq pass
+  float* delta;      // scratch (num_heads, total_q): sum_j P_ij dP_ij, written by the dq pass
   void* dq;          // dense (total_q, num_heads, head_dim)
   void* dk;          // dense (total_k, num_kv_heads, head_dim)
   void* dv;

@@ -1,8 +1,8 @@
 // Backward, as two deterministic, atomic-free passes that mirror the forward's schedule:
 //
-//   dq pass   grid (ceil(total_q / kRows), num_heads): a CTA owns query rows, streams their key range
-//             (tile_keys) and accumulates dq = scale * sum_j dS_ij k_j in registers. It also computes
-//             delta_i = rowsum(dout_i * out_i) for its rows and stores it for the next pass.
+//   dq pass   grid (ceil(total_q / kRows), num_heads): a CTA owns query rows and streams their key range
+//             (tile_keys) twice (once when it fits one block): first for delta_i = sum_j P_ij Z_ij dout_i.v_j,
+//             stored for the next pass, then to accumulate dq = scale * sum_j dS_ij k_j in registers.
 //   dk/dv pass grid (ceil(total_k / kRows), num_kv_heads): a CTA owns key rows, streams the query range
 //             that sees them (tile_queries) for every query head of its GQA group and accumulates
 //             dv = sum_i Z_ij P_ij dout_i and dk = scale * sum_i dS_ij q_i in registers.
@@ -21,6 +21,10 @@
 
 namespace hierkern {
 namespace cuda {
+
+// The shift that recomputes P_ij = exp2(score_ij * scale * log2(e) - shift) from the forward's lse. A row
+// with keys whose lse is -inf had every score -inf: its P is 0, which exp2(-inf - -inf) = NaN would not give.
+__device__ __forceinline__ float p_shift_log2(float lse) { return lse == -INFINITY ? INFINITY : lse * kLog2e; }
 
 template <typename T, int HeadDim>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
@@ -47,7 +51,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
                              : Interval{0, 0};
 
   float q[kElems], dout[kElems], dq[kElems];
-  float delta = 0.f, lse_log2 = 0.f;
+  float lse_log2 = 0.f;
 #pragma unroll
   for (int e = 0; e < kElems; ++e) dq[e] = 0.f;
   if (live) {
@@ -57,29 +61,18 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
     load_elems(head_ptr<T>(args.dout, head, args.dout_head_stride) +
                    static_cast<int64_t>(row) * args.dout_token_stride + lane_elem,
                dout);
-    float out[kElems];
-    load_elems(head_ptr<T>(args.out, head, args.out_head_stride) +
-                   static_cast<int64_t>(row) * args.out_token_stride + lane_elem,
-               out);
-    delta = dot_elems(dout, out);
-    lse_log2 = args.lse[static_cast<int64_t>(head) * args.total_q + row] * kLog2e;
+    lse_log2 = p_shift_log2(args.lse[static_cast<int64_t>(head) * args.total_q + row]);
   } else {
 #pragma unroll
     for (int e = 0; e < kElems; ++e) q[e] = dout[e] = 0.f;
   }
-  delta = group_sum<L::kGroup>(delta);
-  if (live && lane_elem == 0) args.delta[static_cast<int64_t>(head) * args.total_q + row] = delta;
   const float scale_log2 = args.softmax_scale * kLog2e;
 
-  const T* k_head = head_ptr<T>(args.k, kv_head, args.k_head_stride);
-  const T* v_head = head_ptr<T>(args.v, kv_head, args.v_head_stride);
-  __syncthreads();
-  const Interval span = tile;
-  for (int block = span.begin; block < span.end; block += L::kBlock) {
-    const int count = min(L::kBlock, span.end - block);
-    stage_rows<T, HeadDim>(k_block, k_head, args.k_token_stride, block, count);
-    stage_rows<T, HeadDim>(v_block, v_head, args.v_token_stride, block, count);
-    __syncthreads();
+  // Calls body(p, keep, dp, k) for each key of this row in the staged block [block, block + count): P
+  // recomputed from lse, keep the dropout factor Z (0 or 1 / (1 - p_drop)), dp = dout.v, k the key in fp32
+  // registers. The trip count is warp-uniform so that the shuffles in group_sum see every lane; a lane past
+  // its row's keys computes on row 0 of the block but never uses the result (nor multiplies it by 0).
+  auto for_each_key = [&](int block, int count, auto&& body) {
     const int first = max(keys.begin, block) - block;
     const int mine = max(min(keys.end, block + count) - block - first, 0);
     const int steps = __reduce_max_sync(0xffffffffu, mine);
@@ -97,11 +90,47 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
         if (dropout) {
           keep = dropout_keep(args.seed, args.offset, head, row, block + r, drop_threshold) ? drop_scale : 0.f;
         }
-        const float ds = p * fmaf(keep, dp, -delta);
-#pragma unroll
-        for (int e = 0; e < kElems; ++e) dq[e] = fmaf(ds, kv[e], dq[e]);
+        body(p, keep, dp, kv);
       }
     }
+  };
+  // delta_i = sum_j P_ij Z_ij dp_ij, in fp32 from the recomputed P and dp, before any
+  // dS_ij = P_ij (Z_ij dp_ij - delta_i) is formed. Mathematically it is dout_i . out_i, but out is rounded to
+  // the input dtype, and under a peaky softmax dS is a small difference of close numbers: the rounding of
+  // out alone cost dq and dk up to 5x the error of an fp32-accumulating reference in bf16/fp16.
+  float delta = 0.f;
+  const auto add_to_delta = [&](float p, float keep, float dp, const float (&)[kElems]) {
+    delta = fmaf(p, keep * dp, delta);
+  };
+  const auto add_to_dq = [&](float p, float keep, float dp, const float (&k)[kElems]) {
+    const float ds = p * fmaf(keep, dp, -delta);
+#pragma unroll
+    for (int e = 0; e < kElems; ++e) dq[e] = fmaf(ds, k[e], dq[e]);
+  };
+
+  const T* k_head = head_ptr<T>(args.k, kv_head, args.k_head_stride);
+  const T* v_head = head_ptr<T>(args.v, kv_head, args.v_head_stride);
+  __syncthreads();
+  const Interval span = tile;
+  // A tile whose keys fit one block (words) stages it once for both sums; longer spans stream it twice.
+  const bool one_block = span.end - span.begin <= L::kBlock;
+  if (!one_block) {
+    for (int block = span.begin; block < span.end; block += L::kBlock) {
+      const int count = min(L::kBlock, span.end - block);
+      stage_rows<T, HeadDim>(k_block, k_head, args.k_token_stride, block, count);
+      stage_rows<T, HeadDim>(v_block, v_head, args.v_token_stride, block, count);
+      __syncthreads();
+      for_each_key(block, count, add_to_delta);
+      __syncthreads();
+    }
+  }
+  for (int block = span.begin; block < span.end; block += L::kBlock) {
+    const int count = min(L::kBlock, span.end - block);
+    stage_rows<T, HeadDim>(k_block, k_head, args.k_token_stride, block, count);
+    stage_rows<T, HeadDim>(v_block, v_head, args.v_token_stride, block, count);
+    __syncthreads();
+    if (one_block) for_each_key(block, count, add_to_delta);
+    for_each_key(block, count, add_to_dq);
     __syncthreads();
   }
 
@@ -110,6 +139,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
     for (int e = 0; e < kElems; ++e) dq[e] *= args.softmax_scale;
     T* dst = static_cast<T*>(args.dq) + (static_cast<int64_t>(row) * args.num_heads + head) * HeadDim;
     store_elems(dst + lane_elem, dq);
+    if (lane_elem == 0) args.delta[static_cast<int64_t>(head) * args.total_q + row] = delta;
   }
 }
 
@@ -167,7 +197,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
       stage_rows<T, HeadDim>(dout_block, dout_head, args.dout_token_stride, block, count);
       for (int i = threadIdx.x; i < count; i += kThreads) {
         const int64_t at = static_cast<int64_t>(head) * args.total_q + block + i;
-        lse_block[i] = args.lse[at] * kLog2e;
+        lse_block[i] = p_shift_log2(args.lse[at]);
         delta_block[i] = args.delta[at];
       }
       __syncthreads();

@@ -80,8 +80,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
       const float score = group_sum<L::kGroup>(dot_elems(q, kv)) * scale_log2;
       if (valid) {
         const float new_max = fmaxf(row_max, score);
-        const float rescale = exp2f(row_max - new_max);
-        const float p = exp2f(score - new_max);
+        // While every score so far is -inf (an infinite input, or a product that overflowed) the shift is 0:
+        // -inf - -inf would turn the row NaN where those keys only weigh 0.
+        const float shift = new_max == -INFINITY ? 0.f : new_max;
+        const float rescale = exp2f(row_max - shift);
+        const float p = exp2f(score - shift);
         row_sum = fmaf(row_sum, rescale, p);
         row_max = new_max;
         // Dropout scales P v but not the normaliser: lse stays that of the undropped softmax.
@@ -99,15 +102,17 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
   }
 
   if (live) {
-    // A row with no visible key has row_sum == 0: zeros and lse = -inf, never 0/0.
-    const float inv_sum = row_sum > 0.f ? 1.f / row_sum : 0.f;
+    // A row with no visible key, or whose scores are all -inf, has row_sum == 0: zeros and lse = -inf, never
+    // 0/0. A NaN row_sum (a NaN or +inf score) stays NaN in out and lse, as IEEE arithmetic over the row's
+    // keys gives.
+    const float inv_sum = row_sum == 0.f ? 0.f : 1.f / row_sum;
 #pragma unroll
     for (int e = 0; e < kElems; ++e) acc[e] *= inv_sum;
     T* out = static_cast<T*>(args.out) + (static_cast<int64_t>(row) * args.num_heads + head) * HeadDim;
     store_elems(out + lane_elem, acc);
     if (lane_elem == 0) {
       args.lse[static_cast<int64_t>(head) * args.total_q + row] =
-          row_sum > 0.f ? (row_max + log2f(row_sum)) * kLn2 : -INFINITY;
+          row_sum == 0.f ? -INFINITY : (row_max + log2f(row_sum)) * kLn2;
     }
   }
 }
