@@ -104,10 +104,10 @@ def dense_attention(q, k, v, layout: Layout, causal: bool, softmax_scale: float,
 def rowwise_attention(q, k, v, dout, layout: Layout, causal: bool, softmax_scale: float):
     """Forward and backward in float64 with every sum taken over visible (query, key) pairs only, so that an
     inf or NaN reaches exactly the rows, keys and gradients IEEE arithmetic carries it to: a masked pair
-    contributes nothing, not ``0 * x``. Non-finite row maxima are not subtracted (reference.py's rule: a row
-    whose scores are all -inf gives zeros and lse = -inf), and only a zero denominator is replaced, so a
-    NaN one keeps its row NaN. Returns float64 ``out, lse (H, total_q), dq, dk, dv``; rows with no visible
-    key give zeros and lse = -inf."""
+    contributes nothing, not ``0 * x``. P = exp(s - logsumexp(s)) over each row's visible keys, as in
+    tests/conformance/oracle.py: scores all -inf give NaN, a +inf score NaN for that key and 0 for the
+    others. Returns float64 ``out, lse (H, total_q), dq, dk, dv``; rows with no visible key give zeros and
+    lse = -inf."""
     q, k, v, dout = (t.detach().double() for t in (q, k, v, dout))
     group = q.shape[1] // k.shape[1]
     kh, vh = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)   # (total_k, H, D)
@@ -117,12 +117,8 @@ def rowwise_attention(q, k, v, dout, layout: Layout, causal: bool, softmax_scale
         return torch.where(seen[..., None], terms, 0.0).sum(dim)
 
     scores = torch.einsum("qhd,khd->hqk", q, kh) * softmax_scale
-    row_max = torch.where(seen, scores, -math.inf).amax(-1, keepdim=True)
-    shift = torch.where(torch.isfinite(row_max), row_max, 0.0)
-    exp = torch.where(seen, torch.exp(scores - shift), 0.0)
-    denom = exp.sum(-1, keepdim=True)
-    probs = exp / torch.where(denom == 0, 1.0, denom)
-    lse = (shift + torch.log(denom)).squeeze(-1)
+    lse = torch.logsumexp(torch.where(seen, scores, -math.inf), -1)
+    probs = torch.where(seen, torch.exp(scores - lse[..., None]), 0.0)
     out = visible_sum(probs[..., None] * vh.transpose(0, 1)[:, None], 2).transpose(0, 1)   # (total_q, H, D)
 
     dprobs = torch.einsum("qhd,khd->hqk", dout, vh)

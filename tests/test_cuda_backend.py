@@ -241,7 +241,7 @@ def test_nonfinite_token_reaches_only_the_rows_that_attend_to_it(tensor, value, 
     q, k, v, cu_q, cu_k = _inputs(layout, (h, hk, d), dtype)
     scale = 0.7 / math.sqrt(d)
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to("cuda", dtype)
-    if value == "-inf score":
+    if value == "-inf element":
         other = k if tensor == "q" else q
         other[..., 0] = other[..., 0].abs() + 0.25
     max_q, max_k = max(layout.lengths_q), max(layout.keys)
@@ -256,8 +256,8 @@ def test_nonfinite_token_reaches_only_the_rows_that_attend_to_it(tensor, value, 
     tokens, head = _poison_sites(layout, tensor), 1
     inputs = dict(q=q, k=k, v=v, dout=dout)
     inputs[tensor] = inputs[tensor].clone()
-    if value == "-inf score":
-        inputs[tensor][tokens, head, 0] = -math.inf
+    if isinstance(value, str):
+        inputs[tensor][tokens, head, 0] = math.inf if value == "+inf element" else -math.inf
     else:
         inputs[tensor][tokens, head] = value
     poisoned = run(**inputs)

@@ -218,12 +218,14 @@ def _same_class(got, want):
         assert (got[finite] - want[finite]).abs().max().item() <= tol
 
 
-# (tensor, value): one head of a few tokens (_poison_sites) set to +inf or NaN in every element; or, for q and
-# k, one element set to -inf with that element of the other operand made positive, so that their scores are
-# -inf (as a product that overflows gives): such a key weighs 0 in its rows, and a query whose scores are
-# all -inf gets zeros and lse = -inf.
-POISONS = [(t, v) for t in ("q", "k", "v", "dout") for v in (math.inf, math.nan)] + [("q", "-inf score"),
-                                                                                     ("k", "-inf score")]
+# (tensor, value): one head of a few tokens (_poison_sites) set to +inf or NaN in every element. Or, for q and
+# k, one element set to +inf ("+inf element", as tests/conformance does): the other operand's signs make its
+# scores +inf in some rows (NaN, lse = +inf) and -inf in others (weight 0). Or one element set to -inf with
+# that element of the other operand made positive ("-inf element"): its scores are all -inf, as a product
+# that overflows gives, so a key weighs 0 in its rows even when a row meets it first, and a query whose
+# scores are all -inf gets 0/0 = NaN and lse = -inf.
+POISONS = [(t, v) for t in ("q", "k", "v", "dout") for v in (math.inf, math.nan)] + [
+    (t, v) for t in ("q", "k") for v in ("+inf element", "-inf element")]
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -237,7 +239,7 @@ def test_nonfinite_token_reaches_only_the_rows_that_attend_to_it(emu, tensor, va
     dtype, h, hk, d = ISOLATION_CONFIG
     q, k, v, cu_q, cu_k, scale = _case(layout, ISOLATION_CONFIG)
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
-    if value == "-inf score":
+    if value == "-inf element":
         other = k if tensor == "q" else q
         other[..., 0] = other[..., 0].abs() + 0.25
 
@@ -250,8 +252,8 @@ def test_nonfinite_token_reaches_only_the_rows_that_attend_to_it(emu, tensor, va
     tokens, head = _poison_sites(layout, tensor), 1
     inputs = dict(q=q, k=k, v=v, dout=dout)
     inputs[tensor] = inputs[tensor].clone()
-    if value == "-inf score":
-        inputs[tensor][tokens, head, 0] = -math.inf
+    if isinstance(value, str):
+        inputs[tensor][tokens, head, 0] = math.inf if value == "+inf element" else -math.inf
     else:
         inputs[tensor][tokens, head] = value
     poisoned = run(**inputs)

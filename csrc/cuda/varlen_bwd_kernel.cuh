@@ -22,10 +22,6 @@
 namespace hierkern {
 namespace cuda {
 
-// The shift that recomputes P_ij = exp2(score_ij * scale * log2(e) - shift) from the forward's lse. A row
-// with keys whose lse is -inf had every score -inf: its P is 0, which exp2(-inf - -inf) = NaN would not give.
-__device__ __forceinline__ float p_shift_log2(float lse) { return lse == -INFINITY ? INFINITY : lse * kLog2e; }
-
 template <typename T, int HeadDim>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
     varlen_bwd_dq_kernel(const BwdArgs args, uint32_t drop_threshold, float drop_scale) {
@@ -61,7 +57,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
     load_elems(head_ptr<T>(args.dout, head, args.dout_head_stride) +
                    static_cast<int64_t>(row) * args.dout_token_stride + lane_elem,
                dout);
-    lse_log2 = p_shift_log2(args.lse[static_cast<int64_t>(head) * args.total_q + row]);
+    lse_log2 = args.lse[static_cast<int64_t>(head) * args.total_q + row] * kLog2e;
   } else {
 #pragma unroll
     for (int e = 0; e < kElems; ++e) q[e] = dout[e] = 0.f;
@@ -197,7 +193,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
       stage_rows<T, HeadDim>(dout_block, dout_head, args.dout_token_stride, block, count);
       for (int i = threadIdx.x; i < count; i += kThreads) {
         const int64_t at = static_cast<int64_t>(head) * args.total_q + block + i;
-        lse_block[i] = p_shift_log2(args.lse[at]);
+        lse_block[i] = args.lse[at] * kLog2e;
         delta_block[i] = args.delta[at];
       }
       __syncthreads();

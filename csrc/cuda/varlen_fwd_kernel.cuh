@@ -102,17 +102,17 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
   }
 
   if (live) {
-    // A row with no visible key, or whose scores are all -inf, has row_sum == 0: zeros and lse = -inf, never
-    // 0/0. A NaN row_sum (a NaN or +inf score) stays NaN in out and lse, as IEEE arithmetic over the row's
-    // keys gives.
-    const float inv_sum = row_sum == 0.f ? 0.f : 1.f / row_sum;
+    // A row without keys gives zeros and lse = -inf, never 0/0. Any other row follows IEEE arithmetic over its
+    // keys, as the float64 oracle does: scores all -inf give 0/0 = NaN and lse = -inf, a NaN score NaN, and a
+    // +inf score NaN with lse = +inf (logsumexp's value; the backward then weighs the row's finite keys 0).
+    const float inv_sum = keys.end > keys.begin ? 1.f / row_sum : 0.f;
 #pragma unroll
     for (int e = 0; e < kElems; ++e) acc[e] *= inv_sum;
     T* out = static_cast<T*>(args.out) + (static_cast<int64_t>(row) * args.num_heads + head) * HeadDim;
     store_elems(out + lane_elem, acc);
     if (lane_elem == 0) {
       args.lse[static_cast<int64_t>(head) * args.total_q + row] =
-          row_sum == 0.f ? -INFINITY : (row_max + log2f(row_sum)) * kLn2;
+          row_max == INFINITY ? INFINITY : (row_max + log2f(row_sum)) * kLn2;
     }
   }
 }
