@@ -143,6 +143,9 @@ def varlen_attention_reference(
         exp = torch.exp(scores - row_max)
         denom = exp.sum(-1, keepdim=True)
         probs = exp / torch.where(denom > 0, denom, torch.ones_like(denom))
+        # Keys that all score -inf (an infinite input) make softmax 0/0: NaN, as IEEE says. Only a row with no
+        # visible key at all is defined as zeros.
+        probs = torch.where((denom == 0) & mask.any(-1, keepdim=True), math.nan, probs)
         lse = (row_max + torch.log(denom.detach())).squeeze(-1)               # (n, H, Lq), -inf if no keys
         if dropout_p > 0.0:
             probs = F.dropout(probs, p=dropout_p, training=True)

@@ -20,8 +20,9 @@ from helpers import Layout
 # Short words that share a 16-row tile, and a 40-token segment: the CPU kernel's blocked path (>= 32 keys),
 # several tiles, and keys that causal rows do not see.
 MIXED = Layout("mixed", (3, 5, 1, 40, 4, 2, 7, 6))
-# (segment, position in it) of the poisoned token.
-WHERE = {"short": (1, 2), "long": (3, 10)}
+# (segment, position in it) of the poisoned token. "first": the long segment's first key, the only key its first
+# causal row sees, so an inf there can leave that row with every visible score -inf (softmax 0/0: NaN).
+WHERE = {"short": (1, 2), "long": (3, 10), "first": (3, 0)}
 FP32 = HeadConfig("fp32-mqa-d32", torch.float32, 2, 1, 32)
 BF16 = HeadConfig("bf16-mqa-d32", torch.bfloat16, 2, 1, 32)
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
@@ -110,3 +111,14 @@ def test_non_finite_value_stays_in_the_rows_that_see_it(backend, tensor, value, 
 @pytest.mark.parametrize("tensor", ["k", "v"])
 def test_non_finite_value_stays_in_the_rows_that_see_it_bf16(backend, tensor):
     _case(backend, tensor, math.inf, "long", True, BF16)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_row_whose_every_visible_score_is_minus_inf(backend, causal):
+    """An inf in the first key of the long segment, signed so that query head 0 of the segment's first row
+    scores it -inf. Causal, that is the only key the row sees: softmax is 0/0, NaN (not the zeros of a row with
+    no keys). Not causal, the key just drops out of that row."""
+    segment, position = WHERE["first"]
+    token = _start(MIXED.lengths_q, segment) + position
+    q = make_problem(MIXED, FP32, "cpu").q
+    _case(backend, "k", -math.copysign(math.inf, float(q[token, 0, 3])), "first", causal, FP32)
