@@ -1,8 +1,8 @@
-"""The ``"cuda"`` backend (csrc/cuda) on a GPU: every adversarial layout against the float64 oracle in
-fp16/bf16/fp32, lse, gradients, dropout against an exact float64 model of the kernel's Philox mask,
-NaN-poisoned outputs, determinism, strided and misaligned inputs, offsets of any stride, inf/NaN inputs
-reaching only the rows that attend to them, half-precision gradients under a peaky softmax, opcheck,
-torch.compile, refusals, and a compute-sanitizer run. Skipped without a CUDA GPU; when the GPU is there but
+"""What is specific to the ``"cuda"`` backend (csrc/cuda) on a GPU: dropout against an exact float64 model of
+the kernel's Philox mask, strided and misaligned inputs, offsets of any stride through the raw ops, inf/NaN
+isolation per head against the emulation suite's oracle, a 20k-word run, opcheck, torch.compile, refusals, and
+a compute-sanitizer run. The contract every backend shares (layouts, dtypes, lse, gradients, determinism,
+NaN-filled outputs, peaky half-precision gradients) is tests/conformance, which runs this backend on a GPU. Skipped without a CUDA GPU; when the GPU is there but
 hierkern._C lacks CUDA kernels, the fixture JIT-builds csrc/cuda (a build failure is an error, not a skip).
 
 Run on a GPU machine: ``pytest tests/test_cuda_backend.py -q`` (add ``-m slow`` runs for the sanitizer).
@@ -23,9 +23,9 @@ import hierkern
 from hierkern.backends import AttentionCall, explain, get_backend
 from hierkern.reference import varlen_attention_reference
 
-from helpers import Layout, adversarial_layouts, offsets_of, oracle_attention, random_qkv, rel_err
+from helpers import Layout, adversarial_layouts, offsets_of, random_qkv, rel_err
 from cuda_oracles import dense_attention, keep_mask, rowwise_attention
-from test_cuda_emulation import (ISOLATION_CONFIG, ISOLATION_LAYOUTS, PEAKY, POISONS, _poison_sites, _reach,
+from test_cuda_emulation import (ISOLATION_CONFIG, ISOLATION_LAYOUTS, POISONS, _poison_sites, _reach,
                                  _same_class)
 
 pytestmark = [pytest.mark.cuda,
@@ -35,13 +35,7 @@ LAYOUTS = adversarial_layouts(tile=64) + [
     Layout("row-tile-boundaries", (15, 16, 17, 31, 32, 33, 1, 65)),
     Layout("long-cross", (300, 2, 0), (257, 0, 3)),
 ]
-LAYOUT_IDS = [layout.name for layout in LAYOUTS]
-# (H, H_kv, D): MHA at the workload's D=64, GQA at D=32, MQA at D=128.
-HEADS = [(4, 4, 64), (4, 2, 32), (6, 1, 128)]
-HEAD_IDS = [f"H{h}-Hkv{hk}-D{d}" for h, hk, d in HEADS]
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# Slack over 2x (outputs) / 3x (gradients) of the reference's own error in the dtype, for the case where
-# that error is ~0 (fp32, tiny layouts).
+# Slack over 2x the reference's own error, for the case where that error is ~0.
 FLOOR = {torch.float32: 2e-6, torch.float16: 2e-4, torch.bfloat16: 2e-3}
 
 
@@ -54,84 +48,12 @@ def cuda_kernels():
     assert backend.unavailable_reason() is None, backend.unavailable_reason()
 
 
-def _poison_allocator(*shapes_dtypes):
-    """Hand NaN-filled blocks back to the caching allocator so the op's outputs (allocated next, same
-    sizes) start as NaN: any element a kernel fails to write stays NaN."""
-    blocks = [torch.full(shape, math.nan, dtype=dtype, device="cuda") for shape, dtype in shapes_dtypes]
-    del blocks
-
-
 def _inputs(layout, heads, dtype, requires_grad=False, seed=0):
     h, hk, d = heads
     gen = torch.Generator().manual_seed(seed)
     q, k, v = random_qkv(layout, h, hk, d, dtype=dtype, device="cuda", generator=gen,
                          requires_grad=requires_grad)
     return q, k, v, offsets_of(layout.lengths_q, "cuda"), offsets_of(layout.keys, "cuda")
-
-
-def _run(q, k, v, cu_q, cu_k, layout, causal, **kw):
-    _poison_allocator((q.shape, q.dtype), ((q.shape[1], q.shape[0]), torch.float32))
-    return hierkern.varlen_attention(q, k, v, cu_q, cu_k, max(layout.lengths_q, default=0),
-                                     max(layout.keys, default=0), causal=causal, return_lse=True,
-                                     backend="cuda", **kw)
-
-
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("heads", HEADS, ids=HEAD_IDS)
-@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
-def test_forward_matches_oracle(layout, heads, dtype, causal):
-    q, k, v, cu_q, cu_k = _inputs(layout, heads, dtype)
-    out, lse = _run(q, k, v, cu_q, cu_k, layout, causal)
-    ref_out, ref_lse = oracle_attention(q, k, v, cu_q.cpu(), cu_k.cpu(), causal=causal)
-    assert out.dtype == dtype and out.shape == q.shape and lse.shape == (q.shape[1], q.shape[0])
-    assert torch.isfinite(out).all(), "NaN left in out: some element was never written"
-    assert not torch.isnan(lse).any(), "NaN left in lse: some element was never written"
-    own, _ = varlen_attention_reference(q, k, v, cu_q, cu_k, causal=causal)
-    assert rel_err(out, ref_out) <= 2 * rel_err(own, ref_out) + FLOOR[dtype]
-    finite = torch.isfinite(ref_lse)
-    assert torch.equal(torch.isfinite(lse.cpu()), finite) and (lse.cpu()[~finite] == -math.inf).all()
-    if finite.any():
-        err = (lse.cpu().double()[finite] - ref_lse[finite]).abs() / (1 + ref_lse[finite].abs())
-        assert err.max().item() < 1e-5
-    # Rows that see no key are exactly zero.
-    blind = ~finite.any(0)
-    assert (out.cpu()[blind] == 0).all()
-
-
-GRAD_LAYOUTS = [lay for lay in LAYOUTS if lay.name in
-                ("empty-and-one", "tile-boundaries", "long-among-tiny", "cross-unequal", "words", "long-cross")]
-
-
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("heads", HEADS, ids=HEAD_IDS)
-@pytest.mark.parametrize("layout", GRAD_LAYOUTS, ids=[lay.name for lay in GRAD_LAYOUTS])
-def test_gradients_match_oracle(layout, heads, dtype, causal):
-    q, k, v, cu_q, cu_k = _inputs(layout, heads, dtype, requires_grad=True)
-    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    out, _ = _run(q, k, v, cu_q, cu_k, layout, causal)
-    _poison_allocator((q.shape, dtype), (k.shape, dtype), (v.shape, dtype))
-    grads = torch.autograd.grad(out, (q, k, v), dout.to("cuda", dtype))
-
-    leaves64 = [t.detach().cpu().double().requires_grad_() for t in (q, k, v)]
-    ref, _ = varlen_attention_reference(*leaves64, cu_q.cpu(), cu_k.cpu(), causal=causal)
-    ref_grads = torch.autograd.grad(ref, leaves64, dout)
-    own, _ = varlen_attention_reference(q, k, v, cu_q, cu_k, causal=causal)
-    own_grads = torch.autograd.grad(own, (q, k, v), dout.to("cuda", dtype))
-    for name, g, r, o in zip("qkv", grads, ref_grads, own_grads):
-        assert g.dtype == dtype and g.shape == r.shape
-        assert torch.isfinite(g).all(), f"d{name} has NaN: some element was never written"
-        assert rel_err(g, r) <= 3 * rel_err(o, r) + FLOOR[dtype], f"d{name}"
-
-
-def test_no_tokens_gives_empty_outputs_and_gradients():
-    layout = Layout("all-empty", (0, 0, 0))
-    q, k, v, cu_q, cu_k = _inputs(layout, (4, 2, 64), torch.bfloat16, requires_grad=True)
-    out, lse = _run(q, k, v, cu_q, cu_k, layout, causal=False)
-    assert out.shape == (0, 4, 64) and lse.shape == (4, 0)
-    grads = torch.autograd.grad(out, (q, k, v), torch.empty_like(out))
-    assert [tuple(g.shape) for g in grads] == [(0, 4, 64), (0, 2, 64), (0, 2, 64)]
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -175,18 +97,6 @@ def test_dropout_through_the_api_is_seeded_by_torch():
     torch.manual_seed(8)
     other = hierkern.varlen_attention(q, k, v, cu_q, cu_k, dropout_p=0.2, backend="cuda")
     assert not torch.equal(other, out1)
-
-
-def test_backward_is_deterministic():
-    layout = LAYOUTS[2]
-    q, k, v, cu_q, cu_k = _inputs(layout, (4, 2, 64), torch.bfloat16, requires_grad=True)
-    dout = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16)
-    runs = []
-    for _ in range(3):
-        out = hierkern.varlen_attention(q, k, v, cu_q, cu_k, causal=True, backend="cuda")
-        runs.append(torch.autograd.grad(out, (q, k, v), dout))
-    for other in runs[1:]:
-        assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
 
 
 def test_strided_and_misaligned_inputs_match_contiguous():
@@ -272,25 +182,6 @@ def test_nonfinite_token_reaches_only_the_rows_that_attend_to_it(tensor, value, 
             _same_class(got[where], want[where])
         except AssertionError as exc:
             raise AssertionError(f"{name}: differs from the float64 rowwise oracle") from exc
-
-
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("scale", [4.0, 8.0])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_peaky_softmax_gradients_in_half_precision(dtype, scale, causal):
-    """Gradients under softmax_scale 4-8 within 3x the fp32-accumulating reference's own error (the kernels
-    recompute delta = sum_j P_ij dP_ij in fp32 instead of rounding it through out)."""
-    q, k, v, cu_q, cu_k = _inputs(PEAKY, (2, 1, 64), dtype, requires_grad=True)
-    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    out = hierkern.varlen_attention(q, k, v, cu_q, cu_k, softmax_scale=scale, causal=causal, backend="cuda")
-    grads = torch.autograd.grad(out, (q, k, v), dout.to("cuda", dtype))
-    leaves64 = [t.detach().cpu().double().requires_grad_() for t in (q, k, v)]
-    ref, _ = varlen_attention_reference(*leaves64, cu_q.cpu(), cu_k.cpu(), softmax_scale=scale, causal=causal)
-    ref_grads = torch.autograd.grad(ref, leaves64, dout)
-    own, _ = varlen_attention_reference(q, k, v, cu_q, cu_k, softmax_scale=scale, causal=causal)
-    own_grads = torch.autograd.grad(own, (q, k, v), dout.to("cuda", dtype))
-    errors = {f"d{name}": (rel_err(g, r), rel_err(o, r)) for name, g, r, o in zip("qkv", grads, ref_grads, own_grads)}
-    assert all(kernel <= 3 * reference for kernel, reference in errors.values()), errors
 
 
 def test_many_words_and_one_long_segment_against_reference():

@@ -1,9 +1,11 @@
-"""The conformance oracle: attention written from its definition, in float64, one query row at a time.
+"""The conformance oracle: attention written from its definition, in float64.
 
-It shares no code with ``hierkern.reference``. Each query row attends to exactly the keys it sees (its own
-segment's, cut by the bottom-right causal mask), so masked keys never enter any arithmetic: a NaN or an inf
-reaches only the rows that attend to it, and follows IEEE arithmetic there. Slow and obviously right;
-differentiable (autograd through float64 ops), including twice.
+It shares no code with ``hierkern.reference``. With finite inputs it is one dense softmax over every packed
+token with a block-diagonal (and causal) mask: masked scores are -inf, so their weights are exactly 0. With a
+NaN or an inf anywhere it runs one query row at a time over exactly the keys that row sees (its own segment's,
+cut by the bottom-right causal mask), so masked keys never enter any arithmetic: a non-finite value reaches only
+the rows that attend to it, and follows IEEE arithmetic there. Obviously right; differentiable (autograd through
+float64 ops), including twice.
 """
 
 from __future__ import annotations
@@ -38,11 +40,43 @@ def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale=None, causal=Fa
         ``out`` ``(total_q, H, D)`` and ``lse`` ``(H, total_q)``, float64; rows with no key: 0 and -inf.
     """
     q, k, v = (t.to("cpu", torch.float64) for t in (q, k, v))
-    total_q, num_heads, head_dim = q.shape
-    group = num_heads // k.shape[1]
-    scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else softmax_scale
+    scale = 1.0 / math.sqrt(q.shape[2]) if softmax_scale is None else softmax_scale
     starts_q = [int(x) for x in cu_seqlens_q]
     starts_k = [int(x) for x in cu_seqlens_k]
+    if all(bool(torch.isfinite(t.detach()).all()) for t in (q, k, v)):
+        return _dense(q, k, v, starts_q, starts_k, scale, causal, keep, dropout_p)
+    return _rows(q, k, v, starts_q, starts_k, scale, causal, keep, dropout_p)
+
+
+def _dense(q, k, v, starts_q, starts_k, scale, causal, keep, dropout_p):
+    """Every query against every key, masked to its segment (and causal prefix)."""
+    total_q, num_heads, head_dim = q.shape
+    group = num_heads // k.shape[1]
+    seg_q = torch.repeat_interleave(torch.arange(len(starts_q) - 1), torch.tensor(starts_q).diff())
+    seg_k = torch.repeat_interleave(torch.arange(len(starts_k) - 1), torch.tensor(starts_k).diff())
+    row = torch.arange(total_q) - torch.tensor(starts_q)[seg_q]
+    col = torch.arange(k.shape[0]) - torch.tensor(starts_k)[seg_k]
+    seen = (seg_q[:, None] == seg_k[None, :])
+    if causal:
+        len_q = torch.tensor(starts_q).diff()[seg_q]
+        len_k = torch.tensor(starts_k).diff()[seg_q]
+        seen = seen & (col[None, :] < row[:, None] + 1 + len_k[:, None] - len_q[:, None])
+    has_keys = seen.any(1)                                                    # (total_q,)
+    scores = torch.einsum("qhd,khd->hqk", q, k.repeat_interleave(group, dim=1)) * scale
+    scores = scores.masked_fill(~seen, -math.inf).masked_fill(~has_keys[:, None], 0.0)
+    lse = torch.logsumexp(scores, dim=-1)                                      # (H, total_q)
+    probs = torch.exp(scores - lse[..., None]) * has_keys[:, None]
+    if keep is not None:
+        dense_keep = keep.cpu()[:, :, col.clamp(max=keep.shape[2] - 1)].permute(1, 0, 2) & seen
+        probs = torch.where(dense_keep, probs / (1.0 - dropout_p), 0.0)
+    out = torch.einsum("hqk,khd->qhd", probs, v.repeat_interleave(group, dim=1))
+    return out, torch.where(has_keys, lse, -math.inf)
+
+
+def _rows(q, k, v, starts_q, starts_k, scale, causal, keep, dropout_p):
+    """One query row at a time, over exactly the keys it sees."""
+    total_q, num_heads, head_dim = q.shape
+    group = num_heads // k.shape[1]
     outs, lses = [], []
     for seg in range(len(starts_q) - 1):
         q0, len_q = starts_q[seg], starts_q[seg + 1] - starts_q[seg]

@@ -7,7 +7,7 @@ import torch
 
 import hierkern
 
-from .cases import HEAD_CONFIGS, LAYOUTS, grad, make_problem, rel_err, skip_if_refused
+from .cases import HEAD_CONFIGS, grad, named_layout, make_problem, rel_err, skip_if_refused
 from .oracle import attention as oracle_attention
 from helpers import Layout
 
@@ -46,10 +46,9 @@ def test_double_backward_is_right_or_refused_in_words(backend):
 def test_bitwise_deterministic(backend, causal):
     """The same call twice gives the same bits: outputs, lse and every gradient (GQA sums included)."""
     name, device = backend
-    layout = LAYOUTS[2]  # long among tiny
     results = []
     for _ in range(2):
-        problem = make_problem(layout, HEAD_CONFIGS[0], device)
+        problem = make_problem(named_layout("long-among-tiny"), HEAD_CONFIGS[0], device)
         skip_if_refused(name, problem, causal)
         out, lse = hierkern.varlen_attention(*problem.leaves, problem.cu_q, problem.cu_k, causal=causal,
                                              return_lse=True, backend=name)
