@@ -1,15 +1,25 @@
-"""Ahead-of-time compile of every shipped Triton kernel configuration for sm_80 and sm_90, no GPU needed.
+"""Ahead-of-time compile of the Triton kernels exactly as they run, for sm_90 and sm_80, no GPU needed.
 
 Interpreter tests cannot see GPU lowering errors (layouts, dot shapes, register pressure); compiling the real
-kernels to cubin can. ``triton.jit`` reads ``TRITON_INTERPRET`` when the kernel module is imported, and the
-test session runs with the interpreter on, so the compile runs in child processes (this file run as a
-script, one per target) with the interpreter off, a fresh cache (so ptxas really runs) and ptxas' ``-v`` log
-captured to read registers and spills. No GPU is needed; it takes ~30-60 s on two cores.
+kernels to cubin can, provided the compile is the one a launch makes. At run time the JIT specialises every
+argument: pointers and integers divisible by 16 get ``tt.divisibility = 16`` (which changes vectorisation,
+pipelining and registers) and integers equal to 1 become constants (``group`` for plain multi-head attention).
+So each case here builds the launcher's own arguments (``_fwd_args`` / ``_bwd_dq_args`` / ``_bwd_dkdv_args``)
+from meta tensors shaped like a typical contiguous ``(total, H, D)`` call, lets the autotuner's pruning pick the
+configs it would try, and hands each to the JIT's own binder (``create_function_from_signature`` and
+``JITFunction._pack_args``, the code ``JITFunction.run`` uses) for the signature, constexprs, attributes and
+options, then ``triton.compile``.
 
-The matrix: every autotune config of every kernel, for both targets, at the heaviest case in which the
-autotuner's register pruning can pick it (largest ``BLOCK_D``, widest dtype, causal, dropout); and for sm_90
-each kernel's first config at ``BLOCK_D=16`` (fp16) and with tf32 (fp32, ``BLOCK_D=32``). float32 compiles
-with the launcher's default precision, 3xTF32 (``PRECISION`` only affects float32 operands).
+``triton.jit`` reads ``TRITON_INTERPRET`` when the kernel module is imported and the test session runs with the
+interpreter on, so the compiles run in two child processes (this file run as a script, half of the cases each)
+with the interpreter off, fresh caches (so ptxas really runs) and ptxas' ``-v`` log captured. From the
+compiles the tests read registers and spills, the specialisation, and the TTIR's head-offset arithmetic.
+
+The cases (about 140 compiles, ~2 minutes on two idle cores): every kernel's fast pass for fp16, bf16 and fp32
+(3xTF32, the launcher's default) at head dims 32, 64, 128 and 40 on sm_90, each with every config the pruning
+keeps; on sm_90 also dropout, tf32, GQA with token counts divisible by 16, and the careful pass (which runs
+only when a tile met a NaN or an inf) at head dim 128; on sm_80 bf16 at 64 and 128 (and with dropout) and fp32
+at 128.
 """
 
 from __future__ import annotations
@@ -22,139 +32,215 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
+from dataclasses import asdict, dataclass
 
 import pytest
 
 pytest.importorskip("triton")
 
-# Bytes of spill stores (ptxas -v) allowed per compiled kernel. fp16/bf16, the dtypes the kernels are built
-# for, get a few bytes of stack traffic (ptxas spills a loop counter in one small dk/dv config); float32 runs
-# 3xTF32 and may spill up to 1 KiB per thread in its largest tiles, which costs L1 traffic, not correctness.
-SPILL_BOUND = {"fp16": 16, "bf16": 16, "fp32": 1024}
-
-def _signature(kernel, dtype: str, constexprs: dict) -> tuple[dict, dict]:
-    """ASTSource signature and divisibility attributes as the launcher's calls specialise them."""
-    float_ptrs = {"Q", "K", "V", "Out", "DOut", "DQ", "DK", "DV"}
-    f32_ptrs = {"Lse", "Delta"}
-    sig = {}
-    for name in kernel.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name in float_ptrs:
-            sig[name] = f"*{dtype}"
-        elif name in f32_ptrs:
-            sig[name] = "*fp32"
-        elif name in ("CuQ", "CuK"):
-            sig[name] = "*i32"
-        elif name == "RngState":
-            sig[name] = "*i64"
-        elif name in ("qk_scale", "softmax_scale", "dropout_p"):
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i32"
-    # torch allocations are 16-byte aligned and strides of (total, H, D) tensors with D % 16 == 0 are
-    # multiples of 16: Triton's runtime specialises exactly these, so compile what a real launch compiles.
-    aligned = [n for n in kernel.arg_names if sig[n].startswith("*") or n.startswith("stride_")]
-    attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    return sig, attrs
+KERNELS = ("fwd", "bwd_dq", "bwd_dkdv")
+# Spill stores (bytes per thread, ptxas -v) allowed. fp16/bf16 configs within the register budget: a few bytes,
+# which ptxas trades for occupancy (it capped one dq config at 168 registers, three 128-thread CTAs per SM,
+# with 4 bytes of stack, where 184 registers would have been spill-free). Beyond that: float32's 3xTF32, which
+# the register model undercounts and which spilled on main as well, configs kept only because none fits the
+# budget, and the careful pass, which runs only for tiles that met a NaN or an inf.
+SPILL_BOUND = 16
+HEAVY_SPILL_BOUND = 1536
 
 
-def _matrix(ta):
-    """(arch, kernel name, kernel, config, dtype, precision, BLOCK_D, causal, dropout) rows to compile."""
+@dataclass(frozen=True)
+class Case:
+    arch: int
+    kernel: str
+    dtype: str
+    head_dim: int
+    causal: bool = True
+    dropout: bool = False
+    careful: bool = False
+    tf32: bool = False
+    # A typical packed call: ~4.3k tokens in ~900 segments (token counts not divisible by 16), 8 heads (MHA,
+    # so group == 1 becomes a constant); gqa: 8 query heads on 2 kv heads, 4096 tokens.
+    gqa: bool = False
+
+
+def _cases() -> list[Case]:
+    # 40: a head dim padded inside the kernel whose value and head stride are not multiples of 16 (80 would
+    # compile to the very kernel 128 does).
+    cases = [Case(90, kernel, dtype, head_dim) for kernel in KERNELS for dtype in ("fp16", "bf16", "fp32")
+             for head_dim in (32, 64, 128, 40)]
+    for kernel in KERNELS:
+        cases += [Case(90, kernel, dtype, 128, dropout=True) for dtype in ("bf16", "fp32")]
+        cases += [Case(90, kernel, "bf16", 128, dropout=True, careful=True)]
+        cases += [Case(90, kernel, "fp32", 64, tf32=True), Case(90, kernel, "bf16", 64, causal=False, gqa=True)]
+        cases += [Case(80, kernel, "bf16", head_dim) for head_dim in (64, 128)]
+        cases += [Case(80, kernel, "bf16", 128, dropout=True), Case(80, kernel, "fp32", 128)]
+    return cases
+
+
+def _launch(ta, case: Case):
+    """The autotuned kernel, the launcher's positional arguments and constexprs for ``case``, on meta tensors."""
     import torch
 
-    kernels = {
-        "fwd": (ta._attn_fwd_kernel, ta.FWD_CONFIGS),
-        "bwd_dq": (ta._attn_bwd_dq_kernel, ta.BWD_DQ_CONFIGS),
-        "bwd_dkdv": (ta._attn_bwd_dkdv_kernel, ta.BWD_DKDV_CONFIGS),
-    }
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    # Heaviest first: each config is compiled at the first case in which the autotuner may pick it.
-    cases = [(block_d, dtype, dropout) for dropout in (True, False) for block_d in (128, 64, 32, 16)
-             for dtype in ("fp32", "bf16", "fp16")]
-    jobs = []
-    for kname, (kernel, configs) in kernels.items():
-        prune = ta._prune_by_registers(kname)
-        for config in configs:
-            block_d, dtype, dropout = next(
-                ((d, t, p) for d, t, p in cases
-                 if config in prune(configs, {"Q": torch.empty(0, dtype=dtypes[t])}, BLOCK_D=d, DROPOUT=p)),
-                (None, None, None))
-            assert block_d is not None, f"{kname} config {config} is never kept by the register pruning"
-            for arch in (80, 90):
-                jobs.append((arch, kname, kernel, config, dtype, "tf32x3", block_d, True, dropout))
-        # The smallest head dim (tl.dot's K = 16) and the tf32 path, without causal or dropout.
-        jobs.append((90, kname, kernel, configs[0], "fp16", "tf32x3", 16, False, False))
-        jobs.append((90, kname, kernel, configs[0], "fp32", "tf32", 32, False, False))
-    return jobs
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[case.dtype]
+    total, segments, max_seqlen, heads, kv_heads = (4096, 12, 512, 8, 2) if case.gqa else (4321, 917, 14, 8, 8)
+
+    def meta(*shape, dtype=dtype):
+        return torch.empty(*shape, dtype=dtype, device="meta")
+
+    q, dout, dq = (meta(total, heads, case.head_dim) for _ in range(3))
+    k, v, dk, dv = (meta(total, kv_heads, case.head_dim) for _ in range(4))
+    lse, delta = meta(heads, total, dtype=torch.float32), meta(heads, total, dtype=torch.float32)
+    cu = meta(segments + 1, dtype=torch.int32)
+    rng, nonfinite = meta(2, dtype=torch.int64), meta((), dtype=torch.int32)
+    tail = (0.125, case.causal, 0.1 if case.dropout else 0.0, rng, nonfinite)
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = case.tf32  # the launcher's choice of float32 precision
+    try:
+        if case.kernel == "fwd":
+            tuner, (args, constexprs) = ta._attn_fwd, ta._fwd_args(q, k, v, dq, lse, cu, cu, max_seqlen, *tail)
+        elif case.kernel == "bwd_dq":
+            tuner, (args, constexprs) = ta._attn_bwd_dq, ta._bwd_dq_args(dout, q, k, v, dq, lse, delta, dq, cu,
+                                                                        cu, max_seqlen, *tail)
+        else:
+            tuner, (args, constexprs) = ta._attn_bwd_dkdv, ta._bwd_dkdv_args(dout, q, k, v, lse, delta, dk, dv, cu,
+                                                                            cu, max_seqlen, *tail)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    return tuner, args, dict(constexprs, CAREFUL=case.careful)
 
 
-def _compile_all(arch: int) -> list[dict]:
-    """Compile the matrix's rows for ``arch`` in this process (interpreter off); one record per kernel."""
+def _head_offsets_in_int32(ttir: str, kernel) -> list[str]:
+    """TTIR lines where a head stride enters arithmetic other than a sign extension to i64, or where the token
+    count that strides Lse and Delta by head is multiplied in i32: a head offset computed in int32 overflows
+    once heads x tokens x head_dim passes 2^31 in a head-major view."""
+    body = ttir[ttir.index("tt.func"):].split("\n", 1)[1]
+    bad = []
+    for line in body.splitlines():
+        for name in [n for n in kernel.arg_names if re.fullmatch(r"stride_\w+h", n)]:
+            if re.search(rf"%{name}\b", line) and f"arith.extsi %{name} : i32 to i64" not in line:
+                bad.append(line.strip())
+        if re.search(r"%total_q\b", line) and "arith.muli" in line:
+            bad.append(line.strip())
+    return bad
+
+
+def _compile_case(ta, case: Case) -> list[dict]:
+    """Compile ``case`` once per config the autotuner's pruning keeps, as ``JITFunction.run`` would."""
     import triton
+    from triton import knobs
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
 
-    from hierkern.ops import triton_attention as ta
-
+    target = GPUTarget("cuda", case.arch, 32)
+    backend = make_backend(target)
+    tuner, args, constexprs = _launch(ta, case)
+    kernel = tuner.fn
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    tuner.nargs = dict(zip(tuner.arg_names, args))
+    kept = tuner.prune_configs(constexprs)
+    need = {c: ta._resident_registers(case.kernel, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps,
+                                      constexprs["BLOCK_D"], args[0].element_size(), case.dropout) for c in kept}
     records = []
-    for row_arch, kname, kernel, config, dtype, precision, block_d, causal, dropout in _matrix(ta):
-        if row_arch != arch:
-            continue
-        constexprs = dict(config.kwargs, BLOCK_D=block_d, CAUSAL=causal, DROPOUT=dropout, INTERPRETER=False,
-                          PRECISION=precision)
-        sig, attrs = _signature(kernel, dtype, constexprs)
-        src = ASTSource(kernel, sig, constexprs=constexprs, attrs=attrs)
-        log = io.StringIO()
+    for config in kept:
+        kwargs = dict(constexprs, **config.all_kwargs(), debug=knobs.runtime.debug,
+                      instrumentation_mode=knobs.compilation.instrumentation_mode)
+        bound, specialization, options = binder(*args, **kwargs)
+        options, signature, consts, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+        log, start = io.StringIO(), time.perf_counter()
         with contextlib.redirect_stdout(log):
-            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                      options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+            compiled = triton.compile(ASTSource(kernel, signature, consts, attrs), target=target,
+                                      options=options.__dict__)
         text = log.getvalue()
         regs = re.search(r"Used (\d+) registers", text)
         spills = re.search(r"(\d+) bytes spill stores", text)
         records.append({
-            "arch": arch, "kernel": kname, "dtype": dtype, "precision": precision, "BLOCK_D": block_d,
-            "causal": causal, "dropout": dropout, "num_warps": config.num_warps,
-            "num_stages": config.num_stages, **config.kwargs,
+            **asdict(case), "precision": constexprs["PRECISION"], "BLOCK_D": constexprs["BLOCK_D"],
+            "config": str(config), "BLOCK_M": config.kwargs["BLOCK_M"], "BLOCK_N": config.kwargs["BLOCK_N"],
+            "num_warps": config.num_warps, "fits_budget": need[config] <= ta.REGISTER_BUDGET,
+            "divisible_by_16": [n for n, spec in zip(kernel.arg_names, specialization) if spec[1:] == ("D",)],
+            "made_constant": [n for n, spec in zip(kernel.arg_names, specialization)
+                              if spec[0] == "constexpr" and n not in kwargs],
             "registers": int(regs.group(1)) if regs else None,
             "spill_stores": int(spills.group(1)) if spills else None,
-            "shared_bytes": compiled.metadata.shared, "cubin_bytes": len(compiled.asm["cubin"]),
+            "compile_s": round(time.perf_counter() - start, 2), "shared_bytes": compiled.metadata.shared,
+            "cubin_bytes": len(compiled.asm["cubin"]),
+            "int32_head_offsets": _head_offsets_in_int32(compiled.asm["ttir"], kernel),
         })
     return records
 
 
-def test_aot_compile_sm80_sm90():
+def _compile_shard(shard: int, shards: int) -> list[dict]:
+    from hierkern.ops import triton_attention as ta
+
+    return [r for case in _cases()[shard::shards] for r in _compile_case(ta, case)]
+
+
+@pytest.fixture(scope="module")
+def records() -> list[dict]:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    records = []
+    out = []
     with tempfile.TemporaryDirectory() as cache:
-        env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=cache, TRITON_DUMP_PTXAS_LOG="1")
-        # One child per target, concurrently: compiling is single-threaded and CI machines have two cores.
-        procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), str(arch)], env=env, cwd=root,
+        # Two children, half of the cases each (compiling is single-threaded and CI machines have two cores),
+        # with caches of their own: a cache hit compiles nothing and reports no registers.
+        procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), str(shard), "2"], cwd=root,
+                                  env=dict(os.environ, TRITON_INTERPRET="0", TRITON_DUMP_PTXAS_LOG="1",
+                                           TRITON_CACHE_DIR=os.path.join(cache, str(shard))),
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for arch in (80, 90)]
+                 for shard in range(2)]
         for proc in procs:
-            out, err = proc.communicate(timeout=600)
-            assert proc.returncode == 0, f"AOT compile failed:\n{out[-4000:]}\n{err[-8000:]}"
-            records += json.loads(out.strip().splitlines()[-1])
-    assert len(records) == len(_matrix_size())
-    print("\nkernel     arch dtype/prec  BLOCK_M BLOCK_N BLOCK_D warps stages causal dropout  regs spills smem")
-    for r in records:
+            stdout, stderr = proc.communicate(timeout=900)
+            assert proc.returncode == 0, f"AOT compile failed:\n{stdout[-4000:]}\n{stderr[-8000:]}"
+            out += json.loads(stdout.strip().splitlines()[-1])
+    print("\nkernel    arch dtype/prec   D  causal drop careful gqa  BLOCK_M BLOCK_N warps  regs spills  smem  secs")
+    for r in out:
         precision = r["precision"] if r["dtype"] == "fp32" else "-"
-        print(f"{r['kernel']:<10} sm{r['arch']} {r['dtype']}/{precision:<6} {r['BLOCK_M']:>7} {r['BLOCK_N']:>7} "
-              f"{r['BLOCK_D']:>7} {r['num_warps']:>5} {r['num_stages']:>6} {r['causal']!s:>6} {r['dropout']!s:>7} "
-              f"{r['registers']:>5} {r['spill_stores']:>6} {r['shared_bytes']:>5}")
+        print(f"{r['kernel']:<9} sm{r['arch']} {r['dtype']}/{precision:<6} {r['head_dim']:>4} {r['causal']!s:>6} "
+              f"{r['dropout']!s:>5} {r['careful']!s:>7} {r['gqa']!s:>5} {r['BLOCK_M']:>7} {r['BLOCK_N']:>7} "
+              f"{r['num_warps']:>5} {r['registers']!s:>5} {r['spill_stores']!s:>6} {r['shared_bytes']:>6} "
+              f"{r['compile_s']:>5}")
+    return out
+
+
+def test_every_case_compiles_every_kept_config_without_spills(records):
+    from hierkern.ops import triton_attention as ta
+
+    compiled = {(r["arch"], r["kernel"], r["dtype"], r["head_dim"], r["dropout"], r["careful"], r["tf32"], r["gqa"])
+                for r in records}
+    assert len(compiled) == len(_cases()), "a case kept no config"
+    shipped = {"fwd": ta.FWD_CONFIGS, "bwd_dq": ta.BWD_DQ_CONFIGS, "bwd_dkdv": ta.BWD_DKDV_CONFIGS}
+    for kernel, configs in shipped.items():
+        compiled_configs = {r["config"] for r in records if r["kernel"] == kernel and r["arch"] == 90}
+        assert compiled_configs == {str(c) for c in configs}, f"{kernel}: not every shipped config is compiled"
     for r in records:
         assert r["cubin_bytes"] > 0
         assert r["registers"] is not None and r["spill_stores"] is not None, f"no ptxas -v report for {r}"
-        assert r["spill_stores"] <= SPILL_BOUND[r["dtype"]], f"spills beyond the documented bound: {r}"
+        if r["fits_budget"] and not r["careful"] and r["dtype"] != "fp32":
+            assert r["spill_stores"] <= SPILL_BOUND, f"a config within the register budget spills: {r}"
+        else:
+            assert r["spill_stores"] <= HEAVY_SPILL_BOUND, f"spills beyond the documented bound: {r}"
 
 
-def _matrix_size() -> list:
-    """The matrix as seen from the test process (kernel objects may be interpreter wrappers here)."""
-    from hierkern.ops import triton_attention as ta
+def test_compiles_the_runtime_specialisation(records):
+    """Divisibility and value-1 specialisation as the JIT derives it, not a hand-written subset: head_dim and
+    the strides of 128-wide heads are multiples of 16, a 40-wide head's are not (its token stride, 8 x 40, is),
+    ragged token counts are not, MHA's group is 1."""
+    mha = next(r for r in records if r["kernel"] == "fwd" and r["head_dim"] == 128 and not r["gqa"])
+    assert {"Q", "Lse", "head_dim", "stride_qt", "stride_qh", "seqlen_bucket"} <= set(mha["divisible_by_16"])
+    assert "total_q" not in mha["divisible_by_16"] and mha["made_constant"] == ["group"]
+    odd = next(r for r in records if r["kernel"] == "fwd" and r["head_dim"] == 40)
+    assert "stride_qt" in odd["divisible_by_16"] and not {"head_dim", "stride_qh"} & set(odd["divisible_by_16"])
+    gqa = next(r for r in records if r["kernel"] == "bwd_dkdv" and r["gqa"])
+    assert {"total_q", "total_k"} <= set(gqa["divisible_by_16"]) and gqa["made_constant"] == []
 
-    return _matrix(ta)
+
+def test_head_offsets_are_int64(records):
+    """Too large to run here: the TTIR shows every head offset multiply in i64 (on main, arith.muli %head,
+    %stride_qh : i32)."""
+    for r in records:
+        assert not r["int32_head_offsets"], f"{r['kernel']} sm{r['arch']}: {r['int32_head_offsets']}"
 
 
 if __name__ == "__main__":
-    print(json.dumps(_compile_all(int(sys.argv[1]))))
+    print(json.dumps(_compile_shard(int(sys.argv[1]), int(sys.argv[2]))))
