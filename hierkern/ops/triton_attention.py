@@ -786,6 +786,8 @@ if triton is not None:
         out, lse = output
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, rng_state)
         ctx.params = (max_seqlen_q, max_seqlen_k, softmax_scale, causal, dropout_p)
+        # lse is a by-product for callers (and the backward), not a differentiable output.
+        ctx.mark_non_differentiable(lse)
 
     def _backward(ctx, dout, _dlse):
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, rng_state = ctx.saved_tensors
