@@ -3,8 +3,9 @@
 A GPU session gets one call of ``bash benchmarks/gpu_check/gpu_check.sh``; whatever of it broke since it was last
 run costs that call. So CI runs its CPU dry run (``HK_GPU_CHECK_DEVICE=cpu HK_GPU_CHECK_TINY=1``: the sweep and
 the single-kernel launches on tiny problems in Triton's interpreter, through the launchers' current argument
-builders), its device-free phases (lengths on the real sizes, summary, junit), the shell script's syntax, and
-the compile of its torch-free sanitizer harness against csrc/cuda's current argument structs.
+builders), its device-free phases (lengths on the real sizes, summary, junit), the shell script's syntax and the
+test ids it names, and the compile of its torch-free sanitizer harness against csrc/cuda's current argument
+structs.
 """
 
 from __future__ import annotations
@@ -105,6 +106,18 @@ def test_junit_merges_runs_and_counts_per_backend(tmp_path):
 def test_shell_script_parses():
     result = subprocess.run(["bash", "-n", str(CHECK / "gpu_check.sh")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_the_triton_test_ids_the_script_names_exist():
+    """The script defers four params of one Triton GPU test by id; a renamed test would make --deselect a no-op
+    and the deferred run an error."""
+    script = (CHECK / "gpu_check.sh").read_text()
+    test = re.search(r"^TT=(\S+)$", script, re.MULTILINE).group(1)
+    ids = sorted({f"{test}[{param}]" for param in re.findall(r"\$TT\[([^\]]+)\]", script)})
+    assert len(ids) == 4
+    result = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *ids],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "4 tests collected" in result.stdout, result.stdout[-2000:]
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found (set HIERKERN_NVCC or CUDA_HOME)")
