@@ -30,7 +30,8 @@ Kernels select_kernels() {
     return {generic::varlen_fwd_units, generic::varlen_bwd_units};
   }
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  if (avx2_kernels_built() && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+  if (avx2_kernels_built() && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+      __builtin_cpu_supports("f16c")) {
     return {avx2::varlen_fwd_units, avx2::varlen_bwd_units};
   }
 #endif
@@ -74,7 +75,6 @@ int64_t check_offsets(const at::Tensor& cu, const char* name, int64_t total, int
                     cu.device());
   TORCH_CHECK_VALUE(cu.dim() == 1 && cu.numel() >= 1, "hierkern CPU attention: ", name,
                     " must be 1-D of shape (S + 1,), got ", cu.sizes());
-  TORCH_CHECK_VALUE(cu.is_contiguous(), "hierkern CPU attention: ", name, " must be contiguous");
   const int32_t* o = cu.data_ptr<int32_t>();
   TORCH_CHECK_VALUE(o[0] == 0, "hierkern CPU attention: ", name, "[0] must be 0, got ", o[0]);
   int64_t longest = 0;
@@ -206,8 +206,10 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cpu(const at::Tensor& q_in, const 
   check_packed(k_in, "k");
   check_packed(v_in, "v");
   const at::Tensor q = unit_stride_last(q_in), k = unit_stride_last(k_in), v = unit_stride_last(v_in);
-  AttentionParams p = make_params(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                  softmax_scale, causal, dropout_p, rng_state);
+  // Offsets of any stride are valid input; the kernels index them with unit stride (a copy of S + 1 ints if not).
+  const at::Tensor cu_q = cu_seqlens_q.contiguous(), cu_k = cu_seqlens_k.contiguous();
+  AttentionParams p = make_params(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                                  dropout_p, rng_state);
   // torch::empty, not zeros: the kernel writes every element (rows without keys get 0 and -inf).
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({q.size(1), q.size(0)}, q.options().dtype(at::kFloat));
@@ -230,14 +232,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cpu(
   check_packed(v_in, "v");
   check_packed(out_in, "out");
   const at::Tensor q = unit_stride_last(q_in), k = unit_stride_last(k_in), v = unit_stride_last(v_in);
-  const at::Tensor out = unit_stride_last(out_in), dout = unit_stride_last(dout_in);
-  AttentionParams p = make_params(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                  softmax_scale, causal, dropout_p, rng_state);
-  TORCH_CHECK_VALUE(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), "hierkern CPU attention: dout and "
-                    "out must have q's shape ", q.sizes(), ", got ", dout.sizes(), " and ", out.sizes());
-  TORCH_CHECK_TYPE(dout.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
+  const at::Tensor dout = unit_stride_last(dout_in);
+  // Offsets of any stride, as in varlen_fwd_cpu.
+  const at::Tensor cu_q = cu_seqlens_q.contiguous(), cu_k = cu_seqlens_k.contiguous();
+  AttentionParams p = make_params(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                                  dropout_p, rng_state);
+  // out is part of the op's contract (other backends form rowsum(dout * out) from it). This kernel sums the same
+  // thing in float from the probabilities it recomputes, so it never reads out, but still rejects one that
+  // cannot belong to q.
+  TORCH_CHECK_VALUE(dout.sizes() == q.sizes() && out_in.sizes() == q.sizes(), "hierkern CPU attention: dout and "
+                    "out must have q's shape ", q.sizes(), ", got ", dout.sizes(), " and ", out_in.sizes());
+  TORCH_CHECK_TYPE(dout.scalar_type() == q.scalar_type() && out_in.scalar_type() == q.scalar_type(),
                    "hierkern CPU attention: dout and out must have q's dtype ", q.scalar_type(), ", got ",
-                   dout.scalar_type(), " and ", out.scalar_type());
+                   dout.scalar_type(), " and ", out_in.scalar_type());
   TORCH_CHECK_TYPE(lse_in.scalar_type() == at::kFloat, "hierkern CPU attention: lse must be float32, got ",
                    lse_in.scalar_type());
   TORCH_CHECK_VALUE(lse_in.device().is_cpu() && lse_in.dim() == 2 && lse_in.size(0) == q.size(1) &&
@@ -248,9 +255,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cpu(
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
-  p.out = const_cast<void*>(out.data_ptr());
-  p.out_row = out.stride(0);
-  p.out_head = out.stride(1);
   p.lse = const_cast<float*>(lse.data_ptr<float>());
   p.dout = dout.data_ptr();
   p.dout_row = dout.stride(0);

@@ -30,7 +30,7 @@ struct AttentionParams {
   const void* q;  int64_t q_row, q_head;
   const void* k;  int64_t k_row, k_head;
   const void* v;  int64_t v_row, v_head;
-  // Forward: written. Backward: read (for rowsum(dout * out)).
+  // Forward only: written.
   void* out;      int64_t out_row, out_head;
   float* lse;
   // Backward only.
@@ -52,7 +52,7 @@ using UnitRangeFn = void (*)(const AttentionParams&, int64_t unit_begin, int64_t
 HIERKERN_DECLARE_KERNELS(generic)
 HIERKERN_DECLARE_KERNELS(avx2)
 
-// Whether kernel_avx2.cpp was compiled with AVX2+FMA code generation (GCC/Clang on x86-64).
+// Whether kernel_avx2.cpp was compiled with AVX2+FMA+F16C code generation (GCC/Clang on x86-64).
 bool avx2_kernels_built();
 
 }  // namespace cpu

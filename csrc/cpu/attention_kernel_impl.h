@@ -17,24 +17,30 @@
 // Everything else (double, other head dims) goes one query row at a time with the row's scores in a per-thread
 // buffer; its inner loops are written so the compiler vectorises them (`omp simd` reductions), and exp is
 // explicit vector code (exp8).
+// bfloat16/float16 inputs: the keys and values of a kv head (of all heads of a short segment) are converted to
+// float once, into per-thread scratch of at most kConvertBytes; longer segments are read in place and converted
+// as they are read, so that no thread's scratch grows with a long segment's keys times its kv heads.
+// Masked keys are skipped or selected away, never multiplied by a zero weight: a token's inf or NaN reaches only
+// the rows that attend to it (0 * inf would be NaN).
 // Each row's arithmetic keeps the same order whatever the thread count, so results stay bit-identical.
 
 // Numbers accumulate in Acc: float for float/bfloat16/half inputs, double for double inputs.
 template <typename T> struct AccOf { using type = float; };
 template <> struct AccOf<double> { using type = double; };
 
-template <typename A>
-inline A dot(const A* __restrict a, const A* __restrict b, int64_t n) {
+// b and x are rows of a tensor (any dtype, converted to A as they are read) or of an A buffer.
+template <typename A, typename T>
+inline A dot(const A* __restrict a, const T* __restrict b, int64_t n) {
   A acc = 0;
 #pragma omp simd reduction(+ : acc)
-  for (int64_t d = 0; d < n; ++d) acc += a[d] * b[d];
+  for (int64_t d = 0; d < n; ++d) acc += a[d] * static_cast<A>(b[d]);
   return acc;
 }
 
-template <typename A>
-inline void axpy(A* __restrict y, A alpha, const A* __restrict x, int64_t n) {
+template <typename A, typename T>
+inline void axpy(A* __restrict y, A alpha, const T* __restrict x, int64_t n) {
 #pragma omp simd
-  for (int64_t d = 0; d < n; ++d) y[d] += alpha * x[d];
+  for (int64_t d = 0; d < n; ++d) y[d] += alpha * static_cast<A>(x[d]);
 }
 
 // exp over 8 floats to ~2 ulp (Cephes' polynomial, range reduction by powers of 2), written with GCC/Clang
@@ -45,14 +51,44 @@ typedef float f32x8 __attribute__((vector_size(32)));
 typedef int32_t i32x8 __attribute__((vector_size(32)));
 typedef float f32x8_unaligned __attribute__((vector_size(32), aligned(4)));
 
-inline f32x8 load8(const float* p) { return *reinterpret_cast<const f32x8_unaligned*>(p); }
-// Not `f32x8{} + x`: 0 + x is not an identity (x = -0), so that costs an add before the broadcast.
-inline f32x8 bcast8(float x) { return f32x8{x, x, x, x, x, x, x, x}; }
-inline void store8(float* p, f32x8 x) { *reinterpret_cast<f32x8_unaligned*>(p) = x; }
 // The same 256 bits seen as the other lane type: a vector cast reinterprets (a reference cast would break
 // strict aliasing).
 inline i32x8 bits_of(f32x8 x) { return (i32x8)x; }
 inline f32x8 float_of(i32x8 x) { return (f32x8)x; }
+
+inline f32x8 load8(const float* p) { return *reinterpret_cast<const f32x8_unaligned*>(p); }
+// Not `f32x8{} + x`: 0 + x is not an identity (x = -0), so that costs an add before the broadcast.
+inline f32x8 bcast8(float x) { return f32x8{x, x, x, x, x, x, x, x}; }
+inline void store8(float* p, f32x8 x) { *reinterpret_cast<f32x8_unaligned*>(p) = x; }
+
+typedef uint16_t u16x8 __attribute__((vector_size(16)));
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+
+// Eight bfloat16/float16 values as floats: the blocked kernels read the keys and values of segments too long to
+// convert into bounded scratch (kConvertBytes) in place, converting in registers.
+inline u16x8 load_halves(const void* p) {
+  u16x8 h;
+  std::memcpy(&h, p, sizeof h);
+  return h;
+}
+
+inline f32x8 load8(const c10::BFloat16* p) {
+  return float_of(__builtin_convertvector(load_halves(p), i32x8) << 16);
+}
+
+inline f32x8 load8(const c10::Half* p) {
+#if defined(HIERKERN_AVX2_BUILT)  // kernel_avx2.cpp, compiled with F16C
+  return (f32x8)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#else
+  // c10's fp16_ieee_to_fp32_value in eight lanes: exact for normals, subnormals, infinities and NaNs.
+  const u32x8 w = __builtin_convertvector(load_halves(p), u32x8) << 16;
+  const u32x8 two_w = w + w;
+  const f32x8 normal = float_of((i32x8)((two_w >> 4) + (0xE0u << 23))) * 0x1.0p-112f;
+  const f32x8 subnormal = float_of((i32x8)((two_w >> 17) | (126u << 23))) - 0.5f;
+  const i32x8 magnitude = two_w < (1u << 27) ? bits_of(subnormal) : bits_of(normal);
+  return float_of((i32x8)(w & 0x80000000u) | magnitude);
+#endif
+}
 
 inline f32x8 exp8(f32x8 x_in) {
   const f32x8 lo = f32x8{} - 87.3f, hi = f32x8{} + 88.3f;
@@ -101,10 +137,11 @@ inline f32x8 log8(f32x8 x) {
   return m + y + e * 0.693359375f;
 }
 
-// The lanes [0, n - jb) of x, the others -inf: the scores of a block of keys with the invisible ones masked.
-inline f32x8 mask_past(f32x8 x, int64_t jb, int64_t n) {
+// The lanes [0, n - jb) of x, the others `fill` (by default -inf: the scores of a block of keys with the
+// invisible ones masked). A select, not a product: those lanes may hold anything, an inf or a NaN included.
+inline f32x8 mask_past(f32x8 x, int64_t jb, int64_t n, float fill = -INFINITY) {
   const i32x8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
-  return lane < static_cast<int32_t>(std::min<int64_t>(n - jb, 8)) ? x : f32x8{} - INFINITY;
+  return lane < static_cast<int32_t>(std::min<int64_t>(n - jb, 8)) ? x : f32x8{} + fill;
 }
 
 // Maximum and sum of the eight lanes by halving shuffles, every lane holding the result: no round trip through
@@ -172,9 +209,10 @@ __attribute__((always_inline)) inline f32x8 dot8_lanes(const float* const* q, co
   return transpose_sum8(part);
 }
 
-// Scores of one query row against keys [0, n), head dim kD (a multiple of 8): s[j] = q . key(j), eight keys at
-// a time, each dot product kept as 8 partial sums and the eight reduced together (transpose_sum8), stored as
-// whole vectors so that exp_shifted reads them back without a store-forwarding stall. Returns the row maximum.
+// Scores of one query row against keys [0, n), head dim kD (a multiple of 8): s[j] = q . key(j) (key(j) a row of
+// floats, bfloat16 or float16), eight keys at a time, each dot product kept as 8 partial sums and the eight
+// reduced together (transpose_sum8), stored as whole vectors so that exp_shifted reads them back without a
+// store-forwarding stall. Returns the row maximum.
 template <int kD, typename RowFn>
 inline float scores8(float* __restrict s, const float* __restrict q, int64_t n, RowFn&& key) {
   static_assert(kD > 0 && kD % 8 == 0, "scores8 needs a head dim that is a multiple of 8");
@@ -185,7 +223,7 @@ inline float scores8(float* __restrict s, const float* __restrict q, int64_t n, 
     f32x8 part[8];
 #pragma GCC unroll 8
     for (int t = 0; t < 8; ++t) {
-      const float* k = key(std::min<int64_t>(jb + t, n - 1));
+      const auto* k = key(std::min<int64_t>(jb + t, n - 1));
       part[t] = load8(q) * load8(k);
 #pragma GCC unroll 16
       for (int c = 8; c < kD; c += 8) part[t] += load8(q + c) * load8(k + c);
@@ -204,8 +242,6 @@ inline int64_t visible_keys(int64_t i, int64_t lq, int64_t lk, bool causal) {
   const int64_t n = i + lk - lq + 1;
   return n < 0 ? 0 : (n > lk ? lk : n);
 }
-
-typedef uint32_t u32x8 __attribute__((vector_size(32)));
 
 // The high and low 32 bits of m * x in each of 8 lanes. Generic vectors would make GCC emulate full 64-bit
 // products (three multiplies each); x86's 32x32->64-bit multiply takes the even lanes and, after a 32-bit
@@ -281,25 +317,45 @@ inline void apply_dropout(const AttentionParams& p, int64_t head, int64_t query,
   }
 }
 
+// sum_{j < n} w[j] * x[j] / sum_{j < n} w[j]. The float version reads whole vectors (w and x must be readable
+// up to n rounded up to 8) and selects the lanes past n away, whatever they hold.
+inline float weighted_mean(const float* __restrict w, const float* __restrict x, int64_t n) {
+  f32x8 num{}, den{};
+  for (int64_t j = 0; j < n; j += 8) {
+    const f32x8 wj = mask_past(load8(w + j), j, n, 0.0f);
+    num += mask_past(wj * load8(x + j), j, n, 0.0f);
+    den += wj;
+  }
+  return hsum8(num)[0] / hsum8(den)[0];
+}
+
+inline double weighted_mean(const double* __restrict w, const double* __restrict x, int64_t n) {
+  double num = 0, den = 0;
+  for (int64_t j = 0; j < n; ++j) num += w[j] * x[j], den += w[j];
+  return num / den;
+}
+
 // The softmax's backward for one query row (head, query) against keys key0 + j, j < n, in place: dS[j] holds
 // dP = dout . v_j on entry and dS = P * (keep * dP - delta) on exit, and P[j] becomes P * keep, the weight
-// that dV sees. keep is dropout's factor, 1 without dropout.
+// that dV sees. keep is dropout's factor (1 without dropout), kept in `factor` (n values of scratch) between
+// the two passes. delta = sum_j P * keep * dP / sum_j P equals rowsum(dout * out), but summed from the
+// probabilities in Acc rather than from out rounded to the input dtype: dS is a small difference of close
+// numbers when the softmax is peaky, and out's rounding error (2^-9 of |out| in bfloat16) would swamp it.
+// Dividing by sum_j P (1 but for rounding) makes dS sum to zero over the row as the softmax's Jacobian does:
+// P recomputed from a float lse is off by about |score| * eps, and undivided that error would reach dS (a
+// one-key row, whose dS is 0, would get P * dP * (1 - P)).
 template <typename A>
 inline void softmax_backward_row(const AttentionParams& p, int64_t head, int64_t query, int64_t key0, int64_t n,
-                                 A delta, A* __restrict P, A* __restrict dS) {
-  if (p.dropout_p == 0.0) {
-    for (int64_t j = 0; j < n; ++j) dS[j] = P[j] * (dS[j] - delta);
-    return;
+                                 A* __restrict P, A* __restrict dS, A* __restrict factor) {
+  if (p.dropout_p > 0.0) {
+    for (int64_t j0 = 0; j0 < n; j0 += 8) dropout_factors(p, head, query, key0 + j0, std::min<int64_t>(8, n - j0),
+                                                          factor + j0);
+    for (int64_t j = 0; j < n; ++j) dS[j] *= factor[j];
   }
-  A factor[8];
-  for (int64_t j0 = 0; j0 < n; j0 += 8) {
-    const int64_t m = std::min<int64_t>(8, n - j0);
-    dropout_factors(p, head, query, key0 + j0, m, factor);
-    for (int64_t j = j0; j < j0 + m; ++j) {
-      dS[j] = P[j] * (factor[j - j0] * dS[j] - delta);
-      P[j] *= factor[j - j0];
-    }
-  }
+  const A delta = weighted_mean(P, dS, n);
+  for (int64_t j = 0; j < n; ++j) dS[j] = P[j] * (dS[j] - delta);
+  if (p.dropout_p > 0.0)
+    for (int64_t j = 0; j < n; ++j) P[j] *= factor[j];
 }
 
 template <typename T, typename A>
@@ -307,8 +363,8 @@ inline void load_row(A* __restrict dst, const T* __restrict src, int64_t d, A sc
   for (int64_t c = 0; c < d; ++c) dst[c] = static_cast<A>(src[c]) * scale;
 }
 
-// Rows of a run of kv heads [g0, g1) of one segment, as Acc values: row(g, j) is key j of head g0 + g. The
-// tensor itself when T == Acc (no copy), else converted once into `scratch` so inner loops never convert.
+// Rows of a run of kv heads [g0, g1) of one segment as Acc values, row(g, j) being key j of head g0 + g: keys
+// and values (load_block), or dk/dv accumulators.
 template <typename A>
 struct Block {
   A* base;
@@ -316,6 +372,8 @@ struct Block {
   A* row(int64_t g, int64_t j) const { return base + g * head_stride + j * row_stride; }
 };
 
+// The tensor itself when T == Acc (no copy), else converted once into `scratch`, so that the lane-parallel
+// kernels, which use each row of a short segment for every query of it, never convert in their inner loops.
 template <typename T, typename A>
 Block<const A> load_block(const T* src, int64_t row_stride, int64_t head_stride, int64_t rows, int64_t heads,
                           int64_t d, A* scratch) {
@@ -346,33 +404,38 @@ constexpr int64_t kBwdRows = 64;
 template <typename A, int kD>
 constexpr bool kBlocked = std::is_same_v<A, float> && kD > 0 && kD % 32 == 0;
 
-// Per-thread scratch, sized once per call of a *_units function (one call per thread and launch). Only
-// what the dtype needs is allocated: converted keys/values for non-Acc inputs, dk/dv accumulators likewise
-// (for Acc inputs the backward accumulates straight into dk/dv).
-template <typename T, typename A>
+// Per-thread scratch of one call of a *_units function (one call per thread and launch). The row buffers are
+// sized once, for the longest segments of the thread's units; converted keys/values (non-Acc inputs: short
+// segments, and runs that fit kConvertBytes) and dk/dv accumulators (non-Acc inputs; Acc inputs accumulate
+// straight into dk/dv) grow on demand to what the largest run of kv heads needs.
+template <typename A>
 struct Scratch {
-  static constexpr bool kConvert = !std::is_same_v<T, A>;
-  std::vector<A> buf;
-  // scores, probs: a block of rows (kBlockRows forward, kBwdRows backward) of row_len (a multiple of 16);
-  // qrow, dorow: as many rows of d.
-  A *scores, *probs, *qrow, *dorow, *acc, *keys, *values, *dkeys, *dvalues;
+  std::vector<A> buf, kv, grads;
+  // scores (and, backward, probs): a block of rows (kBlockRows forward, kBwdRows backward, at most the longest
+  // query segment) of row_len (a multiple of 16); qrow (and dorow): as many rows of d; factor: one row_len.
+  A *scores, *probs, *factor, *qrow, *dorow, *acc;
   int64_t row_len;
-  Scratch(int64_t max_k, int64_t kv_heads, int64_t d, bool backward) {
-    const int64_t kv = kConvert ? max_k * kv_heads * d : 0;
+  Scratch(int64_t max_q, int64_t max_k, int64_t d, bool backward) {
     row_len = (max_k + 15) / 16 * 16;
-    const int64_t rows = backward ? kBwdRows : kBlockRows;
-    buf.assign(2 * rows * row_len + (2 * rows + 1) * d + 2 * kv + (backward ? 2 * kv : 0), A(0));
+    const int64_t rows = std::max<int64_t>(1, std::min(backward ? kBwdRows : kBlockRows, max_q));
+    const int64_t row_sets = backward ? 2 : 1;
+    buf.assign(row_sets * rows * row_len + (backward ? row_len : 0) + (row_sets * rows + 1) * d, A(0));
     A* p = buf.data();
     scores = p; p += rows * row_len;
-    probs = p; p += rows * row_len;
+    probs = backward ? p : nullptr; p += backward ? rows * row_len : 0;
+    factor = backward ? p : nullptr; p += backward ? row_len : 0;
     qrow = p; p += rows * d;
-    dorow = p; p += rows * d;
-    acc = p; p += d;
-    keys = p; p += kv;
-    values = p; p += kv;
-    dkeys = p; p += backward ? kv : 0;
-    dvalues = p;
+    dorow = backward ? p : nullptr; p += backward ? rows * d : 0;
+    acc = p;
   }
+  static A* at_least(std::vector<A>& v, int64_t n) {
+    if (static_cast<int64_t>(v.size()) < n) v.resize(n);
+    return v.data();
+  }
+  // Room for converted keys and values, n values each (keys first).
+  A* converted(int64_t n) { return at_least(kv, 2 * n); }
+  // Room for dk and dv accumulators, n values each (dk first).
+  A* accumulators(int64_t n) { return at_least(grads, 2 * n); }
 };
 
 inline int64_t max_segment_len(const int32_t* cu, int64_t begin_seg, int64_t end_seg) {
@@ -393,15 +456,20 @@ inline void for_each_segment_part(const AttentionParams& p, int64_t unit_begin, 
   }
 }
 
-// Calls fn(h, i) for query heads [h0, h1) and rows [0, lq). Token order (every head of a row, then the next
-// row) reads q and writes out sequentially: tiny segments are bound by memory latency, and their keys and
-// values for all heads stay in L1 anyway. Head order keeps one head's keys and values cached across rows,
-// which long segments need. The choice depends on the segment and all its heads (num_heads), never on the
-// share of heads a thread got, so every dk/dv row sums its terms in the same order whatever the split.
+// Whether the row kernels take a segment's rows in token order (every head of a row, then the next row) rather
+// than head order. Token order reads q and writes out sequentially: tiny segments are bound by memory latency,
+// and their keys and values for all heads stay in L1 anyway. Head order keeps one head's keys and values cached
+// across rows, which long segments need. The choice depends on the segment and all its heads (num_heads),
+// never on the share of heads a thread got, so every dk/dv row sums its terms in the same order whatever the
+// split.
+inline bool token_order(int64_t lk, int64_t num_heads, int64_t bytes_per_key) {
+  return lk * num_heads * bytes_per_key <= (32 << 10);
+}
+
+// Calls fn(h, i) for query heads [h0, h1) and rows [0, lq), in token or head order.
 template <typename F>
-inline void for_each_row(int64_t lk, int64_t num_heads, int64_t h0, int64_t h1, int64_t lq, int64_t bytes_per_key,
-                         F&& fn) {
-  if (lk * num_heads * bytes_per_key <= (32 << 10)) {
+inline void for_each_row(bool by_token, int64_t h0, int64_t h1, int64_t lq, F&& fn) {
+  if (by_token) {
     for (int64_t i = 0; i < lq; ++i)
       for (int64_t h = h0; h < h1; ++h) fn(h, i);
   } else {
@@ -410,16 +478,24 @@ inline void for_each_row(int64_t lk, int64_t num_heads, int64_t h0, int64_t h1, 
   }
 }
 
-// res_r[c] = sum_{j < n} w_r[j] * row(j)[c] for two weight rows at once: each loaded row chunk feeds both, and
+// acc[t] += w * x[8t .. 8t + 8) for t < 4: 32 columns of one weighted row (floats, bfloat16 or float16).
+template <typename E>
+__attribute__((always_inline)) inline void add_row32(f32x8* acc, f32x8 w, const E* x) {
+  for (int t = 0; t < 4; ++t) acc[t] += w * load8(x + 8 * t);
+}
+
+// res_r[c] = sum_{j < n_r} w_r[j] * row(j)[c] for two weight rows at once: each loaded row chunk feeds both, and
 // the sums stay in registers (32 columns x 2 rows = 8 vectors) instead of a memory accumulator whose
-// store-to-load latency would serialise the key loop. Weights must be 0 (not garbage) up to n for both rows.
+// store-to-load latency would serialise the key loop. Past the shorter row's n only the longer one
+// accumulates: the rows it does not see may hold an inf, and 0 * inf would be NaN.
 template <int kD, typename RowFn>
 inline void combine2(float* __restrict res0, float* __restrict res1, const float* __restrict w0,
-                     const float* __restrict w1, int64_t n, RowFn&& row) {
+                     const float* __restrict w1, int64_t n0, int64_t n1, RowFn&& row) {
+  const int64_t both = std::min(n0, n1);
   for (int c0 = 0; c0 < kD; c0 += 32) {
     f32x8 a0[4] = {}, a1[4] = {};
-    for (int64_t j = 0; j < n; ++j) {
-      const float* x = row(j) + c0;
+    for (int64_t j = 0; j < both; ++j) {
+      const auto* x = row(j) + c0;
       const f32x8 b0 = bcast8(w0[j]), b1 = bcast8(w1[j]);
       for (int t = 0; t < 4; ++t) {
         const f32x8 xv = load8(x + 8 * t);
@@ -427,6 +503,8 @@ inline void combine2(float* __restrict res0, float* __restrict res1, const float
         a1[t] += b1 * xv;
       }
     }
+    for (int64_t j = both; j < n0; ++j) add_row32(a0, bcast8(w0[j]), row(j) + c0);
+    for (int64_t j = both; j < n1; ++j) add_row32(a1, bcast8(w1[j]), row(j) + c0);
     for (int t = 0; t < 4; ++t) {
       store8(res0 + c0 + 8 * t, a0[t]);
       store8(res1 + c0 + 8 * t, a1[t]);
@@ -605,11 +683,11 @@ void fwd_short_segment(const AttentionParams& p, int64_t q0, int64_t lq, int64_t
 }
 
 // Backward of a segment with fewer than kBwdBlockMinKeys keys, the same way as fwd_short_segment: per key j,
-// one vector each of scores, P (from lse), dP = dout . v and dS = P * (dP - delta) for eight pairs, with
-// delta = rowsum(dout * out) for the eight from one transposing add tree (under dropout, dV takes P * keep and
-// dS = P * (keep * dP - delta)). Then per lane dq = scale * dS @ K in registers, and dk += scale * dS^T q,
-// dv += P^T dout into dk_acc/dv_acc, lane by lane in pair order, so each dk/dv row receives its terms in the
-// same order whatever the batching (bit-identical across thread splits).
+// one vector each of scores, P (from lse) and dP = dout . v for eight pairs, summed into
+// delta = sum_j P * dP / sum_j P (softmax_backward_row says why), then dS = P * (dP - delta)
+// (under dropout, dP is keep * dP and dV takes P * keep). Then per lane dq = scale * dS @ K in registers, and
+// dk += scale * dS^T q, dv += P^T dout into dk_acc/dv_acc, lane by lane in pair order, so each dk/dv row
+// receives its terms in the same order whatever the batching (bit-identical across thread splits).
 template <typename T, int kD, typename A>
 void bwd_short_segment(const AttentionParams& p, int64_t q0, int64_t lq, int64_t k0, int64_t lk, int64_t g0,
                        int64_t g1, const Block<const A>& keys, const Block<const A>& values,
@@ -617,13 +695,14 @@ void bwd_short_segment(const AttentionParams& p, int64_t q0, int64_t lq, int64_t
   static_assert(std::is_same_v<A, float> && kD > 0 && kD % 8 == 0, "bwd_short_segment is the float kernel");
   const int64_t group = p.num_heads / p.num_kv_heads, q_stride = p.num_heads * kD;  // dq is contiguous
   const T* q = static_cast<const T*>(p.q);
-  const T* out = static_cast<const T*>(p.out);
   const T* dout = static_cast<const T*>(p.dout);
   T* dq = static_cast<T*>(p.dq);
   const float scale_s = static_cast<float>(p.softmax_scale);
   const f32x8 scale = bcast8(scale_s);
-  alignas(32) float probs[kBwdBlockMinKeys * 8], dscores[kBwdBlockMinKeys * 8];  // [8 * j + lane]
-  LaneRows<T, kD> q_lane, do_lane, o_lane;
+  // [8 * j + lane]: P, dP then dS, and under dropout P * keep
+  alignas(32) float probs[kBwdBlockMinKeys * 8], dscores[kBwdBlockMinKeys * 8], kept[kBwdBlockMinKeys * 8];
+  const float* weights_dv = p.dropout_p > 0.0 ? kept : probs;
+  LaneRows<T, kD> q_lane, do_lane;
   const float *k_lane[8], *v_lane[8];
   alignas(32) int32_t n_lane[8];
   alignas(32) float lse_lane[8];
@@ -637,7 +716,6 @@ void bwd_short_segment(const AttentionParams& p, int64_t q0, int64_t lq, int64_t
       heads[l] = static_cast<uint32_t>(h), tokens[l] = static_cast<uint32_t>(t);
       q_lane.set(l, q + t * p.q_row + h * p.q_head);
       do_lane.set(l, dout + t * p.dout_row + h * p.dout_head);
-      o_lane.set(l, out + t * p.out_row + h * p.out_head);
       k_lane[l] = keys.row(kv[l], 0);
       v_lane[l] = values.row(kv[l], 0);
       n_lane[l] = static_cast<int32_t>(visible_keys(row[l], lq, lk, p.causal));
@@ -646,23 +724,30 @@ void bwd_short_segment(const AttentionParams& p, int64_t q0, int64_t lq, int64_t
     }
     const i32x8 n = *reinterpret_cast<const i32x8*>(n_lane);
     const f32x8 lse = load8(lse_lane);
-    const f32x8 delta = dot8_lanes<kD>(do_lane.row, o_lane.row, 0);  // the softmax Jacobian's correction
+    f32x8 delta{}, prob_sum{};  // the softmax Jacobian's correction, as in softmax_backward_row
     for (int64_t j = 0; j < n_max; ++j) {
       const f32x8 scores = dot8_lanes<kD>(q_lane.row, k_lane, j * keys.row_stride) * scale;
-      const f32x8 dp = dot8_lanes<kD>(do_lane.row, v_lane, j * values.row_stride);
+      f32x8 dp = dot8_lanes<kD>(do_lane.row, v_lane, j * values.row_stride);
+      const auto visible = static_cast<int32_t>(j) < n;
       // Masked before exp: a lane without keys has lse = -inf, and exp(s - lse) would be inf.
-      const f32x8 prob = exp8(static_cast<int32_t>(j) < n ? scores - lse : f32x8{} - INFINITY);
+      const f32x8 prob = exp8(visible ? scores - lse : f32x8{} - INFINITY);
       if (p.dropout_p > 0.0) {
         // The forward used P * keep for P @ V: dV takes P * keep, and dP reaches dS through the same mask.
         const i32x8 keep = dropout_keep8(p, heads, tokens, u32x8{} + static_cast<uint32_t>(k0 + j));
         const f32x8 factor = keep ? f32x8{} + static_cast<float>(p.dropout_scale) : f32x8{};
-        store8(probs + 8 * j, prob * factor);
-        store8(dscores + 8 * j, prob * (dp * factor - delta));
-      } else {
-        store8(probs + 8 * j, prob);
-        store8(dscores + 8 * j, prob * (dp - delta));
+        store8(kept + 8 * j, prob * factor);
+        dp *= factor;
       }
+      store8(probs + 8 * j, prob);
+      store8(dscores + 8 * j, dp);
+      // Selected, not multiplied by the masked P = 0: an invisible value row may hold an inf.
+      delta += visible ? prob * dp : f32x8{};
+      prob_sum += prob;
     }
+    // Lanes without keys have prob_sum = 0; they store nothing.
+    delta = prob_sum > f32x8{} ? delta / prob_sum : f32x8{};
+    for (int64_t j = 0; j < n_max; ++j)
+      store8(dscores + 8 * j, load8(probs + 8 * j) * (load8(dscores + 8 * j) - delta));
     for (int l = 0; l < lanes; ++l) {
       const int64_t h = heads[l];
       const float* k_rows = k_lane[l];
@@ -670,24 +755,22 @@ void bwd_short_segment(const AttentionParams& p, int64_t q0, int64_t lq, int64_t
                                 [&](int64_t j) { return k_rows + j * keys.row_stride; });
       for (int64_t j = 0; j < n_lane[l]; ++j) {
         add_scaled<kD>(dk_acc.row(kv[l], j), scale_s * dscores[8 * j + l], q_lane.row[l]);
-        add_scaled<kD>(dv_acc.row(kv[l], j), probs[8 * j + l], do_lane.row[l]);
+        add_scaled<kD>(dv_acc.row(kv[l], j), weights_dv[8 * j + l], do_lane.row[l]);
       }
     }
   }
 }
 
 // Blocked forward of query rows [i0, i0 + r) of head h (float, kD a multiple of 32), tokens token0 + b against
-// keys key0 + j: scores and softmax row by row, then P @ V two rows at a time so that each value row is loaded
-// once per pair.
+// keys key0 + j (key(j), val(j): rows of the tensors themselves): scores and softmax row by row, then P @ V two
+// rows at a time so that each value row is loaded once per pair.
 template <typename T, int kD, typename KeyFn, typename ValFn, typename OutFn>
 inline void fwd_block(const AttentionParams& p, int64_t head, int64_t token0, int64_t key0, const T* const* q_rows,
                       int64_t r, const int64_t* n, float scale, float* scores, int64_t row_len, float* qrows,
                       float* lse_out[], OutFn&& out_row, KeyFn&& key, ValFn&& val) {
-  int64_t n_max = 0;
   float inv[kBlockRows];
   for (int64_t b = 0; b < r; ++b) {
     float* s = scores + b * row_len;
-    n_max = std::max(n_max, n[b]);
     if (n[b] == 0) {
       *lse_out[b] = -std::numeric_limits<float>::infinity();
       inv[b] = 0;
@@ -701,12 +784,10 @@ inline void fwd_block(const AttentionParams& p, int64_t head, int64_t token0, in
     inv[b] = 1.0f / sum;
     *lse_out[b] = row_max + std::log(sum);
   }
-  for (int64_t b = 0; b < r; ++b)
-    for (int64_t j = n[b]; j < n_max; ++j) scores[b * row_len + j] = 0;
   alignas(64) float res[2][kD];
   for (int64_t b = 0; b < r; b += 2) {
     const int64_t b1 = b + 1 < r ? b + 1 : b;
-    combine2<kD>(res[0], res[1], scores + b * row_len, scores + b1 * row_len, std::max(n[b], n[b1]), val);
+    combine2<kD>(res[0], res[1], scores + b * row_len, scores + b1 * row_len, n[b], n[b1], val);
     for (int64_t e = b; e <= b1; ++e) {
       T* o = out_row(e);
       for (int64_t c = 0; c < kD; ++c) o[c] = static_cast<T>(res[e - b][c] * inv[e]);
@@ -716,22 +797,26 @@ inline void fwd_block(const AttentionParams& p, int64_t head, int64_t token0, in
 
 // g_j[c] += sum_{b < r} w_b[j] * x_b[c] for keys j in [0, n): the rank-r update dk += dS^T (scale q) or
 // dv += P^T dout of a chunk of query rows. Two keys x 32 columns of g stay in registers across all the rows,
-// so g is loaded and stored once per chunk. w: r rows of row_len weights, 0 past each row's keys and
-// readable up to n rounded up to 2; x: r rows of kD. Rows before first[j] (causal: rows that do not see key
-// j) are skipped.
+// so g is loaded and stored once per chunk. w: r rows of row_len weights, read only where the row sees the
+// key; x: r rows of kD. Only the rows that see a key add to it (n is nondecreasing, so those are the rows
+// from some first one on): a row's x may hold an inf, and 0 * inf would be NaN.
 template <int kD, typename GradFn>
 inline void rank_update(const float* __restrict w, int64_t row_len, const float* __restrict x, int64_t r,
                         const int64_t* n, int64_t n_keys, GradFn&& grad) {
-  int64_t first = 0;  // rows with n[b] <= j contribute nothing; n is nondecreasing, so they are a prefix
+  int64_t first = 0, first1 = 0;  // the first rows that see keys j and j + 1
   for (int64_t j = 0; j < n_keys; j += 2) {
     while (first < r && n[first] <= j) ++first;
     const bool pair = j + 1 < n_keys;
+    first1 = std::max(first1, first);
+    while (first1 < r && n[first1] <= j + 1) ++first1;
+    const int64_t both = pair ? first1 : r;  // rows from here on add to both keys
     float* g0 = grad(j);
     float* g1 = grad(pair ? j + 1 : j);
     for (int c0 = 0; c0 < kD; c0 += 32) {
       f32x8 a0[4], a1[4];
       for (int t = 0; t < 4; ++t) a0[t] = a1[t] = f32x8{};
-      for (int64_t b = first; b < r; ++b) {
+      for (int64_t b = first; b < both; ++b) add_row32(a0, bcast8(w[b * row_len + j]), x + b * kD + c0);
+      for (int64_t b = both; b < r; ++b) {
         const f32x8 w0 = bcast8(w[b * row_len + j]), w1 = bcast8(w[b * row_len + j + 1]);
         const float* xb = x + b * kD + c0;
         for (int t = 0; t < 4; ++t) {
@@ -748,14 +833,14 @@ inline void rank_update(const float* __restrict w, int64_t row_len, const float*
 }
 
 // Blocked backward of query rows [i0, i0 + r) of head h (float, kD a multiple of 32, r <= kBwdRows), tokens
-// token0 + b against keys key0 + j. Row by row: P from the scores and lse, dS = P * (dout . v - delta), both
-// score rows by scores8 (softmax_backward_row applies dropout). Then the three
-// products as register-tiled loops: dq = dS @ K two rows at a time (combine2), dk += dS^T (scale q) and
-// dv += P^T dout two keys at a time over all r rows (rank_update).
+// token0 + b against keys key0 + j (key(j), val(j): rows of the tensors themselves). Row by row: P from the
+// scores and lse, dP = dout . v, both score rows by scores8, then dS (softmax_backward_row, which applies
+// dropout). Then the three products as register-tiled loops: dq = dS @ K two rows at a time (combine2),
+// dk += dS^T (scale q) and dv += P^T dout two keys at a time over all r rows (rank_update).
 template <typename T, int kD, typename KeyFn, typename ValFn, typename DkFn, typename DvFn>
 inline void bwd_block(const AttentionParams& p, int64_t head, int64_t token0, int64_t key0, const T* const* q_rows,
-                      const T* const* do_rows, const T* const* o_rows, const float* lse, int64_t r, const int64_t* n,
-                      float scale, float* probs, float* dscores, int64_t row_len, float* qrows, float* dorows,
+                      const T* const* do_rows, const float* lse, int64_t r, const int64_t* n, float scale,
+                      float* probs, float* dscores, float* factor, int64_t row_len, float* qrows, float* dorows,
                       T* const* dq_rows, KeyFn&& key, ValFn&& val, DkFn&& dk_row, DvFn&& dv_row) {
   int64_t n_max = 0;
   for (int64_t b = 0; b < r; ++b) {
@@ -767,26 +852,56 @@ inline void bwd_block(const AttentionParams& p, int64_t head, int64_t token0, in
     float* dor = dorows + b * kD;
     load_row(qr, q_rows[b], kD, scale);
     load_row(dor, do_rows[b], kD, 1.0f);
-    float delta = 0;  // rowsum(dout * out): the softmax Jacobian's correction term
-    for (int64_t c = 0; c < kD; ++c) delta += dor[c] * static_cast<float>(o_rows[b][c]);
     scores8<kD>(P, qr, n[b], key);
     scores8<kD>(dS, dor, n[b], val);
     exp_shifted(P, n[b], lse[b]);
-    softmax_backward_row(p, head, token0 + b, key0, n[b], delta, P, dS);
+    softmax_backward_row(p, head, token0 + b, key0, n[b], P, dS, factor);
   }
-  // Weights past a row's keys are read as exact zeros (up to n_max rounded to 2 for rank_update's pairs).
-  const int64_t n_pad = std::min(row_len, (n_max + 1) / 2 * 2);
-  for (int64_t b = 0; b < r; ++b)
-    for (int64_t j = n[b]; j < n_pad; ++j) probs[b * row_len + j] = dscores[b * row_len + j] = 0;
   alignas(64) float res[2][kD];
   for (int64_t b = 0; b < r; b += 2) {
     const int64_t b1 = b + 1 < r ? b + 1 : b;
-    combine2<kD>(res[0], res[1], dscores + b * row_len, dscores + b1 * row_len, std::max(n[b], n[b1]), key);
+    combine2<kD>(res[0], res[1], dscores + b * row_len, dscores + b1 * row_len, n[b], n[b1], key);
     for (int64_t e = b; e <= b1; ++e)
       for (int64_t c = 0; c < kD; ++c) dq_rows[e][c] = static_cast<T>(scale * res[e - b][c]);
   }
   rank_update<kD>(dscores, row_len, qrows, r, n, n_max, dk_row);
   rank_update<kD>(probs, row_len, dorows, r, n, n_max, dv_row);
+}
+
+// Keys and values of one segment as stored: key(g, j) is key j of kv head g.
+template <typename T>
+struct SegmentRows {
+  const T* k;
+  const T* v;
+  int64_t k_row, k_head, v_row, v_head;
+  const T* key(int64_t g, int64_t j) const { return k + j * k_row + g * k_head; }
+  const T* value(int64_t g, int64_t j) const { return v + j * v_row + g * v_head; }
+};
+
+// Bytes of converted keys and values one thread holds at most. A run of kv heads whose rows fit is converted to
+// Acc once, and each converted row then feeds every query row of the run; a longer run is read in place and
+// converted as it is read, so that scratch stays bounded however long the segment. That costs: measured on
+// 1024-key segments, the blocked bfloat16 kernels (load8) take ~2x as long, the row kernels on float16 (a scalar
+// conversion per element) ~10x.
+constexpr int64_t kConvertBytes = 2 << 20;
+
+// Calls body(key, value), key(g, j) and value(g, j) being the rows of kv heads g in [ga, gb): Acc rows converted
+// into scratch when T is not Acc and they fit kConvertBytes, else the tensors' own rows.
+template <typename A, typename T, typename Body>
+inline void with_rows(const SegmentRows<T>& seg, int64_t lk, int64_t ga, int64_t gb, int64_t d,
+                      Scratch<A>& scratch, Body&& body) {
+  if constexpr (!std::is_same_v<T, A>) {
+    const int64_t n = (gb - ga) * lk * d;  // per tensor
+    if (2 * n * static_cast<int64_t>(sizeof(A)) <= kConvertBytes) {
+      A* buf = scratch.converted(n);
+      const auto keys = load_block(seg.key(ga, 0), seg.k_row, seg.k_head, lk, gb - ga, d, buf);
+      const auto values = load_block(seg.value(ga, 0), seg.v_row, seg.v_head, lk, gb - ga, d, buf + n);
+      body([&](int64_t g, int64_t j) { return keys.row(g - ga, j); },
+           [&](int64_t g, int64_t j) { return values.row(g - ga, j); });
+      return;
+    }
+  }
+  body([&](int64_t g, int64_t j) { return seg.key(g, j); }, [&](int64_t g, int64_t j) { return seg.value(g, j); });
 }
 
 // kD: the head dim fixed at compile time (0: read from p), so that the loops over it unroll and the output
@@ -796,32 +911,35 @@ void fwd_units(const AttentionParams& p, int64_t unit_begin, int64_t unit_end) {
   using A = typename AccOf<T>::type;
   const int64_t d = kD ? kD : p.head_dim, group = p.num_heads / p.num_kv_heads;
   const int64_t seg_begin = unit_begin / p.num_kv_heads, seg_end = (unit_end - 1) / p.num_kv_heads + 1;
-  Scratch<T, A> scratch(max_segment_len(p.cu_seqlens_k, seg_begin, seg_end), p.num_kv_heads, d, false);
+  Scratch<A> scratch(max_segment_len(p.cu_seqlens_q, seg_begin, seg_end),
+                     max_segment_len(p.cu_seqlens_k, seg_begin, seg_end), d, false);
   const A scale = static_cast<A>(p.softmax_scale);
   const T* q = static_cast<const T*>(p.q);
-  const T* k = static_cast<const T*>(p.k);
-  const T* v = static_cast<const T*>(p.v);
   T* out = static_cast<T*>(p.out);
 
   for_each_segment_part(p, unit_begin, unit_end, [&](int64_t seg, int64_t g0, int64_t g1) {
     const int64_t q0 = p.cu_seqlens_q[seg], lq = p.cu_seqlens_q[seg + 1] - q0;
     const int64_t k0 = p.cu_seqlens_k[seg], lk = p.cu_seqlens_k[seg + 1] - k0;
     if (lq == 0) return;
-    const auto keys = load_block(k + k0 * p.k_row + g0 * p.k_head, p.k_row, p.k_head, lk, g1 - g0, d,
-                                 scratch.keys);
-    const auto values = load_block(v + k0 * p.v_row + g0 * p.v_head, p.v_row, p.v_head, lk, g1 - g0, d,
-                                   scratch.values);
+    const SegmentRows<T> rows{static_cast<const T*>(p.k) + k0 * p.k_row, static_cast<const T*>(p.v) + k0 * p.v_row,
+                              p.k_row, p.k_head, p.v_row, p.v_head};
     if constexpr (kBlocked<A, kD>) {
       if (lk < kFwdBlockMinKeys) {
+        // Every query of a short segment uses every row of it: converted whatever the size (under 32 keys a head).
+        constexpr bool kConvert = !std::is_same_v<T, A>;
+        const int64_t n = lk * (g1 - g0) * d;
+        A* buf = kConvert ? scratch.converted(n) : nullptr;
+        const auto keys = load_block(rows.key(g0, 0), p.k_row, p.k_head, lk, g1 - g0, d, buf);
+        const auto values = load_block(rows.value(g0, 0), p.v_row, p.v_head, lk, g1 - g0, d, kConvert ? buf + n : buf);
         fwd_short_segment<T, kD>(p, q0, lq, k0, lk, g0, g1, keys, values);
-      } else {
-        for (int64_t h = g0 * group; h < g1 * group; ++h) {
-          const int64_t g = h / group - g0;
+        return;
+      }
+      for (int64_t g = g0; g < g1; ++g) with_rows(rows, lk, g, g + 1, d, scratch, [&](auto&& key, auto&& value) {
+        for (int64_t h = g * group; h < (g + 1) * group; ++h) {
           if (h + 1 < g1 * group) {
-            const int64_t gn = (h + 1) / group - g0;
-            if (gn != g) {
-              prefetch_rows(lk, kD * sizeof(A), [&](int64_t j) { return keys.row(gn, j); });
-              prefetch_rows(lk, kD * sizeof(A), [&](int64_t j) { return values.row(gn, j); });
+            if ((h + 1) / group != g) {
+              prefetch_rows(lk, kD * sizeof(T), [&](int64_t j) { return rows.key(g + 1, j); });
+              prefetch_rows(lk, kD * sizeof(T), [&](int64_t j) { return rows.value(g + 1, j); });
             }
             prefetch_rows(lq, kD * sizeof(T), [&](int64_t i) { return q + (q0 + i) * p.q_row + (h + 1) * p.q_head; });
           }
@@ -838,12 +956,12 @@ void fwd_units(const AttentionParams& p, int64_t unit_begin, int64_t unit_end) {
             fwd_block<T, kD>(
                 p, h, q0 + i0, k0, q_rows, r, n, scale, scratch.scores, scratch.row_len, scratch.qrow, lse_out,
                 [&](int64_t b) { return out + (q0 + i0 + b) * p.out_row + h * p.out_head; },
-                [&](int64_t j) { return keys.row(g, j); }, [&](int64_t j) { return values.row(g, j); });
+                [&](int64_t j) { return key(g, j); }, [&](int64_t j) { return value(g, j); });
           }
         }
-      }
+      });
     } else {
-      for_each_row(lk, p.num_heads, g0 * group, g1 * group, lq, 2 * d * sizeof(A), [&](int64_t h, int64_t i) {
+      auto row = [&](int64_t h, int64_t i, auto&& key, auto&& value) {
         T* o = out + (q0 + i) * p.out_row + h * p.out_head;
         float* lse = p.lse + h * p.total_q + q0 + i;
         const int64_t n = visible_keys(i, lq, lk, p.causal);
@@ -852,25 +970,36 @@ void fwd_units(const AttentionParams& p, int64_t unit_begin, int64_t unit_end) {
           *lse = -std::numeric_limits<float>::infinity();
           return;
         }
-        const int64_t g = h / group - g0;
+        const int64_t g = h / group;
         A* __restrict qr = scratch.qrow;
         A* __restrict s = scratch.scores;
         A* __restrict acc = scratch.acc;
         load_row(qr, q + (q0 + i) * p.q_row + h * p.q_head, d, scale);
         A row_max = -std::numeric_limits<A>::infinity();
         for (int64_t j = 0; j < n; ++j) {
-          s[j] = dot(qr, keys.row(g, j), d);
+          s[j] = dot(qr, key(g, j), d);
           row_max = std::max(row_max, s[j]);
         }
         const A sum = exp_shifted(s, n, row_max);
         // Dropout scales the weights of P @ V, not the normaliser: sum and lse are the undropped softmax's.
         if (p.dropout_p > 0.0) apply_dropout(p, h, q0 + i, k0, n, s);
         for (int64_t c = 0; c < d; ++c) acc[c] = 0;
-        for (int64_t j = 0; j < n; ++j) axpy(acc, s[j], values.row(g, j), d);
+        for (int64_t j = 0; j < n; ++j) axpy(acc, s[j], value(g, j), d);
         const A inv = A(1) / sum;
         for (int64_t c = 0; c < d; ++c) o[c] = static_cast<T>(acc[c] * inv);
         *lse = static_cast<float>(row_max + std::log(sum));
-      });
+      };
+      // Token order takes all the segment's heads at once (it is small: token_order), head order one kv head at
+      // a time.
+      if (token_order(lk, p.num_heads, 2 * d * sizeof(A))) {
+        with_rows(rows, lk, g0, g1, d, scratch, [&](auto&& key, auto&& value) {
+          for_each_row(true, g0 * group, g1 * group, lq, [&](int64_t h, int64_t i) { row(h, i, key, value); });
+        });
+      } else {
+        for (int64_t g = g0; g < g1; ++g) with_rows(rows, lk, g, g + 1, d, scratch, [&](auto&& key, auto&& value) {
+          for_each_row(false, g * group, (g + 1) * group, lq, [&](int64_t h, int64_t i) { row(h, i, key, value); });
+        });
+      }
     }
   });
 }
@@ -878,14 +1007,13 @@ void fwd_units(const AttentionParams& p, int64_t unit_begin, int64_t unit_end) {
 template <typename T, int kD>
 void bwd_units(const AttentionParams& p, int64_t unit_begin, int64_t unit_end) {
   using A = typename AccOf<T>::type;
+  constexpr bool kConvert = !std::is_same_v<T, A>;
   const int64_t d = kD ? kD : p.head_dim, group = p.num_heads / p.num_kv_heads;
   const int64_t seg_begin = unit_begin / p.num_kv_heads, seg_end = (unit_end - 1) / p.num_kv_heads + 1;
-  Scratch<T, A> scratch(max_segment_len(p.cu_seqlens_k, seg_begin, seg_end), p.num_kv_heads, d, true);
+  Scratch<A> scratch(max_segment_len(p.cu_seqlens_q, seg_begin, seg_end),
+                     max_segment_len(p.cu_seqlens_k, seg_begin, seg_end), d, true);
   const A scale = static_cast<A>(p.softmax_scale);
   const T* q = static_cast<const T*>(p.q);
-  const T* k = static_cast<const T*>(p.k);
-  const T* v = static_cast<const T*>(p.v);
-  const T* out = static_cast<const T*>(p.out);
   const T* dout = static_cast<const T*>(p.dout);
   T* dq = static_cast<T*>(p.dq);
   T* dk = static_cast<T*>(p.dk);
@@ -895,104 +1023,143 @@ void bwd_units(const AttentionParams& p, int64_t unit_begin, int64_t unit_end) {
   for_each_segment_part(p, unit_begin, unit_end, [&](int64_t seg, int64_t g0, int64_t g1) {
     const int64_t q0 = p.cu_seqlens_q[seg], lq = p.cu_seqlens_q[seg + 1] - q0;
     const int64_t k0 = p.cu_seqlens_k[seg], lk = p.cu_seqlens_k[seg + 1] - k0;
-    const int64_t heads = g1 - g0;
-    // dk/dv of this segment's keys for heads [g0, g1): this call is their only writer (no atomics).
-    Block<A> dk_acc, dv_acc;
-    if constexpr (Scratch<T, A>::kConvert) {
-      dk_acc = {scratch.dkeys, d, lk * d};
-      dv_acc = {scratch.dvalues, d, lk * d};
-    } else {
-      dk_acc = {dk + k0 * kv_stride + g0 * d, kv_stride, d};
-      dv_acc = {dv + k0 * kv_stride + g0 * d, kv_stride, d};
+    const SegmentRows<T> rows{static_cast<const T*>(p.k) + k0 * p.k_row, static_cast<const T*>(p.v) + k0 * p.v_row,
+                              p.k_row, p.k_head, p.v_row, p.v_head};
+    auto dk_out = [&](int64_t g, int64_t j) { return dk + (k0 + j) * kv_stride + g * d; };
+    auto dv_out = [&](int64_t g, int64_t j) { return dv + (k0 + j) * kv_stride + g * d; };
+    if (lq == 0) {
+      for (int64_t g = g0; g < g1; ++g)
+        for (int64_t j = 0; j < lk; ++j)
+          for (int64_t c = 0; c < d; ++c) dk_out(g, j)[c] = dv_out(g, j)[c] = T(0);
+      return;
     }
-    for (int64_t g = 0; g < heads; ++g)
-      for (int64_t j = 0; j < lk; ++j)
-        for (int64_t c = 0; c < d; ++c) dk_acc.row(g, j)[c] = dv_acc.row(g, j)[c] = 0;
-    const int64_t rows = lq ? lk : 0;
-    const auto keys = load_block(k + k0 * p.k_row + g0 * p.k_head, p.k_row, p.k_head, rows, heads, d,
-                                 scratch.keys);
-    const auto values = load_block(v + k0 * p.v_row + g0 * p.v_head, p.v_row, p.v_head, rows, heads, d,
-                                   scratch.values);
-    bool generic = true;
-    if constexpr (kBlocked<A, kD>) {
-      generic = false;
-      if (lk < kBwdBlockMinKeys) bwd_short_segment<T, kD>(p, q0, lq, k0, lk, g0, g1, keys, values, dk_acc, dv_acc);
-      for (int64_t h = g0 * group; lk >= kBwdBlockMinKeys && h < g1 * group; ++h) {
-        const int64_t g = h / group - g0;
-        for (int64_t i0 = 0; i0 < lq; i0 += kBwdRows) {
-          const int64_t r = std::min(kBwdRows, lq - i0);
-          const T *q_rows[kBwdRows], *do_rows[kBwdRows], *o_rows[kBwdRows];
-          T* dq_rows[kBwdRows];
-          int64_t n[kBwdRows];
-          float lse[kBwdRows];
-          for (int64_t b = 0; b < r; ++b) {
-            const int64_t t = q0 + i0 + b;
-            q_rows[b] = q + t * p.q_row + h * p.q_head;
-            do_rows[b] = dout + t * p.dout_row + h * p.dout_head;
-            o_rows[b] = out + t * p.out_row + h * p.out_head;
-            dq_rows[b] = dq + t * q_stride + h * d;
-            n[b] = visible_keys(i0 + b, lq, lk, p.causal);
-            lse[b] = p.lse[h * p.total_q + t];
-          }
-          bwd_block<T, kD>(p, h, q0 + i0, k0, q_rows, do_rows, o_rows, lse, r, n, scale, scratch.probs,
-                           scratch.scores, scratch.row_len, scratch.qrow, scratch.dorow, dq_rows,
-                           [&](int64_t j) { return keys.row(g, j); }, [&](int64_t j) { return values.row(g, j); },
-                           [&](int64_t j) { return dk_acc.row(g, j); }, [&](int64_t j) { return dv_acc.row(g, j); });
-        }
+    // Runs body(dk_acc, dv_acc) with zeroed accumulators for the keys of kv heads [ga, gb) (row(g - ga, j)), then
+    // stores them: straight in dk/dv when T is Acc, else in scratch (one run's worth: a long segment runs one kv
+    // head at a time) converted once every row has added its terms. This call is their only writer (no atomics).
+    auto accumulate = [&](int64_t ga, int64_t gb, auto&& body) {
+      Block<A> dk_acc, dv_acc;
+      if constexpr (kConvert) {
+        A* buf = scratch.accumulators((gb - ga) * lk * d);
+        dk_acc = {buf, d, lk * d};
+        dv_acc = {buf + (gb - ga) * lk * d, d, lk * d};
+      } else {
+        dk_acc = {dk_out(ga, 0), kv_stride, d};
+        dv_acc = {dv_out(ga, 0), kv_stride, d};
       }
-    }
-    if (generic) for_each_row(lk, p.num_heads, g0 * group, g1 * group, lq, 4 * d * sizeof(A),
-                              [&](int64_t h, int64_t i) {
-      T* dq_row = dq + (q0 + i) * q_stride + h * d;
-      const int64_t n = visible_keys(i, lq, lk, p.causal);
-      if (n == 0) {
-        for (int64_t c = 0; c < d; ++c) dq_row[c] = T(0);
+      for (int64_t g = 0; g < gb - ga; ++g)
+        for (int64_t j = 0; j < lk; ++j)
+          for (int64_t c = 0; c < d; ++c) dk_acc.row(g, j)[c] = dv_acc.row(g, j)[c] = 0;
+      body(dk_acc, dv_acc);
+      if constexpr (kConvert) {
+        for (int64_t g = ga; g < gb; ++g)
+          for (int64_t j = 0; j < lk; ++j) {
+            T* dk_row = dk_out(g, j);
+            T* dv_row = dv_out(g, j);
+            for (int64_t c = 0; c < d; ++c) {
+              dk_row[c] = static_cast<T>(dk_acc.row(g - ga, j)[c]);
+              dv_row[c] = static_cast<T>(dv_acc.row(g - ga, j)[c]);
+            }
+          }
+      }
+    };
+    if constexpr (kBlocked<A, kD>) {
+      if (lk < kBwdBlockMinKeys) {
+        // Every query of a short segment uses every row of it: converted whatever the size (under 16 keys a head).
+        const int64_t n = lk * (g1 - g0) * d;
+        A* buf = kConvert ? scratch.converted(n) : nullptr;
+        const auto keys = load_block(rows.key(g0, 0), p.k_row, p.k_head, lk, g1 - g0, d, buf);
+        const auto values = load_block(rows.value(g0, 0), p.v_row, p.v_head, lk, g1 - g0, d, kConvert ? buf + n : buf);
+        accumulate(g0, g1, [&](const Block<A>& dk_acc, const Block<A>& dv_acc) {
+          bwd_short_segment<T, kD>(p, q0, lq, k0, lk, g0, g1, keys, values, dk_acc, dv_acc);
+        });
         return;
       }
-      const int64_t g = h / group - g0;
-      A* __restrict qr = scratch.qrow;
-      A* __restrict dor = scratch.dorow;
-      A* __restrict s = scratch.scores;
-      A* __restrict dp = scratch.probs;
-      alignas(64) A acc_regs[kD ? kD : 1];
-      A* __restrict acc = kD ? acc_regs : scratch.acc;
-      load_row(qr, q + (q0 + i) * p.q_row + h * p.q_head, d, A(1));
-      load_row(dor, dout + (q0 + i) * p.dout_row + h * p.dout_head, d, A(1));
-      const T* o = out + (q0 + i) * p.out_row + h * p.out_head;
-      A delta = 0;  // rowsum(dout * out): the softmax Jacobian's correction term
-      for (int64_t c = 0; c < d; ++c) delta += dor[c] * static_cast<A>(o[c]);
-      for (int64_t j = 0; j < n; ++j) {
-        s[j] = scale * dot(qr, keys.row(g, j), d);
-        dp[j] = dot(dor, values.row(g, j), d);
-      }
-      if constexpr (std::is_same_v<A, double>) {
-        // lse is float32: renormalise in double so float64 gradients keep float64 accuracy.
-        A row_max = -std::numeric_limits<A>::infinity();
-        for (int64_t j = 0; j < n; ++j) row_max = std::max(row_max, s[j]);
-        const A sum = exp_shifted(s, n, row_max);
-        for (int64_t j = 0; j < n; ++j) s[j] /= sum;
-      } else {
-        exp_shifted(s, n, static_cast<A>(p.lse[h * p.total_q + q0 + i]));
-      }
-      for (int64_t c = 0; c < d; ++c) acc[c] = 0;
-      softmax_backward_row(p, h, q0 + i, k0, n, delta, s, dp);  // dp <- dS, s <- the weights dV sees
-      for (int64_t j = 0; j < n; ++j) {
-        axpy(acc, dp[j], keys.row(g, j), d);
-        axpy(dk_acc.row(g, j), scale * dp[j], qr, d);
-        axpy(dv_acc.row(g, j), s[j], dor, d);
-      }
-      for (int64_t c = 0; c < d; ++c) dq_row[c] = static_cast<T>(scale * acc[c]);
-    });
-    if constexpr (Scratch<T, A>::kConvert) {
-      for (int64_t g = 0; g < heads; ++g)
-        for (int64_t j = 0; j < lk; ++j) {
-          T* dk_row = dk + (k0 + j) * kv_stride + (g0 + g) * d;
-          T* dv_row = dv + (k0 + j) * kv_stride + (g0 + g) * d;
-          for (int64_t c = 0; c < d; ++c) {
-            dk_row[c] = static_cast<T>(dk_acc.row(g, j)[c]);
-            dv_row[c] = static_cast<T>(dv_acc.row(g, j)[c]);
+      for (int64_t g = g0; g < g1; ++g) accumulate(g, g + 1, [&](const Block<A>& dk_acc, const Block<A>& dv_acc) {
+        with_rows(rows, lk, g, g + 1, d, scratch, [&](auto&& key, auto&& value) {
+          for (int64_t h = g * group; h < (g + 1) * group; ++h) {
+            for (int64_t i0 = 0; i0 < lq; i0 += kBwdRows) {
+              const int64_t r = std::min(kBwdRows, lq - i0);
+              const T *q_rows[kBwdRows], *do_rows[kBwdRows];
+              T* dq_rows[kBwdRows];
+              int64_t n[kBwdRows];
+              float lse[kBwdRows];
+              for (int64_t b = 0; b < r; ++b) {
+                const int64_t t = q0 + i0 + b;
+                q_rows[b] = q + t * p.q_row + h * p.q_head;
+                do_rows[b] = dout + t * p.dout_row + h * p.dout_head;
+                dq_rows[b] = dq + t * q_stride + h * d;
+                n[b] = visible_keys(i0 + b, lq, lk, p.causal);
+                lse[b] = p.lse[h * p.total_q + t];
+              }
+              bwd_block<T, kD>(p, h, q0 + i0, k0, q_rows, do_rows, lse, r, n, scale, scratch.probs,
+                               scratch.scores, scratch.factor, scratch.row_len, scratch.qrow, scratch.dorow,
+                               dq_rows, [&](int64_t j) { return key(g, j); }, [&](int64_t j) { return value(g, j); },
+                               [&](int64_t j) { return dk_acc.row(0, j); },
+                               [&](int64_t j) { return dv_acc.row(0, j); });
+            }
           }
+        });
+      });
+    } else {
+      // One query row (h, i) at a time; ga is the first kv head of the accumulators' run.
+      auto row = [&](int64_t h, int64_t i, auto&& key, auto&& value, int64_t ga, const Block<A>& dk_acc,
+                     const Block<A>& dv_acc) {
+        T* dq_row = dq + (q0 + i) * q_stride + h * d;
+        const int64_t n = visible_keys(i, lq, lk, p.causal);
+        if (n == 0) {
+          for (int64_t c = 0; c < d; ++c) dq_row[c] = T(0);
+          return;
         }
+        const int64_t g = h / group;
+        A* __restrict qr = scratch.qrow;
+        A* __restrict dor = scratch.dorow;
+        A* __restrict s = scratch.scores;
+        A* __restrict dp = scratch.probs;
+        alignas(64) A acc_regs[kD ? kD : 1];
+        A* __restrict acc = kD ? acc_regs : scratch.acc;
+        load_row(qr, q + (q0 + i) * p.q_row + h * p.q_head, d, A(1));
+        load_row(dor, dout + (q0 + i) * p.dout_row + h * p.dout_head, d, A(1));
+        for (int64_t j = 0; j < n; ++j) {
+          s[j] = scale * dot(qr, key(g, j), d);
+          dp[j] = dot(dor, value(g, j), d);
+        }
+        if constexpr (std::is_same_v<A, double>) {
+          // lse is float32: renormalise in double so float64 gradients keep float64 accuracy.
+          A row_max = -std::numeric_limits<A>::infinity();
+          for (int64_t j = 0; j < n; ++j) row_max = std::max(row_max, s[j]);
+          const A sum = exp_shifted(s, n, row_max);
+          for (int64_t j = 0; j < n; ++j) s[j] /= sum;
+        } else {
+          exp_shifted(s, n, static_cast<A>(p.lse[h * p.total_q + q0 + i]));
+        }
+        for (int64_t c = 0; c < d; ++c) acc[c] = 0;
+        softmax_backward_row(p, h, q0 + i, k0, n, s, dp, scratch.factor);  // dp <- dS, s <- the weights dV sees
+        for (int64_t j = 0; j < n; ++j) {
+          axpy(acc, dp[j], key(g, j), d);
+          axpy(dk_acc.row(g - ga, j), scale * dp[j], qr, d);
+          axpy(dv_acc.row(g - ga, j), s[j], dor, d);
+        }
+        for (int64_t c = 0; c < d; ++c) dq_row[c] = static_cast<T>(scale * acc[c]);
+      };
+      // Token order takes all the segment's heads at once (it is small: token_order), head order one kv head at
+      // a time, so that the accumulators hold one head's keys.
+      if (token_order(lk, p.num_heads, 4 * d * sizeof(A))) {
+        accumulate(g0, g1, [&](const Block<A>& dk_acc, const Block<A>& dv_acc) {
+          with_rows(rows, lk, g0, g1, d, scratch, [&](auto&& key, auto&& value) {
+            for_each_row(true, g0 * group, g1 * group, lq, [&](int64_t h, int64_t i) {
+              row(h, i, key, value, g0, dk_acc, dv_acc);
+            });
+          });
+        });
+      } else {
+        for (int64_t g = g0; g < g1; ++g) accumulate(g, g + 1, [&](const Block<A>& dk_acc, const Block<A>& dv_acc) {
+          with_rows(rows, lk, g, g + 1, d, scratch, [&](auto&& key, auto&& value) {
+            for_each_row(false, g * group, (g + 1) * group, lq, [&](int64_t h, int64_t i) {
+              row(h, i, key, value, g, dk_acc, dv_acc);
+            });
+          });
+        });
+      }
     }
   });
 }
