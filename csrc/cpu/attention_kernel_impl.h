@@ -669,7 +669,9 @@ void fwd_short_segment(const AttentionParams& p, int64_t q0, int64_t lq, int64_t
         store8(probs + 8 * j, load8(probs + 8 * j) * (keep ? kept : f32x8{}));
       }
     }
-    const f32x8 inv = sum > f32x8{} ? 1.0f / sum : f32x8{};
+    // A lane whose visible keys all score -inf (an infinite input) gets softmax's 0/0, NaN, as the row kernels
+    // do; only a lane with no visible key at all is zeros.
+    const f32x8 inv = sum > f32x8{} ? 1.0f / sum : (n > 0 ? f32x8{} + NAN : f32x8{});
     // sum >= 1 where a lane has keys (its maximum contributes exp(0)), so log8 sees normal numbers only.
     const f32x8 lse = n > 0 ? row_max + log8(sum > f32x8{} ? sum : f32x8{} + 1.0f) : f32x8{} - INFINITY;
     for (int l = 0; l < lanes; ++l) {

@@ -122,3 +122,20 @@ def test_row_whose_every_visible_score_is_minus_inf(backend, causal):
     token = _start(MIXED.lengths_q, segment) + position
     q = make_problem(MIXED, FP32, "cpu").q
     _case(backend, "k", -math.copysign(math.inf, float(q[token, 0, 3])), "first", causal, FP32)
+
+
+def test_short_row_whose_only_visible_score_is_minus_inf(backend):
+    """The same in a short word (the CPU kernel's lane-parallel path): row 0 of a causal 5-token word sees key 0
+    only, and every query scores it -inf."""
+    name, device = backend
+    problem = make_problem(Layout("word", (5, 4)), FP32, device)
+    skip_if_refused(name, problem, causal=True)
+    q = problem.q.detach().abs() + 0.1
+    k = problem.k.detach().clone()
+    k[0, 0, 3] = -math.inf
+    out = hierkern.varlen_attention(q, k, problem.v.detach(), problem.cu_q, problem.cu_k, causal=True,
+                                    backend=name)
+    expected, _ = oracle_attention(q, k, problem.v.detach(), problem.cu_q.cpu(), problem.cu_k.cpu(), causal=True)
+    assert torch.isnan(expected[0]).all()
+    got = out.detach().cpu()
+    assert torch.equal(torch.isfinite(got), torch.isfinite(expected)), "softmax over only -inf scores is NaN"
