@@ -6,7 +6,9 @@ from .layout import Segments
 from .nn.layers import (AttentionPooling, HierarchicalEncoder, LearnedPositionalEncoding,
                         PackedTransformerEncoder, PackedTransformerEncoderLayer, SegmentPooling,
                         SinusoidalPositionalEncoding)
+from .nn.encoder import TransformerEncoder, TransformerEncoderLayer
 from .nn.mha import MultiheadAttention
+from .patching import PatchReport, patch_model
 from .text import CharVocab, TextBatch, collate_fn
 
 __all__ = [
@@ -15,6 +17,7 @@ __all__ = [
     "PackedTransformerEncoderLayer", "PackedTransformerEncoder", "SinusoidalPositionalEncoding",
     "LearnedPositionalEncoding", "AttentionPooling", "SegmentPooling",
     "MultiheadAttention",
+    "TransformerEncoderLayer", "TransformerEncoder", "patch_model", "PatchReport",
 ]
 
 __version__ = "0.1.0"

@@ -3,11 +3,12 @@
 from .layers import (AttentionPooling, HierarchicalEncoder, LearnedPositionalEncoding,
                      PackedTransformerEncoder, PackedTransformerEncoderLayer, SegmentPooling,
                      SinusoidalPositionalEncoding, segment_max, segment_mean)
+from .encoder import TransformerEncoder, TransformerEncoderLayer
 from .mha import MultiheadAttention
 
 __all__ = [
     "AttentionPooling", "HierarchicalEncoder", "LearnedPositionalEncoding",
     "PackedTransformerEncoder", "PackedTransformerEncoderLayer", "SegmentPooling",
     "SinusoidalPositionalEncoding", "segment_max", "segment_mean",
-    "MultiheadAttention",
+    "MultiheadAttention", "TransformerEncoderLayer", "TransformerEncoder",
 ]

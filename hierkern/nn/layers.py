@@ -2,14 +2,13 @@
 char -> word -> sentence encoder.
 
 Every layer takes packed tokens ``(total, E)`` plus the ``hierkern.Segments`` that group them; attention
-never crosses a segment boundary. Self-attention is ``hierkern.MultiheadAttention``'s packed path and
-attention pooling calls ``hierkern.varlen_attention`` directly: one fused call per layer, whatever the
-backend. These modules hold parameters and do projections, norms and reductions only.
+never crosses a segment boundary. The encoder layers are the drop-ins of ``encoder.py`` called on packed
+tokens; attention pooling calls ``hierkern.varlen_attention`` directly: one fused call per layer, whatever
+the backend. These modules hold parameters and do projections, norms and reductions only.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 from typing import Callable
 
@@ -19,7 +18,7 @@ from torch import nn
 
 from ..functional import varlen_attention
 from ..layout import Segments
-from .mha import MultiheadAttention
+from .encoder import TransformerEncoder, TransformerEncoderLayer
 
 __all__ = [
     "PackedTransformerEncoderLayer", "PackedTransformerEncoder",
@@ -40,21 +39,11 @@ def _check_packed(x: torch.Tensor, segments: Segments, name: str = "x") -> None:
         raise ValueError(f"{name} has {x.shape[0]} tokens but segments covers {segments.total}")
 
 
-def _activation(activation: str | Callable[[torch.Tensor], torch.Tensor]) -> Callable:
-    if callable(activation):
-        return activation
-    if activation == "relu":
-        return F.relu
-    if activation == "gelu":
-        return F.gelu
-    raise ValueError(f"activation must be 'relu', 'gelu' or a callable, got {activation!r}")
+class PackedTransformerEncoderLayer(TransformerEncoderLayer):
+    """``hierkern.TransformerEncoderLayer`` called on packed tokens only: ``forward(src, segments)``.
 
-
-class PackedTransformerEncoderLayer(nn.Module):
-    """``nn.TransformerEncoderLayer`` over packed tokens: same arguments, parameter names and results.
-
-    Post-norm (``norm_first=False``, torch's default): ``x = norm1(x + sa(x)); x = norm2(x + ff(x))``.
-    Pre-norm (``norm_first=True``): ``x = x + sa(norm1(x)); x = x + ff(norm2(x))``.
+    The same module as the drop-in (torch's parameter names, initialisation and results; the math lives
+    there), with ``batch_first=True`` and no padded form.
 
     Args:
         d_model: width ``E``.
@@ -70,59 +59,25 @@ class PackedTransformerEncoderLayer(nn.Module):
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1,
                  activation: str | Callable = F.relu, layer_norm_eps: float = 1e-5, norm_first: bool = False,
                  bias: bool = True, device=None, dtype=None):
-        super().__init__()
-        if d_model <= 0 or nhead <= 0 or d_model % nhead != 0:
-            raise ValueError(f"d_model ({d_model}) must be a positive multiple of nhead ({nhead})")
-        factory = {"device": device, "dtype": dtype}
-        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, bias=bias, batch_first=True,
-                                            **factory)
-        self.linear1 = nn.Linear(d_model, dim_feedforward, bias=bias, **factory)
-        self.dropout = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(dim_feedforward, d_model, bias=bias, **factory)
-        self.norm_first = norm_first
-        self.norm1 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **factory)
-        self.norm2 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **factory)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
-        self.activation = _activation(activation)
-
-    def _sa_block(self, x: torch.Tensor, segments: Segments) -> torch.Tensor:
-        return self.dropout1(self.self_attn(x, x, x, segments=segments, need_weights=False)[0])
-
-    def _ff_block(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout2(self.linear2(self.dropout(self.activation(self.linear1(x)))))
+        super().__init__(d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, batch_first=True,
+                         norm_first=norm_first, bias=bias, device=device, dtype=dtype)
 
     def forward(self, src: torch.Tensor, segments: Segments) -> torch.Tensor:
         """``src`` ``(total, E)`` packed by ``segments`` -> ``(total, E)``."""
-        _check_packed(src, segments, "src")
-        x = src
-        if self.norm_first:
-            x = x + self._sa_block(self.norm1(x), segments)
-            x = x + self._ff_block(self.norm2(x))
-        else:
-            x = self.norm1(x + self._sa_block(x, segments))
-            x = self.norm2(x + self._ff_block(x))
-        return x
+        return super().forward(src, segments=segments)
 
 
-class PackedTransformerEncoder(nn.Module):
-    """A stack of ``num_layers`` copies of ``encoder_layer`` plus an optional final norm, named like
-    ``nn.TransformerEncoder`` (``layers.<i>.``, ``norm``)."""
+class PackedTransformerEncoder(TransformerEncoder):
+    """A stack of ``num_layers`` copies of ``encoder_layer`` plus an optional final norm over packed tokens,
+    named like ``nn.TransformerEncoder`` (``layers.<i>.``, ``norm``): ``forward(src, segments)``."""
 
-    def __init__(self, encoder_layer: PackedTransformerEncoderLayer, num_layers: int,
-                 norm: nn.Module | None = None):
-        super().__init__()
-        if num_layers < 0:
-            raise ValueError(f"num_layers must be non-negative, got {num_layers}")
-        self.layers = nn.ModuleList(copy.deepcopy(encoder_layer) for _ in range(num_layers))
-        self.num_layers = num_layers
-        self.norm = norm
+    def __init__(self, encoder_layer: TransformerEncoderLayer, num_layers: int, norm: nn.Module | None = None):
+        # Nested tensors are torch's padded-input path, which a packed-only encoder never takes.
+        super().__init__(encoder_layer, num_layers, norm, enable_nested_tensor=False)
 
     def forward(self, src: torch.Tensor, segments: Segments) -> torch.Tensor:
-        x = src
-        for layer in self.layers:
-            x = layer(x, segments)
-        return x if self.norm is None else self.norm(x)
+        """``src`` ``(total, E)`` packed by ``segments`` -> ``(total, E)``."""
+        return super().forward(src, segments=segments)
 
 
 class SinusoidalPositionalEncoding(nn.Module):

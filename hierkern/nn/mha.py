@@ -37,6 +37,11 @@ class _Plan:
     seg_k: Segments | None = None
     causal: bool = False
     strip_queries: bool = False
+    # The sync-free layout (masks not host-readable): rows stay padded, ``order`` (N, S) puts each row's
+    # valid keys first (a stable sort, so any key padding mask works), and ``pad`` (N, L) marks the padded
+    # query rows to zero in self-attention.
+    order: Tensor | None = None
+    pad: Tensor | None = None
 
 
 def _check_tensor(name: str, t) -> None:
@@ -86,6 +91,24 @@ def _prefix_padding(kpm: Tensor) -> Tensor | None:
     if kpm.shape[1] > 1 and bool((pad[:, :-1] & ~pad[:, 1:]).any()):
         return None
     return pad
+
+
+def _host_readable(t: Tensor) -> bool:
+    """Whether reading ``t``'s values costs nothing: a CPU tensor in eager mode. A CUDA tensor would need
+    a device sync, and under ``torch.compile`` a host read breaks the graph."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _offsets(lengths: Tensor) -> Tensor:
+    """int32 ``cu_seqlens`` ``(numel + 1,)`` of a tensor of segment lengths, computed on its device."""
+    return F.pad(lengths.flatten().cumsum(0), (1, 0)).to(torch.int32)
+
+
+def uniform_segments(num: int, length: int, device: torch.device) -> Segments:
+    """``num`` segments of ``length`` tokens each, built on ``device`` without host arithmetic on tensors
+    (so ``torch.compile`` traces it and CUDA needs no copy)."""
+    offsets = torch.arange(num + 1, dtype=torch.int32, device=device) * length
+    return Segments(offsets, length, num * length, validate=False)
 
 
 def _is_causal_mask(mask: Tensor) -> bool:
@@ -165,6 +188,18 @@ class MultiheadAttention(nn.MultiheadAttention):
                          device=device, dtype=dtype)
         self.last_path: str | None = None
         self.last_why_not_fast_path: str | None = None
+
+    @classmethod
+    def adopt(cls, module: nn.MultiheadAttention) -> "MultiheadAttention":
+        """Turn a ``torch.nn.MultiheadAttention`` (exactly that class) into this class in place: the same
+        module object, parameter objects and state, so optimisers holding its parameters keep working and
+        nothing is re-initialised. Returns ``module``."""
+        if type(module) is not nn.MultiheadAttention:
+            raise TypeError(f"module must be a torch.nn.MultiheadAttention (not a subclass), got "
+                            f"{type(module).__name__}")
+        module.__class__ = cls
+        module.last_path = module.last_why_not_fast_path = None
+        return module
 
     def __setstate__(self, state):
         state.setdefault("last_path", None)
@@ -321,6 +356,9 @@ class MultiheadAttention(nn.MultiheadAttention):
             _check_sdpa_mask_dtype(key_padding_mask, attn_mask, is_causal, query.dtype)
         mismatched = (key_padding_mask is not None and attn_mask is not None
                       and key_padding_mask.dtype != attn_mask.dtype)
+        bool_padding = None
+        if key_padding_mask is not None and key_padding_mask.dtype == torch.bool:
+            bool_padding = key_padding_mask
         key_padding_mask = _canonical_mask(key_padding_mask, query.dtype)
         attn_mask = _canonical_mask(attn_mask, query.dtype)
         for name, mask in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
@@ -335,12 +373,21 @@ class MultiheadAttention(nn.MultiheadAttention):
             return _Plan(reason)
 
         self_attention = query is key and key is value
+        # Masks on a GPU, or any mask under torch.compile, are planned without reading their values:
+        # reading them would sync the device (or break the graph).
+        readable = _host_readable(query)
         # torch (multi_head_attention_forward): with is_causal and no key_padding_mask, attn_mask is
         # replaced by SDPA's causal flag; otherwise attn_mask is what masks and is_causal is only a hint.
         if is_causal and key_padding_mask is None:
             causal = True
         elif attn_mask is None:
             causal = False
+        elif not readable:
+            if not is_causal:
+                return _Plan("attn_mask without is_causal=True on a GPU or under torch.compile: telling "
+                             "whether it is the causal mask would read it on the host")
+            # torch documents is_causal as the caller's promise that attn_mask is the causal mask.
+            causal = True
         elif _is_causal_mask(attn_mask):
             causal = True
         else:
@@ -348,28 +395,59 @@ class MultiheadAttention(nn.MultiheadAttention):
         if causal and tgt_len != src_len:
             return _Plan(f"causal masking with L={tgt_len} != S={src_len}: torch aligns it top-left, "
                           f"varlen_attention bottom-right")
-
-        pad = None
-        if key_padding_mask is not None:
+        if key_padding_mask is not None and causal and not self_attention:
+            return _Plan("causal masking with key padding in cross-attention: the causal diagonal would "
+                         "move with each row's key length")
+        if key_padding_mask is not None and not readable:
+            if bool_padding is None:
+                return _Plan("a float key_padding_mask on a GPU or under torch.compile: telling whether it "
+                             "holds only 0 and -inf would read it on the host (pass a bool mask)")
+            plan = self._sync_free_plan(bool_padding.reshape(n, src_len), tgt_len, causal, self_attention)
+        elif key_padding_mask is not None:
             pad = _prefix_padding(key_padding_mask.reshape(n, src_len))
             if pad is None:
                 return _Plan("key_padding_mask is not prefix padding (0/False for a prefix of each row, "
                               "-inf/True after it)")
-            if causal and not self_attention:
-                return _Plan("causal masking with key padding in cross-attention: the causal diagonal "
-                              "would move with each row's key length")
+            seg_k = Segments.from_mask(pad)
+            if self_attention:
+                plan = _Plan(None, seg_k, seg_k, causal, strip_queries=True)
+            else:
+                plan = _Plan(None, uniform_segments(n, tgt_len, query.device), seg_k, causal)
+        else:
+            seg_k = uniform_segments(n, src_len, query.device)
+            seg_q = seg_k if tgt_len == src_len else uniform_segments(n, tgt_len, query.device)
+            plan = _Plan(None, seg_q, seg_k, causal)
         if warn and mismatched:
             warnings.warn("Support for mismatched key_padding_mask and attn_mask is deprecated. Use same type "
                           "for both instead.", stacklevel=3)
-        if pad is None:
-            seg_k = Segments.from_lengths([src_len] * n, device=query.device)
-            seg_q = seg_k if tgt_len == src_len else Segments.from_lengths([tgt_len] * n, device=query.device)
-            return _Plan(None, seg_q, seg_k, causal)
-        seg_k = Segments.from_mask(pad)
-        if self_attention:
-            return _Plan(None, seg_k, seg_k, causal, strip_queries=True)
-        seg_q = Segments.from_lengths([tgt_len] * n, device=query.device)
-        return _Plan(None, seg_q, seg_k, causal)
+        return plan
+
+    @staticmethod
+    def _sync_free_plan(pad: Tensor, tgt_len: int, causal: bool, self_attention: bool) -> _Plan:
+        """Plan a bool ``(N, S)`` key padding mask without reading it on the host.
+
+        The rows stay padded (``N * L`` query and ``N * S`` key rows; the padded width bounds every
+        segment). A stable sort of each row puts its valid keys first in their order (the identity for a
+        prefix mask; any mask works, causal ones too, since ranks among the valid keys keep their order).
+        Row ``i`` then becomes three segments on each side, with offsets computed on the device:
+
+        * queries ``[a_i, L - a_i, 0]`` (``a_i`` = the valid count in self-attention, else ``L``),
+        * keys    ``[n_i, 0, S - n_i]`` (``n_i`` = the valid count),
+
+        so the valid queries attend to the valid keys, padded queries to no key (zeros, at no cost), and
+        the padded keys are nobody's.
+        """
+        n, src_len = pad.shape
+        valid = (~pad).sum(1)
+        zeros = torch.zeros_like(valid)
+        queries = valid if self_attention else torch.full_like(valid, tgt_len)
+        seg_q = Segments(_offsets(torch.stack([queries, tgt_len - queries, zeros], 1)), tgt_len, n * tgt_len,
+                         validate=False)
+        seg_k = Segments(_offsets(torch.stack([valid, zeros, src_len - valid], 1)), src_len, n * src_len,
+                         validate=False)
+        order = torch.sort(pad.to(torch.uint8), dim=1, stable=True).indices
+        return _Plan(None, seg_q, seg_k, causal, strip_queries=self_attention, order=order,
+                     pad=pad if self_attention else None)
 
     # -- the varlen path ------------------------------------------------------------------------------
 
@@ -413,6 +491,9 @@ class MultiheadAttention(nn.MultiheadAttention):
             return seg.pack(t)
 
         tgt_len = query.shape[1 if (batched and self.batch_first) else 0]
+        if plan.order is not None:
+            return self._forward_sync_free(batch_major(query), batch_major(key), batch_major(value), plan,
+                                           self_attention, key is value, batched)
         q = pack(batch_major(query), plan.seg_q)
         if self_attention:
             k = v = q
@@ -424,6 +505,32 @@ class MultiheadAttention(nn.MultiheadAttention):
             out = plan.seg_q.unpack(out, tgt_len)
         else:
             out = out.view(plan.seg_q.num_segments, tgt_len, self.embed_dim)
+        if not batched:
+            return out.squeeze(0)
+        return out if self.batch_first else out.transpose(0, 1)
+
+    def _forward_sync_free(self, query: Tensor, key: Tensor, value: Tensor, plan: _Plan, self_attention: bool,
+                           key_is_value: bool, batched: bool) -> Tensor:
+        """The varlen path on batch-major ``(N, L, E)`` / ``(N, S, kdim|vdim)`` rows laid out by
+        ``_sync_free_plan``: keys sorted valid-first by a device gather, no host read anywhere."""
+        n, tgt_len = query.shape[0], query.shape[1]
+
+        def valid_first(t: Tensor) -> Tensor:
+            return t.gather(1, plan.order[:, :, None].expand(-1, -1, t.shape[-1])).flatten(0, 1)
+
+        if self_attention:
+            q = k = v = valid_first(query)
+        else:
+            q = query.reshape(n * tgt_len, query.shape[-1])
+            k = valid_first(key)
+            v = k if key_is_value else valid_first(value)
+        out = self._attend_packed(q, k, v, plan.seg_q, plan.seg_k, plan.causal, self_attention)
+        out = out.view(n, tgt_len, self.embed_dim)
+        if plan.strip_queries:
+            # The sort's inverse puts every query row back; padded rows become zeros, as on the packed path.
+            inverse = torch.argsort(plan.order, dim=1)
+            out = out.gather(1, inverse[:, :, None].expand(-1, -1, self.embed_dim))
+            out = out.masked_fill(plan.pad[:, :, None], 0.0)
         if not batched:
             return out.squeeze(0)
         return out if self.batch_first else out.transpose(0, 1)
