@@ -1,7 +1,7 @@
 """hierkern: fused attention over ragged, nested text (characters in words, words in sentences)."""
 
-from .backends import AttentionCall, available_backends, backend_names, explain
-from .functional import varlen_attention
+from .backends import AttentionCall, available_backends, backend_names
+from .functional import explain, varlen_attention
 from .layout import Segments
 from .nn.layers import (AttentionPooling, HierarchicalEncoder, LearnedPositionalEncoding,
                         PackedTransformerEncoder, PackedTransformerEncoderLayer, SegmentPooling,
@@ -21,3 +21,9 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+# attn_implementation="hierkern" for Hugging Face models: registered here only when transformers is already
+# imported, so users without it pay nothing; otherwise hierkern.integrations.transformers.register().
+from .integrations import register_if_imported as _register_if_imported  # noqa: E402
+
+_register_if_imported()

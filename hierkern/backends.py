@@ -4,8 +4,9 @@ A backend is an object with a ``name``, a ``priority`` (``"auto"`` takes the hig
 accepts the call), ``device_types`` (the tensor devices it can ever accept; an optional ``auto_device_types``
 narrows where ``"auto"`` may pick it), ``unavailable_reason()`` (``None`` when it can run on this machine at
 all) and
-``why_not(call)`` (``None`` when it supports the call, else a sentence saying why not). Calling it runs the
-attention. Backend modules register themselves on import (``hierkern/ops/__init__.py`` imports them) and
+``why_not(call)`` (``None`` when it supports the call, else a sentence saying why not); the last two only look,
+never build. An optional ``prepare()`` readies the chosen backend (compiles its kernels on first use) and
+returns ``None`` or why it could not. Calling it runs the attention. Backend modules register themselves on import (``hierkern/ops/__init__.py`` imports them) and
 must never raise at import time: a backend that cannot load registers with the reason instead.
 """
 
@@ -108,11 +109,19 @@ def explain(call: AttentionCall) -> dict[str, str | None]:
             for b in sorted(_REGISTRY.values(), key=lambda b: -b.priority)}
 
 
+def _prepared(backend: Backend) -> str | None:
+    prepare = getattr(backend, "prepare", None)
+    return None if prepare is None else prepare()
+
+
 def select_backend(call: AttentionCall, name: str = "auto") -> Backend:
-    """The backend that runs ``call``: the named one (refusing in words), or the best under ``"auto"``."""
+    """The backend that runs ``call``: the named one (refusing in words), or the best under ``"auto"``.
+
+    The chosen backend is prepared (its kernels compiled on first use); under ``"auto"`` one that cannot be
+    falls through to the next."""
     if name != "auto":
         backend = get_backend(name)
-        reason = backend.unavailable_reason() or backend.why_not(call)
+        reason = backend.unavailable_reason() or backend.why_not(call) or _prepared(backend)
         if reason is not None:
             raise ValueError(f"backend {name!r} cannot run this call: {reason}")
         return backend
@@ -120,7 +129,7 @@ def select_backend(call: AttentionCall, name: str = "auto") -> Backend:
         # A backend may run on a device only when named (Triton's CPU interpreter is for tests).
         if call.device_type not in getattr(backend, "auto_device_types", backend.device_types):
             continue
-        if backend.unavailable_reason() is None and backend.why_not(call) is None:
+        if backend.unavailable_reason() is None and backend.why_not(call) is None and _prepared(backend) is None:
             return backend
     reasons = "; ".join(f"{n}: {r}" for n, r in explain(call).items())
     raise ValueError(f"no backend supports this call ({reasons})")

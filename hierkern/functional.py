@@ -9,9 +9,10 @@ import torch
 
 from . import ops  # noqa: F401  (registers the compiled backends)
 from .backends import AttentionCall, select_backend
+from .backends import explain as explain_call
 from .layout import Segments, check_offsets
 
-__all__ = ["varlen_attention"]
+__all__ = ["varlen_attention", "explain"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -69,6 +70,65 @@ def _check_max_seqlen(max_seqlen, offsets: torch.Tensor, name: str, max_name: st
     return max_seqlen
 
 
+def _resolve(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, dropout_p):
+    """Validate a call as ``varlen_attention`` takes it: ``(offsets_q, offsets_k, softmax_scale, call)``."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 3:
+            raise ValueError(f"{name} must have shape (total, heads, head_dim), got {tuple(t.shape)}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[2] != q.shape[2]:
+        raise ValueError(f"q and k must have the same head_dim, got {q.shape[2]} and {k.shape[2]}")
+    if q.shape[2] == 0:
+        raise ValueError("head_dim must be positive")
+    if q.shape[1] == 0:
+        raise ValueError("q must have at least one head")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"the number of query heads ({q.shape[1]}) must be a multiple of the number of "
+                         f"key/value heads ({k.shape[1]})")
+    if softmax_scale is not None:
+        if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
+            raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+        if not math.isfinite(softmax_scale):
+            raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
+        softmax_scale = float(softmax_scale)
+    else:
+        softmax_scale = 1.0 / math.sqrt(q.shape[2])
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+
+    offsets_q, max_seqlen_q = _resolve_offsets(cu_seqlens_q, max_seqlen_q, q.shape[0], q.device,
+                                               "cu_seqlens_q", "max_seqlen_q", "q")
+    if cu_seqlens_k is None:
+        if k.shape[0] != q.shape[0]:
+            raise ValueError(f"cu_seqlens_k is None (keys packed like the queries) but k has {k.shape[0]} "
+                             f"tokens and q has {q.shape[0]}")
+        offsets_k = offsets_q
+        max_seqlen_k = max_seqlen_q if max_seqlen_k is None else _check_max_seqlen(
+            max_seqlen_k, offsets_k, "cu_seqlens_q", "max_seqlen_k")
+    else:
+        offsets_k, max_seqlen_k = _resolve_offsets(cu_seqlens_k, max_seqlen_k, k.shape[0], q.device,
+                                                   "cu_seqlens_k", "max_seqlen_k", "k")
+    if offsets_k.shape[0] != offsets_q.shape[0]:
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of segments, got "
+                         f"{offsets_q.shape[0] - 1} and {offsets_k.shape[0] - 1}")
+
+    call = AttentionCall.of(q, k, v, max_seqlen_q, max_seqlen_k, causal, float(dropout_p))
+    return offsets_q, offsets_k, softmax_scale, call
+
+
 def varlen_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -108,63 +168,44 @@ def varlen_attention(
         ``out`` ``(total_q, H, D)`` in ``q.dtype``; with ``return_lse`` also ``lse`` ``(H, total_q)``
         float32 (no gradient). A query with no visible key gets zeros and ``lse = -inf``, never NaN.
     """
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 3:
-            raise ValueError(f"{name} must have shape (total, heads, head_dim), got {tuple(t.shape)}")
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if k.device != q.device or v.device != q.device:
-        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if k.shape[2] != q.shape[2]:
-        raise ValueError(f"q and k must have the same head_dim, got {q.shape[2]} and {k.shape[2]}")
-    if q.shape[2] == 0:
-        raise ValueError("head_dim must be positive")
-    if q.shape[1] == 0:
-        raise ValueError("q must have at least one head")
-    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
-        raise ValueError(f"the number of query heads ({q.shape[1]}) must be a multiple of the number of "
-                         f"key/value heads ({k.shape[1]})")
-    if softmax_scale is not None:
-        if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
-            raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
-        if not math.isfinite(softmax_scale):
-            raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
-        softmax_scale = float(softmax_scale)
-    else:
-        softmax_scale = 1.0 / math.sqrt(q.shape[2])
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
-        raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
-
-    offsets_q, max_seqlen_q = _resolve_offsets(cu_seqlens_q, max_seqlen_q, q.shape[0], q.device,
-                                               "cu_seqlens_q", "max_seqlen_q", "q")
-    if cu_seqlens_k is None:
-        if k.shape[0] != q.shape[0]:
-            raise ValueError(f"cu_seqlens_k is None (keys packed like the queries) but k has {k.shape[0]} "
-                             f"tokens and q has {q.shape[0]}")
-        offsets_k = offsets_q
-        max_seqlen_k = max_seqlen_q if max_seqlen_k is None else _check_max_seqlen(
-            max_seqlen_k, offsets_k, "cu_seqlens_q", "max_seqlen_k")
-    else:
-        offsets_k, max_seqlen_k = _resolve_offsets(cu_seqlens_k, max_seqlen_k, k.shape[0], q.device,
-                                                   "cu_seqlens_k", "max_seqlen_k", "k")
-    if offsets_k.shape[0] != offsets_q.shape[0]:
-        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of segments, got "
-                         f"{offsets_q.shape[0] - 1} and {offsets_k.shape[0] - 1}")
-
-    call = AttentionCall.of(q, k, v, max_seqlen_q, max_seqlen_k, causal, float(dropout_p))
+    offsets_q, offsets_k, softmax_scale, call = _resolve(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                         max_seqlen_k, softmax_scale, causal, dropout_p)
     impl = select_backend(call, backend)
-    out, lse = impl(q, k, v, offsets_q, offsets_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+    out, lse = impl(q, k, v, offsets_q, offsets_k, call.max_seqlen_q, call.max_seqlen_k, softmax_scale, causal,
                     float(dropout_p))
     return (out, lse) if return_lse else out
+
+
+def explain(
+    q: torch.Tensor | AttentionCall,
+    k: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
+    cu_seqlens_q: torch.Tensor | Segments | None = None,
+    cu_seqlens_k: torch.Tensor | Segments | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    *,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    dropout_p: float = 0.0,
+) -> dict[str, str | None]:
+    """Which backend would run ``varlen_attention`` with these arguments, and why each other one would not.
+
+    Takes the arguments of :func:`varlen_attention` (validated the same way; nothing is computed or compiled),
+    or one ``hierkern.AttentionCall``.
+
+    Returns:
+        ``{backend name: None if it accepts the call, else the reason in words}``, highest priority first;
+        ``"auto"`` runs the first backend that accepts (on the CPU, Triton's interpreter only when named).
+    """
+    if isinstance(q, AttentionCall):
+        if any(a is not None for a in (k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)):
+            raise TypeError("explain takes either one AttentionCall or varlen_attention's arguments, not both")
+        return explain_call(q)
+    if cu_seqlens_q is None:
+        raise TypeError("explain() needs q, k, v and cu_seqlens_q, as varlen_attention does")
+    call = _resolve(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                    dropout_p)[3]
+    return explain_call(call)

@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "error (except --dropout, which may change).")
     p.add_argument("--steps", type=_positive, default=200, help="optimizer steps to run (default %(default)s)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to train (default %(default)s)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (default: off, eager)")
     p.add_argument("--checkpoint", metavar="PATH",
                    help="resume from PATH if it exists (model, vocab, optimizer, step); save to PATH at the end, "
                         "every --save-every steps and on SIGINT/SIGTERM, creating its directory if needed "

@@ -346,15 +346,16 @@ def _fake_load(registers: tuple[str, ...], libraries: list, calls: list | None =
 
 @pytest.fixture
 def jit_module(monkeypatch):
-    """hierkern.ops.cuda_attention as a process without CUDA kernels sees it, reset after the test."""
-    from hierkern.ops import cuda_attention, extension
-    if extension.LOAD_ERROR is not None:
-        pytest.skip(f"hierkern._C is not loaded: {extension.LOAD_ERROR}")
+    """hierkern.ops.cuda_attention as a process without CUDA kernels sees it, on a machine whose CUDA toolchain
+    could build them; reset after the test."""
+    from hierkern.ops import cuda_attention, extension, toolchain
+    if extension.loaded_from() is None:
+        pytest.skip(f"hierkern's extension is not loaded: {extension.load_error()}")
     if extension.kernel_unavailable_reason("CUDA") is None:
         pytest.skip("this hierkern._C was built with CUDA kernels: load_jit has nothing to do")
     monkeypatch.setattr(cuda_attention, "_jit_loaded", False)
     monkeypatch.setattr(cuda_attention, "_jit_error", None)
-    monkeypatch.setenv("HIERKERN_CUDA_JIT", "1")
+    monkeypatch.setattr(toolchain, "cuda_toolchain_problem", lambda: None)
     libraries = []
     yield cuda_attention, monkeypatch, libraries
     for lib in libraries:
@@ -362,18 +363,21 @@ def jit_module(monkeypatch):
 
 
 def test_jit_kernels_count_once_registered(jit_module):
-    """extension.kernel_unavailable_reason is fixed at import; kernels the JIT build registers later must
-    still make the backend available (HIERKERN_CUDA_JIT=1 and an explicit load_jit())."""
+    """extension.kernel_unavailable_reason is fixed when the extension loads; kernels the JIT build registers
+    later must still make the backend available. Asking builds nothing; preparing builds once."""
     cuda_attention, monkeypatch, libraries = jit_module
     import torch.utils.cpp_extension
     calls = []
     monkeypatch.setattr(torch.utils.cpp_extension, "load",
                         _fake_load(("varlen_fwd", "varlen_bwd"), libraries, calls))
-    assert cuda_attention._kernels_unavailable() is None
+    assert cuda_attention._kernels_unavailable() is None  # buildable: available, and nothing compiled
+    assert calls == []
+    assert cuda_attention._prepare() is None
     assert len(calls) == 1
     assert sorted(Path(p).name for p in calls[0]["sources"]) == ["binding.cpp", "varlen_bwd.cu", "varlen_fwd.cu"]
     assert calls[0]["extra_cuda_cflags"] == cuda_attention.jit_build_flags()
     cuda_attention.load_jit()  # already loaded: builds nothing
+    assert cuda_attention._kernels_unavailable() is None
     assert len(calls) == 1
 
 
@@ -381,11 +385,29 @@ def test_jit_build_that_registers_nothing_is_refused(jit_module):
     cuda_attention, monkeypatch, libraries = jit_module
     import torch.utils.cpp_extension
     monkeypatch.setattr(torch.utils.cpp_extension, "load", _fake_load(("varlen_fwd",), libraries))
-    reason = cuda_attention._kernels_unavailable()
+    reason = cuda_attention._prepare()
     assert reason == ("the JIT build of csrc/cuda failed (RuntimeError: the JIT build of csrc/cuda loaded but "
                       "registered no CUDA kernel for hierkern::varlen_bwd)")
+    assert cuda_attention._prepare() == reason
     assert cuda_attention._kernels_unavailable() == reason
     assert len(libraries) == 1  # a failed build is not retried on every call
+
+
+def test_cuda_toolchain_without_headers_is_one_line(monkeypatch, tmp_path):
+    """An nvcc on PATH without the toolkit's headers is found before any compiler runs, in one line."""
+    import torch.utils.cpp_extension
+    from hierkern.ops import toolchain
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "nvcc").write_text("#!/bin/sh\n")
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(torch.utils.cpp_extension, "CUDA_HOME", str(tmp_path))
+    toolchain.cuda_toolchain_problem.cache_clear()
+    try:
+        problem = toolchain.cuda_toolchain_problem()
+    finally:
+        toolchain.cuda_toolchain_problem.cache_clear()
+    assert problem == (f"CUDA_HOME={tmp_path} has no include/cuda_runtime.h (a CUDA toolkit without its headers): "
+                       f"install the CUDA developer files or point CUDA_HOME at a full toolkit")
 
 
 # ---------------------------------------------------------------------------------------------------------

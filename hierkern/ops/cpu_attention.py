@@ -17,6 +17,12 @@ from . import extension
 __all__ = ["CpuBackend"]
 
 
+# Runs once per trace under torch.compile: a compiled graph neither traces nor breaks on the first-use build.
+@torch.compiler.assume_constant_result
+def _prepare() -> str | None:
+    return extension.ensure_loaded()
+
+
 class CpuBackend:
     """Backend protocol of ``hierkern.backends`` for the C++ CPU kernel."""
 
@@ -26,6 +32,9 @@ class CpuBackend:
 
     def unavailable_reason(self) -> str | None:
         return extension.kernel_unavailable_reason("CPU")
+
+    def prepare(self) -> str | None:
+        return _prepare()
 
     def why_not(self, call: AttentionCall) -> str | None:
         if call.device_type != "cpu":

@@ -11,8 +11,8 @@ and float32; head_dim 32, 64 or 128; causal (bottom-right), GQA, separate query/
 reproducible from ``rng_state``.
 
 Where the kernels come from: ``hierkern._C`` when ``setup.py`` built it with a CUDA toolchain and a CUDA
-build of torch; otherwise :func:`load_jit` compiles ``csrc/cuda`` with ninja and adds its CUDA kernels to the
-already-loaded CPU-only ``hierkern._C`` (set ``HIERKERN_CUDA_JIT=1`` to do that on first use).
+build of torch; otherwise the first call that needs them runs :func:`load_jit`, which compiles ``csrc/cuda``
+with ninja and adds its CUDA kernels to the loaded CPU extension (:mod:`hierkern.ops.toolchain`).
 
 Priority: below ``"triton"``, so ``"auto"`` keeps choosing Triton on GPUs until benchmarks on a GPU show
 these kernels faster for a class of calls (none has been measured yet); ``backend="cuda"`` runs them.
@@ -20,24 +20,15 @@ these kernels faster for a class of calls (none has been measured yet); ``backen
 
 from __future__ import annotations
 
-import glob
-import os
-
 import torch
 
 from ..backends import AttentionCall, register_backend
-from . import cuda_flags, extension
+from . import cuda_flags, extension, toolchain
 
 __all__ = ["CudaBackend", "SUPPORTED_HEAD_DIMS", "load_jit", "jit_build_flags"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
-_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The kernels' sources: shipped in the package by setup.py, or the checkout's for an editable install.
-CSRC_CUDA = next((path for path in (os.path.join(_PACKAGE, "csrc", "cuda"),
-                                    os.path.join(os.path.dirname(_PACKAGE), "csrc", "cuda"))
-                  if os.path.isdir(path)), os.path.join(_PACKAGE, "csrc", "cuda"))
-_JIT_NAME = "hierkern_cuda_jit"
 _jit_error: str | None = None
 _jit_loaded = False
 
@@ -52,31 +43,27 @@ def jit_build_flags(archs: str | None = None) -> list[str]:
 def load_jit(verbose: bool = False) -> None:
     """Compile ``csrc/cuda`` with ninja (``torch.utils.cpp_extension.load``) and register its CUDA kernels.
 
-    For machines where hierkern was installed without CUDA: the build adds ``TORCH_LIBRARY_IMPL(hierkern,
-    CUDA)`` to the ops that the loaded ``hierkern._C`` declares. Takes minutes the first time (torch caches
-    the build under ``TORCH_EXTENSIONS_DIR``). Does nothing when CUDA kernels are already registered.
+    For installs without compiled CUDA kernels, and run by the first call that ``"auto"`` or
+    ``backend="cuda"`` sends here: the build adds ``TORCH_LIBRARY_IMPL(hierkern, CUDA)`` to the ops that the
+    loaded extension declares. Takes minutes the first time (torch caches the build under
+    ``TORCH_EXTENSIONS_DIR``). Does nothing when CUDA kernels are already registered.
 
     Args:
         verbose: print the build's commands and compiler output.
 
     Raises:
-        RuntimeError: ``hierkern._C`` is not loaded (nothing to add kernels to), or the build failed.
+        RuntimeError: the extension the kernels extend is unavailable, the toolchain cannot build (the message
+            says why), or the build failed.
     """
     global _jit_loaded
-    if extension.LOAD_ERROR is not None:
-        raise RuntimeError(f"the CUDA kernels extend hierkern._C, which is unavailable: {extension.LOAD_ERROR}")
+    reason = extension.ensure_loaded()
+    if reason is not None:
+        raise RuntimeError(f"the CUDA kernels extend hierkern's C++ extension, which is unavailable: {reason}")
     if _jit_loaded or extension.kernel_unavailable_reason("CUDA") is None:
         return
-    from torch.utils.cpp_extension import load
-
-    if not os.path.isfile(os.path.join(CSRC_CUDA, "binding.cpp")):
-        raise RuntimeError(f"the CUDA sources are not at {CSRC_CUDA}: reinstall hierkern from its source tree")
-    sources = sorted(glob.glob(os.path.join(CSRC_CUDA, "*.cu"))) + [os.path.join(CSRC_CUDA, "binding.cpp")]
-    load(name=_JIT_NAME, sources=sources, extra_cflags=["-O3"],
-         extra_cuda_cflags=jit_build_flags(), extra_include_paths=[CSRC_CUDA], is_python_module=False,
-         verbose=verbose)
-    # extension.kernel_unavailable_reason was computed at import, before this library registered anything:
-    # ask the dispatcher itself whether the kernels arrived.
+    toolchain.build_cuda_kernels(verbose)
+    # extension.kernel_unavailable_reason was computed when the extension loaded, before this library
+    # registered anything: ask the dispatcher itself whether the kernels arrived.
     missing = [op for op in ("varlen_fwd", "varlen_bwd")
                if not torch._C._dispatch_has_kernel_for_dispatch_key(f"hierkern::{op}", "CUDA")]
     if missing:
@@ -86,15 +73,23 @@ def load_jit(verbose: bool = False) -> None:
 
 
 def _kernels_unavailable() -> str | None:
-    global _jit_error
-    reason = extension.kernel_unavailable_reason("CUDA")
-    if reason is None or _jit_loaded:
+    """Why there are no CUDA kernels and none can be compiled; ``None`` when they are there or buildable.
+    Compiles nothing (``explain`` asks this): :func:`_prepare` builds."""
+    if extension.load_error() is not None:
+        return extension.load_error()
+    if _jit_loaded or _jit_error is not None:
+        return _jit_error
+    if extension.loaded_from() is not None and extension.kernel_unavailable_reason("CUDA") is None:
         return None
-    if extension.LOAD_ERROR is not None:
-        return reason
-    if os.environ.get("HIERKERN_CUDA_JIT") != "1":
-        return (f"{reason}, or set HIERKERN_CUDA_JIT=1 (or call hierkern.ops.cuda_attention.load_jit()) to "
-                f"JIT-compile csrc/cuda with ninja")
+    problem = toolchain.cuda_toolchain_problem()
+    if problem is not None:
+        return f"hierkern was installed without CUDA kernels, and they cannot be compiled here: {problem}"
+    return None
+
+
+@torch.compiler.assume_constant_result
+def _prepare() -> str | None:
+    global _jit_error
     if _jit_error is None:
         try:
             load_jit()
@@ -127,6 +122,9 @@ class CudaBackend:
 
     def unavailable_reason(self) -> str | None:
         return _unavailable_reason()
+
+    def prepare(self) -> str | None:
+        return _prepare()
 
     def why_not(self, call: AttentionCall) -> str | None:
         if call.device_type != "cuda":

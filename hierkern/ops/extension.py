@@ -1,63 +1,154 @@
-"""The compiled extension ``hierkern._C`` and the Python half of its ops: fake (meta) kernels and autograd.
+"""The compiled extension and the Python half of its ops: loading, fake (meta) kernels and autograd.
 
-``hierkern._C`` declares ``torch.ops.hierkern.varlen_fwd`` / ``varlen_bwd`` and registers their CPU (and, when
-built with CUDA, CUDA) kernels. This module registers what every device shares:
+The extension declares ``torch.ops.hierkern.varlen_fwd`` / ``varlen_bwd`` and registers their CPU (and, when
+built with CUDA, CUDA) kernels. It is ``hierkern._C`` when the install compiled it ahead of time; otherwise
+(a plain ``pip install``, or a ``hierkern._C`` built against another torch) :mod:`hierkern.ops.toolchain`
+compiles the shipped sources on first use. This module registers what every device shares:
 
 * ``register_fake`` for both ops, so ``torch.compile`` and ``opcheck`` can trace them without running them;
 * autograd on ``varlen_fwd`` whose backward is the ``varlen_bwd`` op (itself traceable, so compiled backward
   graphs call the fused kernel too), and on ``varlen_bwd`` one that refuses a double backward in words.
 
-Loading never raises: when the extension is missing or broken, a warning names the cause, ``LOAD_ERROR``
-keeps it, and backends built on the extension report it from ``unavailable_reason``.
+Loading never raises. Importing hierkern only tries ``hierkern._C``; when that is missing, the first call
+that needs a kernel runs :func:`ensure_loaded`, which compiles it. When neither can work, one warning (at
+import) says why and what to install, and the backends built on the extension report the reason.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import warnings
 
 import torch
 
-__all__ = ["LOAD_ERROR", "kernel_unavailable_reason"]
+from . import toolchain
+
+__all__ = ["load_error", "ensure_loaded", "kernel_unavailable_reason", "loaded_from", "dropout_rng_state"]
 
 _OPS = ("varlen_fwd", "varlen_bwd")
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _load() -> str | None:
+def _import_aot() -> tuple[str | None, bool]:
+    """``(error, missing)``: why ``hierkern._C`` did not load (``None`` if it did), and whether it is simply
+    absent (not built ahead of time) rather than broken."""
     try:
         importlib.import_module("hierkern._C")
+    except ModuleNotFoundError as exc:
+        if exc.name == "hierkern._C":
+            return "hierkern._C was not built at install time", True
+        return f"hierkern._C could not be loaded ({type(exc).__name__}: {exc})", False
     except Exception as exc:  # ImportError, OSError (undefined symbol, ABI mismatch), ...: all mean "no kernels"
-        return f"hierkern._C could not be loaded ({type(exc).__name__}: {exc})"
+        return f"hierkern._C could not be loaded ({type(exc).__name__}: {exc})", False
+    return _missing_ops("hierkern._C"), False
+
+
+def _missing_ops(what: str) -> str | None:
     missing = [name for name in _OPS if not hasattr(torch.ops.hierkern, name)]
     if missing:
-        return f"hierkern._C does not declare {', '.join(missing)} (a stale build: reinstall hierkern)"
+        return f"{what} does not declare {', '.join(missing)} (a stale build: reinstall hierkern)"
     return None
 
 
-LOAD_ERROR = _load()
-if LOAD_ERROR is not None:
-    warnings.warn(f"{LOAD_ERROR}; the compiled backends are unavailable and hierkern falls back to the "
-                  f"reference backend", RuntimeWarning, stacklevel=2)
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the first frame outside hierkern and the import machinery
+    (the user's ``import hierkern``), not at this file."""
+    import inspect
+    level = 1
+    for frame in inspect.stack()[1:]:
+        level += 1
+        name = frame.filename
+        if not (name.startswith(_PACKAGE) or name.startswith("<frozen importlib")):
+            return level - 1
+    return 1
 
 
-def _kernel_reason(dispatch_key: str) -> str | None:
-    if LOAD_ERROR is not None:
-        return LOAD_ERROR
+def _dispatch_reason(dispatch_key: str) -> str | None:
     for name in _OPS:
         if not torch._C._dispatch_has_kernel_for_dispatch_key(f"hierkern::{name}", dispatch_key):
-            return (f"hierkern._C was built without {dispatch_key} kernels (hierkern::{name} has none): "
-                    f"rebuild with `pip install --no-build-isolation -e .`")
+            return (f"the compiled extension has no {dispatch_key} kernels (hierkern::{name} has none): "
+                    f"`python -m hierkern doctor` says why")
     return None
 
 
-# Computed once: backends ask on every call, including inside torch.compile tracing, which cannot trace
-# into the dispatcher query.
-_KERNEL_REASONS = {key: _kernel_reason(key) for key in ("CPU", "CUDA")}
+class _State:
+    loaded_from: str | None = None  # "hierkern._C" or "a just-in-time build"; None until loaded
+    error: str | None = None  # why the kernels are unavailable; None when loaded or still buildable
+    kernel_reasons: dict[str, str | None] = {}
+
+
+_STATE = _State()
+
+
+def _on_loaded(source: str) -> None:
+    _STATE.loaded_from, _STATE.error = source, None
+    # Computed once per load: backends ask on every call, including inside torch.compile tracing, which
+    # cannot trace into the dispatcher query.
+    _STATE.kernel_reasons = {key: _dispatch_reason(key) for key in ("CPU", "CUDA")}
+    torch.library.register_fake("hierkern::varlen_fwd", _varlen_fwd_fake)
+    torch.library.register_fake("hierkern::varlen_bwd", _varlen_bwd_fake)
+    torch.library.register_autograd("hierkern::varlen_fwd", _backward, setup_context=_setup_context)
+    # Without a formula, autograd would treat the backward's outputs as constants under create_graph=True and
+    # a second backward would return zeros for every second-order term: refuse instead.
+    torch.library.register_autograd("hierkern::varlen_bwd", _no_double_backward)
+
+
+def _load_at_import() -> None:
+    error, absent = _import_aot()
+    if error is None:
+        _on_loaded("hierkern._C")
+        return
+    problem = toolchain.cxx_problem() if os.environ.get("HIERKERN_NO_JIT") != "1" else (
+        "HIERKERN_NO_JIT=1 forbids compiling them on first use")
+    if problem is None:
+        if not absent:  # broken, not merely absent: say so, since the first call will take minutes
+            warnings.warn(f"{error}; hierkern compiles its kernels for this torch on first use instead",
+                          RuntimeWarning, stacklevel=_user_stacklevel())
+        return  # compiled by ensure_loaded() on first use
+    _STATE.error = f"{error}, and cannot be compiled here: {problem}"
+    warnings.warn(f"hierkern's compiled kernels are unavailable ({_STATE.error}); until then hierkern runs "
+                  f"its pure-PyTorch reference backend. `python -m hierkern doctor` checks the set-up.",
+                  RuntimeWarning, stacklevel=_user_stacklevel())
+
+
+def load_error() -> str | None:
+    """Why the extension is unavailable, or ``None`` when it is loaded or can be compiled on first use."""
+    return _STATE.error
+
+
+def loaded_from() -> str | None:
+    """``"hierkern._C"`` or ``"a just-in-time build"`` once the extension is loaded, else ``None``."""
+    return _STATE.loaded_from
+
+
+def ensure_loaded() -> str | None:
+    """Load the extension, compiling it first if needed: ``None`` once loaded, else why it cannot be.
+
+    A failed build is not retried: its reason stays, and the backends built on the extension report it.
+    """
+    if _STATE.loaded_from is None and _STATE.error is None:
+        try:
+            toolchain.build_cpu_kernels()
+        except Exception as exc:  # a failed build leaves the compiled backends unavailable, with the reason
+            _STATE.error = f"the just-in-time build of hierkern's C++ kernels failed ({type(exc).__name__}: {exc})"
+            warnings.warn(f"{_STATE.error}; hierkern falls back to its reference backend", RuntimeWarning,
+                          stacklevel=_user_stacklevel())
+        else:
+            _STATE.error = _missing_ops("the just-in-time build")
+            if _STATE.error is None:
+                _on_loaded("a just-in-time build")
+    return _STATE.error
 
 
 def kernel_unavailable_reason(dispatch_key: str) -> str | None:
-    """``None`` if both ops have a kernel for ``dispatch_key`` (``"CPU"``/``"CUDA"``), else why not."""
-    return _KERNEL_REASONS[dispatch_key]
+    """``None`` if both ops have a kernel for ``dispatch_key`` (``"CPU"``/``"CUDA"``) or the extension is still
+    to be compiled on first use (:func:`ensure_loaded`), else why not."""
+    if _STATE.error is not None:
+        return _STATE.error
+    if _STATE.loaded_from is None:
+        return None
+    return _STATE.kernel_reasons[dispatch_key]
 
 
 def dropout_rng_state(dropout_p: float) -> torch.Tensor | None:
@@ -105,10 +196,4 @@ def _no_double_backward(ctx, grad_dq, grad_dk, grad_dv):
         "varlen_attention with backend=\"reference\"")
 
 
-if LOAD_ERROR is None:
-    torch.library.register_fake("hierkern::varlen_fwd", _varlen_fwd_fake)
-    torch.library.register_fake("hierkern::varlen_bwd", _varlen_bwd_fake)
-    torch.library.register_autograd("hierkern::varlen_fwd", _backward, setup_context=_setup_context)
-    # Without a formula, autograd would treat the backward's outputs as constants under create_graph=True and
-    # a second backward would return zeros for every second-order term: refuse instead.
-    torch.library.register_autograd("hierkern::varlen_bwd", _no_double_backward)
+_load_at_import()
