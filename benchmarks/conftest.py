@@ -6,8 +6,15 @@ Options:
                                     visible (default: auto).
 
 Unless given on the command line (or in PYTEST_ADDOPTS / addopts), pytest-benchmark runs each benchmark for
-at most ``--benchmark-max-time=0.25`` s and at least ``--benchmark-min-rounds=3`` rounds here, so the whole
-default CPU suite fits in a few minutes on a 2-core machine; pass those options to measure longer.
+at most ``--benchmark-max-time=0.25`` s and at least ``--benchmark-min-rounds=5`` rounds here: fast calls get
+as many rounds as fit in 0.25 s, slow ones (the padded baselines, the seed model: up to seconds a call) five,
+enough for a median and an interquartile range on a shared machine. The whole default CPU suite fits in a few
+minutes on a 2-core machine; pass those options to measure longer.
+
+The JSON (``--benchmark-json``) gets, on every entry, ``impl``, ``family``, ``floor_bytes`` and the copy
+bandwidth measured on the entry's device at the end of the run (``harness.complete_entries``), and a top-level
+``hierkern`` object with the bandwidths, the baselines that failed on their input, torch's version and the
+thread count.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 
 BENCHMARK_DEFAULTS = {"benchmark_max_time": ("--benchmark-max-time", "0.25"),
-                      "benchmark_min_rounds": ("--benchmark-min-rounds", 3)}
+                      "benchmark_min_rounds": ("--benchmark-min-rounds", 5)}
 
 
 def pytest_addoption(parser):
@@ -50,6 +57,19 @@ def pytest_configure(config):
     for dest, (flag, value) in BENCHMARK_DEFAULTS.items():
         if not _given(config, flag):
             setattr(config.option, dest, parse_seconds(value) if isinstance(value, str) else value)
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    import harness
+    harness.complete_entries(output_json["benchmarks"])
+    bandwidth = {str(b["extra_info"]["device"]): {k: b["extra_info"][k] for k in
+                                                  ("copy_bandwidth_Bps", "copy_bandwidth_method")}
+                 for b in output_json["benchmarks"]}
+    info = {"copy_bandwidth": bandwidth, "failed": list(harness.FAILED), "torch_version": torch.__version__,
+            "num_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["cuda_device_name"] = torch.cuda.get_device_name()
+    output_json["hierkern"] = info
 
 
 @pytest.fixture

@@ -4,12 +4,21 @@ A benchmark (1) prepares an implementation on a seeded problem, (2) runs it once
 (and gradients, for forward+backward) against ``hierkern.reference`` evaluated in float64 on the same inputs,
 (3) measures its peak memory in one more untimed call, then (4) hands the call to pytest-benchmark. On CUDA
 the timed call ends with ``torch.cuda.synchronize()``, so a round is the time a caller waits for the result.
+
+Every JSON entry carries ``impl``, ``family`` (the report's plot panel), ``floor_bytes`` (the bytes one call
+must move at least) and the copy bandwidth measured on its device in the same run, from which the report
+derives ``% of floor``: the time the floor's bytes take at that bandwidth over the measured median.
+``conftest.py`` fills these in centrally (``complete_entries``), so a benchmark file that does not use
+``run_benchmark`` still gets them. A baseline that cannot run an input is recorded as a result too: the
+JSON's ``hierkern.failed`` list holds its group, implementation and error (the test itself is skipped with
+the same message).
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -41,10 +50,99 @@ PADDED_SCORE_LIMIT = {"cpu": 2 ** 30, "cuda": 2 ** 36}
 # these segment counts one call would take minutes, so they are skipped with the count in the reason.
 PER_SEGMENT_LIMIT = {"fwd": 8192, "fwd+bwd": 1024}
 
+# The report's plot panels. A benchmark names its family (``run_benchmark(..., family=...)`` or
+# ``extra_info["family"]``); entries without one get it from their group's name (``family_of``).
+FAMILIES = ("attention core", "layer", "encoder stack", "seed model", "hf")
+
+# Baselines that raised on their input in this session, for the JSON (see ``record_failure``).
+FAILED: list[dict] = []
+
 BYTES_DEFINITION = {
     "fwd": "floor: read q, k, v + write out, once each",
     "fwd+bwd": "floor: fwd (q, k, v, out) + bwd (read q, k, v, out, dout; write dq, dk, dv) = 12 tensors",
 }
+
+
+def family_of(group: str) -> str:
+    """The plot panel of a group from its name: ``mha*`` -> layer, ``seed-model*``, ``encoder*``, ``hf*``,
+    else the attention core (whose groups are ``<workload>/<mode>/<dtype>``)."""
+    head = group.split("/", 1)[0]
+    for prefix, family in (("mha", "layer"), ("seed-model", "seed model"), ("encoder", "encoder stack"),
+                           ("hf", "hf")):
+        if head.startswith(prefix):
+            return family
+    return "attention core"
+
+
+@functools.lru_cache(maxsize=None)
+def copy_bandwidth(device: str) -> dict:
+    """The fastest device-memory copy rate measured now on ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
+
+    ``dst.copy_(src)`` of 256 MiB (CPU, torch's intra-op threads) or 1 GiB (CUDA), counting read + write,
+    best of 10 after 2 warm-up copies: the rate a bandwidth-bound kernel could reach, so the floor is the
+    fastest that traffic could go. Measured once per session and device, cached.
+
+    Returns:
+        ``{"copy_bandwidth_Bps": ..., "copy_bandwidth_method": ...}``.
+    """
+    dev = torch.device(device)
+    nbytes = (1 << 30) if dev.type == "cuda" else (256 << 20)
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=dev).uniform_()
+    dst = torch.empty_like(src)
+    best = math.inf
+    for i in range(12):
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        start = time.perf_counter()
+        dst.copy_(src)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        if i >= 2:
+            best = min(best, time.perf_counter() - start)
+    threads = f", {torch.get_num_threads()} threads" if dev.type == "cpu" else ""
+    return {"copy_bandwidth_Bps": 2 * nbytes / best,
+            "copy_bandwidth_method": f"torch copy_ of {nbytes >> 20} MiB (read + write){threads}, best of 10"}
+
+
+def record_failure(group: str, impl: str, device, exc: BaseException, **info) -> str:
+    """Keep a baseline's failure as a result (for the JSON) and return the one-line message to skip with."""
+    message = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+    FAILED.append(dict(group=group, impl=impl, device=str(device), error=message,
+                       torch_version=torch.__version__, **info))
+    return f"{impl} failed on this input (torch {torch.__version__}): {message}"
+
+
+def complete_entries(benchmarks: list[dict]) -> None:
+    """Give every pytest-benchmark JSON entry ``impl``, ``family``, ``floor_bytes`` and the copy bandwidth.
+
+    For entries written by benchmarks that did not set them: ``impl`` falls back to the test's ``impl``
+    parameter, else its name; ``family`` to ``family_of(group)``; ``floor_bytes`` to that of another entry
+    of the same group (the floor belongs to the problem, not to the implementation), else ``None`` with
+    ``floor_definition`` saying so; the device to ``extra_info["device"]``, else the test's ``device``
+    parameter, else the CPU. Adds ``floor_s`` (floor bytes at the copy bandwidth) and ``floor_fraction``
+    (``floor_s`` / median) where both are known. Modifies the entries in place.
+    """
+    group_floor = {}
+    for bench in benchmarks:
+        extra = bench.get("extra_info") or {}
+        if extra.get("floor_bytes") is not None:
+            group_floor.setdefault(bench.get("group"), (extra["floor_bytes"], extra.get("bytes_definition")))
+    for bench in benchmarks:
+        extra = bench.setdefault("extra_info", {})
+        params = bench.get("params") or {}
+        extra.setdefault("impl", str(params.get("impl", bench.get("name"))))
+        extra.setdefault("family", family_of(bench.get("group") or ""))
+        if extra.get("floor_bytes") is None:
+            floor, definition = group_floor.get(bench.get("group"), (None, None))
+            extra["floor_bytes"] = floor
+            extra.setdefault("bytes_definition", definition or "no floor given by this benchmark")
+        device = str(extra.get("device") or params.get("device") or "cpu")
+        extra.setdefault("device", device)
+        extra.update(copy_bandwidth(device))
+        median = (bench.get("stats") or {}).get("median")
+        if extra["floor_bytes"] and median:
+            extra["floor_s"] = extra["floor_bytes"] / extra["copy_bandwidth_Bps"]
+            extra["floor_fraction"] = extra["floor_s"] / median
 
 
 def devices(config) -> list[str]:
@@ -241,7 +339,7 @@ def per_segment_guard(workload: Workload, mode: str, what: str) -> None:
 
 
 def run_benchmark(benchmark, *, group: str, impl: str, prepared: Prepared, reference, dtype: torch.dtype,
-                  device: torch.device, floor_bytes: int, info: dict) -> None:
+                  device: torch.device, floor_bytes: int, info: dict, family: str | None = None) -> None:
     """Check, measure memory, time, and record everything in ``benchmark.extra_info``.
 
     Args:
@@ -254,10 +352,11 @@ def run_benchmark(benchmark, *, group: str, impl: str, prepared: Prepared, refer
         dtype, device: of the inputs.
         floor_bytes: the memory-traffic floor of one call (``bytes_per_s`` divides it by the median time).
         info: workload fields (tokens, segments, ...) to record.
+        family: the report's plot panel (``FAMILIES``); default ``family_of(group)``.
     """
     benchmark.group = group
-    benchmark.extra_info.update(impl=impl, device=str(device), dtype=str(dtype).replace("torch.", ""),
-                                **info, **prepared.extra)
+    benchmark.extra_info.update(impl=impl, family=family or family_of(group), device=str(device),
+                                dtype=str(dtype).replace("torch.", ""), **info, **prepared.extra)
     run = synchronized(prepared.run, device)
     try:
         result = prepared.result(run())
@@ -265,15 +364,15 @@ def run_benchmark(benchmark, *, group: str, impl: str, prepared: Prepared, refer
         if impl.startswith("hierkern-"):
             raise
         # A baseline that torch (or another library) cannot run on this input is reported, not ours to fix.
-        pytest.skip(f"{impl} failed on this input (torch {torch.__version__}): {type(exc).__name__}: "
-                    f"{str(exc).splitlines()[0][:200] if str(exc) else ''}")
+        pytest.skip(record_failure(group, impl, device, exc, **{**info, **prepared.extra}))
     if callable(reference):
         errors = reference(result)
     else:
         errors = check_against_reference(impl, result, reference, dtype)
     del result
     peak, method = peak_memory(run, device)
-    benchmark.extra_info.update(errors, bytes=floor_bytes, peak_memory_bytes=peak, peak_memory_method=method)
+    benchmark.extra_info.update(errors, floor_bytes=floor_bytes, peak_memory_bytes=peak,
+                                peak_memory_method=method)
     benchmark(run)
     if benchmark.stats is not None:     # None under --benchmark-disable
         median = benchmark.stats.stats.median

@@ -3,6 +3,7 @@
 ``python -m hierkern.bench report results.json [--plot out.png]`` reads pytest-benchmark JSON.
 """
 
-from .workloads import Workload, english_text, make_qkv, workloads
+from .workloads import SEED_MODEL_VOCAB, SEED_MODEL_WORDS, Workload, english_text, make_qkv, seed_model_batch, workloads
 
-__all__ = ["Workload", "english_text", "make_qkv", "workloads"]
+__all__ = ["SEED_MODEL_VOCAB", "SEED_MODEL_WORDS", "Workload", "english_text", "make_qkv", "seed_model_batch",
+           "workloads"]

@@ -29,7 +29,7 @@ from ..layout import Segments
 
 __all__ = [
     "ENGLISH_WORD_LENGTH_PERCENT", "MAX_SENTENCE_WORDS", "SIZES", "SENTENCE_LENGTH_MEAN", "Workload",
-    "english_text", "make_qkv", "workloads",
+    "english_text", "make_qkv", "workloads", "SEED_MODEL_WORDS", "SEED_MODEL_VOCAB", "seed_model_batch",
 ]
 
 # Token-weighted English word lengths, percent of word occurrences for lengths 1..20, from P. Norvig,
@@ -55,6 +55,18 @@ SIZES: dict[str, dict[str, int]] = {
     "default": {"cpu": 4096, "cuda": 65536},
     "large": {"cpu": 16384, "cuda": 262144},   # cuda: ~1.2M characters
 }
+
+# Words per seed-model batch: a training batch of the character-level model (~68 sentences at the default
+# size), not the attention core's 4k words. The padded PyTorch twin's training step costs seconds per round on
+# a 2-core CPU at this size already; the batch scales with the size flag like the other workloads.
+SEED_MODEL_WORDS: dict[str, dict[str, int]] = {
+    "small": {"cpu": 256, "cuda": 4096},
+    "default": {"cpu": 1024, "cuda": 32768},
+    "large": {"cpu": 4096, "cuda": 131072},
+}
+# Character ids of the seed model: the size of a CharVocab built from English text (letters of both cases,
+# digits, punctuation and the three special ids).
+SEED_MODEL_VOCAB = 100
 
 # Tile-boundary lengths of the stress workloads (1 and tiles 16/32/64 and one past each).
 _UNIFORM_LENGTHS = (1, 5, 16, 17, 32, 33, 64, 65)
@@ -209,3 +221,30 @@ def make_qkv(workload: Workload, dtype: torch.dtype = torch.float32, device: tor
     gen = torch.Generator().manual_seed(seed)
     shape = (workload.total, workload.num_heads, workload.head_dim)
     return tuple(torch.randn(shape, generator=gen).to(device=device, dtype=dtype) for _ in range(3))
+
+
+def seed_model_batch(size: str = "default", device_type: str = "cpu", seed: int = 0,
+                     device: torch.device | str | None = None):
+    """A ``hierkern.TextBatch`` of synthetic English for the seed-model benchmark.
+
+    The layout is ``english_text(SEED_MODEL_WORDS[size][device_type], seed)`` (word lengths of English, mean
+    ~15 words per sentence); the character ids are drawn uniformly from the non-special ids of a
+    ``SEED_MODEL_VOCAB``-sized vocabulary (attention cost depends on the layout, not on the ids).
+
+    Args:
+        size, device_type: pick the batch size (``SEED_MODEL_WORDS``).
+        seed: layout and id seed.
+        device: where the batch lives (default: the CPU).
+    """
+    from ..text import CharVocab, TextBatch
+    if size not in SEED_MODEL_WORDS:
+        raise ValueError(f"size must be one of {sorted(SEED_MODEL_WORDS)}, got {size!r}")
+    if device_type not in SEED_MODEL_WORDS[size]:
+        raise ValueError(f"device_type must be one of {sorted(SEED_MODEL_WORDS[size])}, got {device_type!r}")
+    words, sentences = english_text(SEED_MODEL_WORDS[size][device_type], seed)
+    gen = torch.Generator().manual_seed(seed)
+    first = CharVocab.CLS + 1
+    ids = torch.randint(first, SEED_MODEL_VOCAB, (sum(words),), generator=gen)
+    device = "cpu" if device is None else device
+    return TextBatch(ids.to(device), Segments.from_lengths(list(words), device=device),
+                     Segments.from_lengths(list(sentences), device=device))
