@@ -156,6 +156,36 @@ def run_and_grad(module, inputs, kwargs, out_weight, weights_seed):
 
 @pytest.mark.parametrize("seed", range(NUM_RANDOM_CONFIGS))
 def test_matches_torch_on_random_configs(seed):
+    check_random_config(seed)
+
+
+@pytest.fixture
+def masks_not_host_readable(monkeypatch):
+    """Plan every call as for a CUDA mask or under torch.compile: without reading a mask's values."""
+    monkeypatch.setattr(hierkern.nn.mha, "_host_readable", lambda t: False)
+
+
+@pytest.mark.parametrize("seed", range(0, NUM_RANDOM_CONFIGS, 2))
+def test_sync_free_path_matches_torch_on_random_configs(seed, masks_not_host_readable):
+    """The same sweep through the plan that never reads a mask on the host: bool key padding masks of any
+    pattern (scattered too) take the varlen path, packed by a device-side sort."""
+    check_random_config(seed)
+
+
+def test_sync_free_path_takes_any_bool_padding_and_refuses_what_it_cannot_check(masks_not_host_readable):
+    mha = MultiheadAttention(8, 2)
+    x = torch.randn(5, 3, 8)
+    scattered = torch.tensor([[False, True, False, True, False]] * 3)
+    assert mha.why_not_fast_path(x, x, x, scattered, need_weights=False) is None
+    float_mask = torch.zeros(3, 5).masked_fill(scattered, float("-inf"))
+    assert "float key_padding_mask" in mha.why_not_fast_path(x, x, x, float_mask, need_weights=False)
+    causal = torch.ones(5, 5, dtype=torch.bool).triu(1)
+    assert "is_causal=True" in mha.why_not_fast_path(x, x, x, need_weights=False, attn_mask=causal)
+    # torch documents is_causal as the caller's promise that attn_mask is the causal mask.
+    assert mha.why_not_fast_path(x, x, x, scattered, need_weights=False, attn_mask=causal, is_causal=True) is None
+
+
+def check_random_config(seed):
     cfg = draw_config(seed)
     ref, ours = make_pair(cfg.ctor, seed)
     ref.train(cfg.training)
@@ -727,3 +757,39 @@ def test_bad_input_raises(case, error, match):
 def test_exported_from_package():
     assert hierkern.MultiheadAttention is MultiheadAttention
     assert "MultiheadAttention" in hierkern.__all__
+
+
+# -- torch.compile ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("self_attention, backend", [(True, "inductor"), (False, "aot_eager")])
+def test_fullgraph_compile_of_the_varlen_path_reads_no_mask_on_the_host(self_attention, backend, monkeypatch):
+    """fullgraph=True fails on any host read of a tensor value (a graph break); a second call with other
+    padding must reuse the graph (no value was guarded on) and match eager mode, gradients included."""
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    torch.manual_seed(0)
+    mha = MultiheadAttention(16, 4, batch_first=True)
+    query = torch.randn(3, 6, 16)
+    memory = query if self_attention else torch.randn(3, 7, 16)
+
+    def attend(q, kv, kpm):
+        return mha(q, kv, kv, key_padding_mask=kpm, need_weights=False)[0]
+
+    compiled = torch.compile(attend, fullgraph=True, backend=backend)
+    src_len = memory.shape[1]
+    for lengths in ([2, src_len, 1], [src_len, 3, 4]):
+        kpm = torch.arange(src_len)[None, :] >= torch.tensor(lengths)[:, None]
+        results = []
+        for fn in (attend, compiled):
+            q = query.clone().requires_grad_()
+            kv = q if self_attention else memory.clone().requires_grad_()
+            mha.last_path = None
+            out = fn(q, kv, kpm)
+            assert mha.last_path == "varlen"
+            grads = torch.autograd.grad(out.square().sum(), [q] + ([] if self_attention else [kv])
+                                        + list(mha.parameters()))
+            results.append((out.detach(), grads))
+        (eager_out, eager_grads), (compiled_out, compiled_grads) = results
+        torch.testing.assert_close(compiled_out, eager_out, **TOL)
+        for got, want in zip(compiled_grads, eager_grads):
+            torch.testing.assert_close(got, want, **TOL)
