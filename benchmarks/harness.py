@@ -27,6 +27,7 @@ import torch
 
 import hierkern
 from hierkern.bench import Workload, make_qkv, workloads
+from hierkern.bench.report import family_of
 from hierkern.reference import varlen_attention_reference
 
 MODES = ("fwd", "fwd+bwd")
@@ -50,10 +51,6 @@ PADDED_SCORE_LIMIT = {"cpu": 2 ** 30, "cuda": 2 ** 36}
 # these segment counts one call would take minutes, so they are skipped with the count in the reason.
 PER_SEGMENT_LIMIT = {"fwd": 8192, "fwd+bwd": 1024}
 
-# The report's plot panels. A benchmark names its family (``run_benchmark(..., family=...)`` or
-# ``extra_info["family"]``); entries without one get it from their group's name (``family_of``).
-FAMILIES = ("attention core", "layer", "encoder stack", "seed model", "hf")
-
 # Baselines that raised on their input in this session, for the JSON (see ``record_failure``).
 FAILED: list[dict] = []
 
@@ -61,17 +58,6 @@ BYTES_DEFINITION = {
     "fwd": "floor: read q, k, v + write out, once each",
     "fwd+bwd": "floor: fwd (q, k, v, out) + bwd (read q, k, v, out, dout; write dq, dk, dv) = 12 tensors",
 }
-
-
-def family_of(group: str) -> str:
-    """The plot panel of a group from its name: ``mha*`` -> layer, ``seed-model*``, ``encoder*``, ``hf*``,
-    else the attention core (whose groups are ``<workload>/<mode>/<dtype>``)."""
-    head = group.split("/", 1)[0]
-    for prefix, family in (("mha", "layer"), ("seed-model", "seed model"), ("encoder", "encoder stack"),
-                           ("hf", "hf")):
-        if head.startswith(prefix):
-            return family
-    return "attention core"
 
 
 @functools.lru_cache(maxsize=None)
@@ -159,7 +145,8 @@ def cases(config, modes) -> list[tuple]:
         for workload in workloads(config.getoption("--hk-size"), device):
             for mode in modes:
                 for dtype in DTYPES[device]:
-                    out.append((device, workload, mode, dtype))
+                    if workload.dtypes is None or str(dtype).replace("torch.", "") in workload.dtypes:
+                        out.append((device, workload, mode, dtype))
     return out
 
 
@@ -352,7 +339,7 @@ def run_benchmark(benchmark, *, group: str, impl: str, prepared: Prepared, refer
         dtype, device: of the inputs.
         floor_bytes: the memory-traffic floor of one call (``bytes_per_s`` divides it by the median time).
         info: workload fields (tokens, segments, ...) to record.
-        family: the report's plot panel (``FAMILIES``); default ``family_of(group)``.
+        family: the report's plot panel (one of ``hierkern.bench.report.FAMILIES``); default ``family_of(group)``.
     """
     benchmark.group = group
     benchmark.extra_info.update(impl=impl, family=family or family_of(group), device=str(device),

@@ -10,28 +10,51 @@ Per (workload, mode, dtype) group:
 * ``torch-sdpa-nested``: SDPA on jagged nested tensors built (as views) from the packed tokens;
 * ``torch-sdpa-loop``: SDPA on each segment in a Python loop (what a varlen-unaware model does without
   padding);
-* CUDA only: ``torch-flex`` (compiled FlexAttention over the packed sequence with a document mask; the mask
-  is built before timing and its build time recorded as ``extra_info["mask_build_s"]``) and
-  ``flash-attn-varlen`` (``flash_attn_varlen_func``, when flash-attn is installed).
+* ``torch-flex``: FlexAttention, ``torch.compile``d, over the packed sequence with a document mask, as its
+  users run it: the block mask is built before timing (its build time is ``extra_info["mask_build_s"]``, its
+  first build with compilation ``mask_compile_s``) and ``BLOCK_SIZE`` is swept over ``FLEX_BLOCK_SIZES``
+  (each checked against the reference and timed over a few calls; ``extra_info["block_sweep_s"]``), the
+  fastest kept. FlexAttention tiles the flattened sequence, so a block spans many short segments: the
+  fraction of each visited block that is inside a segment is ``extra_info["block_density"]``. On the CPU
+  it runs on the English workloads only (``FLEX_CPU_WORKLOADS``: each block size costs a compilation of
+  ~5-15 s), and its forward+backward raises (no CPU backward in torch): that failure is recorded as the
+  group's ``torch-flex`` result in the JSON's ``hierkern.failed``;
+* CUDA only: ``torch-varlen-attn`` (``torch.nn.attention.varlen.varlen_attn``, torch's FlashAttention-2
+  varlen entry point; one call launches a grid with a row per segment, so past 65,535 segments it fails and
+  the failure is recorded), ``torch-varlen-attn-chunked`` (the same, one call per ``VARLEN_ATTN_CHUNK``
+  segments, when a workload has more) and ``flash-attn-varlen`` (``flash_attn_varlen_func``, when
+  flash-attn is installed).
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import time
+from dataclasses import dataclass
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import hierkern
-from harness import (BYTES_DEFINITION, MODES, Prepared, Problem, case_id, cases, make_problem, padded_guard,
-                     per_segment_guard, reference64, run_benchmark)
+from harness import (BYTES_DEFINITION, MODES, TOLERANCE, Prepared, Problem, case_id, cases, make_problem,
+                     padded_guard, per_segment_guard, reference64, rel_err, run_benchmark)
+from hierkern.bench import Workload
+
+FLEX_BLOCK_SIZES = (16, 32, 64, 128)
+FLEX_CPU_WORKLOADS = ("chars-in-words", "words-in-sentences")
+# Segments per varlen_attn call when chunking: under the 65,535 grid rows of one launch, and 128 * segments *
+# H * D stays under 2**31 at H=8, D=64 (FlashAttention-2's int32 offset into its dq accumulator).
+VARLEN_ATTN_CHUNK = 32000
 
 
-def baseline_impls(device: str) -> list[str]:
+def baseline_impls(device: str, workload: Workload) -> list[str]:
     impls = ["torch-sdpa-padded", "torch-sdpa-nested", "torch-sdpa-loop"]
+    if device == "cuda" or workload.name in FLEX_CPU_WORKLOADS:
+        impls.append("torch-flex")
     if device == "cuda":
-        impls += ["torch-flex", "flash-attn-varlen"]
+        impls += ["torch-varlen-attn", "torch-varlen-attn-chunked", "flash-attn-varlen"]
     return impls
 
 
@@ -41,7 +64,7 @@ def pytest_generate_tests(metafunc):
     params, ids = [], []
     for device, workload, mode, dtype in cases(metafunc.config, MODES):
         impls = [f"hierkern-{name}" for name in hierkern.available_backends(device)]
-        for impl in impls + baseline_impls(device):
+        for impl in impls + baseline_impls(device, workload):
             params.append((device, workload, mode, dtype, impl))
             ids.append(f"{case_id(device, workload, mode, dtype)}-{impl}")
     metafunc.parametrize("device,workload,mode,dtype,impl", params, ids=ids)
@@ -141,40 +164,140 @@ def prepare_sdpa_loop(p: Problem) -> Prepared:
     return Prepared(run, _packed_result)
 
 
-def prepare_flex(p: Problem) -> Prepared:
+@dataclass
+class FlexChoice:
+    """FlexAttention prepared for one problem: the fastest block size's mask and the compiled function."""
+
+    attend: object
+    block_mask: object
+    extra: dict
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device: torch.device, calls: int = 3) -> float:
+    """The fastest of ``calls`` calls of ``fn`` (seconds), after the one before it."""
+    best = math.inf
+    for _ in range(calls):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _heads_first(t):     # (total, H, D) -> (1, H, total, D)
+    return t.transpose(0, 1).unsqueeze(0)
+
+
+@functools.lru_cache(maxsize=1)
+def flex_choice(workload: Workload, dtype: torch.dtype, device: str) -> FlexChoice:
+    """Sweep ``BLOCK_SIZE`` for the forward; the fastest correct block size wins. Cached per problem, so the
+    forward+backward group reuses the forward's compilation and mask."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    p = make_problem(workload, "fwd", dtype, device)
     doc = p.seg.segment_ids()
-    total = p.workload.total
+    total = workload.total
 
     def document_mask(b, h, q_idx, kv_idx):
         return doc[q_idx] == doc[kv_idx]
 
-    def build():
-        # _compile=True builds the block mask tile by tile; the eager builder materialises total**2 booleans.
-        return create_block_mask(document_mask, B=None, H=None, Q_LEN=total, KV_LEN=total, device=p.device,
-                                 _compile=True)
-
-    build()     # compile the mask builder once
-    times = []
-    for _ in range(3):
-        torch.cuda.synchronize(p.device)
-        start = time.perf_counter()
-        block_mask = build()
-        torch.cuda.synchronize(p.device)
-        times.append(time.perf_counter() - start)
+    # Compiled, the builder evaluates the mask tile by tile; eagerly it materialises total**2 booleans.
+    build_mask = torch.compile(create_block_mask, dynamic=False)
     attend = torch.compile(flex_attention, dynamic=False)
+    ref_out, _ = reference64(workload, "fwd", dtype, device)
+    q, k, v = (_heads_first(t) for t in (p.q, p.k, p.v))
+    sweep, best = {}, None
+    for block in FLEX_BLOCK_SIZES:
+        def build():
+            return build_mask(document_mask, B=None, H=None, Q_LEN=total, KV_LEN=total, device=p.device,
+                              BLOCK_SIZE=block)
+        try:
+            start = time.perf_counter()
+            block_mask = build()
+            _sync(p.device)
+            mask_compile_s = time.perf_counter() - start
+            mask_build_s = _timed(build, p.device)
+            start = time.perf_counter()
+            out = attend(q, k, v, block_mask=block_mask)
+            _sync(p.device)
+            compile_s = time.perf_counter() - start
+            err = rel_err(out.squeeze(0).transpose(0, 1), ref_out)
+            if err > TOLERANCE[dtype][0]:
+                sweep[block] = f"wrong output (rel. error {err:.3g})"
+                continue
+            seconds = _timed(lambda: attend(q, k, v, block_mask=block_mask), p.device)
+        except (RuntimeError, NotImplementedError) as exc:   # a block size this device cannot compile
+            sweep[block] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            continue
+        sweep[block] = seconds
+        if best is None or seconds < best[0]:
+            # Of the visited (q block, kv block) pairs, the fraction of their entries inside a segment: the
+            # work FlexAttention does that is not masked out.
+            visited = block_mask.kv_num_blocks.sum().item()
+            if block_mask.full_kv_num_blocks is not None:
+                visited += block_mask.full_kv_num_blocks.sum().item()
+            density = workload.attention_pairs() / max(visited * block * block, 1)
+            best = (seconds, block, block_mask, dict(mask_build_s=mask_build_s, mask_compile_s=mask_compile_s,
+                                                     compile_s=compile_s, block_density=density))
+    if best is None:
+        pytest.skip(f"torch-flex: no block size ran ({sweep})")
+    _, block, block_mask, extra = best
+    return FlexChoice(attend, block_mask, dict(block_size=block, block_sweep_s=sweep, **extra))
+
+
+def prepare_flex(p: Problem) -> Prepared:
+    choice = flex_choice(p.workload, p.dtype, str(p.device))
     q, k, v = p.leaves()
 
-    def heads_first(t):     # (total, H, D) -> (1, H, total, D)
-        return t.transpose(0, 1).unsqueeze(0)
-
     def run():
-        out = attend(heads_first(q), heads_first(k), heads_first(v), block_mask=block_mask)
+        out = choice.attend(_heads_first(q), _heads_first(k), _heads_first(v), block_mask=choice.block_mask)
         out = out.squeeze(0).transpose(0, 1)
         if p.backward:
             return out, torch.autograd.grad(out, (q, k, v), p.dout)
         return out, None
-    return Prepared(run, _packed_result, {"mask_build_s": sorted(times)[1]})
+    return Prepared(run, _packed_result, dict(choice.extra))
+
+
+def prepare_varlen_attn(p: Problem, chunked: bool) -> Prepared:
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError as exc:
+        pytest.skip(f"torch.nn.attention.varlen.varlen_attn is not in torch {torch.__version__}: {exc}")
+    if p.dtype not in (torch.float16, torch.bfloat16):
+        pytest.skip(f"varlen_attn (FlashAttention-2) supports float16/bfloat16 only, not {p.dtype}")
+    lengths = p.workload.lengths
+    if chunked and len(lengths) <= VARLEN_ATTN_CHUNK:
+        pytest.skip(f"{len(lengths)} segments fit one varlen_attn call (chunks of {VARLEN_ATTN_CHUNK}); "
+                    f"torch-varlen-attn is that call")
+    q, k, v = p.leaves()
+    if not chunked:
+        offsets, max_len = p.seg.offsets, p.seg.max_len
+        calls = [(offsets, max_len)]
+        sizes = [p.workload.total]
+    else:
+        calls, sizes = [], []
+        for start in range(0, len(lengths), VARLEN_ATTN_CHUNK):
+            part = lengths[start:start + VARLEN_ATTN_CHUNK]
+            seg = hierkern.Segments.from_lengths(list(part), device=p.device)
+            calls.append((seg.offsets, seg.max_len))
+            sizes.append(seg.total)
+
+    def attention(qq, kk, vv):
+        outs = [varlen_attn(a, b, c, cu, cu, m, m)
+                for a, b, c, (cu, m) in zip(qq.split(sizes), kk.split(sizes), vv.split(sizes), calls)]
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def run():
+        out = attention(q, k, v)
+        if p.backward:
+            return out, torch.autograd.grad(out, (q, k, v), p.dout)
+        return out, None
+    return Prepared(run, _packed_result, {"calls": len(calls)})
 
 
 def prepare_flash_attn(p: Problem) -> Prepared:
@@ -201,6 +324,8 @@ def test_attention(benchmark, request, skip_without_device, device, workload, mo
     else:
         prepare = {"torch-sdpa-padded": prepare_sdpa_padded, "torch-sdpa-nested": prepare_sdpa_nested,
                    "torch-sdpa-loop": prepare_sdpa_loop, "torch-flex": prepare_flex,
+                   "torch-varlen-attn": functools.partial(prepare_varlen_attn, chunked=False),
+                   "torch-varlen-attn-chunked": functools.partial(prepare_varlen_attn, chunked=True),
                    "flash-attn-varlen": prepare_flash_attn}[impl]
         prepared = prepare(p)
     call = attention_call(p, *p.leaves())
@@ -210,4 +335,4 @@ def test_attention(benchmark, request, skip_without_device, device, workload, mo
                 auto_backend=hierkern.backends.select_backend(call).name)
     run_benchmark(benchmark, group=f"{workload.name}/{mode}/{str(dtype).replace('torch.', '')}", impl=impl,
                   prepared=prepared, reference=reference64(workload, mode, dtype, device), dtype=dtype,
-                  device=p.device, floor_bytes=p.attention_bytes(), info=info)
+                  device=p.device, floor_bytes=p.attention_bytes(), info=info, family="attention core")

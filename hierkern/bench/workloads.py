@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -68,6 +68,9 @@ SEED_MODEL_WORDS: dict[str, dict[str, int]] = {
 # digits, punctuation and the three special ids).
 SEED_MODEL_VOCAB = 100
 
+# The GPU target shape (issue 8): 2**20 characters of English words, H=8, D=64, bfloat16.
+TARGET_CHARS = 1 << 20
+
 # Tile-boundary lengths of the stress workloads (1 and tiles 16/32/64 and one past each).
 _UNIFORM_LENGTHS = (1, 5, 16, 17, 32, 33, 64, 65)
 
@@ -82,13 +85,16 @@ class Workload:
         num_heads: ``H``.
         head_dim: ``D`` (``embed_dim = H * D``).
         description: one line for reports.
+        dtypes: the dtypes (names, ``"bfloat16"``) to benchmark it in; ``None``: every dtype of the device.
     """
 
     name: str
-    lengths: tuple[int, ...]
+    # Left out of repr: pytest-benchmark writes each parameter's repr into the JSON, for every entry.
+    lengths: tuple[int, ...] = field(repr=False)
     num_heads: int = 8
     head_dim: int = 32
     description: str = ""
+    dtypes: tuple[str, ...] | None = None     # benchmark only these dtypes (``"bfloat16"``, ...); None: all
 
     @property
     def embed_dim(self) -> int:
@@ -183,7 +189,9 @@ def workloads(size: str = "default", device_type: str = "cpu", *, num_heads: int
 
     Returns:
         ``chars-in-words`` (English characters within words), ``words-in-sentences`` (the same text's words
-        within sentences), then the stress layouts ``uniform-<L>``, ``long-among-tiny`` and ``zero-length``.
+        within sentences), then the stress layouts ``uniform-<L>``, ``long-among-tiny`` and ``zero-length``;
+        on CUDA (default and large sizes) also ``chars-1M-d64``, the GPU target shape (2^20 characters,
+        H=8, D=64, bfloat16 only).
     """
     if size not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
@@ -208,7 +216,24 @@ def workloads(size: str = "default", device_type: str = "cpu", *, num_heads: int
                         description=f"one {long_len}-token segment among segments of 1-8 tokens", **shape))
     out.append(Workload("zero-length", _stress("zero-length", target, seed, long_len),
                         description="word-like lengths, a quarter of the segments empty", **shape))
+    if device_type == "cuda" and size != "small":
+        out.append(Workload("chars-1M-d64", _english_chars(TARGET_CHARS, seed), num_heads=8, head_dim=64,
+                            dtypes=("bfloat16",), description="the GPU target: 2^20 characters of English "
+                            "words, H=8, D=64, bfloat16"))
     return out
+
+
+def _english_chars(total: int, seed: int) -> tuple[int, ...]:
+    """English word lengths summing to exactly ``total`` characters (the last word cut to fit)."""
+    words, _ = english_text(int(total / 4) + 1000, seed)    # mean ~4.7 characters: enough words
+    out, filled = [], 0
+    for n in words:
+        if filled + n >= total:
+            out.append(total - filled)
+            break
+        out.append(n)
+        filled += n
+    return tuple(out)
 
 
 def make_qkv(workload: Workload, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
