@@ -14,7 +14,7 @@ from . import __version__
 from .backends import _REGISTRY
 from .ops import cuda_attention, extension, toolchain
 
-__all__ = ["report", "main"]
+__all__ = ["report", "build_parser", "main"]
 
 
 def _version(package: str) -> str:
@@ -80,7 +80,7 @@ def report() -> str:
     return "\n".join(f"{name:<{width}}{value}".rstrip() for name, value in rows)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m hierkern doctor",
         description="Print the backends and why each is (un)available, the toolchain that compiles the kernels, "
@@ -89,7 +89,11 @@ def main(argv=None) -> int:
     parser.add_argument("--build", action="store_true",
                         help="compile the kernels that are compiled on first use now (the CPU kernels, and the "
                              "CUDA kernels when a GPU is visible), then report (default: off, compile nothing)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     if args.build:
         extension.ensure_loaded()
         if torch.cuda.is_available() and cuda_attention.CudaBackend().unavailable_reason() is None:

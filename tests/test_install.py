@@ -23,11 +23,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _tracked_copy(target: Path) -> Path:
-    """The repository as a fresh clone has it: tracked files only, no build products."""
+    """The repository as a fresh clone of it with these changes committed has it: tracked and new files that git
+    does not ignore, no build products."""
     if shutil.which("git") is None or not (ROOT / ".git").exists():
         pytest.skip("needs a git checkout to know which files are tracked")
-    files = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z"], capture_output=True, check=True,
-                           text=True).stdout.split("\0")
+    files = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                           capture_output=True, check=True, text=True).stdout.split("\0")
     for name in filter(None, files):
         if (ROOT / name).is_file():
             (target / name).parent.mkdir(parents=True, exist_ok=True)

@@ -55,12 +55,14 @@ def _user_stacklevel() -> int:
     """The ``stacklevel`` that points a warning at the first frame outside hierkern and the import machinery
     (the user's ``import hierkern``), not at this file."""
     import inspect
-    level = 1
+    level = 0
     for frame in inspect.stack()[1:]:
-        level += 1
         name = frame.filename
-        if not (name.startswith(_PACKAGE) or name.startswith("<frozen importlib")):
-            return level - 1
+        if "importlib" in name and "_bootstrap" in name:
+            continue  # warnings.warn skips these frames itself when counting
+        level += 1
+        if not name.startswith(_PACKAGE):
+            return level
     return 1
 
 

@@ -64,9 +64,10 @@ def _torch_tag() -> str:
 
 
 def extension_cache_dir() -> str:
-    """Where torch's JIT builds (and so hierkern's) are cached."""
-    from torch.utils.cpp_extension import _get_build_directory
-    return os.path.dirname(_get_build_directory("hierkern", verbose=False))
+    """Where torch's JIT builds (and so hierkern's) are cached: ``TORCH_EXTENSIONS_DIR``, or torch's default root
+    (which torch subdivides per Python and CUDA version). Creates nothing."""
+    from torch.utils.cpp_extension import get_default_build_root
+    return os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
 
 
 @functools.lru_cache(maxsize=None)
@@ -113,10 +114,13 @@ def cuda_toolchain_problem() -> str | None:
     return cxx_problem()
 
 
-def _announce(what: str) -> None:
-    # One line, before minutes of silence: the user should know why the first call is slow.
-    print(f"hierkern: compiling {what} for torch {torch.__version__} (first use only; cached in "
-          f"{extension_cache_dir()})", file=sys.stderr, flush=True)
+def _announce(name: str, what: str) -> None:
+    """One line before minutes of silence, so the user knows why the first call is slow; nothing on a cache hit
+    (torch's ``load`` then only checks the sources' hash and loads the library)."""
+    from torch.utils.cpp_extension import _get_build_directory
+    if not os.path.isfile(os.path.join(_get_build_directory(name, verbose=False), f"{name}.so")):
+        print(f"hierkern: compiling {what} for torch {torch.__version__} (first use only; cached in "
+              f"{extension_cache_dir()})", file=sys.stderr, flush=True)
 
 
 def build_cpu_kernels(verbose: bool = False) -> None:
@@ -129,8 +133,9 @@ def build_cpu_kernels(verbose: bool = False) -> None:
     if problem is not None:
         raise RuntimeError(problem)
     from torch.utils.cpp_extension import load
-    _announce("the C++ CPU kernels")
-    load(name=f"hierkern_cpu_{_torch_tag()}", sources=cpu_sources(), extra_cflags=CXX_FLAGS,
+    name = f"hierkern_cpu_{_torch_tag()}"
+    _announce(name, "the C++ CPU kernels")
+    load(name=name, sources=cpu_sources(), extra_cflags=CXX_FLAGS,
          extra_ldflags=LD_FLAGS, is_python_module=False, verbose=verbose)
 
 
@@ -144,8 +149,9 @@ def build_cuda_kernels(verbose: bool = False) -> None:
     if problem is not None:
         raise RuntimeError(problem)
     from torch.utils.cpp_extension import load
-    _announce("the CUDA kernels")
-    load(name=f"hierkern_cuda_{_torch_tag()}", sources=cuda_sources(), extra_cflags=["-O3"],
+    name = f"hierkern_cuda_{_torch_tag()}"
+    _announce(name, "the CUDA kernels")
+    load(name=name, sources=cuda_sources(), extra_cflags=["-O3"],
          extra_cuda_cflags=cuda_flags.nvcc_flags(), extra_include_paths=[os.path.join(CSRC, "cuda")],
          is_python_module=False, verbose=verbose)
 
