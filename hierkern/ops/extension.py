@@ -101,8 +101,7 @@ def _load_at_import() -> None:
     if error is None:
         _on_loaded("hierkern._C")
         return
-    problem = toolchain.cxx_problem() if os.environ.get("HIERKERN_NO_JIT") != "1" else (
-        "HIERKERN_NO_JIT=1 forbids compiling them on first use")
+    problem = toolchain.cxx_problem()
     if problem is None:
         if not absent:  # broken, not merely absent: say so, since the first call will take minutes
             warnings.warn(f"{error}; hierkern compiles its kernels for this torch on first use instead",

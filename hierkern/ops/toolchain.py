@@ -80,6 +80,8 @@ def cxx_compiler() -> str | None:
 def cxx_problem() -> str | None:
     """Why the CPU kernels cannot be compiled here, in one sentence, or ``None`` if they can."""
     from torch.utils.cpp_extension import is_ninja_available
+    if os.environ.get("HIERKERN_NO_JIT") == "1":
+        return "HIERKERN_NO_JIT=1 forbids compiling kernels on first use"
     if not cpu_sources():
         return (f"the C++ sources are not at {CSRC} (a package built without them): reinstall hierkern with "
                 f"`pip install hierkern` from a source distribution or a checkout")
