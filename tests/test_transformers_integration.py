@@ -17,7 +17,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from transformers import (AutoModelForCausalLM, AutoModelForMaskedLM, BertConfig,  # noqa: E402
-                          DataCollatorWithFlattening, LlamaConfig, MistralConfig)
+                          DataCollatorWithFlattening, LlamaConfig, MistralConfig, ModernBertConfig)
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function  # noqa: E402
 from transformers.modeling_utils import AttentionInterface  # noqa: E402
 
@@ -41,6 +41,19 @@ def bert_config() -> BertConfig:
     return BertConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, max_position_embeddings=256, hidden_dropout_prob=0.0,
                       attention_probs_dropout_prob=0.0)
+
+
+def modernbert_config() -> ModernBertConfig:
+    """Layer 0 global, layers 1-2 local: a bidirectional window of 16 (longer than every test document)."""
+    return ModernBertConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                            num_attention_heads=4, local_attention=32, global_attn_every_n_layers=3,
+                            max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                            cls_token_id=1, sep_token_id=2, mask_token_id=3)
+
+
+def mistral_config(sliding_window: int) -> MistralConfig:
+    return MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, sliding_window=sliding_window)
 
 
 def model_pair(auto, config, device="cpu", impl="hierkern"):
@@ -174,8 +187,9 @@ def masked_labels(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("batch_form", ["flash-kwargs", "padded"])
-def test_encoder_matches_sdpa_on_the_padded_batch(device, batch_form):
-    ours, sdpa = model_pair(AutoModelForMaskedLM, bert_config(), device)
+@pytest.mark.parametrize("config", [bert_config, modernbert_config])
+def test_encoder_matches_sdpa_on_the_padded_batch(device, batch_form, config):
+    ours, sdpa = model_pair(AutoModelForMaskedLM, config(), device)
     docs = documents(4)
     ids, mask, _ = padded(docs, device)
     labels = masked_labels(ids, mask)
@@ -230,12 +244,13 @@ def test_attention_weights_are_refused():
         ours(input_ids=ids, output_attentions=True)
 
 
-def direct_call(**kwargs):
-    """One attention call outside a model: ``(B=1, H=4, L=6, D=8)``, GQA 2 kv heads."""
+def direct_call(seed=None, **kwargs):
+    """One attention call outside a model: ``(B=1, H=4, L=6, D=8)``, GQA 2 kv heads; seeded inputs."""
     module = torch.nn.Module()
     module.is_causal, module.num_key_value_groups = True, 2
-    q = torch.randn(1, 4, 6, 8)
-    kv = torch.randn(1, 2, 6, 8)
+    gen = torch.Generator().manual_seed(0 if seed is None else seed)
+    q = torch.randn(1, 4, 6, 8, generator=gen)
+    kv = torch.randn(1, 2, 6, 8, generator=gen)
     return module, hf.hierkern_attention_forward(module, q, kv, kv.clone(), kwargs.pop("attention_mask", None),
                                                  **kwargs)
 
@@ -263,12 +278,27 @@ def test_cu_seq_lens_on_another_device_is_refused_by_name():
         direct_call(cu_seq_lens_q=cu, max_length_q=4)
 
 
-def test_sliding_window_falls_back_to_sdpa_visibly_and_matches_it():
-    config = MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, sliding_window=3)
-    ours, sdpa = model_pair(AutoModelForCausalLM, config)
+@pytest.mark.parametrize("batch_form", ["flash-kwargs", "padded"])
+def test_sliding_window_wider_than_every_document_runs_varlen(batch_form):
+    ours, sdpa = model_pair(AutoModelForCausalLM, mistral_config(sliding_window=max(LENGTHS)))
+    docs = documents(6)
+    ids, mask, labels = padded(docs)
+    ref = sdpa(input_ids=ids, attention_mask=mask, labels=labels)
+    if batch_form == "flash-kwargs":
+        out = ours(**flattened(docs))
+        logits = out.logits[0]
+    else:
+        out = ours(input_ids=ids, attention_mask=mask, labels=labels)
+        logits = out.logits[mask.bool()]
+    assert paths(ours) == {"varlen-packed" if batch_form == "flash-kwargs" else "varlen-unpadded"}
+    torch.testing.assert_close(out.loss, ref.loss, **TOL)
+    torch.testing.assert_close(logits, ref.logits[mask.bool()], **TOL)
+
+
+def test_sliding_window_narrower_than_a_document_falls_back_to_sdpa_visibly():
+    ours, sdpa = model_pair(AutoModelForCausalLM, mistral_config(sliding_window=3))
     ids, mask, labels = padded(documents(6))
-    with pytest.warns(hf.HierkernFallbackWarning, match="sliding"):
+    with pytest.warns(hf.HierkernFallbackWarning, match="sliding window"):
         out = ours(input_ids=ids, attention_mask=mask, labels=labels)
     assert all(p.startswith("sdpa: ") for p in paths(ours))
     ref = sdpa(input_ids=ids, attention_mask=mask, labels=labels)
@@ -276,6 +306,14 @@ def test_sliding_window_falls_back_to_sdpa_visibly_and_matches_it():
     # A padding-free batch cannot fall back: sdpa would attend across its documents.
     with pytest.raises(ValueError, match="cu_seq_lens_q/cu_seq_lens_k"):
         ours(**flattened(documents(6)))
+
+
+def test_dropout_is_applied_in_training_only():
+    module, (plain, _) = direct_call(seed=0)
+    _, (dropped, _) = direct_call(seed=0, dropout=0.5)
+    _, (evaluated, _) = direct_call(seed=0, dropout=0.0)
+    assert module.hierkern_last_path == "varlen-rows"
+    assert torch.equal(plain, evaluated) and not torch.allclose(plain, dropped)
 
 
 def test_precomputed_4d_mask_falls_back_to_sdpa():
@@ -294,7 +332,7 @@ def test_unrecognised_mask_function_falls_back():
     def prefix_lm(batch_idx, head_idx, q_idx, kv_idx):
         return (kv_idx <= q_idx) | (kv_idx < 2)
     request = hf.hierkern_mask(1, 6, 6, mask_function=prefix_lm, attention_mask=None, allow_is_causal_skip=False)
-    assert request.causal is None and "not plain causal" in request.unsupported
+    assert request.causal is None and "not causal or bidirectional" in request.unsupported
     with pytest.warns(hf.HierkernFallbackWarning):
         module, (out, weights) = direct_call(attention_mask=request)
     assert module.hierkern_last_path.startswith("sdpa: ") and weights is None and out.shape == (1, 6, 4, 8)

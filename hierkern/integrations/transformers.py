@@ -43,7 +43,7 @@ from hierkern's own random stream.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -89,43 +89,66 @@ def register(name: str = IMPLEMENTATION) -> str:
 # -- what the model's mask function is ---------------------------------------------------------------------
 
 # transformers builds a mask function out of closures (and_masks, packed_sequence_mask_function,
-# remap_positions_for_packed_sequence). Closures made by one ``def`` share its code object, so comparing code
-# objects identifies them exactly; a change in transformers makes the pattern unrecognised (sdpa fallback),
-# never misread.
+# remap_positions_for_packed_sequence, the sliding-window overlays). Closures made by one ``def`` share its code
+# object, so comparing code objects identifies them exactly; a change in transformers makes the pattern
+# unrecognised (sdpa fallback), never misread.
 _AND_CODE = and_masks(causal_mask_function).__code__
 _PACKED_CODE = packed_sequence_mask_function(torch.empty(0)).__code__
 _REMAP = getattr(masking_utils, "remap_positions_for_packed_sequence", None)
 _REMAP_CODE = _REMAP(causal_mask_function, torch.empty(0)).__code__ if _REMAP is not None else None
+# (overlay code, the base it is and-ed with, window_len - sliding_window): the causal overlay keeps keys less
+# than ``w`` tokens back, so it hides nothing in segments of at most ``w`` keys; the bidirectional one keeps
+# distances up to ``w``, so segments of ``w + 1``.
+_WINDOWS = [(factory(1).__code__, base, extra) for name, base, extra in (
+    ("sliding_window_overlay", causal_mask_function, 0),
+    ("sliding_window_bidirectional_overlay", bidirectional_mask_function, 1),
+) if (factory := getattr(masking_utils, name, None)) is not None]
+
+
+class _Pattern(NamedTuple):
+    """A mask varlen attention computes: causal or not, within packed sequences (``packed_ids`` ``(B, L)``,
+    transformers' sequence index per token) or rows, under a sliding window that hides nothing in segments of
+    at most ``window_len`` keys (``None``: no window)."""
+
+    causal: bool
+    packed_ids: torch.Tensor | None = None
+    window_len: int | None = None
 
 
 def _cell(fn: Callable, name: str) -> Any:
     return fn.__closure__[fn.__code__.co_freevars.index(name)].cell_contents
 
 
-def _classify(mask_function: Callable) -> tuple[bool, torch.Tensor | None] | None:
-    """``(causal, packed_sequence_ids or None)`` for a mask varlen attention computes exactly, else ``None``.
+def _classify(mask_function: Callable) -> _Pattern | None:
+    """The ``_Pattern`` of a mask function varlen attention computes exactly, else ``None``.
 
-    Recognised: ``causal_mask_function``, ``bidirectional_mask_function``, and either of them restricted to
-    packed sequences (``and_masks([remap_positions(base, position_ids),] packed_sequence_mask_function(ids))``:
-    within a packed sequence positions rise by one, so the remapped causal order is the token order).
+    Recognised: ``causal_mask_function``, ``bidirectional_mask_function``, either under transformers' sliding
+    window (``and_masks(overlay(w), base)``), and any of those restricted to packed sequences
+    (``and_masks([remap_positions(base, position_ids),] packed_sequence_mask_function(ids))``: within a packed
+    sequence positions rise by one, so remapped positions order and space tokens as their indices do).
     """
     if mask_function is causal_mask_function:
-        return True, None
+        return _Pattern(True)
     if mask_function is bidirectional_mask_function:
-        return False, None
-    code = getattr(mask_function, "__code__", None)
-    if code is not _AND_CODE:
+        return _Pattern(False)
+    if getattr(mask_function, "__code__", None) is not _AND_CODE:
         return None
     parts = _cell(mask_function, "mask_functions")
-    if len(parts) != 2 or getattr(parts[1], "__code__", None) is not _PACKED_CODE:
+    if len(parts) != 2:
         return None
-    base = parts[0]
-    if _REMAP_CODE is not None and getattr(base, "__code__", None) is _REMAP_CODE:
-        base = _cell(base, "mask_function")
-    inner = _classify(base)
-    if inner is None or inner[1] is not None:
+    first, second = parts
+    first_code = getattr(first, "__code__", None)
+    for overlay_code, base, extra in _WINDOWS:
+        if first_code is overlay_code and second is base:
+            return _Pattern(base is causal_mask_function, window_len=_cell(first, "sliding_window") + extra)
+    if getattr(second, "__code__", None) is not _PACKED_CODE:
         return None
-    return inner[0], _cell(parts[1], "packed_sequence_mask")
+    if _REMAP_CODE is not None and first_code is _REMAP_CODE:
+        first = _cell(first, "mask_function")
+    inner = _classify(first)
+    if inner is None or inner.packed_ids is not None:
+        return None
+    return inner._replace(packed_ids=_cell(second, "packed_sequence_mask"))
 
 
 class _Layout:
@@ -187,14 +210,17 @@ class MaskRequest:
 
     Attributes:
         causal: the mask is causal (``None`` when the pattern is not one varlen attention computes).
+        window_len: the mask's sliding window hides nothing in segments of at most this many keys (``None``:
+            no window). Longer segments need the sdpa fallback.
         unsupported: why varlen attention cannot compute this mask exactly, or ``None``.
     """
 
     def __init__(self, args: dict):
         self.args = args
         pattern = None if args.get("use_vmap") else _classify(args["mask_function"])
-        self.causal = None if pattern is None else pattern[0]
-        self._packed_ids = None if pattern is None else pattern[1]
+        self.causal = None if pattern is None else pattern.causal
+        self.window_len = None if pattern is None else pattern.window_len
+        self._packed_ids = None if pattern is None else pattern.packed_ids
         self._padding = prepare_padding_mask(args["attention_mask"], args["kv_length"], args["kv_offset"])
         self.unsupported = self._why_not(pattern)
         self._layout = None
@@ -209,8 +235,8 @@ class MaskRequest:
     def _why_not(self, pattern) -> str | None:
         a = self.args
         if pattern is None:
-            return ("the model's mask is not plain causal or bidirectional attention (a sliding window, chunked, "
-                    "image-token or custom mask function)")
+            return ("the model's mask is not causal or bidirectional attention (a chunked, image-token or custom "
+                    "mask function)")
         q_offset, kv_offset = a["q_offset"], a["kv_offset"]
         if not (isinstance(q_offset, int) and isinstance(kv_offset, int)):
             return "cache offsets given as tensors (a static cache)"
@@ -330,7 +356,9 @@ def hierkern_attention_forward(
             (sdpa fallback).
         dropout: dropout probability on the attention probabilities (the model passes 0 in eval).
         scaling: softmax scale; ``None`` means ``1 / sqrt(D)``.
-        sliding_window, position_bias (in kwargs): sdpa fallback (varlen attention has neither).
+        sliding_window: used where no mask was built; a built mask carries its own window. Exact on varlen
+            attention while no sequence is longer than the window, the sdpa fallback otherwise.
+        position_bias (in kwargs): sdpa fallback (varlen attention adds no bias).
         softcap, s_aux, sinks (in kwargs), output_attentions (in kwargs or the config): ``ValueError``.
         is_causal: overrides ``module.is_causal`` when no mask was built; a built mask says it itself.
         **kwargs: ``cu_seq_lens_q/k`` (int32 ``(S + 1,)`` on the model's device) and ``max_length_q/k``
@@ -364,12 +392,29 @@ def hierkern_attention_forward(
         reason = f"a precomputed {attention_mask.dim()}-D attention mask"
     elif request is not None:
         reason = request.unsupported
-    if reason is None and sliding_window is not None:
-        reason = f"a sliding window (sliding_window={sliding_window})"
     if reason is None and kwargs.get("position_bias") is not None:
         reason = "an additive position_bias"
     if reason is None and request is None and causal_default and q_len != k_len and varlen["cu_seq_lens_q"] is None:
         reason = f"causal attention of {q_len} queries to {k_len} keys without a mask to place them"
+    if reason is None:
+        if varlen["cu_seq_lens_q"] is not None or varlen["cu_seq_lens_k"] is not None:
+            if request is not None and request.has_padding_mask:
+                raise ValueError("attn_implementation='hierkern' got both an attention_mask and cu_seq_lens_q/"
+                                 "cu_seq_lens_k; a padding-free batch passes only the offsets")
+            layout = _varlen_kwargs_layout(varlen, query.device)
+        elif request is not None:
+            layout = request.layout(batch, q_len, k_len, kwargs.get("position_ids"), query.device)
+        else:
+            layout = _unmasked(batch, q_len, k_len, kwargs.get("position_ids"), query.device)
+        # Varlen attention has no window; one that hides nothing in any segment changes nothing. The model's mask
+        # says what its window hides; without one, the module's sliding_window is read as FlashAttention reads
+        # it (keys less than sliding_window tokens apart), the narrower of the conventions models use.
+        window_len = request.window_len if request is not None else sliding_window
+        if window_len is not None:
+            longest = max(_longest(layout.max_q, layout.cu_q), _longest(layout.max_k, layout.cu_k))
+            if longest > window_len:
+                reason = (f"a sliding window (sequences of up to {window_len} tokens) that the longest sequence "
+                          f"({longest} tokens) exceeds")
     if reason is not None:
         mask = request.dense() if request is not None else attention_mask
         return _fallback(module, reason, query, key, value, mask, dropout, scaling, is_causal, kwargs, varlen)
@@ -388,16 +433,6 @@ def hierkern_attention_forward(
     k = k.reshape(batch * k_len, k.shape[2], head_dim)
     v = v.reshape(batch * k_len, v.shape[2], head_dim)
 
-    if varlen["cu_seq_lens_q"] is not None or varlen["cu_seq_lens_k"] is not None:
-        if request is not None and request.has_padding_mask:
-            raise ValueError("attn_implementation='hierkern' got both an attention_mask and cu_seq_lens_q/"
-                             "cu_seq_lens_k; a padding-free batch passes only the offsets")
-        layout = _varlen_kwargs_layout(varlen, query.device)
-    elif request is not None:
-        layout = request.layout(batch, q_len, k_len, kwargs.get("position_ids"), query.device)
-    else:
-        layout = _unmasked(batch, q_len, k_len, kwargs.get("position_ids"), query.device)
-
     if layout.index_q is not None:
         q = q.index_select(0, layout.index_q)
     if layout.index_k is not None:
@@ -410,6 +445,13 @@ def hierkern_attention_forward(
     module.hierkern_last_path = layout.path
     out = out.view(batch, q_len, heads, head_dim)
     return (out if v_dim == head_dim else out[..., :v_dim]), None
+
+
+def _longest(max_len: int | None, cu: torch.Tensor) -> int:
+    """``max_len``, or read from the offsets when the caller gave none (a sync on CUDA)."""
+    if max_len is not None:
+        return max_len
+    return int(cu.diff().max()) if cu.numel() > 1 else 0
 
 
 def _varlen_kwargs_layout(varlen: dict, device: torch.device) -> _Layout:
