@@ -46,7 +46,8 @@ def main(argv=None) -> int:
         counted = sum(1 for g in groups if g.best_hierkern and g.best_torch and not g.runs_torch_code)
         print(f"\nhierkern vs torch over {counted} groups: {span[0]:.2f}x to {span[1]:.2f}x")
     if excluded:
-        print(f"* left out of that range: {len(excluded)} groups with need_weights=True, where hierkern "
+        plural = "s" * (len(excluded) != 1)
+        print(f"* left out of that range: {len(excluded)} group{plural} with need_weights=True, where hierkern "
               f"deliberately runs torch's own code (the attention weights must be materialised)")
     if run.failed:
         print("\nPeers that failed on their input (recorded as results):")
