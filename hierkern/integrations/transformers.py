@@ -47,21 +47,27 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
+MIN_TRANSFORMERS = (5, 4)   # masks described by q_length/q_offset (5.0-5.3 passed cache_position tensors)
+
 try:
+    import transformers
+    from packaging.version import Version
+    if Version(transformers.__version__).release < MIN_TRANSFORMERS:
+        raise ImportError(f"found transformers {transformers.__version__}")
     from transformers import masking_utils
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import (AttentionMaskInterface, and_masks, bidirectional_mask_function,
                                             causal_mask_function, packed_sequence_mask_function,
                                             prepare_padding_mask)
     from transformers.modeling_utils import AttentionInterface
-except ImportError as exc:   # not installed, or older than the mask interface (transformers 4.53)
-    raise ImportError("hierkern.integrations.transformers needs transformers>=5.0 "
-                      "(pip install 'hierkern[transformers]'): " + str(exc)) from exc
+except ImportError as exc:
+    raise ImportError(f"hierkern.integrations.transformers needs transformers>="
+                      f"{'.'.join(map(str, MIN_TRANSFORMERS))} (pip install 'hierkern[transformers]'): {exc}") from exc
 
 from ..functional import varlen_attention
 
-__all__ = ["IMPLEMENTATION", "HierkernFallbackWarning", "MaskRequest", "hierkern_attention_forward",
-           "hierkern_mask", "register"]
+__all__ = ["IMPLEMENTATION", "MIN_TRANSFORMERS", "HierkernFallbackWarning", "MaskRequest",
+           "hierkern_attention_forward", "hierkern_mask", "register"]
 
 IMPLEMENTATION = "hierkern"
 
