@@ -16,28 +16,30 @@ Two functions are registered under the name, as transformers expects of an atten
   - ``varlen-packed``: ``cu_seq_lens_q/k`` and ``max_length_q/k`` given (``DataCollatorWithFlattening(
     return_flash_attn_kwargs=True)``). The flattened tokens are the kernel's input as they are; no copy and no
     host sync.
-  - ``varlen-position-ids``: a decoder batch packed by ``position_ids`` alone (transformers detects it while
-    building the mask). Offsets come from the packed-sequence ids on the device, once per forward (one sync
-    on CUDA, to size the offsets).
-  - ``varlen-unpadded``: an ``attention_mask`` with padding. The valid tokens are gathered (any padding
+  - ``varlen-position-ids``: a batch packed by ``position_ids`` alone: transformers' packed-sequence mask
+    (decoders without a cache), or, as transformers' FlashAttention path does, positions that restart inside a
+    row. Offsets are derived on the device once per forward (one sync on CUDA, to size them).
+  - ``varlen-unpadded``: an ``attention_mask`` with padding. The real tokens are gathered (any padding
     pattern: right, left or holes), attend within their row, and are scattered back. Index computation once
     per forward (a sync on CUDA).
   - ``varlen-rows``: no padding; each batch row is one segment, no gather.
 
-  Whatever varlen attention cannot compute exactly falls back to the model's own ``sdpa`` path with the dense
-  mask transformers would have built for it (a ``HierkernFallbackWarning``, once per reason): mask functions
-  other than plain causal or bidirectional (sliding windows, chunked or image-token masks, custom
-  ``or``/``and`` masks), a precomputed 4-D mask, an additive ``position_bias``, cache layouts whose queries
-  are not the last keys (a static cache). Requests it cannot honour at all raise ``ValueError``: attention
-  weights (``output_attentions``), logit soft-capping (``softcap``), attention sinks (``s_aux``/``sinks``),
-  and ``cu_seq_lens_*`` combined with a padding mask or with anything that needs the fallback.
+  Sliding windows (Mistral, ModernBERT's local layers, ...) run on these paths when no sequence is longer than
+  the window, which then hides nothing. Whatever varlen attention cannot compute exactly falls back to the
+  model's own ``sdpa`` path with the dense mask transformers would have built for it (a
+  ``HierkernFallbackWarning``, once per reason): a window narrower than a sequence, mask functions other than
+  causal or bidirectional (chunked or image-token masks, custom ``or``/``and`` masks), a precomputed 4-D mask,
+  an additive ``position_bias``, cache layouts whose queries are not the last keys (a static cache). Requests
+  it cannot honour at all raise ``ValueError``: attention weights (``output_attentions``), logit soft-capping
+  (``softcap``), attention sinks (``s_aux``/``sinks``), and ``cu_seq_lens_*`` combined with a padding mask or
+  with anything that needs the fallback (sdpa would attend across the packed sequences).
 
 ``module.hierkern_last_path`` on each attention module says which path its last call took.
 
-Semantics match the model's ``sdpa`` path on every query that is not padding. Padding queries get zeros (as
-with ``flash_attention_2``); their outputs never reach a valid token or a loss with ``-100`` labels. Dropout
-is applied to the attention probabilities with rescaling by ``1 / (1 - p)``, as sdpa and FlashAttention do,
-from hierkern's own random stream.
+Semantics match the model's ``sdpa`` path on every query that is not padding. Causal layers give padding
+queries zeros (as ``flash_attention_2`` does); their outputs never reach a real token, nor a loss whose labels
+are -100 there. Dropout is applied to the attention probabilities with rescaling by ``1 / (1 - p)``, as sdpa
+and FlashAttention do, from hierkern's own random stream.
 """
 
 from __future__ import annotations
@@ -372,7 +374,8 @@ def hierkern_attention_forward(
             passed on to the sdpa fallback.
 
     Returns:
-        ``(out, None)``: ``out`` ``(B, L_q, H, D_v)`` in ``query.dtype``; padding queries get zeros.
+        ``(out, None)``: ``out`` ``(B, L_q, H, D_v)`` in ``query.dtype``; padding queries of causal layers get
+        zeros.
     """
     config = getattr(module, "config", None)
     if kwargs.get("output_attentions", getattr(config, "output_attentions", False)):
