@@ -285,6 +285,25 @@ def test_dropout_is_active_in_training_only():
     assert bool((a[pad] == 0).all())
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+def test_torchscript_compiles_torchs_modules_and_leaves_the_eager_model_alone():
+    """TorchScript cannot compile hierkern's forward; scripting compiles torch's twins sharing the
+    parameters, and the eager encoder keeps hierkern's layers."""
+    torch.manual_seed(0)
+    ours = TransformerEncoder(TransformerEncoderLayer(8, 2, 16, 0.0, batch_first=True), 2).eval()
+    x = torch.randn(3, 5, 8)
+    pad = torch.arange(5)[None, :] >= torch.tensor([5, 2, 3])[:, None]
+    eager = ours(x, src_key_padding_mask=pad)
+    scripted = torch.jit.script(ours)
+    torch.testing.assert_close(scripted(x, src_key_padding_mask=pad)[~pad], eager[~pad], **TOL)
+    assert all(type(layer) is TransformerEncoderLayer for layer in ours.layers)
+    assert type(ours.layers[0].self_attn) is hierkern.MultiheadAttention
+    with torch.no_grad():
+        ours.layers[0].linear1.weight.add_(1.0)   # shared parameters: the scripted module sees the change
+    torch.testing.assert_close(scripted(x, src_key_padding_mask=pad)[~pad],
+                               ours(x, src_key_padding_mask=pad)[~pad], **TOL)
+
+
 # -- packed entry point ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("causal", [False, True])

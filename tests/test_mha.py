@@ -793,3 +793,21 @@ def test_fullgraph_compile_of_the_varlen_path_reads_no_mask_on_the_host(self_att
         torch.testing.assert_close(compiled_out, eager_out, **TOL)
         for got, want in zip(compiled_grads, eager_grads):
             torch.testing.assert_close(got, want, **TOL)
+
+
+def test_fullgraph_compile_with_dropout_draws_a_fresh_mask_every_call():
+    """The dropout seed is a tensor drawn inside the graph (torch's generator, on the inputs' device for the
+    GPU backends), not a host constant that tracing would freeze into the graph."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    mha = MultiheadAttention(16, 4, dropout=0.5, batch_first=True).train()
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    kpm = torch.arange(5)[None, :] >= torch.tensor([5, 3])[:, None]
+    compiled = torch.compile(lambda t, m: mha(t, t, t, key_padding_mask=m, need_weights=False)[0],
+                             fullgraph=True, backend="aot_eager")
+    first, second = compiled(x, kpm), compiled(x, kpm)
+    assert mha.last_path == "varlen"
+    valid = ~kpm
+    assert not torch.equal(first[valid], second[valid])
+    (grad,) = torch.autograd.grad((first + second).sum(), x)
+    assert bool(torch.isfinite(grad).all())

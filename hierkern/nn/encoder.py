@@ -36,6 +36,20 @@ class _Plan:
     causal: bool = False
 
 
+def _torch_twin(module: nn.Module, torch_cls: type) -> nn.Module:
+    """A ``torch_cls`` instance sharing ``module``'s parameters, buffers and submodules, for
+    ``torch.jit.script``: TorchScript cannot compile hierkern's ``forward`` (``Segments`` arguments, planning
+    in Python), and torch's is its scriptable equivalent. The submodule table is a copy, so the scripting
+    pass (which replaces submodules by what *their* ``__prepare_scriptable__`` returns, in place) leaves
+    the eager module as it was."""
+    twin = torch_cls.__new__(torch_cls)
+    twin.__dict__.update(module.__dict__)
+    twin._modules = dict(module._modules)
+    for name in ("last_path", "last_why_not_fast_path"):
+        twin.__dict__.pop(name, None)
+    return twin
+
+
 def _check_packed(src, segments) -> None:
     if not isinstance(segments, Segments):
         raise TypeError(f"segments must be a hierkern.Segments, got {type(segments).__name__}")
@@ -179,6 +193,9 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
         state.setdefault("last_why_not_fast_path", None)
         super().__setstate__(state)
 
+    def __prepare_scriptable__(self) -> nn.TransformerEncoderLayer:
+        return _torch_twin(self, nn.TransformerEncoderLayer)
+
     def _static_reason(self) -> str | None:
         """Why no call of this layer could take the varlen path (``None``: calls may)."""
         if not isinstance(self.self_attn, MultiheadAttention):
@@ -309,6 +326,11 @@ class TransformerEncoder(nn.TransformerEncoder):
         state.setdefault("last_path", None)
         state.setdefault("last_why_not_fast_path", None)
         super().__setstate__(state)
+
+    def __prepare_scriptable__(self) -> nn.TransformerEncoder:
+        twin = _torch_twin(self, nn.TransformerEncoder)
+        twin.layers = nn.ModuleList(self.layers)   # its own list: scripting replaces the layers in it
+        return twin
 
     def _static_reason(self) -> str | None:
         if len(self.layers) == 0:

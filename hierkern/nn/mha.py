@@ -6,6 +6,12 @@ initialisation, ``state_dict`` and ``__setstate__`` are torch's own, so checkpoi
 padding (valid tokens a prefix of each row) and/or a causal mask, and no attention weights are requested,
 it packs the real tokens (``Segments.from_mask``), projects only those, runs ``hierkern.varlen_attention``
 and re-pads. Every other call runs torch's own ``forward``, so its results are torch's by construction.
+
+Masks whose values cannot be read for free (on a GPU, where reading them would sync the device, and under
+``torch.compile``, where it would break the graph) are planned without reading them: the rows stay padded,
+a device-side sort puts each row's valid keys first, and the segment offsets are computed on the device
+with the padded width as ``max_seqlen``. That path has no device-to-host copy and traces with
+``torch.compile(fullgraph=True)``.
 """
 
 from __future__ import annotations
@@ -152,6 +158,13 @@ class MultiheadAttention(nn.MultiheadAttention):
       is no ``key_padding_mask``) or an ``attn_mask`` equal to the causal mask. Causal masking with
       padding takes this path in self-attention only, and with ``L != S`` not at all (torch aligns its
       causal mask top-left, varlen bottom-right).
+    * **varlen, sync-free** when the masks are on a GPU or the call is being compiled (reading a mask's
+      values would sync the device or break the graph): the same, except that any *bool*
+      ``key_padding_mask`` qualifies (prefix or not: a stable device-side sort puts each row's valid keys
+      first, so no value is checked on the host), the projections run on all ``N * L`` padded rows, an
+      ``attn_mask`` counts as causal only with ``is_causal=True`` (torch's documented promise), and a
+      float ``key_padding_mask`` takes torch's path (telling whether it holds only 0 and -inf would read
+      it). Offsets are computed on the device; ``max_seqlen`` is the padded width.
     * **torch** (``torch.nn.MultiheadAttention.forward`` itself) otherwise: ``need_weights=True``,
       arbitrary masks (a float mask with other values than 0 and -inf is added to the scores),
       ``add_bias_kv``, ``add_zero_attn``, padding that is not a prefix, nested tensors.
@@ -161,7 +174,11 @@ class MultiheadAttention(nn.MultiheadAttention):
     ``scaled_dot_product_attention``, which takes float32 or the query's dtype).
 
     Dropout (training only) on the varlen path is the backend's: the same distribution as torch's, not
-    the same random draws.
+    the same random draws. Its seed is a tensor drawn from torch's generator on every call, never a Python
+    number read with ``.item()``, so a compiled graph draws a fresh mask each call. On a GPU, the ``triton``
+    backend (``"auto"``'s choice) draws it on the device, so a CUDA graph replays fresh masks; the ``cuda``
+    backend's op takes ``rng_state`` as a CPU tensor (its C++ binding copies the seed into the launch
+    arguments), so a CUDA graph captured with it would replay one mask.
 
     Semantics differ from torch in exactly one place: on the varlen path, in self-attention
     (``query is key is value``) with a ``key_padding_mask``, the outputs at padded *query* positions are
