@@ -104,7 +104,7 @@ def complete_entries(benchmarks: list[dict]) -> None:
     For entries written by benchmarks that did not set them: ``impl`` falls back to the test's ``impl``
     parameter, else its name; ``family`` to ``family_of(group)``; ``floor_bytes`` to that of another entry
     of the same group (the floor belongs to the problem, not to the implementation), else ``None`` with
-    ``floor_definition`` saying so; the device to ``extra_info["device"]``, else the test's ``device``
+    ``bytes_definition`` saying so; the device to ``extra_info["device"]``, else the test's ``device``
     parameter, else the CPU. Adds ``floor_s`` (floor bytes at the copy bandwidth) and ``floor_fraction``
     (``floor_s`` / median) where both are known. Modifies the entries in place.
     """
@@ -339,7 +339,8 @@ def run_benchmark(benchmark, *, group: str, impl: str, prepared: Prepared, refer
         dtype, device: of the inputs.
         floor_bytes: the memory-traffic floor of one call (``bytes_per_s`` divides it by the median time).
         info: workload fields (tokens, segments, ...) to record.
-        family: the report's plot panel (one of ``hierkern.bench.report.FAMILIES``); default ``family_of(group)``.
+        family: the report's plot panel (one of ``hierkern.bench.report.FAMILIES``); default
+            ``family_of(group)``.
     """
     benchmark.group = group
     benchmark.extra_info.update(impl=impl, family=family or family_of(group), device=str(device),

@@ -22,7 +22,6 @@ the two models, so the check cannot be made on the timed calls themselves.
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 import hierkern

@@ -282,11 +282,18 @@ def speedup_range(groups: list[Group]) -> tuple[float, float] | None:
     return (min(values), max(values)) if values else None
 
 
-def _workload_label(group: str, multiple_dtypes: bool) -> str:
-    workload, _, rest = group.partition("/")
-    mode, _, dtype = rest.partition("/")
-    workload = re.sub(r"^(mha-|seed-model)", "", workload) or "seed model"
-    return f"{workload} {mode}" + (f" {dtype}" if multiple_dtypes else "")
+def _workload_label(g: Group, multiple_dtypes: bool) -> str:
+    """``"<workload> <mode>"`` from the group's fields (benchmarks order their group names differently),
+    else from a ``workload/mode/dtype`` name; the dtype only when the panel mixes dtypes."""
+    parts = g.name.split("/")
+    workload = g.field("workload") or re.sub(r"^mha-(weights-)?", "", parts[0])
+    mode = g.field("mode") or (parts[1] if len(parts) > 1 else "")
+    return f"{workload} {mode}".strip() + (f" {_dtype(g)}" if multiple_dtypes else "")
+
+
+def _dtype(g: Group) -> str:
+    parts = g.name.split("/")
+    return g.field("dtype") or (parts[2] if len(parts) > 2 else "")
 
 
 def plot_speedups(groups: list[Group], path, *, failed: list[dict] = (), title: str = "",
@@ -338,7 +345,7 @@ def plot_speedups(groups: list[Group], path, *, failed: list[dict] = (), title: 
                              figsize=(max(8.0, 0.75 * width_units + 2.5), 3.6 * max(len(names), 1) + 1.2))
     for ax, name in zip(axes[:, 0], names or ["(no groups)"]):
         gs = panels.get(name, [])
-        multiple_dtypes = len({g.name.rsplit("/", 1)[-1] for g in gs}) > 1
+        multiple_dtypes = len({_dtype(g) for g in gs}) > 1
         ymax = ymin = 1.0
         for x, g in enumerate(gs):
             best = ours(g)
@@ -364,7 +371,7 @@ def plot_speedups(groups: list[Group], path, *, failed: list[dict] = (), title: 
         ax.set_ylim(ymin / 2, ymax * 8)       # room above the tallest bar for its label
         ax.axhline(1.0, color="gray", linestyle="--", linewidth=1)
         ax.set_xticks(range(len(gs)))
-        ax.set_xticklabels([_workload_label(g.name, multiple_dtypes) for g in gs], fontsize=8, rotation=30,
+        ax.set_xticklabels([_workload_label(g, multiple_dtypes) for g in gs], fontsize=8, rotation=30,
                            ha="right", rotation_mode="anchor")
         ax.set_xlim(-0.6, max(len(gs), 1) - 0.4)
         ax.set_ylabel("peer time / hierkern time")
