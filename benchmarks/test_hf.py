@@ -1,7 +1,7 @@
 """A Hugging Face decoder's training step: padding-free on hierkern vs sdpa on the batch padded to its longest.
 
 The model: ``LlamaForCausalLM`` from a config (no download): hidden 256, 4 heads of 64, 2 key/value heads (GQA),
-4 layers, SwiGLU 688, vocabulary 1024, one seeded initialisation shared by every implementation. The batch:
+2 layers, SwiGLU 688, vocabulary 1024, one seeded initialisation shared by every implementation. The batch:
 short documents with a long tail, each two consecutive sentences of ``hierkern.bench``'s synthetic English at
 one token per word (log-normal sentence lengths, mean 15 words; documents average ~30 tokens, the longest of
 a batch 2-3x that), seeded token ids.
@@ -40,7 +40,7 @@ WORKLOAD = "two-sentence-docs"
 DOCS = {"small": {"cpu": 16, "cuda": 256}, "default": {"cpu": 64, "cuda": 1024},
         "large": {"cpu": 256, "cuda": 4096}}
 VOCAB = 1024
-CONFIG = dict(vocab_size=VOCAB, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+CONFIG = dict(vocab_size=VOCAB, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
 BYTES_DEFINITION = "floor: read parameters twice (fwd, bwd), write parameter grads"
 
