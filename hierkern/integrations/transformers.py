@@ -232,6 +232,7 @@ class MaskRequest:
         self._padding = prepare_padding_mask(args["attention_mask"], args["kv_length"], args["kv_offset"])
         self.unsupported = self._why_not(pattern)
         self._layout = None
+        self._layout_shape = None
         self._dense = None
         self._dense_built = False
 
@@ -264,8 +265,10 @@ class MaskRequest:
 
     def layout(self, batch: int, q_len: int, k_len: int, position_ids: torch.Tensor | None,
                device: torch.device) -> _Layout:
-        """Offsets (and gather indices) for varlen attention; built by the first layer, cached."""
-        if self._layout is None:
+        """Offsets (and gather indices) for varlen attention: built by the first layer, reused by the next ones
+        while the shapes stay (rebuilt if a model shares one mask between layers of different key lengths)."""
+        if self._layout is None or self._layout_shape != (batch, q_len, k_len):
+            self._layout_shape = (batch, q_len, k_len)
             if self._padding is not None:
                 self._layout = self._unpad(q_len, k_len)
             elif self._packed_ids is not None:
