@@ -365,3 +365,12 @@ def test_padding_free_call_does_not_sync_the_device():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert out.shape == (1, 29, 4, 64) and module.hierkern_last_path == "varlen-packed"
+
+
+def test_a_mask_without_padding_runs_rows_without_a_gather():
+    ours, sdpa = model_pair(AutoModelForMaskedLM, bert_config())
+    ids = torch.randint(0, VOCAB, (3, 9), generator=torch.Generator().manual_seed(8))
+    mask = torch.ones_like(ids)
+    out = ours(input_ids=ids, attention_mask=mask).logits
+    assert paths(ours) == {"varlen-rows"}
+    torch.testing.assert_close(out, sdpa(input_ids=ids, attention_mask=mask).logits, **TOL)

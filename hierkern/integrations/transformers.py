@@ -22,7 +22,7 @@ Two functions are registered under the name, as transformers expects of an atten
   - ``varlen-unpadded``: an ``attention_mask`` with padding. The real tokens are gathered (any padding
     pattern: right, left or holes), attend within their row, and are scattered back. Index computation once
     per forward (a sync on CUDA).
-  - ``varlen-rows``: no padding; each batch row is one segment, no gather.
+  - ``varlen-rows``: no padding (no mask, or a mask of all ones); each batch row is one segment, no gather.
 
   Sliding windows (Mistral, ModernBERT's local layers, ...) run on these paths when no sequence is longer than
   the window, which then hides nothing. Whatever varlen attention cannot compute exactly falls back to the
@@ -287,22 +287,20 @@ class MaskRequest:
         if valid_k.shape[1] != k_len:
             raise ValueError(f"the attention mask covers {valid_k.shape[1]} of the {k_len} key positions")
         len_k = valid_k.sum(1, dtype=torch.int32)
+        # Causal: a padded query has no place in the causal order of its row; it is left out (zeros out).
+        # Bidirectional: every query row attends to its row's real keys, as sdpa's mask says.
+        valid_q = self._padding[:, a["q_offset"]:a["q_offset"] + q_len] if self.causal else None
+        len_q = valid_q.sum(1, dtype=torch.int32) if self.causal else None
+        host = (torch.stack([len_q, len_k]) if self.causal else len_k[None]).cpu()   # one copy for all lengths
+        if bool((host[-1] == k_len).all()) and (not self.causal or bool((host[0] == q_len).all())):
+            # A mask without padding (all ones): the rows as they are, no gather.
+            return _rows(len_k.numel(), q_len, k_len, len_k.device)
+        max_k = int(host[-1].max())
         if self.causal:
-            # A padded query has no place in the causal order of its row: it is left out (zeros out).
-            valid_q = self._padding[:, a["q_offset"]:a["q_offset"] + q_len]
-            len_q = valid_q.sum(1, dtype=torch.int32)
-            index_q = valid_q.reshape(-1).nonzero().squeeze(1)
-            host = torch.stack([len_q, len_k]).cpu()       # one device->host copy for both max lengths
-            max_q = int(host[0].max()) if host.shape[1] else 0
-        else:
-            # Bidirectional: every query row attends to its row's valid keys, exactly as sdpa's mask says.
-            len_q, index_q, max_q = None, None, q_len
-            host = len_k[None].cpu()
-        max_k = int(host[-1].max()) if host.shape[1] else 0
-        if len_q is not None:
-            cu_q = _offsets(len_q)
+            cu_q, max_q, index_q = _offsets(len_q), int(host[0].max()), valid_q.reshape(-1).nonzero().squeeze(1)
         else:
             cu_q = torch.arange(len_k.numel() + 1, device=len_k.device, dtype=torch.int32) * q_len
+            max_q, index_q = q_len, None
         return _Layout("varlen-unpadded", cu_q, _offsets(len_k), max_q, max_k, index_q,
                        valid_k.reshape(-1).nonzero().squeeze(1))
 
