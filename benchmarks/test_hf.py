@@ -16,8 +16,9 @@ every parameter's ``.grad``, grads set to None first; the optimizer's step is th
 * ``torch-sdpa-padded``: ``attn_implementation="sdpa"`` on the padded batch, what a user without
   FlashAttention runs today.
 
-Before timing, each implementation's loss and parameter gradients must agree with ``torch-sdpa-padded``'s
-(rel. error within the harness's tolerance for the dtype). Skipped when ``transformers`` is not installed.
+Before timing, each implementation's loss and parameter gradients must agree with sdpa's on the padded batch in
+float32, within the harness's tolerance for the dtype (on the CPU, bfloat16 gradients land at 8.5e-3 of its 6e-2
+and float16 at 1.4e-3 of 2e-2). Skipped when ``transformers`` is not installed.
 """
 
 from __future__ import annotations
@@ -106,9 +107,10 @@ def flat_grads(m) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=1)
-def sdpa_reference(num_docs: int, dtype: torch.dtype, device: str):
-    """``torch-sdpa-padded``'s loss and parameter gradients, as float64 on the CPU: the common target."""
-    m = model("sdpa", dtype, device)
+def sdpa_reference(num_docs: int, device: str):
+    """sdpa's loss and parameter gradients on the padded batch in float32, as float64 on the CPU: the common
+    target of every implementation and dtype."""
+    m = model("sdpa", torch.float32, device)
     loss = step(m, batches(num_docs, device)[1])
     return loss.double().cpu(), flat_grads(m).double().cpu()
 
@@ -120,17 +122,17 @@ def test_hf_training_step(benchmark, request, skip_without_device, device, dtype
     flat, padded = batches(num_docs, device)
     m = model("sdpa" if impl.startswith("torch-") else hf.register(), dtype, device)
     inputs = flat if impl == "hierkern-hf-padding-free" else padded
-    ref_loss, ref_grads = sdpa_reference(num_docs, dtype, device)
+    ref_loss, ref_grads = sdpa_reference(num_docs, device)
     tol_out, tol_grad = TOLERANCE[dtype]
 
     def check(result):
         loss, grads = result
         errors = {"rel_err_out": rel_err(loss, ref_loss), "rel_err_grad": rel_err(grads, ref_grads)}
         assert errors["rel_err_out"] <= tol_out, (
-            f"{impl}: loss {loss.item():.6g} differs from sdpa on the padded batch ({ref_loss.item():.6g}, "
+            f"{impl}: loss {loss.item():.6g} differs from float32 sdpa on the padded batch ({ref_loss.item():.6g}, "
             f"rel. error {errors['rel_err_out']:.3g} > {tol_out:g}); not timing a wrong answer")
         assert errors["rel_err_grad"] <= tol_grad, (
-            f"{impl}: parameter gradients differ from sdpa on the padded batch (rel. error "
+            f"{impl}: parameter gradients differ from float32 sdpa on the padded batch (rel. error "
             f"{errors['rel_err_grad']:.3g} > {tol_grad:g}); not timing a wrong answer")
         if impl.startswith("hierkern-"):
             errors["path"] = sorted({mod.hierkern_last_path for mod in m.modules()
