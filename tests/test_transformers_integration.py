@@ -132,6 +132,16 @@ def test_import_hierkern_does_not_import_transformers_and_registers_when_it_is_i
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 
 
+def test_from_pretrained_loads_with_hierkern(tmp_path):
+    ours, sdpa = model_pair(AutoModelForCausalLM, llama_config())
+    sdpa.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="hierkern")
+    assert loaded.config._attn_implementation == "hierkern"
+    ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(9))
+    torch.testing.assert_close(loaded(input_ids=ids).logits, sdpa(input_ids=ids).logits, **TOL)
+    assert paths(loaded) == {"varlen-position-ids"}
+
+
 # -- the causal decoder with GQA ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("device", DEVICES)
