@@ -430,7 +430,9 @@ def hierkern_attention_forward(
         return _fallback(module, reason, query, key, value, mask, dropout, scaling, is_causal, kwargs, varlen)
 
     causal = request.causal if request is not None else causal_default
-    q = query.transpose(1, 2)          # (B, L_q, H, D): the projection's own layout, so reshape is a view
+    # (B, L, H, D), the projections' memory layout: flattening is free, except where rotary embeddings left
+    # q and k in (B, H, L, D) memory (one copy each, as FlashAttention's path makes).
+    q = query.transpose(1, 2)
     k = key.transpose(1, 2)
     v = value.transpose(1, 2)
     v_dim = v.shape[-1]
