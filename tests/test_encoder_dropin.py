@@ -324,7 +324,9 @@ def test_packed_entry_point_equals_padded_call(causal):
     (dpadded,) = torch.autograd.grad(out_padded, padded, segments.unpack(dout))
     torch.testing.assert_close(dpacked, segments.pack(dpadded), **TOL)
     layer_out = ours.layers[0](packed, is_causal=causal, segments=segments)
-    torch.testing.assert_close(layer_out, ours.layers[0]._forward_packed(packed, segments, causal))
+    padded_out = ours.layers[0](padded, src_mask=mask, src_key_padding_mask=segments.padding_mask(),
+                                is_causal=causal)
+    torch.testing.assert_close(layer_out, segments.pack(padded_out), **TOL)
 
 
 def test_zero_length_rows_give_zeros_and_finite_gradients():
@@ -336,6 +338,35 @@ def test_zero_length_rows_give_zeros_and_finite_gradients():
     assert ours.last_path == "varlen" and bool((out[1] == 0).all())
     out.sum().backward()
     assert bool(torch.isfinite(x.grad).all())
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_fullgraph_compile_keeps_rows_padded_and_matches_eager(norm_first):
+    """Under torch.compile packing would need the token count on the host; the encoder keeps the rows padded
+    and every attention takes MultiheadAttention's sync-free path, with no graph break."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    ours = TransformerEncoder(TransformerEncoderLayer(8, 2, 16, 0.0, norm_first=norm_first), 2,
+                              norm=nn.LayerNorm(8), enable_nested_tensor=False)
+    x = torch.randn(5, 3, 8)   # (L, N, E): batch_first=False
+    pad = torch.arange(5)[None, :] >= torch.tensor([5, 2, 3])[:, None]
+    causal = nn.Transformer.generate_square_subsequent_mask(5, dtype=torch.bool)
+
+    def run(src):
+        return ours(src, mask=causal, src_key_padding_mask=pad, is_causal=True)
+
+    compiled = torch.compile(run, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (run, compiled):
+        leaf = x.clone().requires_grad_()
+        out = fn(leaf)
+        assert ours.last_path == "varlen"
+        grads = torch.autograd.grad(out, [leaf] + list(ours.parameters()), torch.ones_like(out))
+        results.append((out.detach(), grads))
+    (eager, eager_grads), (got, got_grads) = results
+    torch.testing.assert_close(got, eager, **TOL)     # padded positions are zeros on both paths
+    for a, b in zip(got_grads, eager_grads):
+        torch.testing.assert_close(a, b, **TOL)
 
 
 # -- errors ----------------------------------------------------------------------------------------

@@ -11,6 +11,11 @@ alike) and re-pads once on exit. Any other call runs torch's own ``forward``.
 Padded positions of the output are zeros on the varlen path (torch's training path computes values there
 that no valid position reads; its nested-tensor inference path returns zeros, passed through the final
 ``norm`` when there is one).
+
+Packing reads the mask on the host once per call (a device sync for a CUDA mask). Under ``torch.compile``,
+where that read would break the graph, the rows stay padded instead and every layer's attention takes
+``hierkern.MultiheadAttention``'s sync-free path (a bool mask, sorted on the device), so
+``torch.compile(fullgraph=True)`` traces the whole stack.
 """
 
 from __future__ import annotations
@@ -34,6 +39,10 @@ class _Plan:
     reason: str | None
     segments: Segments | None = None
     causal: bool = False
+    # Under torch.compile: no packing; the bool key padding mask goes to every layer's attention, whose
+    # sync-free path handles it on the device. ``mask`` is the caller's causal mask, passed along with it.
+    key_padding_mask: Tensor | None = None
+    mask: Tensor | None = None
 
 
 def _torch_twin(module: nn.Module, torch_cls: type) -> nn.Module:
@@ -93,25 +102,58 @@ def _plan_padded(src: Tensor, mask: Tensor | None, key_padding_mask: Tensor | No
         if mask.device != src.device:
             raise ValueError(f"{mask_name} is on {mask.device} but src is on {src.device}")
 
+    # Under torch.compile a host read of a mask is a graph break, and packing needs the token count on the
+    # host: such calls run torch's code, whose attention is hierkern's sync-free path.
+    compiling = torch.compiler.is_compiling()
     # As torch's layers hand the masks to MultiheadAttention: with is_causal and no key padding the causal
     # flag replaces the mask; otherwise the mask is what masks.
     if mask is None:
         if is_causal:
             return _Plan(f"is_causal=True without {mask_name}: torch's path raises its own error")
         causal = False
-    elif is_causal and key_padding_mask is None:
+    elif is_causal and (key_padding_mask is None or compiling):
+        # With padding, torch documents is_causal as the caller's promise that the mask is causal.
         causal = True
+    elif compiling:
+        return _Plan(f"under torch.compile, telling whether {mask_name} is the causal mask would read it on "
+                     f"the host (pass is_causal=True if it is)")
     elif _is_causal_mask(_canonical_mask(mask, src.dtype)):
         causal = True
     else:
         return _Plan(f"{mask_name} is neither None nor the causal mask")
     if key_padding_mask is None:
         return _Plan(None, uniform_segments(n, length, src.device), causal)
+    if compiling:
+        if key_padding_mask.dtype != torch.bool:
+            return _Plan("under torch.compile, telling whether a float src_key_padding_mask holds only 0 and -inf "
+                         "would read it on the host (pass a bool mask)")
+        # Packing would need the token count on the host: the rows stay padded instead.
+        return _Plan(None, None, causal, key_padding_mask=key_padding_mask, mask=mask if causal else None)
     pad = _prefix_padding(_canonical_mask(key_padding_mask, src.dtype).reshape(n, length))
     if pad is None:
         return _Plan("src_key_padding_mask is not prefix padding (0/False for a prefix of each row, -inf/True "
                      "after it)")
     return _Plan(None, Segments.from_mask(pad), causal)
+
+
+def _run(plan: _Plan, src: Tensor, batch_first: bool, fn: Callable[[Tensor, Callable], Tensor],
+         attention: Callable[[MultiheadAttention, _Plan], Callable[[Tensor], Tensor]]) -> Tensor:
+    """Run ``fn(x, attend)`` (a layer or the stack, ``attend`` giving each ``self_attn`` its call) as ``plan``
+    says: on the packed rows, or (sync-free) on the padded rows, zeroing the padded positions after."""
+    if plan.key_padding_mask is None:
+        return _through_packed(src, plan.segments, batch_first, lambda x: fn(x, lambda attn: attention(attn, plan)))
+    out = fn(src, lambda attn: attention(attn, plan))
+    pad = plan.key_padding_mask if (src.dim() == 2 or batch_first) else plan.key_padding_mask.t()
+    return out.masked_fill(pad[..., None], 0.0)
+
+
+def _attention(attn: MultiheadAttention, plan: _Plan) -> Callable[[Tensor], Tensor]:
+    """``x -> self-attention of x`` as ``plan`` says: inside the packed segments, or over the padded rows with
+    the key padding mask (``MultiheadAttention``'s sync-free path under torch.compile)."""
+    if plan.key_padding_mask is None:
+        return lambda x: attn(x, x, x, need_weights=False, is_causal=plan.causal, segments=plan.segments)[0]
+    return lambda x: attn(x, x, x, key_padding_mask=plan.key_padding_mask, need_weights=False,
+                          attn_mask=plan.mask, is_causal=plan.causal)[0]
 
 
 def _through_packed(src: Tensor, segments: Segments, batch_first: bool, fn: Callable[[Tensor], Tensor]) -> Tensor:
@@ -241,7 +283,7 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
                 raise TypeError(f"segments= needs self_attn to be a hierkern.MultiheadAttention, got "
                                 f"{type(self.self_attn).__name__}")
             self.last_path, self.last_why_not_fast_path = "varlen", None
-            return self._forward_packed(src, segments, is_causal)
+            return self._block(src, _attention(self.self_attn, _Plan(None, segments, is_causal)))
         plan = self._plan(src, src_mask, src_key_padding_mask, is_causal)
         self.last_why_not_fast_path = plan.reason
         if plan.reason is not None:
@@ -249,20 +291,17 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
             return super().forward(src, src_mask=src_mask, src_key_padding_mask=src_key_padding_mask,
                                    is_causal=is_causal)
         self.last_path = "varlen"
-        return _through_packed(src, plan.segments, self.self_attn.batch_first,
-                               lambda x: self._forward_packed(x, plan.segments, plan.causal))
+        return _run(plan, src, self.self_attn.batch_first, lambda x, attend: self._block(x, attend(self.self_attn)),
+                    _attention)
 
-    def _forward_packed(self, x: Tensor, segments: Segments, causal: bool) -> Tensor:
-        """torch's layer on packed ``(total, E)`` rows; attention inside each segment."""
+    def _block(self, x: Tensor, attend: Callable[[Tensor], Tensor]) -> Tensor:
+        """torch's layer with ``attend`` as the self-attention: on packed ``(total, E)`` rows, or on padded
+        rows (everything but the attention works token by token)."""
         if self.norm_first:
-            x = x + self._sa_packed(self.norm1(x), segments, causal)
+            x = x + self.dropout1(attend(self.norm1(x)))
             return x + self._ff_block(self.norm2(x))
-        x = self.norm1(x + self._sa_packed(x, segments, causal))
+        x = self.norm1(x + self.dropout1(attend(x)))
         return self.norm2(x + self._ff_block(x))
-
-    def _sa_packed(self, x: Tensor, segments: Segments, causal: bool) -> Tensor:
-        out, _ = self.self_attn(x, x, x, need_weights=False, is_causal=causal, segments=segments)
-        return self.dropout1(out)
 
 
 class TransformerEncoder(nn.TransformerEncoder):
@@ -283,7 +322,9 @@ class TransformerEncoder(nn.TransformerEncoder):
       and the masking is a ``src_key_padding_mask`` (bool, or float holding only 0 and -inf) whose valid
       tokens are a prefix of each row and/or causal masking (``mask`` equal to the causal mask, or
       ``is_causal=True`` with a ``mask``), in training and inference. One host read of the masks per call
-      (a device sync for CUDA masks); padded positions of the output are zeros.
+      (a device sync for CUDA masks); padded positions of the output are zeros. Under ``torch.compile``
+      a bool ``src_key_padding_mask`` (prefix or not) keeps the rows padded and each attention runs the
+      sync-free varlen path, and ``mask`` counts as causal only with ``is_causal=True``: no host read.
     * **torch** (``torch.nn.TransformerEncoder.forward``, whose layers are still hierkern's and choose their
       own paths) otherwise.
     * **packed**: ``segments`` (a ``hierkern.Segments``) with ``src`` packed ``(total, E)``; ``is_causal``
@@ -384,17 +425,18 @@ class TransformerEncoder(nn.TransformerEncoder):
                     raise TypeError(f"segments= needs hierkern.TransformerEncoderLayer layers, but layers[{i}] is "
                                     f"a {type(layer).__name__}")
             self.last_path, self.last_why_not_fast_path = "varlen", None
-            return self._forward_packed(src, segments, bool(is_causal))
+            plan = _Plan(None, segments, bool(is_causal))
+            return self._stack(src, lambda attn: _attention(attn, plan))
         plan = self._plan(src, mask, src_key_padding_mask, is_causal)
         self.last_why_not_fast_path = plan.reason
         if plan.reason is not None:
             self.last_path = "torch"
             return super().forward(src, mask=mask, src_key_padding_mask=src_key_padding_mask, is_causal=is_causal)
         self.last_path = "varlen"
-        return _through_packed(src, plan.segments, self.layers[0].self_attn.batch_first,
-                               lambda x: self._forward_packed(x, plan.segments, plan.causal))
+        return _run(plan, src, self.layers[0].self_attn.batch_first, self._stack, _attention)
 
-    def _forward_packed(self, x: Tensor, segments: Segments, causal: bool) -> Tensor:
+    def _stack(self, x: Tensor, attention: Callable[[MultiheadAttention], Callable[[Tensor], Tensor]]) -> Tensor:
+        """Every layer, then ``norm``; ``attention(self_attn)`` is each layer's self-attention call."""
         for layer in self.layers:
-            x = layer._forward_packed(x, segments, causal)
+            x = layer._block(x, attention(layer.self_attn))
         return x if self.norm is None else self.norm(x)
