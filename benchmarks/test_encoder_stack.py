@@ -25,7 +25,6 @@ from __future__ import annotations
 import itertools
 import warnings
 
-import pytest
 import torch
 from torch import nn
 

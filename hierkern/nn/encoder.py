@@ -34,7 +34,8 @@ __all__ = ["TransformerEncoderLayer", "TransformerEncoder"]
 
 @dataclass
 class _Plan:
-    """How a padded call runs: ``reason is None`` means packed by ``segments``, with ``causal`` masking."""
+    """How a padded call runs. ``reason is None``: the varlen path with ``causal`` masking, packed by
+    ``segments``, or (``key_padding_mask`` set) on the padded rows."""
 
     reason: str | None
     segments: Segments | None = None
@@ -74,7 +75,8 @@ def _check_packed(src, segments) -> None:
 def _plan_padded(src: Tensor, mask: Tensor | None, key_padding_mask: Tensor | None, is_causal: bool | None,
                  batch_first: bool, num_heads: int, mask_name: str) -> _Plan:
     """Validate a padded self-attention call (``src`` ``(L, N, E)``/``(N, L, E)``/``(L, E)``) and choose its
-    path. Reads the masks on the host (once per call; a device sync for CUDA masks)."""
+    path. Reads the masks on the host (once per call; a device sync for CUDA masks), except under
+    ``torch.compile``."""
     if not isinstance(src, Tensor):
         raise TypeError(f"src must be a torch.Tensor, got {type(src).__name__}")
     if src.is_nested:
@@ -102,8 +104,8 @@ def _plan_padded(src: Tensor, mask: Tensor | None, key_padding_mask: Tensor | No
         if mask.device != src.device:
             raise ValueError(f"{mask_name} is on {mask.device} but src is on {src.device}")
 
-    # Under torch.compile a host read of a mask is a graph break, and packing needs the token count on the
-    # host: such calls run torch's code, whose attention is hierkern's sync-free path.
+    # Under torch.compile a host read of a mask is a graph break: no mask is inspected there (is_causal is
+    # trusted, and a key padding mask goes to the attention's sync-free path instead of packing).
     compiling = torch.compiler.is_compiling()
     # As torch's layers hand the masks to MultiheadAttention: with is_causal and no key padding the causal
     # flag replaces the mask; otherwise the mask is what masks.
@@ -136,13 +138,15 @@ def _plan_padded(src: Tensor, mask: Tensor | None, key_padding_mask: Tensor | No
     return _Plan(None, Segments.from_mask(pad), causal)
 
 
-def _run(plan: _Plan, src: Tensor, batch_first: bool, fn: Callable[[Tensor, Callable], Tensor],
-         attention: Callable[[MultiheadAttention, _Plan], Callable[[Tensor], Tensor]]) -> Tensor:
-    """Run ``fn(x, attend)`` (a layer or the stack, ``attend`` giving each ``self_attn`` its call) as ``plan``
-    says: on the packed rows, or (sync-free) on the padded rows, zeroing the padded positions after."""
+def _run(plan: _Plan, src: Tensor, batch_first: bool, fn: Callable[[Tensor, Callable], Tensor]) -> Tensor:
+    """Run ``fn(x, attention)`` (a layer or the stack; ``attention(self_attn)`` is a self-attention call) as
+    ``plan`` says: on the packed rows, or (sync-free) on the padded rows, zeroing the padded positions after."""
+    def attention(attn: MultiheadAttention) -> Callable[[Tensor], Tensor]:
+        return _attention(attn, plan)
+
     if plan.key_padding_mask is None:
-        return _through_packed(src, plan.segments, batch_first, lambda x: fn(x, lambda attn: attention(attn, plan)))
-    out = fn(src, lambda attn: attention(attn, plan))
+        return _through_packed(src, plan.segments, batch_first, lambda x: fn(x, attention))
+    out = fn(src, attention)
     pad = plan.key_padding_mask if (src.dim() == 2 or batch_first) else plan.key_padding_mask.t()
     return out.masked_fill(pad[..., None], 0.0)
 
@@ -291,8 +295,8 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
             return super().forward(src, src_mask=src_mask, src_key_padding_mask=src_key_padding_mask,
                                    is_causal=is_causal)
         self.last_path = "varlen"
-        return _run(plan, src, self.self_attn.batch_first, lambda x, attend: self._block(x, attend(self.self_attn)),
-                    _attention)
+        return _run(plan, src, self.self_attn.batch_first,
+                    lambda x, attention: self._block(x, attention(self.self_attn)))
 
     def _block(self, x: Tensor, attend: Callable[[Tensor], Tensor]) -> Tensor:
         """torch's layer with ``attend`` as the self-attention: on packed ``(total, E)`` rows, or on padded
@@ -433,7 +437,7 @@ class TransformerEncoder(nn.TransformerEncoder):
             self.last_path = "torch"
             return super().forward(src, mask=mask, src_key_padding_mask=src_key_padding_mask, is_causal=is_causal)
         self.last_path = "varlen"
-        return _run(plan, src, self.layers[0].self_attn.batch_first, self._stack, _attention)
+        return _run(plan, src, self.layers[0].self_attn.batch_first, self._stack)
 
     def _stack(self, x: Tensor, attention: Callable[[MultiheadAttention], Callable[[Tensor], Tensor]]) -> Tensor:
         """Every layer, then ``norm``; ``attention(self_attn)`` is each layer's self-attention call."""
