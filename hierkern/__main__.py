@@ -27,7 +27,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] not in COMMANDS:
-        _parser().parse_args(argv)  # prints the help, or the usage and the error (exit status 2)
+        try:
+            _parser().parse_args(argv)  # prints the help, or the usage and the error
+        except SystemExit as done:  # argparse's way out: 0 after --help, 2 after a usage error
+            return int(done.code or 0)
         return 2
     # Each command parses its own options, so its --help is the authoritative one.
     command, rest = argv[0], argv[1:]
