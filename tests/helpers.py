@@ -28,7 +28,7 @@ class Layout:
 
 
 def adversarial_layouts(tile: int = 64, seed: int = 0) -> list[Layout]:
-    """DESIGN.md's list: lengths 0 and 1, tile size +-1, one long segment among tiny ones, all length-1,
+    """docs/design.md's list (Testing): lengths 0 and 1, tile size +-1, one long segment among tiny ones, all length-1,
     a single segment, unequal q/k lengths (cross-attention, including keys shorter than queries)."""
     rng = random.Random(seed)
     tiny = tuple(rng.randint(1, 8) for _ in range(23))

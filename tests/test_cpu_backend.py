@@ -1,7 +1,7 @@
 """The fused C++ CPU kernel (``backend="cpu"``, ``torch.ops.hierkern.varlen_fwd/varlen_bwd``).
 
 Forward against the float64 loop oracle, gradients against float64 reference autograd, on every adversarial
-layout; low precision is bounded relative to the reference's own error in that dtype (DESIGN.md).
+layout; low precision is bounded relative to the reference's own error in that dtype (docs/design.md, Testing).
 """
 
 from __future__ import annotations
@@ -315,7 +315,7 @@ def test_low_precision_gradients_with_peaky_softmax(dtype, scale, causal, heads,
     numbers. D must come from the float P and dP the kernel recomputes, not from rowsum(dout * out) with out
     rounded to the input dtype: the inputs here are positive (as after a ReLU) and the values share an offset
     (as after a bias), so out is large next to the differences dS measures. Errors against float64 relative to
-    the reference backend's own error in that dtype (DESIGN.md: <= 2x for outputs, <= 3x for gradients)."""
+    the reference backend's own error in that dtype (docs/design.md: <= 2x for outputs, <= 3x for gradients)."""
     num_heads, num_kv_heads, head_dim = heads
     g = torch.Generator().manual_seed(14)
     q, k, v = random_qkv(layout, num_heads, num_kv_heads, head_dim, dtype=torch.float64, generator=g)

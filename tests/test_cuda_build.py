@@ -218,7 +218,7 @@ def test_no_spills_and_register_budget(ptxas_reports):
 
 
 def _cuobjdump() -> str | None:
-    """cuobjdump: the toolkit's, else the copy in the triton wheel (DESIGN.md, "The machines")."""
+    """cuobjdump: the toolkit's, else the copy in the triton wheel (CONTRIBUTING.md, "The machines")."""
     candidates = [shutil.which("cuobjdump")]
     if NVCC is not None:
         candidates.append(str(Path(NVCC).resolve().parent / "cuobjdump"))

@@ -10,7 +10,7 @@ in ``BLOCK_N`` key blocks, flash-style. So
 * a long segment is cut into query blocks that run in parallel programs, each looping over its keys: long
   segments never serialise on one program, and the grid (``cdiv(total, BLOCK)`` x heads) comes from host ints.
 
-Why row blocks rather than tiles that own whole segments (DESIGN.md's lead): once each row finds its own
+Why row blocks rather than tiles that own whole segments (the first design's lead): once each row finds its own
 segment, every row belongs to exactly one program in every kernel, which is all that an atomic-free,
 deterministic forward and backward need; it also caps every program at BLOCK_M rows whatever the lengths (a
 tile owning the segments that start in it holds up to 2 * BLOCK_M - 1 rows) and lets a long segment's query

@@ -61,7 +61,7 @@ HEAD_CONFIGS = [
 ]
 
 # A backend's error against the float64 oracle may be at most RATIO times the reference backend's error in the
-# same dtype on the same inputs (DESIGN.md's bar: 2x for outputs, 3x for gradients), or FLOOR, whichever is
+# same dtype on the same inputs (docs/design.md's bar: 2x for outputs, 3x for gradients), or FLOOR, whichever is
 # larger: the reference can be exact by luck (one key per row), and float32 kernels sum in another order. CAP
 # bounds every backend, the reference included, so that a wrong reference cannot lift the bar.
 RATIO = {"out": 2.0, "grad": 3.0}
