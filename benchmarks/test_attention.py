@@ -179,7 +179,7 @@ def _sync(device: torch.device) -> None:
 
 
 def _timed(fn, device: torch.device, calls: int = 3) -> float:
-    """The fastest of ``calls`` calls of ``fn`` (seconds), after the one before it."""
+    """The fastest of ``calls`` timed calls of ``fn``, in seconds (callers have made a first, compiling call)."""
     best = math.inf
     for _ in range(calls):
         _sync(device)
