@@ -95,7 +95,7 @@ class BuildPyWithSources(build_py):
         super().run()
         if self.editable_mode:
             return
-        for folder in ("csrc/*", "csrc/cpu/*", "csrc/cuda/*"):
+        for folder in ("csrc/*", "csrc/common/*", "csrc/cpu/*", "csrc/cuda/*"):
             for source in _sources(folder):
                 if os.path.isfile(source):
                     target = os.path.join(self.build_lib, "hierkern", os.path.dirname(source))

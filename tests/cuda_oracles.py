@@ -1,4 +1,4 @@
-"""Oracles for the CUDA backend's tests: a Python model of its dropout RNG (csrc/cuda/philox.cuh:
+"""Oracles for the CUDA backend's tests: a Python model of its dropout RNG (csrc/common/philox.h:
 Philox4x32-10 and the (seed, offset, head, query, key) -> keep mapping) and a dense float64 attention that
 applies an explicit keep mask. The host tests check the C++ RNG against the model and the published
 known-answer vectors; the GPU and emulation tests rebuild the exact mask a kernel applied and compare the
@@ -54,7 +54,7 @@ def _mulhilo(x: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def dropout_threshold(p: float) -> int:
-    """csrc/cuda/philox.cuh's dropout_threshold: a draw is kept iff it is >= this."""
+    """csrc/common/philox.h's dropout_threshold: a draw is kept iff it is >= this."""
     t = float(torch.tensor(p, dtype=torch.float32)) * 4294967296.0
     return _MASK32 if t >= 4294967295.0 else int(t)
 

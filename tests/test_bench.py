@@ -203,6 +203,17 @@ def test_report_command(results, capsys, monkeypatch):
     assert not results.with_suffix(".png").exists()
 
 
+def test_report_flags_a_floor_faster_than_copy(tmp_path, capsys):
+    """A % of floor above 100% means the bandwidth was measured in a busier moment than the timing."""
+    path = tmp_path / "busy.json"
+    path.write_text(json.dumps({"benchmarks": [
+        entry("chars/fwd/float32", "torch-sdpa-padded", 0.010),
+        entry("chars/fwd/float32", "hierkern-cpu", 0.0005)]}))      # 1 ms floor in 0.5 ms: 200%
+    assert bench_main(["report", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "200.0%" in out and "1 entries run faster than their floor" in out
+
+
 def test_report_writes_the_plot(results, tmp_path):
     png = tmp_path / "plot.png"
     assert bench_main(["report", str(results), "--plot", str(png)]) == 0

@@ -30,6 +30,8 @@ from cuda_oracles import dropout_threshold, keep_mask, philox4x32_10
 
 ROOT = Path(__file__).resolve().parent.parent
 CSRC_CUDA = ROOT / "csrc" / "cuda"
+# What csrc/cuda includes from the code it shares with csrc/cpu.
+CSRC_COMMON = ROOT / "csrc" / "common"
 CACHE = ROOT / "build" / "cuda_check"
 
 KERNELS = ("varlen_fwd_kernel", "varlen_bwd_dq_kernel", "varlen_bwd_dkdv_kernel")
@@ -80,7 +82,7 @@ def _nvcc_command(source: Path, obj: Path) -> list[str]:
 
 def _digest(parts: list[str]) -> str:
     h = hashlib.sha256()
-    for path in sorted(CSRC_CUDA.iterdir()):
+    for path in sorted(CSRC_CUDA.iterdir()) + sorted(CSRC_COMMON.iterdir()):
         h.update(path.name.encode())
         h.update(path.read_bytes())
     for part in parts:
@@ -163,7 +165,7 @@ def _build_dir() -> Path:
 @pytest.fixture(scope="session")
 def builds() -> dict[str, Result]:
     """nvcc of every .cu (sm_80 + sm_90a) and the binding's syntax check, all in parallel. A successful
-    build is kept under build/cuda_check/<hash of csrc/cuda, flags, torch version>: it is built in a private
+    build is kept under build/cuda_check/<hash of csrc/cuda and csrc/common, flags, torch version>: it is built in a private
     directory and renamed into place, so concurrent test runs never see half-written files."""
     final = _build_dir()
     if final.is_dir():
@@ -416,7 +418,8 @@ def test_cuda_toolchain_without_headers_is_one_line(monkeypatch, tmp_path):
 
 _HOST_SHIM = r"""
 #include "schedule.cuh"
-#include "philox.cuh"
+#include "../common/philox.h"
+using namespace hierkern;
 using namespace hierkern::cuda;
 extern "C" {
 int hk_find_segment(const int* offsets, int n, int token) { return find_segment(offsets, n, token); }

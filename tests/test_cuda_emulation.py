@@ -27,7 +27,7 @@ import torch
 from cuda_oracles import dense_attention, keep_mask, rowwise_attention, visibility
 from helpers import Layout, adversarial_layouts, offsets_of, random_qkv, rel_err
 from hierkern.reference import varlen_attention_reference
-from test_cuda_build import CACHE, CSRC_CUDA, _cuda_include
+from test_cuda_build import CACHE, CSRC_COMMON, CSRC_CUDA, _cuda_include
 
 TESTS = Path(__file__).resolve().parent
 CXX = shutil.which("g++") or shutil.which("c++")
@@ -41,7 +41,7 @@ pytestmark = pytest.mark.skipif(CXX is None or _cuda_include() is None,
 @pytest.fixture(scope="module")
 def emu():
     sources = [TESTS / "cuda_emulation_harness.cpp", TESTS / "cuda_host_emulation.h",
-               *sorted(CSRC_CUDA.iterdir())]
+               *sorted(CSRC_CUDA.iterdir()), *sorted(CSRC_COMMON.iterdir())]
     digest = hashlib.sha256(b"".join(p.name.encode() + p.read_bytes() for p in sources)).hexdigest()[:16]
     lib = CACHE / f"emulation-{digest}" / "libhkemu.so"
     if not lib.exists():

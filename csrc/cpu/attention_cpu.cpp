@@ -11,11 +11,15 @@
 #include <vector>
 
 #include "attention_kernel.h"
-#include "../cuda/philox.cuh"  // torch-free: dropout_threshold, shared with the CUDA kernels
+#include "../common/philox.h"  // dropout_threshold, shared with the CUDA kernels
+#include "../common/varlen_checks.h"
 
 namespace hierkern {
 namespace cpu {
 namespace {
+
+// The prefix of every message.
+constexpr const char* kWho = "hierkern CPU attention: ";
 
 struct Kernels {
   UnitRangeFn fwd;
@@ -101,19 +105,10 @@ AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::
   TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
                    "hierkern CPU attention: q, k and v must share a dtype, got ", q.scalar_type(), ", ",
                    k.scalar_type(), ", ", v.scalar_type());
-  TORCH_CHECK_VALUE(k.sizes() == v.sizes(), "hierkern CPU attention: k and v must have the same shape, got ",
-                    k.sizes(), " and ", v.sizes());
-  TORCH_CHECK_VALUE(q.size(2) == k.size(2), "hierkern CPU attention: q and k must have the same head_dim, got ",
-                    q.size(2), " and ", k.size(2));
-  TORCH_CHECK_VALUE(q.size(2) > 0, "hierkern CPU attention: head_dim must be positive");
-  TORCH_CHECK_VALUE(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "hierkern CPU attention: the number of query "
-                    "heads (", q.size(1), ") must be a multiple of the number of key/value heads (", k.size(1), ")");
-  TORCH_CHECK_VALUE(cu_q.numel() == cu_k.numel(), "hierkern CPU attention: cu_seqlens_q and cu_seqlens_k must "
-                    "describe the same number of segments, got ", cu_q.numel() - 1, " and ", cu_k.numel() - 1);
-  TORCH_CHECK_VALUE(std::isfinite(softmax_scale), "hierkern CPU attention: softmax_scale must be finite, got ",
-                    softmax_scale);
-  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, "hierkern CPU attention: dropout_p must be in [0, 1), "
-                    "got ", dropout_p);
+  check_varlen_shapes(kWho, q, k, v, cu_q, cu_k);
+  TORCH_CHECK_VALUE(q.size(2) > 0, kWho, "head_dim must be positive");
+  TORCH_CHECK_VALUE(std::isfinite(softmax_scale), kWho, "softmax_scale must be finite, got ", softmax_scale);
+  check_dropout_p(kWho, dropout_p);
   check_offsets(cu_q, "cu_seqlens_q", q.size(0), max_seqlen_q, "max_seqlen_q");
   check_offsets(cu_k, "cu_seqlens_k", k.size(0), max_seqlen_k, "max_seqlen_k");
 
@@ -130,19 +125,13 @@ AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::
   p.softmax_scale = softmax_scale;
   p.causal = causal;
   if (dropout_p > 0.0) {
-    TORCH_CHECK_VALUE(rng_state.has_value(), "hierkern CPU attention: dropout_p > 0 needs rng_state = [seed, "
-                      "offset]");
-    const at::Tensor& rng = *rng_state;
-    TORCH_CHECK_VALUE(rng.device().is_cpu() && rng.scalar_type() == at::kLong && rng.numel() == 2,
-                      "hierkern CPU attention: rng_state must be an int64 CPU tensor [seed, offset], got ",
-                      rng.scalar_type(), " on ", rng.device(), " with ", rng.numel(), " elements");
-    const at::Tensor r = rng.contiguous();
+    const RngState rng = read_rng_state(kWho, dropout_p, rng_state);
     p.dropout_p = dropout_p;
     p.dropout_scale = 1.0 / (1.0 - dropout_p);
     // The CUDA kernels' threshold for the float32 dropout_p they receive: both backends keep the same weights.
-    p.dropout_threshold = ::hierkern::cuda::dropout_threshold(static_cast<float>(dropout_p));
-    p.dropout_seed = static_cast<uint64_t>(r.data_ptr<int64_t>()[0]);
-    p.dropout_offset = static_cast<uint64_t>(r.data_ptr<int64_t>()[1]);
+    p.dropout_threshold = ::hierkern::dropout_threshold(static_cast<float>(dropout_p));
+    p.dropout_seed = rng.seed;
+    p.dropout_offset = rng.offset;
   }
   p.q = q.data_ptr();
   p.q_row = q.stride(0);

@@ -1,5 +1,5 @@
 // Torch-free interface between the op bindings (attention_cpu.cpp) and the kernels, which are compiled once
-// per instruction set (kernel_default.cpp, kernel_avx2.cpp) and chosen at run time.
+// per instruction set (kernel_generic.cpp, kernel_avx2.cpp) and chosen at run time.
 #pragma once
 
 #include <cstdint>
@@ -21,8 +21,8 @@ struct AttentionParams {
   double softmax_scale;
   bool causal;
   // Attention dropout: weight (head, query token, key token) is kept, scaled by 1 / (1 - dropout_p), iff its
-  // Philox draw under (dropout_seed, dropout_offset) is at least dropout_threshold (csrc/cuda/philox.cuh: the
-  // CUDA kernels' generator, so both backends drop the same weights for the same rng_state).
+  // Philox draw under (dropout_seed, dropout_offset) is at least dropout_threshold (csrc/common/philox.h: the
+  // CUDA kernels' generator too, so both backends drop the same weights for the same rng_state).
   double dropout_p, dropout_scale;
   uint32_t dropout_threshold;
   uint64_t dropout_seed, dropout_offset;

@@ -17,4 +17,5 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include "../common/philox.h"
 #include "attention_kernel.h"

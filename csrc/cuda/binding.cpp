@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <optional>
 
+#include "../common/varlen_checks.h"
 #include "varlen_attention.h"
 
 namespace {
@@ -60,16 +61,9 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
 void fill_common(hk::VarlenArgs& a, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                  const at::Tensor& cu_q, const at::Tensor& cu_k, double softmax_scale, bool causal, double dropout_p,
                  const std::optional<at::Tensor>& rng_state) {
-  TORCH_CHECK_VALUE(k.sizes() == v.sizes(), "k and v must have the same shape, got ", k.sizes(), " and ",
-                    v.sizes());
-  TORCH_CHECK_VALUE(k.size(2) == q.size(2), "q and k must have the same head_dim, got ", q.size(2), " and ",
-                    k.size(2));
+  hierkern::check_varlen_shapes("", q, k, v, cu_q, cu_k);
   TORCH_CHECK_VALUE(hk::head_dim_supported(static_cast<int>(q.size(2))),
                     "hierkern CUDA kernels support head_dim 32, 64 and 128, got ", q.size(2));
-  TORCH_CHECK_VALUE(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "the number of query heads (", q.size(1),
-                    ") must be a multiple of the number of key/value heads (", k.size(1), ")");
-  TORCH_CHECK_VALUE(cu_q.numel() == cu_k.numel(), "cu_seqlens_q and cu_seqlens_k must have the same length, got ",
-                    cu_q.numel(), " and ", cu_k.numel());
   TORCH_CHECK_VALUE(q.size(0) <= hk::kMaxTokens && k.size(0) <= hk::kMaxTokens, "more than ", hk::kMaxTokens,
                     " tokens: ", q.size(0), " queries and ", k.size(0), " keys");
   // The offsets' values are trusted (reading them would sync): hierkern.varlen_attention validates them
@@ -77,7 +71,7 @@ void fill_common(hk::VarlenArgs& a, const at::Tensor& q, const at::Tensor& k, co
   TORCH_CHECK_VALUE(cu_q.numel() >= 2 || (q.size(0) == 0 && k.size(0) == 0),
                     "cu_seqlens_q describes no segment but there are ", q.size(0), " queries and ", k.size(0),
                     " keys");
-  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
+  hierkern::check_dropout_p("", dropout_p);
   a.dtype = dtype_of(q);
   a.head_dim = static_cast<int>(q.size(2));
   a.num_heads = static_cast<int>(q.size(1));
@@ -99,18 +93,9 @@ void fill_common(hk::VarlenArgs& a, const at::Tensor& q, const at::Tensor& k, co
   a.softmax_scale = static_cast<float>(softmax_scale);
   a.causal = causal;
   a.dropout_p = static_cast<float>(dropout_p);
-  a.seed = 0;
-  a.offset = 0;
-  if (dropout_p > 0.0) {
-    TORCH_CHECK_VALUE(rng_state.has_value(), "dropout_p > 0 needs rng_state = [seed, offset]");
-    const at::Tensor& rng = *rng_state;
-    TORCH_CHECK_VALUE(rng.device().is_cpu() && rng.scalar_type() == at::kLong && rng.numel() == 2,
-                      "rng_state must be an int64 CPU tensor [seed, offset], got ", rng.scalar_type(), " on ",
-                      rng.device(), " with ", rng.numel(), " elements");
-    const at::Tensor r = rng.contiguous();
-    a.seed = static_cast<uint64_t>(r.data_ptr<int64_t>()[0]);
-    a.offset = static_cast<uint64_t>(r.data_ptr<int64_t>()[1]);
-  }
+  const hierkern::RngState rng = hierkern::read_rng_state("", dropout_p, rng_state);
+  a.seed = rng.seed;
+  a.offset = rng.offset;
 }
 
 std::tuple<at::Tensor, at::Tensor> varlen_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,

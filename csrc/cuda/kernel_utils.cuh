@@ -1,5 +1,5 @@
 // Device helpers shared by the forward and backward kernels: the thread layout, 16-byte vector loads and
-// stores with fp32 conversion, and row-group reductions. CUDA runtime headers only.
+// stores with fp32 conversion, and reductions over a row's lanes. CUDA runtime headers only.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -7,17 +7,18 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
-#include "philox.cuh"
+#include "../common/philox.h"
 #include "varlen_attention.h"
 
 namespace hierkern {
 namespace cuda {
 
 // Thread layout, the same in every kernel: a CTA of kThreads threads owns kRows consecutive rows (query
-// rows, or key rows in the dk/dv pass); each row belongs to a group of kGroup adjacent lanes, each lane
+// rows, or key rows in the dk/dv pass); each row belongs to kLanesPerRow adjacent lanes, each lane
 // holding kElems consecutive head-dim elements in fp32 registers. A score is a kElems-wide partial dot
-// product plus log2(kGroup) shuffles. Keeping kElems fixed keeps the register budget independent of
-// head_dim; head_dim only changes how many rows a CTA owns.
+// product plus log2(kLanesPerRow) shuffles ("group" is GQA's query heads per kv head, never these lanes).
+// Keeping kElems fixed keeps the register budget independent of head_dim; head_dim only changes how many
+// rows a CTA owns.
 //
 // Rows walk their own key interval inside a shared-memory block of kBlock keys, so for words (~4.5
 // characters) a query row does ~5 dot products instead of a full masked tile; a segment longer than a
@@ -35,8 +36,8 @@ constexpr float kLn2 = 0.6931471805599453f;
 template <typename T, int HeadDim>
 struct Layout {
   static_assert(HeadDim % kElems == 0 && kThreads % (HeadDim / kElems) == 0, "unsupported head_dim");
-  static constexpr int kGroup = HeadDim / kElems;
-  static constexpr int kRows = kThreads / kGroup;
+  static constexpr int kLanesPerRow = HeadDim / kElems;
+  static constexpr int kRows = kThreads / kLanesPerRow;
   // Two staged operand blocks (k and v, or q and dout) take at most 32 KiB: four CTAs fit per SM, and
   // static shared memory stays under the 48 KiB that needs no opt-in.
   static constexpr int kBlock = HeadDim * sizeof(T) <= 256 ? 64 : 32;
@@ -124,11 +125,11 @@ __device__ __forceinline__ void store_elems(__nv_bfloat16* p, const float (&x)[k
   }
 }
 
-// Sum over the kGroup adjacent lanes that share a row. Every lane of the warp must call it.
-template <int kGroup>
-__device__ __forceinline__ float group_sum(float x) {
+// Sum over the kLanes adjacent lanes that share a row. Every lane of the warp must call it.
+template <int kLanes>
+__device__ __forceinline__ float lane_sum(float x) {
 #pragma unroll
-  for (int lane_mask = kGroup / 2; lane_mask > 0; lane_mask >>= 1) x += __shfl_xor_sync(0xffffffffu, x, lane_mask);
+  for (int lane_mask = kLanes / 2; lane_mask > 0; lane_mask >>= 1) x += __shfl_xor_sync(0xffffffffu, x, lane_mask);
   return x;
 }
 

@@ -13,11 +13,7 @@
 
 #include <stdint.h>
 
-#if defined(__CUDACC__)
-#define HK_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define HK_HOST_DEVICE inline
-#endif
+#include "../common/host_device.h"
 
 namespace hierkern {
 namespace cuda {

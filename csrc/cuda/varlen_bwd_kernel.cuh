@@ -16,7 +16,7 @@
 #pragma once
 
 #include "kernel_utils.cuh"
-#include "philox.cuh"
+#include "../common/philox.h"
 #include "schedule.cuh"
 
 namespace hierkern {
@@ -34,8 +34,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
   const int kv_head = head / (args.num_heads / args.num_kv_heads);
   const int row0 = blockIdx.x * L::kRows;
   const int rows = min(L::kRows, args.total_q - row0);
-  const int row = row0 + static_cast<int>(threadIdx.x) / L::kGroup;
-  const int lane_elem = (static_cast<int>(threadIdx.x) % L::kGroup) * kElems;
+  const int row = row0 + static_cast<int>(threadIdx.x) / L::kLanesPerRow;
+  const int lane_elem = (static_cast<int>(threadIdx.x) % L::kLanesPerRow) * kElems;
   const bool live = row < args.total_q;
   const bool dropout = args.dropout_p > 0.f;
 
@@ -66,7 +66,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
 
   // Calls body(p, keep, dp, k) for each key of this row in the staged block [block, block + count): P
   // recomputed from lse, keep the dropout factor Z (0 or 1 / (1 - p_drop)), dp = dout.v, k the key in fp32
-  // registers. The trip count is warp-uniform so that the shuffles in group_sum see every lane; a lane past
+  // registers. The trip count is warp-uniform so that the shuffles in lane_sum see every lane; a lane past
   // its row's keys computes on row 0 of the block but never uses the result (nor multiplies it by 0).
   auto for_each_key = [&](int block, int count, auto&& body) {
     const int first = max(keys.begin, block) - block;
@@ -77,9 +77,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
       const int r = valid ? first + t : 0;
       float kv[kElems];
       load_elems(&v_block[r][lane_elem], kv);
-      const float dp = group_sum<L::kGroup>(dot_elems(dout, kv));
+      const float dp = lane_sum<L::kLanesPerRow>(dot_elems(dout, kv));
       load_elems(&k_block[r][lane_elem], kv);
-      const float score = group_sum<L::kGroup>(dot_elems(q, kv));
+      const float score = lane_sum<L::kLanesPerRow>(dot_elems(q, kv));
       if (valid) {
         const float p = exp2f(fmaf(score, scale_log2, -lse_log2));
         float keep = 1.f;
@@ -153,8 +153,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
   const int group = args.num_heads / args.num_kv_heads;
   const int col0 = blockIdx.x * L::kRows;
   const int cols = min(L::kRows, args.total_k - col0);
-  const int col = col0 + static_cast<int>(threadIdx.x) / L::kGroup;
-  const int lane_elem = (static_cast<int>(threadIdx.x) % L::kGroup) * kElems;
+  const int col = col0 + static_cast<int>(threadIdx.x) / L::kLanesPerRow;
+  const int lane_elem = (static_cast<int>(threadIdx.x) % L::kLanesPerRow) * kElems;
   const bool live = col < args.total_k;
   const bool dropout = args.dropout_p > 0.f;
 
@@ -205,9 +205,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
         const int r = valid ? first + t : 0;
         float qx[kElems], gx[kElems];
         load_elems(&q_block[r][lane_elem], qx);
-        const float score = group_sum<L::kGroup>(dot_elems(qx, k));
+        const float score = lane_sum<L::kLanesPerRow>(dot_elems(qx, k));
         load_elems(&dout_block[r][lane_elem], gx);
-        const float dp = group_sum<L::kGroup>(dot_elems(gx, v));
+        const float dp = lane_sum<L::kLanesPerRow>(dot_elems(gx, v));
         if (valid) {
           const float p = exp2f(fmaf(score, scale_log2, -lse_block[r]));
           float keep = 1.f;

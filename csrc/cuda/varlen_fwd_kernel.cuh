@@ -11,7 +11,7 @@
 #pragma once
 
 #include "kernel_utils.cuh"
-#include "philox.cuh"
+#include "../common/philox.h"
 #include "schedule.cuh"
 
 namespace hierkern {
@@ -29,8 +29,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
   const int kv_head = head / (args.num_heads / args.num_kv_heads);
   const int row0 = blockIdx.x * L::kRows;
   const int rows = min(L::kRows, args.total_q - row0);
-  const int row = row0 + static_cast<int>(threadIdx.x) / L::kGroup;
-  const int lane_elem = (static_cast<int>(threadIdx.x) % L::kGroup) * kElems;
+  const int row = row0 + static_cast<int>(threadIdx.x) / L::kLanesPerRow;
+  const int lane_elem = (static_cast<int>(threadIdx.x) % L::kLanesPerRow) * kElems;
   // Threads past the last row stay in the loops as rows with no keys: every lane must reach the
   // barriers and the shuffles.
   const bool live = row < args.total_q;
@@ -70,14 +70,14 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
     __syncthreads();
     const int first = max(keys.begin, block) - block;
     const int mine = max(min(keys.end, block + count) - block - first, 0);
-    // Warp-uniform trip count so the shuffles in group_sum see every lane.
+    // Warp-uniform trip count so the shuffles in lane_sum see every lane.
     const int steps = __reduce_max_sync(0xffffffffu, mine);
     for (int t = 0; t < steps; ++t) {
       const bool valid = t < mine;
       const int r = valid ? first + t : 0;
       float kv[kElems];
       load_elems(&k_block[r][lane_elem], kv);
-      const float score = group_sum<L::kGroup>(dot_elems(q, kv)) * scale_log2;
+      const float score = lane_sum<L::kLanesPerRow>(dot_elems(q, kv)) * scale_log2;
       if (valid) {
         const float new_max = fmaxf(row_max, score);
         // While every score so far is -inf (an infinite input, or a product that overflowed) the shift is 0:

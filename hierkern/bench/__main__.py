@@ -53,6 +53,11 @@ def main(argv=None) -> int:
         print("\nPeers that failed on their input (recorded as results):")
         for f in run.failed:
             print(f"  {f.get('group')}  {f.get('impl')}: {f.get('error')}")
+    over = [g.name for g in groups for e in g.entries if (e.floor_fraction or 0) > 1]
+    if over:
+        print(f"\nWarning: {len(over)} entries run faster than their floor (% of floor above 100%): the copy "
+              f"bandwidth was measured while the machine was busier than during their timing, so every % of "
+              f"floor of this run is too high. Rerun on a quiet machine.")
     warnings = spread_warnings(groups)
     if warnings:
         print(f"\nWarning: wide spread (IQR over {100 * SPREAD_WARNING:.0f}% of the median) in {len(warnings)} "
