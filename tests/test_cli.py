@@ -42,7 +42,14 @@ def test_each_command_has_its_own_help(command):
     assert result.stdout.startswith("usage: python -m hierkern")
 
 
-@pytest.mark.parametrize("parser", [train.build_parser, doctor.build_parser], ids=["train", "doctor"])
+def _report_parser() -> argparse.ArgumentParser:
+    from hierkern.bench.__main__ import build_parser
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return commands.choices["report"]
+
+
+@pytest.mark.parametrize("parser", [train.build_parser, doctor.build_parser, _report_parser],
+                         ids=["train", "doctor", "report"])
 def test_every_flag_has_help_that_shows_its_default(parser):
     for action in parser()._actions:
         if isinstance(action, argparse._HelpAction) or not action.option_strings:

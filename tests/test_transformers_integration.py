@@ -24,6 +24,10 @@ from transformers.modeling_utils import AttentionInterface  # noqa: E402
 
 import hierkern.integrations.transformers as hf  # noqa: E402
 
+# The documented call: in a test session hierkern is imported long before transformers, so importing hierkern
+# did not register it.
+hf.register()
+
 VOCAB = 97
 LENGTHS = (7, 1, 13, 4, 9, 2)          # a one-token document, as padding-free batches produce
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

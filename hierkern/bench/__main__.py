@@ -9,7 +9,7 @@ from .report import (SPREAD_WARNING, PlotUnavailable, detail_table, load_run, pl
                      spread_warnings, summary_table)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m hierkern.bench",
         description="Read pytest-benchmark JSON written by `pytest benchmarks --benchmark-json FILE` and "
@@ -18,13 +18,17 @@ def main(argv=None) -> int:
     report = commands.add_parser("report", help="speedup tables (and a PNG plot with --plot)")
     report.add_argument("results", nargs="+", help="pytest-benchmark JSON file(s)")
     report.add_argument("--plot", metavar="PNG", help="also write a PNG: per family, hierkern's fastest backend "
-                        "against each peer, per workload (needs matplotlib: pip install 'hierkern[plot]')")
+                        "against each peer, per workload (needs matplotlib: pip install 'hierkern[plot]'; default: no plot)")
     report.add_argument("--detail", action="store_true",
                         help="also print every implementation with its rounds (min, median, IQR), GB/s, "
-                             "%% of floor, tokens/s and peak memory")
+                             "%% of floor, tokens/s and peak memory (default: off)")
     report.add_argument("--all", action="store_true",
-                        help="plot the reference backend (hierkern's pure-PyTorch fallback) too")
-    args = parser.parse_args(argv)
+                        help="plot the reference backend (hierkern's pure-PyTorch fallback) too (default: off)")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
 
     try:
         run = load_run(args.results)

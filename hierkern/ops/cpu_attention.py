@@ -3,7 +3,7 @@
 One pass per (segment, kv-head) over packed tokens, spread over threads by cost; no padding, no score
 tensor, fp32 accumulation (float64 for float64 inputs). Float32, float64, bfloat16 and float16; causal
 (bottom-right), GQA/MQA, unequal query/key segments. Dropout draws the CUDA kernels' Philox mask
-(``csrc/cuda/philox.cuh``) from an ``rng_state`` of ``[seed, offset]``, so for the same state both backends drop
+(``csrc/common/philox.h``) from an ``rng_state`` of ``[seed, offset]``, so for the same state both backends drop
 the same attention weights.
 """
 
