@@ -206,6 +206,9 @@ def flex_choice(workload: Workload, dtype: torch.dtype, device: str) -> FlexChoi
     def document_mask(b, h, q_idx, kv_idx):
         return doc[q_idx] == doc[kv_idx]
 
+    # A user compiles for their one workload. Without a reset, the previous problems' compilations count towards
+    # dynamo's recompile limit, past which flex_attention silently runs eagerly (total**2 scores in memory).
+    torch._dynamo.reset()
     # Compiled, the builder evaluates the mask tile by tile; eagerly it materialises total**2 booleans.
     build_mask = torch.compile(create_block_mask, dynamic=False)
     attend = torch.compile(flex_attention, dynamic=False)
