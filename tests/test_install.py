@@ -1,5 +1,5 @@
 """Installing hierkern as a user does: ``pip wheel`` / ``pip install`` with pip's default build isolation, from
-a copy of the tracked files, into a fresh virtualenv that sees this machine's torch.
+a copy of the tracked files, into a fresh virtualenv that sees this machine's torch (and not its hierkern).
 
 The wheel must be pure Python (no torch in the build environment, so none is fetched), carry the kernels'
 sources, and give a working ``cpu`` backend on first use by compiling them against the running torch; with
@@ -51,13 +51,21 @@ def wheel(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def env(wheel, tmp_path_factory) -> Path:
-    """A fresh virtualenv that sees this machine's torch (system site-packages) with the wheel installed."""
+    """A fresh virtualenv with the wheel installed that sees this machine's torch, and nothing else of it.
+
+    Not ``--system-site-packages``: that would also run the system's ``.pth`` files, and a development install
+    of hierkern (``pip install -e .``) registers an import hook there that would serve ``hierkern._C`` from the
+    checkout. A ``.pth`` line naming torch's folder adds the folder alone.
+    """
+    import torch
     path = tmp_path_factory.mktemp("venv") / "venv"
-    venv.EnvBuilder(system_site_packages=True, with_pip=False).create(path)
+    venv.EnvBuilder(with_pip=False).create(path)
     python = path / "bin" / "python"
     result = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps",
                              "--disable-pip-version-check", "-q", str(wheel)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+    (site,) = path.glob("lib/python*/site-packages")
+    (site / "_torch_of_the_host.pth").write_text(str(Path(torch.__file__).parent.parent) + "\n")
     return python
 
 
