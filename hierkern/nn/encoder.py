@@ -199,6 +199,11 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
     last call took (``"varlen"`` or ``"torch"``), ``last_why_not_fast_path`` why not varlen.
     """
 
+    # Which path the last forward took ("varlen" or "torch") and why not varlen: class defaults, so modules built,
+    # adopted or unpickled without them read None.
+    last_path: str | None = None
+    last_why_not_fast_path: str | None = None
+
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1,
                  activation: str | Callable[[Tensor], Tensor] = nn.functional.relu, layer_norm_eps: float = 1e-5,
                  batch_first: bool = False, norm_first: bool = False, bias: bool = True, device=None,
@@ -217,8 +222,6 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
                          device=device, dtype=dtype)
         # Retyped, not rebuilt: the parameters (and the random draws that initialised them) stay torch's.
         MultiheadAttention.adopt(self.self_attn)
-        self.last_path: str | None = None
-        self.last_why_not_fast_path: str | None = None
 
     @classmethod
     def adopt(cls, layer: nn.TransformerEncoderLayer) -> "TransformerEncoderLayer":
@@ -231,13 +234,7 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
         if type(layer.self_attn) is nn.MultiheadAttention:
             MultiheadAttention.adopt(layer.self_attn)
         layer.__class__ = cls
-        layer.last_path = layer.last_why_not_fast_path = None
         return layer
-
-    def __setstate__(self, state):
-        state.setdefault("last_path", None)
-        state.setdefault("last_why_not_fast_path", None)
-        super().__setstate__(state)
 
     def __prepare_scriptable__(self) -> nn.TransformerEncoderLayer:
         return _torch_twin(self, nn.TransformerEncoderLayer)
@@ -337,6 +334,11 @@ class TransformerEncoder(nn.TransformerEncoder):
     ``last_path`` is ``"varlen"`` or ``"torch"`` after each call, ``last_why_not_fast_path`` why not varlen.
     """
 
+    # Which path the last forward took ("varlen" or "torch") and why not varlen: class defaults, so modules built,
+    # adopted or unpickled without them read None.
+    last_path: str | None = None
+    last_why_not_fast_path: str | None = None
+
     def __init__(self, encoder_layer: nn.Module, num_layers: int, norm: nn.Module | None = None,
                  enable_nested_tensor: bool = True, mask_check: bool = True) -> None:
         if not isinstance(encoder_layer, nn.Module):
@@ -350,8 +352,6 @@ class TransformerEncoder(nn.TransformerEncoder):
         for layer in self.layers:
             if type(layer) is nn.TransformerEncoderLayer:
                 TransformerEncoderLayer.adopt(layer)
-        self.last_path: str | None = None
-        self.last_why_not_fast_path: str | None = None
 
     @classmethod
     def adopt(cls, encoder: nn.TransformerEncoder) -> "TransformerEncoder":
@@ -364,13 +364,7 @@ class TransformerEncoder(nn.TransformerEncoder):
             if type(layer) is nn.TransformerEncoderLayer:
                 TransformerEncoderLayer.adopt(layer)
         encoder.__class__ = cls
-        encoder.last_path = encoder.last_why_not_fast_path = None
         return encoder
-
-    def __setstate__(self, state):
-        state.setdefault("last_path", None)
-        state.setdefault("last_why_not_fast_path", None)
-        super().__setstate__(state)
 
     def __prepare_scriptable__(self) -> nn.TransformerEncoder:
         twin = _torch_twin(self, nn.TransformerEncoder)

@@ -198,13 +198,16 @@ class MultiheadAttention(nn.MultiheadAttention):
     ``torch.compile``.
     """
 
+    # Which path the last forward took ("varlen" or "torch") and why not varlen: class defaults, so modules built,
+    # adopted or unpickled without them read None.
+    last_path: str | None = None
+    last_why_not_fast_path: str | None = None
+
     def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False, add_zero_attn=False,
                  kdim=None, vdim=None, batch_first=False, device=None, dtype=None) -> None:
         super().__init__(embed_dim, num_heads, dropout=dropout, bias=bias, add_bias_kv=add_bias_kv,
                          add_zero_attn=add_zero_attn, kdim=kdim, vdim=vdim, batch_first=batch_first,
                          device=device, dtype=dtype)
-        self.last_path: str | None = None
-        self.last_why_not_fast_path: str | None = None
 
     @classmethod
     def adopt(cls, module: nn.MultiheadAttention) -> "MultiheadAttention":
@@ -215,13 +218,7 @@ class MultiheadAttention(nn.MultiheadAttention):
             raise TypeError(f"module must be a torch.nn.MultiheadAttention (not a subclass), got "
                             f"{type(module).__name__}")
         module.__class__ = cls
-        module.last_path = module.last_why_not_fast_path = None
         return module
-
-    def __setstate__(self, state):
-        state.setdefault("last_path", None)
-        state.setdefault("last_why_not_fast_path", None)
-        super().__setstate__(state)
 
     def __prepare_scriptable__(self) -> nn.MultiheadAttention:
         """What ``torch.jit.script`` compiles in this module's place: a ``torch.nn.MultiheadAttention``
