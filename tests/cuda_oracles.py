@@ -2,7 +2,8 @@
 csrc/common/philox.h implements) and a dense float64 attention that applies an explicit keep mask. The
 host tests check the C++ RNG against the model and the published known-answer vectors; the GPU and emulation
 tests rebuild the exact mask a kernel applied and compare the kernel's outputs and gradients with the dense
-attention under that mask. ``rowwise_attention`` is the float64 oracle for non-finite inputs: every row's output and gradients over its visible keys only."""
+attention under that mask. ``rowwise_attention`` is the float64 oracle for non-finite inputs: every row's
+output and gradients over its visible keys only."""
 
 from __future__ import annotations
 
