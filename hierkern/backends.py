@@ -21,8 +21,19 @@ import torch
 from .reference import varlen_attention_reference
 
 __all__ = [
-    "AttentionCall", "VarlenArgs", "Capabilities", "Backend", "WINDOW_KINDS", "window_kind", "refusal",
-    "register_backend", "get_backend", "backend_names", "available_backends", "select_backend", "explain",
+    "AttentionCall",
+    "VarlenArgs",
+    "Capabilities",
+    "Backend",
+    "WINDOW_KINDS",
+    "window_kind",
+    "refusal",
+    "register_backend",
+    "get_backend",
+    "backend_names",
+    "available_backends",
+    "select_backend",
+    "explain",
 ]
 
 # The masks a call can ask for, by what a kernel must do: nothing, a prefix of the keys per row, or a range.
@@ -59,14 +70,29 @@ class AttentionCall:
         return self.window_kind == "causal"
 
     @classmethod
-    def of(cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *,
-           causal: bool = False, window_size: tuple[int, int] = (-1, -1), dropout_p: float = 0.0
-           ) -> "AttentionCall":
+    def of(
+        cls,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        max_seqlen_q: int,
+        max_seqlen_k: int,
+        *,
+        causal: bool = False,
+        window_size: tuple[int, int] = (-1, -1),
+        dropout_p: float = 0.0,
+    ) -> AttentionCall:
         """The call's description from its tensors (``causal=True`` is ``window_size=(left, 0)``)."""
         window = (window_size[0], 0) if causal else tuple(window_size)
         return cls(
-            device_type=q.device.type, dtype=q.dtype, head_dim=q.shape[-1], num_heads=q.shape[1],
-            num_kv_heads=k.shape[1], max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, window_size=window,
+            device_type=q.device.type,
+            dtype=q.dtype,
+            head_dim=q.shape[-1],
+            num_heads=q.shape[1],
+            num_kv_heads=k.shape[1],
+            max_seqlen_q=max_seqlen_q,
+            max_seqlen_k=max_seqlen_k,
+            window_size=window,
             dropout=dropout_p > 0.0,
             requires_grad=torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)),
         )
@@ -134,7 +160,8 @@ def refusal(name: str, caps: Capabilities, call: AttentionCall) -> str | None:
     """Why backend ``name`` with ``caps`` does not take ``call`` (one sentence), or ``None`` if it does."""
     if call.device_type not in caps.devices:
         return caps.device_notes.get(call.device_type) or (
-            f"the {name} backend runs on {_names(caps.devices)} tensors, not {call.device_type}")
+            f"the {name} backend runs on {_names(caps.devices)} tensors, not {call.device_type}"
+        )
     if call.dtype not in caps.dtypes:
         return f"the {name} backend takes {_names(caps.dtypes)}, not {_names([call.dtype])}"
     if caps.head_dims is not None and call.head_dim not in caps.head_dims:
@@ -142,15 +169,17 @@ def refusal(name: str, caps: Capabilities, call: AttentionCall) -> str | None:
     if caps.max_head_dim is not None and call.head_dim > caps.max_head_dim:
         return f"the {name} backend supports head_dim up to {caps.max_head_dim}, got {call.head_dim}"
     if call.window_kind not in caps.windows:
-        masks = _names([{"none": "unmasked", "causal": "causal", "sliding": "sliding-window"}[w]
-                        for w in caps.windows])
+        masks = _names([{"none": "unmasked", "causal": "causal", "sliding": "sliding-window"}[w] for w in caps.windows])
         return f"the {name} backend runs {masks} attention, not window_size={call.window_size}"
     if call.dropout and not caps.dropout:
         return f"the {name} backend has no attention dropout"
     if call.num_heads != call.num_kv_heads and not caps.gqa:
         return f"the {name} backend needs as many key/value heads as query heads (no GQA/MQA)"
-    if call.device_type == "cuda" and caps.min_cuda_capability is not None \
-            and _cuda_capability() < caps.min_cuda_capability:
+    if (
+        call.device_type == "cuda"
+        and caps.min_cuda_capability is not None
+        and _cuda_capability() < caps.min_cuda_capability
+    ):
         major, minor = caps.min_cuda_capability
         return f"the {name} backend needs a GPU of compute capability {major}.{minor} or newer"
     return None
@@ -214,8 +243,11 @@ def available_backends(device_type: str | None = None) -> list[str]:
 
     With ``device_type`` (``"cpu"``/``"cuda"``), only those that accept some call on that device.
     """
-    return [b.name for b in _by_priority() if b.unavailable_reason() is None
-            and (device_type is None or device_type in b.capabilities.devices)]
+    return [
+        b.name
+        for b in _by_priority()
+        if b.unavailable_reason() is None and (device_type is None or device_type in b.capabilities.devices)
+    ]
 
 
 def explain(call: AttentionCall) -> dict[str, str | None]:
@@ -255,14 +287,24 @@ class ReferenceBackend(Backend):
 
     name = "reference"
     priority = 0
-    capabilities = Capabilities(devices=("cpu", "cuda"),
-                                dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
-                                double_backward=True)
+    capabilities = Capabilities(
+        devices=("cpu", "cuda"),
+        dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
+        double_backward=True,
+    )
 
     def __call__(self, args: VarlenArgs) -> tuple[torch.Tensor, torch.Tensor]:
-        return varlen_attention_reference(args.q, args.k, args.v, args.cu_seqlens_q, args.cu_seqlens_k,
-                                          softmax_scale=args.softmax_scale, window_size=args.window_size,
-                                          dropout_p=args.dropout_p, rng_state=args.rng_state)
+        return varlen_attention_reference(
+            args.q,
+            args.k,
+            args.v,
+            args.cu_seqlens_q,
+            args.cu_seqlens_k,
+            softmax_scale=args.softmax_scale,
+            window_size=args.window_size,
+            dropout_p=args.dropout_p,
+            rng_state=args.rng_state,
+        )
 
 
 register_backend(ReferenceBackend())

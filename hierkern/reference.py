@@ -38,8 +38,10 @@ __all__ = ["varlen_attention_reference"]
 
 def _length_buckets(lengths_q: torch.Tensor, lengths_k: torch.Tensor) -> torch.Tensor:
     """Bucket id per unit: ceil(log2(len)) for queries and keys combined into one integer."""
+
     def ceil_log2(lengths: torch.Tensor) -> torch.Tensor:
         return torch.ceil(torch.log2(lengths.clamp(min=1).double())).long()
+
     return ceil_log2(lengths_q) * 64 + ceil_log2(lengths_k)
 
 
@@ -54,9 +56,9 @@ def _units(q, k, v, offsets_q, offsets_k, window_size):
     """The independent attention problems, as host int64 ``(q_start, q_len, k_start, k_len, masked)``.
 
     A unit is a segment, except that a masked segment holding a non-finite value is split into one unit per
-    query row over exactly the keys that row sees (``masked`` 0: no window left to apply). The batched matmuls below multiply every masked score
-    and weight by zero, and ``0 * inf`` is NaN: splitting keeps a NaN or an inf away from the rows that do
-    not attend to it, in the forward and in autograd's backward alike.
+    query row over exactly the keys that row sees (``masked`` 0: no window left to apply). The batched matmuls
+    below multiply every masked score and weight by zero, and ``0 * inf`` is NaN: splitting keeps a NaN or an
+    inf away from the rows that do not attend to it, in the forward and in autograd's backward alike.
     """
     q0, k0 = offsets_q[:-1], offsets_k[:-1]
     lq, lk = offsets_q.diff(), offsets_k.diff()
@@ -64,8 +66,11 @@ def _units(q, k, v, offsets_q, offsets_k, window_size):
     flags = torch.full_like(lq, int(masked))
     if not masked:
         return q0, lq, k0, lk, flags
-    split = (_non_finite_per_segment(q, offsets_q) | _non_finite_per_segment(k, offsets_k)
-             | _non_finite_per_segment(v, offsets_k)) & (lq > 0)
+    split = (
+        _non_finite_per_segment(q, offsets_q)
+        | _non_finite_per_segment(k, offsets_k)
+        | _non_finite_per_segment(v, offsets_k)
+    ) & (lq > 0)
     if not bool(split.any()):
         return q0, lq, k0, lk, flags
     rows_per_seg = torch.where(split, lq, 0)
@@ -73,15 +78,19 @@ def _units(q, k, v, offsets_q, offsets_k, window_size):
     row = torch.arange(seg.numel()) - torch.repeat_interleave(rows_per_seg.cumsum(0) - rows_per_seg, rows_per_seg)
     lo, hi = _key_range(row, lq[seg], lk[seg], window_size)
     keep = ~split
-    return (torch.cat([q0[keep], q0[seg] + row]), torch.cat([lq[keep], torch.ones_like(row)]),
-            torch.cat([k0[keep], k0[seg] + lo]), torch.cat([lk[keep], hi - lo]),
-            torch.cat([flags[keep], torch.zeros_like(row)]))
+    return (
+        torch.cat([q0[keep], q0[seg] + row]),
+        torch.cat([lq[keep], torch.ones_like(row)]),
+        torch.cat([k0[keep], k0[seg] + lo]),
+        torch.cat([lk[keep], hi - lo]),
+        torch.cat([flags[keep], torch.zeros_like(row)]),
+    )
 
 
 def _key_range(row, len_q, len_k, window_size):
     """The keys ``[lo, hi)`` of its segment that query ``row`` sees (tensors broadcast; ``hi >= lo``)."""
     left, right = window_size
-    centre = row + len_k - len_q                                       # bottom-right alignment
+    centre = row + len_k - len_q  # bottom-right alignment
     lo = torch.zeros_like(centre) if left < 0 else (centre - left).clamp(min=0)
     hi = len_k + 0 * centre if right < 0 else (centre + right + 1).clamp(min=0).minimum(len_k)
     lo = lo.minimum(len_k)
@@ -139,11 +148,11 @@ def varlen_attention_reference(
         if max_q == 0 or max_k == 0:
             continue  # no query rows, or no keys: those rows keep their zero output and -inf lse
         pos_q, pos_k = torch.arange(max_q), torch.arange(max_k)
-        valid_q = pos_q[None, :] < seg_lq[:, None]                           # (n, Lq)
-        valid_k = pos_k[None, :] < seg_lk[:, None]                           # (n, Lk)
+        valid_q = pos_q[None, :] < seg_lq[:, None]  # (n, Lq)
+        valid_k = pos_k[None, :] < seg_lk[:, None]  # (n, Lk)
         idx_q = torch.where(valid_q, start_q[seg, None] + pos_q, 0)
         idx_k = torch.where(valid_k, start_k[seg, None] + pos_k, 0)
-        allowed = valid_k[:, None, :].expand(-1, max_q, -1)                  # (n, Lq, Lk)
+        allowed = valid_k[:, None, :].expand(-1, max_q, -1)  # (n, Lq, Lk)
         lo, hi = _key_range(pos_q[None, :, None], seg_lq[:, None, None], seg_lk[:, None, None], window_size)
         inside = (pos_k[None, None, :] >= lo) & (pos_k[None, None, :] < hi)
         allowed = allowed & (inside | ~unit_masked[seg, None, None].bool())
@@ -157,7 +166,7 @@ def varlen_attention_reference(
         kb = torch.where(valid_k_dev, k[idx_k_dev].to(compute_dtype), 0.0).repeat_interleave(group, dim=2)
         vb = torch.where(valid_k_dev, v[idx_k_dev].to(compute_dtype), 0.0).repeat_interleave(group, dim=2)
         scores = torch.einsum("nqhd,nkhd->nhqk", qb, kb) * scale
-        mask = allowed.to(device)[:, None, :, :]                             # (n, 1, Lq, Lk)
+        mask = allowed.to(device)[:, None, :, :]  # (n, 1, Lq, Lk)
         scores = scores.masked_fill(~mask, float("-inf"))
         # The max shift is mathematically neutral; detaching it keeps -inf rows out of autograd.
         row_max = scores.detach().amax(-1, keepdim=True)
@@ -168,20 +177,21 @@ def varlen_attention_reference(
         # Keys that all score -inf (an infinite input) make softmax 0/0: NaN, as IEEE says. Only a row with no
         # visible key at all is defined as zeros.
         probs = torch.where((denom == 0) & mask.any(-1, keepdim=True), math.nan, probs)
-        lse = (row_max + torch.log(denom.detach())).squeeze(-1)               # (n, H, Lq), -inf if no keys
+        lse = (row_max + torch.log(denom.detach())).squeeze(-1)  # (n, H, Lq), -inf if no keys
         if dropout_p > 0.0:
             heads = torch.arange(num_heads, device=device)[None, :, None, None]
-            keep = philox.attention_keep(rng_state, heads, idx_q_dev[:, None, :, None], idx_k_dev[:, None, None, :],
-                                         dropout_p)
+            keep = philox.attention_keep(
+                rng_state, heads, idx_q_dev[:, None, :, None], idx_k_dev[:, None, None, :], dropout_p
+            )
             # A product, as in the kernels: a dropped NaN weight stays NaN (IEEE), it is not selected away.
             probs = probs * (keep.to(probs.dtype) * (1.0 / (1.0 - dropout_p)))
         probs = probs.to(q.dtype).to(compute_dtype)
-        out = torch.einsum("nhqk,nkhd->nqhd", probs, vb).to(q.dtype)         # (n, Lq, H, D)
+        out = torch.einsum("nhqk,nkhd->nqhd", probs, vb).to(q.dtype)  # (n, Lq, H, D)
 
         valid_dev = valid_q.to(device)
         row_index.append(idx_q_dev[valid_dev])
         row_out.append(out[valid_dev])
-        row_lse.append(lse.transpose(1, 2)[valid_dev])                       # (rows, H)
+        row_lse.append(lse.transpose(1, 2)[valid_dev])  # (rows, H)
 
     if not row_index:
         # No query sees a key. Route zero-size slices of q, k and v into the output anyway, so that autograd

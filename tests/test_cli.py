@@ -44,12 +44,14 @@ def test_each_command_has_its_own_help(command):
 
 def _report_parser() -> argparse.ArgumentParser:
     from hierkern.bench.__main__ import build_parser
+
     commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     return commands.choices["report"]
 
 
-@pytest.mark.parametrize("parser", [train.build_parser, doctor.build_parser, _report_parser],
-                         ids=["train", "doctor", "report"])
+@pytest.mark.parametrize(
+    "parser", [train.build_parser, doctor.build_parser, _report_parser], ids=["train", "doctor", "report"]
+)
 def test_every_flag_has_help_that_shows_its_default(parser):
     for action in parser()._actions:
         if isinstance(action, argparse._HelpAction) or not action.option_strings:
@@ -75,6 +77,7 @@ def test_doctor_report_compiles_nothing(monkeypatch):
 
     def refuse(*args, **kwargs):
         raise AssertionError("the doctor's report must not compile")
+
     monkeypatch.setattr(toolchain, "build_cpu_kernels", refuse)
     monkeypatch.setattr(toolchain, "build_cuda_kernels", refuse)
     assert "backends" in doctor.report()
@@ -123,6 +126,7 @@ def test_explain_compiles_nothing(monkeypatch):
     q, k, v, words = _inputs()
     for backend in hierkern.backends._REGISTRY.values():
         if hasattr(backend, "prepare"):
-            monkeypatch.setattr(type(backend), "prepare",
-                                lambda self: pytest.fail("explain must not prepare (compile) a backend"))
+            monkeypatch.setattr(
+                type(backend), "prepare", lambda self: pytest.fail("explain must not prepare (compile) a backend")
+            )
     hierkern.explain(q, k, v, words)

@@ -54,7 +54,8 @@ def register_varlen_ops(fwd: str, bwd: str, backend: str, *, fakes: bool = True)
         raise NotImplementedError(
             f"the {backend} backend has no double backward ({bwd} is not differentiable): for second-order "
             f"gradients (create_graph=True, then another backward) call varlen_attention with "
-            f"backend=\"reference\"")
+            f'backend="reference"'
+        )
 
     torch.library.register_autograd(fwd, backward, setup_context=setup_context)
     torch.library.register_autograd(bwd, no_double_backward)

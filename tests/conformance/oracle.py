@@ -3,9 +3,9 @@
 It shares no code with ``hierkern.reference``. With finite inputs it is one dense softmax over every packed
 token with a block-diagonal mask cut to each row's window: masked scores are -inf, so their weights are exactly
 0. With a NaN or an inf anywhere it runs one query row at a time over exactly the keys that row sees (its own
-segment's, cut by the bottom-right aligned window), so masked keys never enter any arithmetic: a non-finite value reaches only
-the rows that attend to it, and follows IEEE arithmetic there. Obviously right; differentiable (autograd through
-float64 ops), including twice.
+segment's, cut by the bottom-right aligned window), so masked keys never enter any arithmetic: a non-finite
+value reaches only the rows that attend to it, and follows IEEE arithmetic there. Obviously right;
+differentiable (autograd through float64 ops), including twice.
 """
 
 from __future__ import annotations
@@ -32,8 +32,18 @@ def visible_keys(row: int, len_q: int, len_k: int, window: tuple[int, int]) -> t
     return lo, max(hi, lo)
 
 
-def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale=None, causal=False, keep=None,
-              dropout_p=0.0, window_size=(-1, -1)):
+def attention(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    softmax_scale=None,
+    causal=False,
+    keep=None,
+    dropout_p=0.0,
+    window_size=(-1, -1),
+):
     """Varlen attention in float64.
 
     Args:
@@ -66,16 +76,16 @@ def _dense(q, k, v, starts_q, starts_k, scale, window, keep, dropout_p):
     seg_k = torch.repeat_interleave(torch.arange(len(starts_k) - 1), torch.tensor(starts_k).diff())
     row = torch.arange(total_q) - torch.tensor(starts_q)[seg_q]
     col = torch.arange(k.shape[0]) - torch.tensor(starts_k)[seg_k]
-    seen = (seg_q[:, None] == seg_k[None, :])
+    seen = seg_q[:, None] == seg_k[None, :]
     centre = row + torch.tensor(starts_k).diff()[seg_q] - torch.tensor(starts_q).diff()[seg_q]
     if window[0] >= 0:
         seen = seen & (col[None, :] >= centre[:, None] - window[0])
     if window[1] >= 0:
         seen = seen & (col[None, :] <= centre[:, None] + window[1])
-    has_keys = seen.any(1)                                                    # (total_q,)
+    has_keys = seen.any(1)  # (total_q,)
     scores = torch.einsum("qhd,khd->hqk", q, k.repeat_interleave(group, dim=1)) * scale
     scores = scores.masked_fill(~seen, -math.inf).masked_fill(~has_keys[:, None], 0.0)
-    lse = torch.logsumexp(scores, dim=-1)                                      # (H, total_q)
+    lse = torch.logsumexp(scores, dim=-1)  # (H, total_q)
     probs = torch.exp(scores - lse[..., None]) * has_keys[:, None]
     if keep is not None:
         dense_keep = keep.cpu()[:, :, col.clamp(max=keep.shape[2] - 1)].permute(1, 0, 2) & seen
@@ -98,8 +108,8 @@ def _rows(q, k, v, starts_q, starts_k, scale, window, keep, dropout_p):
                 outs.append(q.new_zeros(num_heads, head_dim))
                 lses.append(q.new_full((num_heads,), -math.inf))
                 continue
-            keys = k[k0 + lo:k0 + hi].repeat_interleave(group, dim=1)       # (seen, H, D)
-            values = v[k0 + lo:k0 + hi].repeat_interleave(group, dim=1)
+            keys = k[k0 + lo : k0 + hi].repeat_interleave(group, dim=1)  # (seen, H, D)
+            values = v[k0 + lo : k0 + hi].repeat_interleave(group, dim=1)
             scores = torch.einsum("hd,nhd->hn", q[q0 + row], keys) * scale
             lse = torch.logsumexp(scores, dim=-1)
             probs = torch.exp(scores - lse[:, None])

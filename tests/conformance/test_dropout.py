@@ -37,8 +37,9 @@ def _one_hot_problem(device):
 
 
 def _attend(name, problem, window):
-    return hierkern.varlen_attention(*problem.leaves, problem.cu_q, problem.cu_k, window_size=window, dropout_p=P,
-                                     backend=name)
+    return hierkern.varlen_attention(
+        *problem.leaves, problem.cu_q, problem.cu_k, window_size=window, dropout_p=P, backend=name
+    )
 
 
 def _specified_keep(name, device, problem, seed):
@@ -49,7 +50,7 @@ def _specified_keep(name, device, problem, seed):
     starts_q, starts_k = problem.cu_q.cpu().long(), problem.cu_k.cpu().long()
     seg = torch.repeat_interleave(torch.arange(len(starts_q) - 1), starts_q.diff())
     local = torch.arange(CONFIG.head_dim)
-    keys = starts_k[seg][:, None, None] + local                                  # (total_q, 1, max_k)
+    keys = starts_k[seg][:, None, None] + local  # (total_q, 1, max_k)
     heads = torch.arange(CONFIG.num_heads)[None, :, None]
     queries = torch.arange(len(seg))[:, None, None]
     return philox.attention_keep(state.cpu(), heads, queries, keys, P)
@@ -67,9 +68,14 @@ def test_dropout_forward_backward_and_rate(backend, window):
     out = _attend(name, problem, window)
     grads = grad(out, problem.leaves, problem.dout)
 
-    weights = out.detach().cpu().double()                      # (total_q, H, max_k): dropped P / (1 - p)
-    probs, _ = oracle_attention(*(t.detach() for t in problem.leaves[:2]), problem.v.detach(),
-                                problem.cu_q.cpu(), problem.cu_k.cpu(), window_size=window)
+    weights = out.detach().cpu().double()  # (total_q, H, max_k): dropped P / (1 - p)
+    probs, _ = oracle_attention(
+        *(t.detach() for t in problem.leaves[:2]),
+        problem.v.detach(),
+        problem.cu_q.cpu(),
+        problem.cu_k.cpu(),
+        window_size=window,
+    )
     keep = weights != 0
     visible = probs != 0
     assert not (keep & ~visible).any(), "a weight the mask hides came out non-zero"
@@ -82,8 +88,9 @@ def test_dropout_forward_backward_and_rate(backend, window):
     assert abs(dropped - P * draws) < 5 * sigma, f"dropped {dropped} of {draws} weights with p={P}"
 
     leaves = tuple(t.detach().cpu().double().requires_grad_(True) for t in problem.leaves)
-    expected_out, _ = oracle_attention(*leaves, problem.cu_q.cpu(), problem.cu_k.cpu(), window_size=window,
-                                       keep=keep, dropout_p=P)
+    expected_out, _ = oracle_attention(
+        *leaves, problem.cu_q.cpu(), problem.cu_k.cpu(), window_size=window, keep=keep, dropout_p=P
+    )
     expected = grad(expected_out, leaves, problem.dout.cpu().double())
     for label, got_grad, expected_grad in zip(("dq", "dk", "dv"), grads, expected):
         assert rel_err(got_grad, expected_grad) < 1e-4, f"{label} does not follow the forward's dropout mask"
