@@ -13,16 +13,11 @@ from . import (
 )
 from .backends import AttentionCall, VarlenArgs, select_backend
 from .backends import explain as explain_call
-from .layout import Segments, check_offsets
+from .layout import Segments, check_offsets, host_readable
 
 __all__ = ["varlen_attention", "explain"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _host_readable(t: torch.Tensor) -> bool:
-    """Whether reading ``t``'s values is free: a CPU tensor outside of torch.compile tracing."""
-    return t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def _resolve_offsets(
@@ -41,7 +36,7 @@ def _resolve_offsets(
         if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
             raise ValueError(f"{name} must be 1-D of shape (S + 1,), got {tuple(cu_seqlens.shape)}")
         offsets = cu_seqlens
-        if _host_readable(offsets):
+        if host_readable(offsets):
             check_offsets(offsets, name, total)
     else:
         raise TypeError(f"{name} must be an int32 tensor or a hierkern.Segments, got {type(cu_seqlens).__name__}")
@@ -65,7 +60,7 @@ def _check_max_seqlen(max_seqlen, offsets: torch.Tensor, name: str, max_name: st
         raise TypeError(f"{max_name} must be a Python int, got {type(max_seqlen).__name__}")
     if max_seqlen < 0:
         raise ValueError(f"{max_name} must be non-negative, got {max_seqlen}")
-    if longest is None and _host_readable(offsets) and offsets.numel() > 1:
+    if longest is None and host_readable(offsets) and offsets.numel() > 1:
         longest = int(offsets.diff().max())
         if longest > max_seqlen:
             raise ValueError(f"{max_name}={max_seqlen} is smaller than the longest segment in {name} ({longest})")

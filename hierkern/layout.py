@@ -18,9 +18,15 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["Segments", "check_offsets"]
+__all__ = ["Segments", "check_offsets", "host_readable"]
 
 LengthsLike = Sequence[int] | torch.Tensor
+
+
+def host_readable(t: torch.Tensor) -> bool:
+    """Whether reading ``t``'s values costs nothing: a CPU tensor in eager mode. A CUDA tensor would need a
+    device sync, and under ``torch.compile`` a host read breaks the graph."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def check_offsets(offsets: torch.Tensor, name: str = "offsets", total: int | None = None) -> None:

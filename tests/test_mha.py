@@ -180,7 +180,7 @@ def test_matches_torch_on_random_configs(seed):
 @pytest.fixture
 def masks_not_host_readable(monkeypatch):
     """Plan every call as for a CUDA mask or under torch.compile: without reading a mask's values."""
-    monkeypatch.setattr(hierkern.nn.mha, "_host_readable", lambda t: False)
+    monkeypatch.setattr(hierkern.nn.masks, "host_readable", lambda t: False)
 
 
 @pytest.mark.parametrize("seed", range(0, NUM_RANDOM_CONFIGS, 2))
