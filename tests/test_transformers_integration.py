@@ -1,14 +1,16 @@
 """``attn_implementation="hierkern"`` in Hugging Face models (hierkern.integrations.transformers).
 
-Tiny models built from configs (no downloads): a Llama-style decoder with GQA and a BERT encoder. Every
-result is compared with the same weights under ``attn_implementation="sdpa"`` on the equivalent padded batch,
-on the real (non-padding) tokens: loss, logits and every parameter gradient, fp32.
+Tiny models built from configs (no downloads): a Llama-style decoder with GQA, a BERT encoder, and sliding
+windows in Mistral (causal) and ModernBERT (bidirectional local layers). Every result is compared with the same
+weights under ``attn_implementation="sdpa"`` on the equivalent padded batch, on the real (non-padding) tokens:
+loss, logits and every parameter gradient, fp32.
 """
 
 from __future__ import annotations
 
 import copy
 import subprocess
+import warnings
 import sys
 from pathlib import Path
 
@@ -19,7 +21,9 @@ transformers = pytest.importorskip("transformers")
 
 from transformers import (AutoModelForCausalLM, AutoModelForMaskedLM, BertConfig,  # noqa: E402
                           DataCollatorWithFlattening, LlamaConfig, MistralConfig, ModernBertConfig)
-from transformers.masking_utils import AttentionMaskInterface, causal_mask_function  # noqa: E402
+from transformers.masking_utils import (AttentionMaskInterface, and_masks, causal_mask_function,  # noqa: E402
+                                        packed_sequence_mask_function, sliding_window_bidirectional_mask_function,
+                                        sliding_window_causal_mask_function)
 from transformers.modeling_utils import AttentionInterface  # noqa: E402
 
 import hierkern.integrations.transformers as hf  # noqa: E402
@@ -48,10 +52,11 @@ def bert_config() -> BertConfig:
                       attention_probs_dropout_prob=0.0)
 
 
-def modernbert_config() -> ModernBertConfig:
-    """Layer 0 global, layers 1-2 local: a bidirectional window of 16 (longer than every test document)."""
+def modernbert_config(local_attention: int = 32) -> ModernBertConfig:
+    """Layer 0 global, layers 1-2 local: a bidirectional window of ``local_attention // 2`` tokens on each side
+    (by default 16, longer than every test document)."""
     return ModernBertConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                            num_attention_heads=4, local_attention=32, global_attn_every_n_layers=3,
+                            num_attention_heads=4, local_attention=local_attention, global_attn_every_n_layers=3,
                             max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                             cls_token_id=1, sep_token_id=2, mask_token_id=3)
 
@@ -311,17 +316,132 @@ def test_sliding_window_wider_than_every_document_runs_varlen(batch_form):
     torch.testing.assert_close(logits, ref.logits[mask.bool()], **TOL)
 
 
-def test_sliding_window_narrower_than_a_document_falls_back_to_sdpa_visibly():
+@pytest.mark.parametrize("batch_form", ["flash-kwargs", "position-ids", "padded", "left-padded"])
+def test_causal_sliding_window_narrower_than_documents_runs_varlen(batch_form):
+    # Mistral keeps keys less than 3 tokens back; documents run to 13 tokens.
+    ours, sdpa = model_pair(AutoModelForCausalLM, mistral_config(sliding_window=3))
+    docs = documents(6)
+    ids, mask, labels = padded(docs, left=batch_form == "left-padded")
+    ref = sdpa(input_ids=ids, attention_mask=mask, labels=labels)
+    ref.loss.backward()
+    valid = mask.bool()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", hf.HierkernFallbackWarning)
+        if batch_form in ("flash-kwargs", "position-ids"):
+            out = ours(**flattened(docs, flash_kwargs=batch_form == "flash-kwargs"))
+            logits = out.logits[0]
+            expected_path = "varlen-packed" if batch_form == "flash-kwargs" else "varlen-position-ids"
+        else:
+            out = ours(input_ids=ids, attention_mask=mask, labels=labels)
+            logits = out.logits[valid]
+            expected_path = "varlen-unpadded"
+        out.loss.backward()
+    assert paths(ours) == {expected_path}
+    torch.testing.assert_close(out.loss, ref.loss, **TOL)
+    torch.testing.assert_close(logits, ref.logits[valid], **TOL)
+    assert_same_grads(ours, sdpa)
+
+
+@pytest.mark.parametrize("batch_form", ["flash-kwargs", "padded", "left-padded", "rows"])
+def test_bidirectional_sliding_window_narrower_than_documents_runs_varlen(batch_form):
+    # ModernBERT's local layers see 2 tokens on each side; documents run to 13 tokens.
+    ours, sdpa = model_pair(AutoModelForMaskedLM, modernbert_config(local_attention=4))
+    docs = documents(4)
+    if batch_form == "rows":
+        # Unpadded rows: sdpa and hierkern both attend over each whole row.
+        ids = torch.randint(0, VOCAB, (3, 15), generator=torch.Generator().manual_seed(2))
+        mask = torch.ones_like(ids)
+    else:
+        ids, mask, _ = padded(docs, left=batch_form == "left-padded")
+    labels = masked_labels(ids, mask)
+    ref = sdpa(input_ids=ids, attention_mask=mask, labels=labels)
+    ref.loss.backward()
+    valid = mask.bool()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", hf.HierkernFallbackWarning)
+        if batch_form == "flash-kwargs":
+            batch = flattened(docs)
+            batch["labels"] = labels[valid][None]
+            out = ours(**batch)
+            logits, expected_path = out.logits[0], "varlen-packed"
+        elif batch_form == "rows":
+            out = ours(input_ids=ids, labels=labels)
+            logits, expected_path = out.logits[valid], "varlen-rows"
+        else:
+            out = ours(input_ids=ids, attention_mask=mask, labels=labels)
+            logits, expected_path = out.logits[valid], "varlen-unpadded"
+        out.loss.backward()
+    assert paths(ours) == {expected_path}
+    torch.testing.assert_close(out.loss, ref.loss, **TOL)
+    torch.testing.assert_close(logits, ref.logits[valid], **TOL)
+    assert_same_grads(ours, sdpa)
+
+
+def test_generate_with_a_sliding_window_and_left_padding_matches_sdpa():
+    # Prompts longer than the window; the sliding cache then keeps only the last window - 1 keys.
+    ours, sdpa = model_pair(AutoModelForCausalLM, mistral_config(sliding_window=3))
+    ids, mask, _ = padded(documents(2, (5, 2, 8)), left=True)
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0, output_logits=True,
+                  return_dict_in_generate=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", hf.HierkernFallbackWarning)
+        out = ours.generate(ids, **kwargs)
+    ref = sdpa.generate(ids, **kwargs)
+    # The last step's keys are the cache's last 3 columns, past every row's padding.
+    assert paths(ours) == {"varlen-rows"}
+    assert torch.equal(out.sequences, ref.sequences)
+    torch.testing.assert_close(torch.stack(out.logits), torch.stack(ref.logits), **TOL)
+
+
+@pytest.mark.parametrize("mask_function,window", [
+    (sliding_window_causal_mask_function(5), (4, 0)),              # kv_idx > q_idx - 5
+    (sliding_window_bidirectional_mask_function(5), (5, 5)),       # abs(q_idx - kv_idx) <= 5
+    (and_masks(sliding_window_causal_mask_function(5), packed_sequence_mask_function(torch.zeros(1, 6))), (4, 0)),
+])
+def test_sliding_window_overlays_become_window_size(mask_function, window):
+    request = hf.hierkern_mask(1, 6, 6, mask_function=mask_function)
+    assert request.window == window and request.unsupported is None
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_sliding_window_argument_is_read_as_flash_attention_reads_it(causal):
+    """No mask built: ``sliding_window=w`` is FlashAttention's ``(w - 1, w - 1)``, right 0 when causal; that is
+    transformers' causal overlay of ``w`` and its bidirectional overlay of ``w - 1`` (ModernBERT passes
+    ``config.sliding_window + 1``)."""
+    w, length = 3, 10
+    mask_function = (sliding_window_causal_mask_function(w) if causal
+                     else sliding_window_bidirectional_mask_function(w - 1))
+    idx = torch.arange(length)
+    allowed = mask_function(0, 0, idx[:, None], idx[None, :])
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups = causal, 2
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(1, 4, length, 8, generator=gen)
+    k, v = torch.randn(2, 1, 2, length, 8, generator=gen)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", hf.HierkernFallbackWarning)
+        out, _ = hf.hierkern_attention_forward(module, q, k, v, None, sliding_window=w)
+    assert module.hierkern_last_path == "varlen-rows"
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True)
+    torch.testing.assert_close(out, ref.transpose(1, 2), **TOL)
+
+
+def test_sliding_window_over_padding_between_real_tokens_falls_back_to_sdpa_visibly():
+    # The window counts the padding columns between real tokens; gathering them would close the gap.
     ours, sdpa = model_pair(AutoModelForCausalLM, mistral_config(sliding_window=3))
     ids, mask, labels = padded(documents(6))
-    with pytest.warns(hf.HierkernFallbackWarning, match="sliding window"):
+    mask[0, 2:4] = 0
+    labels[0, 2:4] = -100
+    with pytest.warns(hf.HierkernFallbackWarning, match="padding between the real tokens"):
         out = ours(input_ids=ids, attention_mask=mask, labels=labels)
     assert all(p.startswith("sdpa: ") for p in paths(ours))
     ref = sdpa(input_ids=ids, attention_mask=mask, labels=labels)
     torch.testing.assert_close(out.logits, ref.logits, **TOL)
-    # A padding-free batch cannot fall back: sdpa would attend across its documents.
-    with pytest.raises(ValueError, match="cu_seq_lens_q/cu_seq_lens_k"):
-        ours(**flattened(documents(6)))
+
+
+def test_sliding_window_argument_without_a_mask_is_refused_where_sdpa_would_drop_it():
+    with pytest.raises(ValueError, match="sliding_window=3"):
+        direct_call(sliding_window=3, position_bias=torch.zeros(1, 4, 6, 6))
 
 
 def test_dropout_is_applied_in_training_only():
