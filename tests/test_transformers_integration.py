@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import copy
 import subprocess
-import warnings
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -19,11 +19,23 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from transformers import (AutoModelForCausalLM, AutoModelForMaskedLM, BertConfig,  # noqa: E402
-                          DataCollatorWithFlattening, LlamaConfig, MistralConfig, ModernBertConfig)
-from transformers.masking_utils import (AttentionMaskInterface, and_masks, causal_mask_function,  # noqa: E402
-                                        packed_sequence_mask_function, sliding_window_bidirectional_mask_function,
-                                        sliding_window_causal_mask_function)
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    BertConfig,
+    DataCollatorWithFlattening,
+    LlamaConfig,
+    MistralConfig,
+    ModernBertConfig,
+)
+from transformers.masking_utils import (
+    AttentionMaskInterface,
+    and_masks,
+    causal_mask_function,  # noqa: E402
+    packed_sequence_mask_function,
+    sliding_window_bidirectional_mask_function,
+    sliding_window_causal_mask_function,
+)
 from transformers.modeling_utils import AttentionInterface  # noqa: E402
 
 import hierkern.integrations.transformers as hf  # noqa: E402
@@ -33,37 +45,70 @@ import hierkern.integrations.transformers as hf  # noqa: E402
 hf.register()
 
 VOCAB = 97
-LENGTHS = (7, 1, 13, 4, 9, 2)          # a one-token document, as padding-free batches produce
+LENGTHS = (7, 1, 13, 4, 9, 2)  # a one-token document, as padding-free batches produce
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # fp32, same weights: sdpa's and hierkern's kernels sum in different orders.
 TOL = dict(rtol=1e-4, atol=2e-5)
 
 
 def llama_config(**overrides) -> LlamaConfig:
-    kwargs = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    kwargs = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
     kwargs.update(overrides)
     return LlamaConfig(**kwargs)
 
 
 def bert_config() -> BertConfig:
-    return BertConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, max_position_embeddings=256, hidden_dropout_prob=0.0,
-                      attention_probs_dropout_prob=0.0)
+    return BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
 
 
 def modernbert_config(local_attention: int = 32) -> ModernBertConfig:
     """Layer 0 global, layers 1-2 local: a bidirectional window of ``local_attention // 2`` tokens on each side
     (by default 16, longer than every test document)."""
-    return ModernBertConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                            num_attention_heads=4, local_attention=local_attention, global_attn_every_n_layers=3,
-                            max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                            cls_token_id=1, sep_token_id=2, mask_token_id=3)
+    return ModernBertConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        local_attention=local_attention,
+        global_attn_every_n_layers=3,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        cls_token_id=1,
+        sep_token_id=2,
+        mask_token_id=3,
+    )
 
 
 def mistral_config(sliding_window: int) -> MistralConfig:
-    return MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, sliding_window=sliding_window)
+    return MistralConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=sliding_window,
+    )
 
 
 def model_pair(auto, config, device="cpu", impl="hierkern"):
@@ -115,6 +160,7 @@ def paths(model) -> set[str]:
 
 # -- registration -------------------------------------------------------------------------------------------
 
+
 def test_registered_in_both_interfaces():
     assert AttentionInterface._global_mapping["hierkern"] is hf.hierkern_attention_forward
     assert AttentionMaskInterface._global_mapping["hierkern"] is hf.hierkern_mask
@@ -153,6 +199,7 @@ def test_from_pretrained_loads_with_hierkern(tmp_path):
 
 # -- the causal decoder with GQA ------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("batch_form", ["flash-kwargs", "position-ids", "padded", "left-padded"])
 def test_decoder_matches_sdpa_on_the_padded_batch(device, batch_form):
@@ -184,22 +231,22 @@ def test_decoder_without_padding_runs_rows():
     ours, sdpa = model_pair(AutoModelForCausalLM, llama_config())
     ids = torch.randint(0, VOCAB, (3, 11), generator=torch.Generator().manual_seed(1))
     out, ref = ours(input_ids=ids, labels=ids), sdpa(input_ids=ids, labels=ids)
-    assert paths(ours) == {"varlen-position-ids"}     # Llama passes position_ids: one sequence per row
+    assert paths(ours) == {"varlen-position-ids"}  # Llama passes position_ids: one sequence per row
     torch.testing.assert_close(out.logits, ref.logits, **TOL)
     torch.testing.assert_close(out.loss, ref.loss, **TOL)
 
 
 def test_generate_with_cache_and_left_padding_matches_sdpa():
-    ours, sdpa = model_pair(AutoModelForCausalLM, llama_config(pad_token_id=0, eos_token_id=None,
-                                                                bos_token_id=None))
+    ours, sdpa = model_pair(AutoModelForCausalLM, llama_config(pad_token_id=0, eos_token_id=None, bos_token_id=None))
     ids, mask, _ = padded(documents(2, (5, 2, 8)), left=True)
     kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
     out = ours.generate(ids, **kwargs)
-    assert paths(ours) == {"varlen-unpadded"}       # decoding steps: one query per row against the cache
+    assert paths(ours) == {"varlen-unpadded"}  # decoding steps: one query per row against the cache
     assert torch.equal(out, sdpa.generate(ids, **kwargs))
 
 
 # -- the bidirectional encoder -------------------------------------------------------------------------------
+
 
 def masked_labels(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     pick = torch.rand(ids.shape, generator=torch.Generator().manual_seed(3)) < 0.4
@@ -234,6 +281,7 @@ def test_encoder_matches_sdpa_on_the_padded_batch(device, batch_form, config):
 
 # -- training ------------------------------------------------------------------------------------------------
 
+
 def test_padding_free_training_reduces_the_loss():
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(llama_config(), attn_implementation="hierkern")
@@ -258,6 +306,7 @@ def test_padding_free_training_reduces_the_loss():
 
 # -- what the kernels cannot honour ---------------------------------------------------------------------------
 
+
 def test_attention_weights_are_refused():
     ours, _ = model_pair(AutoModelForCausalLM, llama_config())
     ids = torch.randint(0, VOCAB, (2, 5))
@@ -272,15 +321,19 @@ def direct_call(seed=None, **kwargs):
     gen = torch.Generator().manual_seed(0 if seed is None else seed)
     q = torch.randn(1, 4, 6, 8, generator=gen)
     kv = torch.randn(1, 2, 6, 8, generator=gen)
-    return module, hf.hierkern_attention_forward(module, q, kv, kv.clone(), kwargs.pop("attention_mask", None),
-                                                 **kwargs)
+    return module, hf.hierkern_attention_forward(
+        module, q, kv, kv.clone(), kwargs.pop("attention_mask", None), **kwargs
+    )
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(softcap=30.0), "soft-capping"),
-    (dict(s_aux=torch.zeros(4)), "sinks"),
-    (dict(sinks=torch.zeros(4)), "sinks"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(softcap=30.0), "soft-capping"),
+        (dict(s_aux=torch.zeros(4)), "sinks"),
+        (dict(sinks=torch.zeros(4)), "sinks"),
+    ],
+)
 def test_unsupported_features_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         direct_call(**kwargs)
@@ -381,8 +434,14 @@ def test_generate_with_a_sliding_window_and_left_padding_matches_sdpa():
     # Prompts longer than the window; the sliding cache then keeps only the last window - 1 keys.
     ours, sdpa = model_pair(AutoModelForCausalLM, mistral_config(sliding_window=3))
     ids, mask, _ = padded(documents(2, (5, 2, 8)), left=True)
-    kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0, output_logits=True,
-                  return_dict_in_generate=True)
+    kwargs = dict(
+        attention_mask=mask,
+        max_new_tokens=6,
+        do_sample=False,
+        pad_token_id=0,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("error", hf.HierkernFallbackWarning)
         out = ours.generate(ids, **kwargs)
@@ -393,11 +452,14 @@ def test_generate_with_a_sliding_window_and_left_padding_matches_sdpa():
     torch.testing.assert_close(torch.stack(out.logits), torch.stack(ref.logits), **TOL)
 
 
-@pytest.mark.parametrize("mask_function,window", [
-    (sliding_window_causal_mask_function(5), (4, 0)),              # kv_idx > q_idx - 5
-    (sliding_window_bidirectional_mask_function(5), (5, 5)),       # abs(q_idx - kv_idx) <= 5
-    (and_masks(sliding_window_causal_mask_function(5), packed_sequence_mask_function(torch.zeros(1, 6))), (4, 0)),
-])
+@pytest.mark.parametrize(
+    "mask_function,window",
+    [
+        (sliding_window_causal_mask_function(5), (4, 0)),  # kv_idx > q_idx - 5
+        (sliding_window_bidirectional_mask_function(5), (5, 5)),  # abs(q_idx - kv_idx) <= 5
+        (and_masks(sliding_window_causal_mask_function(5), packed_sequence_mask_function(torch.zeros(1, 6))), (4, 0)),
+    ],
+)
 def test_sliding_window_overlays_become_window_size(mask_function, window):
     request = hf.hierkern_mask(1, 6, 6, mask_function=mask_function)
     assert request.window == window and request.unsupported is None
@@ -409,8 +471,9 @@ def test_sliding_window_argument_is_read_as_flash_attention_reads_it(causal):
     transformers' causal overlay of ``w`` and its bidirectional overlay of ``w - 1`` (ModernBERT passes
     ``config.sliding_window + 1``)."""
     w, length = 3, 10
-    mask_function = (sliding_window_causal_mask_function(w) if causal
-                     else sliding_window_bidirectional_mask_function(w - 1))
+    mask_function = (
+        sliding_window_causal_mask_function(w) if causal else sliding_window_bidirectional_mask_function(w - 1)
+    )
     idx = torch.arange(length)
     allowed = mask_function(0, 0, idx[:, None], idx[None, :])
     module = torch.nn.Module()
@@ -467,6 +530,7 @@ def test_precomputed_4d_mask_falls_back_to_sdpa():
 def test_unrecognised_mask_function_falls_back():
     def prefix_lm(batch_idx, head_idx, q_idx, kv_idx):
         return (kv_idx <= q_idx) | (kv_idx < 2)
+
     request = hf.hierkern_mask(1, 6, 6, mask_function=prefix_lm, attention_mask=None, allow_is_causal_skip=False)
     assert request.causal is None and "not causal or bidirectional" in request.unsupported
     with pytest.warns(hf.HierkernFallbackWarning):
@@ -477,6 +541,7 @@ def test_unrecognised_mask_function_falls_back():
 def test_mask_request_recognises_packed_sequences():
     ids = torch.tensor([[0, 0, 1, 1, 1, 2]])
     from transformers.masking_utils import and_masks, packed_sequence_mask_function
+
     fn = and_masks(causal_mask_function, packed_sequence_mask_function(ids))
     request = hf.hierkern_mask(1, 6, 6, mask_function=fn)
     layout = request.layout(1, 6, 6, None, torch.device("cpu"))
@@ -494,8 +559,9 @@ def test_padding_free_call_does_not_sync_the_device():
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        out, _ = hf.hierkern_attention_forward(module, q, kv, kv, request, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
-                                               max_length_q=12, max_length_k=12)
+        out, _ = hf.hierkern_attention_forward(
+            module, q, kv, kv, request, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=12, max_length_k=12
+        )
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert out.shape == (1, 29, 4, 64) and module.hierkern_last_path == "varlen-packed"

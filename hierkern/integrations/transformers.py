@@ -52,31 +52,47 @@ rescaling by ``1 / (1 - p)``, as sdpa and FlashAttention do, from hierkern's own
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 
-MIN_TRANSFORMERS = (5, 4)   # masks described by q_length/q_offset (5.0-5.3 passed cache_position tensors)
+from ..functional import varlen_attention
+
+MIN_TRANSFORMERS = (5, 4)  # masks described by q_length/q_offset (5.0-5.3 passed cache_position tensors)
 
 try:
     import transformers
     from packaging.version import Version
+
     if Version(transformers.__version__).release < MIN_TRANSFORMERS:
         raise ImportError(f"found transformers {transformers.__version__}")
     from transformers import masking_utils
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import (AttentionMaskInterface, and_masks, bidirectional_mask_function,
-                                            causal_mask_function, packed_sequence_mask_function,
-                                            prepare_padding_mask)
+    from transformers.masking_utils import (
+        AttentionMaskInterface,
+        and_masks,
+        bidirectional_mask_function,
+        causal_mask_function,
+        packed_sequence_mask_function,
+        prepare_padding_mask,
+    )
     from transformers.modeling_utils import AttentionInterface
 except ImportError as exc:
-    raise ImportError(f"hierkern.integrations.transformers needs transformers>="
-                      f"{'.'.join(map(str, MIN_TRANSFORMERS))} (pip install 'hierkern[transformers]'): {exc}") from exc
+    raise ImportError(
+        f"hierkern.integrations.transformers needs transformers>="
+        f"{'.'.join(map(str, MIN_TRANSFORMERS))} (pip install 'hierkern[transformers]'): {exc}"
+    ) from exc
 
-from ..functional import varlen_attention
-
-__all__ = ["IMPLEMENTATION", "MIN_TRANSFORMERS", "HierkernFallbackWarning", "MaskRequest",
-           "hierkern_attention_forward", "hierkern_mask", "register"]
+__all__ = [
+    "IMPLEMENTATION",
+    "MIN_TRANSFORMERS",
+    "HierkernFallbackWarning",
+    "MaskRequest",
+    "hierkern_attention_forward",
+    "hierkern_mask",
+    "register",
+]
 
 IMPLEMENTATION = "hierkern"
 
@@ -113,10 +129,14 @@ _REMAP = getattr(masking_utils, "remap_positions_for_packed_sequence", None)
 _REMAP_CODE = _REMAP(causal_mask_function, torch.empty(0)).__code__ if _REMAP is not None else None
 # (overlay code, the base it is and-ed with, sliding_window -> window_size): the causal overlay keeps
 # ``kv_idx > q_idx - w``, i.e. ``w - 1`` keys back; the bidirectional one keeps ``abs(q_idx - kv_idx) <= w``.
-_WINDOWS = [(factory(1).__code__, base, to_window) for name, base, to_window in (
-    ("sliding_window_overlay", causal_mask_function, lambda w: (w - 1, 0)),
-    ("sliding_window_bidirectional_overlay", bidirectional_mask_function, lambda w: (w, w)),
-) if (factory := getattr(masking_utils, name, None)) is not None]
+_WINDOWS = [
+    (factory(1).__code__, base, to_window)
+    for name, base, to_window in (
+        ("sliding_window_overlay", causal_mask_function, lambda w: (w - 1, 0)),
+        ("sliding_window_bidirectional_overlay", bidirectional_mask_function, lambda w: (w, w)),
+    )
+    if (factory := getattr(masking_utils, name, None)) is not None
+]
 
 
 class _Pattern(NamedTuple):
@@ -207,16 +227,21 @@ def _packed(starts: torch.Tensor, path: str) -> _Layout:
     return _Layout(path, cu, cu, longest, longest)
 
 
-def _unmasked(batch: int, q_len: int, k_len: int, position_ids: torch.Tensor | None,
-              device: torch.device) -> _Layout:
+def _unmasked(batch: int, q_len: int, k_len: int, position_ids: torch.Tensor | None, device: torch.device) -> _Layout:
     """No padding mask: rows, or the packed sequences ``position_ids`` describe.
 
     As FlashAttention's path in transformers does, a row whose positions do not rise by one from token to
     token holds several sequences, each starting where the positions restart. That is what a padding-free
     batch without ``cu_seq_lens`` looks like, and transformers' own mask misses it when a cache is in use.
     """
-    if (position_ids is None or q_len != k_len or position_ids.dim() != 2 or position_ids.shape[1] != q_len
-            or position_ids.shape[0] not in (1, batch) or q_len < 2):
+    if (
+        position_ids is None
+        or q_len != k_len
+        or position_ids.dim() != 2
+        or position_ids.shape[1] != q_len
+        or position_ids.shape[0] not in (1, batch)
+        or q_len < 2
+    ):
         return _rows(batch, q_len, k_len, device)
     pos = position_ids.to(device).expand(batch, -1)
     starts = torch.zeros_like(pos, dtype=torch.bool)
@@ -246,7 +271,7 @@ class MaskRequest:
         self._padding = prepare_padding_mask(args["attention_mask"], args["kv_length"], args["kv_offset"])
         self.unsupported = self._why_not(pattern)
         self._layout = None
-        self._layout_shape = None      # (batch, q_len, k_len) that _layout was built for
+        self._layout_shape = None  # (batch, q_len, k_len) that _layout was built for
         self._dense = None
         self._dense_built = False
 
@@ -258,8 +283,10 @@ class MaskRequest:
     def _why_not(self, pattern) -> str | None:
         a = self.args
         if pattern is None:
-            return ("the model's mask is not causal or bidirectional attention (a chunked, image-token or custom "
-                    "mask function)")
+            return (
+                "the model's mask is not causal or bidirectional attention (a chunked, image-token or custom "
+                "mask function)"
+            )
         q_offset, kv_offset = a["q_offset"], a["kv_offset"]
         if not (isinstance(q_offset, int) and isinstance(kv_offset, int)):
             return "cache offsets given as tensors (a static cache)"
@@ -268,8 +295,10 @@ class MaskRequest:
         # the past (a sliding-window cache included: its kv_offset drops the keys it no longer holds).
         if (self.causal or self.window is not None) and q_offset + a["q_length"] != kv_offset + a["kv_length"]:
             kind = "causal" if self.causal else "windowed"
-            return (f"{kind} queries at positions {q_offset}..{q_offset + a['q_length'] - 1} are not the last of "
-                    f"the keys {kv_offset}..{kv_offset + a['kv_length'] - 1} (a static cache or prefix tuning)")
+            return (
+                f"{kind} queries at positions {q_offset}..{q_offset + a['q_length'] - 1} are not the last of "
+                f"the keys {kv_offset}..{kv_offset + a['kv_length'] - 1} (a static cache or prefix tuning)"
+            )
         return None
 
     def dense(self) -> torch.Tensor | None:
@@ -279,8 +308,9 @@ class MaskRequest:
             self._dense_built = True
         return self._dense
 
-    def layout(self, batch: int, q_len: int, k_len: int, position_ids: torch.Tensor | None,
-               device: torch.device) -> _Layout | None:
+    def layout(
+        self, batch: int, q_len: int, k_len: int, position_ids: torch.Tensor | None, device: torch.device
+    ) -> _Layout | None:
         """Offsets (and gather indices) for varlen attention: built by the first layer, reused by the next ones
         while the shapes stay (rebuilt if a model shares one mask between layers of different key lengths).
         ``None`` when the padding mask is one varlen attention cannot compute; ``unsupported`` says why."""
@@ -300,7 +330,7 @@ class MaskRequest:
 
     def _unpad(self, q_len: int, k_len: int) -> _Layout | None:
         a = self.args
-        valid_k = self._padding[:, a["kv_offset"]:a["kv_offset"] + k_len]
+        valid_k = self._padding[:, a["kv_offset"] : a["kv_offset"] + k_len]
         if valid_k.shape[1] != k_len:
             raise ValueError(f"the attention mask covers {valid_k.shape[1]} of the {k_len} key positions")
         len_k = valid_k.sum(1, dtype=torch.int32)
@@ -312,13 +342,13 @@ class MaskRequest:
         # place among them either.
         # Bidirectional: every query row attends to its row's real keys, as sdpa's mask says.
         gather_q = self.causal or windowed
-        valid_q = self._padding[:, a["q_offset"]:a["q_offset"] + q_len] if gather_q else None
+        valid_q = self._padding[:, a["q_offset"] : a["q_offset"] + q_len] if gather_q else None
         len_q = valid_q.sum(1, dtype=torch.int32) if gather_q else None
         counts = [len_q, len_k] if gather_q else [len_k]
         if windowed:
             # Runs of real tokens per row: a run starts at column 0 or after a padding column.
             counts.append(valid_k[:, 0].to(torch.int32) + (valid_k[:, 1:] & ~valid_k[:, :-1]).sum(1, dtype=torch.int32))
-        host = torch.stack(counts).cpu()   # one copy for all of them
+        host = torch.stack(counts).cpu()  # one copy for all of them
         if windowed and bool((host[-1] > 1).any()):
             self.unsupported = "a sliding window over a padding mask with padding between the real tokens of a row"
             return None
@@ -332,13 +362,21 @@ class MaskRequest:
         else:
             cu_q = torch.arange(len_k.numel() + 1, device=len_k.device, dtype=torch.int32) * q_len
             max_q, index_q = q_len, None
-        return _Layout("varlen-unpadded", cu_q, _offsets(len_k), max_q, max_k, index_q,
-                       valid_k.reshape(-1).nonzero().squeeze(1))
+        return _Layout(
+            "varlen-unpadded", cu_q, _offsets(len_k), max_q, max_k, index_q, valid_k.reshape(-1).nonzero().squeeze(1)
+        )
 
 
-def hierkern_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
-                  mask_function: Callable = causal_mask_function, attention_mask: torch.Tensor | None = None,
-                  **kwargs) -> MaskRequest:
+def hierkern_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    mask_function: Callable = causal_mask_function,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs,
+) -> MaskRequest:
     """The ``AttentionMaskInterface`` entry: record the mask request; nothing is computed here.
 
     Args:
@@ -350,9 +388,18 @@ def hierkern_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int 
     Returns:
         A ``MaskRequest`` that ``hierkern_attention_forward`` turns into offsets.
     """
-    return MaskRequest(dict(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
-                            kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
-                            **kwargs))
+    return MaskRequest(
+        dict(
+            batch_size=batch_size,
+            q_length=q_length,
+            kv_length=kv_length,
+            q_offset=q_offset,
+            kv_offset=kv_offset,
+            mask_function=mask_function,
+            attention_mask=attention_mask,
+            **kwargs,
+        )
+    )
 
 
 # -- the attention function --------------------------------------------------------------------------------
@@ -363,13 +410,19 @@ _VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_
 def _fallback(module, reason, query, key, value, mask, dropout, scaling, is_causal, kwargs, varlen):
     """Run the model's own sdpa attention, visibly; refuse when packed offsets would be ignored."""
     if varlen["cu_seq_lens_q"] is not None or varlen["cu_seq_lens_k"] is not None:
-        raise ValueError(f"attn_implementation='hierkern' cannot honour cu_seq_lens_q/cu_seq_lens_k (a padding-free "
-                         f"batch) together with {reason}; sdpa would attend across the packed sequences")
-    warnings.warn(f"attn_implementation='hierkern': {reason}; running the model's sdpa attention instead",
-                  HierkernFallbackWarning, stacklevel=3)
+        raise ValueError(
+            f"attn_implementation='hierkern' cannot honour cu_seq_lens_q/cu_seq_lens_k (a padding-free "
+            f"batch) together with {reason}; sdpa would attend across the packed sequences"
+        )
+    warnings.warn(
+        f"attn_implementation='hierkern': {reason}; running the model's sdpa attention instead",
+        HierkernFallbackWarning,
+        stacklevel=3,
+    )
     module.hierkern_last_path = f"sdpa: {reason}"
-    return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling,
-                                  is_causal=is_causal, **kwargs)
+    return sdpa_attention_forward(
+        module, query, key, value, mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+    )
 
 
 def hierkern_attention_forward(
@@ -411,14 +464,20 @@ def hierkern_attention_forward(
     """
     config = getattr(module, "config", None)
     if kwargs.get("output_attentions", getattr(config, "output_attentions", False)):
-        raise ValueError("attn_implementation='hierkern' does not compute attention weights "
-                         "(output_attentions=True); load the model with attn_implementation='eager' for them")
+        raise ValueError(
+            "attn_implementation='hierkern' does not compute attention weights "
+            "(output_attentions=True); load the model with attn_implementation='eager' for them"
+        )
     if softcap is not None:
-        raise ValueError(f"attn_implementation='hierkern' does not implement logit soft-capping (softcap={softcap}); "
-                         "use attn_implementation='eager'")
+        raise ValueError(
+            f"attn_implementation='hierkern' does not implement logit soft-capping (softcap={softcap}); "
+            "use attn_implementation='eager'"
+        )
     if s_aux is not None or kwargs.get("sinks") is not None:
-        raise ValueError("attn_implementation='hierkern' does not implement attention sinks (s_aux/sinks); use "
-                         "attn_implementation='eager' or 'sdpa'")
+        raise ValueError(
+            "attn_implementation='hierkern' does not implement attention sinks (s_aux/sinks); use "
+            "attn_implementation='eager' or 'sdpa'"
+        )
     varlen = {name: kwargs.pop(name, None) for name in _VARLEN_KWARGS}
     causal_default = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     batch, heads, q_len, head_dim = query.shape
@@ -434,8 +493,9 @@ def hierkern_attention_forward(
     reason = None
     if attention_mask is not None and request is None:
         if not isinstance(attention_mask, torch.Tensor):
-            raise TypeError(f"attention_mask must be a hierkern MaskRequest, a tensor or None, got "
-                            f"{type(attention_mask).__name__}")
+            raise TypeError(
+                f"attention_mask must be a hierkern MaskRequest, a tensor or None, got {type(attention_mask).__name__}"
+            )
         reason = f"a precomputed {attention_mask.dim()}-D attention mask"
     elif request is not None:
         reason = request.unsupported
@@ -446,8 +506,10 @@ def hierkern_attention_forward(
     if reason is None:
         if varlen["cu_seq_lens_q"] is not None or varlen["cu_seq_lens_k"] is not None:
             if request is not None and request.has_padding_mask:
-                raise ValueError("attn_implementation='hierkern' got both an attention_mask and cu_seq_lens_q/"
-                                 "cu_seq_lens_k; a padding-free batch passes only the offsets")
+                raise ValueError(
+                    "attn_implementation='hierkern' got both an attention_mask and cu_seq_lens_q/"
+                    "cu_seq_lens_k; a padding-free batch passes only the offsets"
+                )
             layout = _varlen_kwargs_layout(varlen, query.device)
         elif request is not None:
             layout = request.layout(batch, q_len, k_len, kwargs.get("position_ids"), query.device)
@@ -462,10 +524,16 @@ def hierkern_attention_forward(
         if _hides_nothing(window, causal, longest):
             window = None
     if reason is not None:
-        if (request is None and attention_mask is None and window is not None
-                and not _hides_nothing(window, causal, max(q_len, k_len))):
-            raise ValueError(f"attn_implementation='hierkern' cannot honour sliding_window={sliding_window} "
-                             f"together with {reason}; sdpa would attend outside the window")
+        if (
+            request is None
+            and attention_mask is None
+            and window is not None
+            and not _hides_nothing(window, causal, max(q_len, k_len))
+        ):
+            raise ValueError(
+                f"attn_implementation='hierkern' cannot honour sliding_window={sliding_window} "
+                f"together with {reason}; sdpa would attend outside the window"
+            )
         mask = request.dense() if request is not None else attention_mask
         return _fallback(module, reason, query, key, value, mask, dropout, scaling, is_causal, kwargs, varlen)
 
@@ -489,8 +557,19 @@ def hierkern_attention_forward(
     if layout.index_k is not None:
         k = k.index_select(0, layout.index_k)
         v = v.index_select(0, layout.index_k)
-    out = varlen_attention(q, k, v, layout.cu_q, layout.cu_k, layout.max_q, layout.max_k, softmax_scale=scaling,
-                           causal=causal, window_size=window or (-1, -1), dropout_p=float(dropout))
+    out = varlen_attention(
+        q,
+        k,
+        v,
+        layout.cu_q,
+        layout.cu_k,
+        layout.max_q,
+        layout.max_k,
+        softmax_scale=scaling,
+        causal=causal,
+        window_size=window or (-1, -1),
+        dropout_p=float(dropout),
+    )
     if layout.index_q is not None:
         out = out.new_zeros(batch * q_len, heads, head_dim).index_copy(0, layout.index_q, out)
     module.hierkern_last_path = layout.path
@@ -513,8 +592,9 @@ def _varlen_kwargs_layout(varlen: dict, device: torch.device) -> _Layout:
         if not isinstance(cu, torch.Tensor):
             raise TypeError(f"{name} must be an int32 tensor, got {type(cu).__name__}")
         if cu.device != device:
-            raise ValueError(f"{name} is on {cu.device} but the model runs on {device}; move the batch to the "
-                             f"model's device")
+            raise ValueError(
+                f"{name} is on {cu.device} but the model runs on {device}; move the batch to the model's device"
+            )
     max_q, max_k = varlen["max_length_q"], varlen["max_length_k"]
     max_q = max_k if max_q is None else max_q
     max_k = max_q if max_k is None else max_k
