@@ -55,7 +55,9 @@ class Case:
     kernel: str
     dtype: str
     head_dim: int
-    causal: bool = True
+    # (window_left, window_right) as the ops take them: causal (-1, 0), full (-1, -1); (16, 1) bounds both sides
+    # with ints the JIT would specialise (divisible by 16, equal to 1) were they not exempt.
+    window: tuple[int, int] = (-1, 0)
     dropout: bool = False
     careful: bool = False
     tf32: bool = False
@@ -72,7 +74,12 @@ def _cases() -> list[Case]:
     for kernel in KERNELS:
         cases += [Case(90, kernel, dtype, 128, dropout=True) for dtype in ("bf16", "fp32")]
         cases += [Case(90, kernel, "bf16", 128, dropout=True, careful=True)]
-        cases += [Case(90, kernel, "fp32", 64, tf32=True), Case(90, kernel, "bf16", 64, causal=False, gqa=True)]
+        cases += [Case(90, kernel, "fp32", 64, tf32=True), Case(90, kernel, "bf16", 64, window=(-1, -1), gqa=True)]
+        # Windows: a left bound alone (sliding-window causal), both bounds (also with dropout), on both archs.
+        cases += [Case(90, kernel, dtype, 128, window=(255, 0)) for dtype in ("bf16", "fp32")]
+        cases += [Case(90, kernel, "fp16", 64, window=(16, 1)), Case(90, kernel, "bf16", 128, window=(16, 1),
+                                                                     dropout=True)]
+        cases += [Case(80, kernel, "bf16", 128, window=(255, 0))]
         cases += [Case(80, kernel, "bf16", head_dim) for head_dim in (64, 128)]
         cases += [Case(80, kernel, "bf16", 128, dropout=True), Case(80, kernel, "fp32", 128)]
     return cases
@@ -93,7 +100,7 @@ def _launch(ta, case: Case):
     lse, delta = meta(heads, total, dtype=torch.float32), meta(heads, total, dtype=torch.float32)
     cu = meta(segments + 1, dtype=torch.int32)
     rng, nonfinite = meta(2, dtype=torch.int64), meta((), dtype=torch.int32)
-    tail = (0.125, case.causal, 0.1 if case.dropout else 0.0, rng, nonfinite)
+    tail = (0.125, *case.window, 0.1 if case.dropout else 0.0, rng, nonfinite)
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = case.tf32  # the launcher's choice of float32 precision
     try:
@@ -193,10 +200,10 @@ def records() -> list[dict]:
             stdout, stderr = proc.communicate(timeout=900)
             assert proc.returncode == 0, f"AOT compile failed:\n{stdout[-4000:]}\n{stderr[-8000:]}"
             out += json.loads(stdout.strip().splitlines()[-1])
-    print("\nkernel    arch dtype/prec   D  causal drop careful gqa  BLOCK_M BLOCK_N warps  regs spills  smem  secs")
+    print("\nkernel    arch dtype/prec   D    window drop careful gqa  BLOCK_M BLOCK_N warps  regs spills  smem  secs")
     for r in out:
         precision = r["precision"] if r["dtype"] == "fp32" else "-"
-        print(f"{r['kernel']:<9} sm{r['arch']} {r['dtype']}/{precision:<6} {r['head_dim']:>4} {r['causal']!s:>6} "
+        print(f"{r['kernel']:<9} sm{r['arch']} {r['dtype']}/{precision:<6} {r['head_dim']:>4} {str(tuple(r['window'])):>9} "
               f"{r['dropout']!s:>5} {r['careful']!s:>7} {r['gqa']!s:>5} {r['BLOCK_M']:>7} {r['BLOCK_N']:>7} "
               f"{r['num_warps']:>5} {r['registers']!s:>5} {r['spill_stores']!s:>6} {r['shared_bytes']:>6} "
               f"{r['compile_s']:>5}")
@@ -206,8 +213,8 @@ def records() -> list[dict]:
 def test_every_case_compiles_every_kept_config_without_spills(records):
     from hierkern.ops import triton_attention as ta
 
-    compiled = {(r["arch"], r["kernel"], r["dtype"], r["head_dim"], r["dropout"], r["careful"], r["tf32"], r["gqa"])
-                for r in records}
+    compiled = {(r["arch"], r["kernel"], r["dtype"], r["head_dim"], tuple(r["window"]), r["dropout"], r["careful"],
+                 r["tf32"], r["gqa"]) for r in records}
     assert len(compiled) == len(_cases()), "a case kept no config"
     shipped = {"fwd": ta.FWD_CONFIGS, "bwd_dq": ta.BWD_DQ_CONFIGS, "bwd_dkdv": ta.BWD_DKDV_CONFIGS}
     for kernel, configs in shipped.items():
@@ -233,6 +240,10 @@ def test_compiles_the_runtime_specialisation(records):
     assert "stride_qt" in odd["divisible_by_16"] and not {"head_dim", "stride_qh"} & set(odd["divisible_by_16"])
     gqa = next(r for r in records if r["kernel"] == "bwd_dkdv" and r["gqa"])
     assert {"total_q", "total_k"} <= set(gqa["divisible_by_16"]) and gqa["made_constant"] == []
+    # The window's bounds are runtime ints that are never specialised (one kernel per kind of window, whatever
+    # its size), even at values the JIT would otherwise specialise: 16 and 1.
+    for r in (r for r in records if tuple(r["window"]) == (16, 1)):
+        assert not {"window_left", "window_right"} & set(r["divisible_by_16"] + r["made_constant"]), r
 
 
 def test_head_offsets_are_int64(records):

@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import philox
 from ..backends import AttentionCall, register_backend
 from . import extension
 
@@ -241,7 +242,10 @@ if triton is not None:
             offset = tl.load(RngState + 1)
             key = seed ^ ((offset >> 32) << 32)
             ctr = (offset & 0xFFFFFFFF).to(tl.uint32)
-            scaled = tl.minimum(dropout_p.to(tl.float64) * 4294967296.0, tl.full((), 4294967295.0, tl.float64))
+            # tl.cast: the interpreter passes dropout_p as a Python float. The clamp's bound must be a float64
+            # constant: a literal would be float32, which rounds 2^32 - 1 up to 2^32.
+            scaled = tl.minimum(tl.cast(dropout_p, tl.float64) * 4294967296.0,
+                                tl.full((), 4294967295.0, tl.float64))
             threshold = scaled.to(tl.uint32)
         else:
             key = 0
@@ -1015,7 +1019,7 @@ class TritonBackend:
         elif dropout_p > 0.0:
             # The same [seed, offset] form drawn by torch's generator on q's device: no host sync, and safe to
             # capture in a CUDA graph. The backward reuses it to regenerate the same mask.
-            rng_state = torch.randint(0, 2**62, (2,), dtype=torch.int64, device=q.device)
+            rng_state = philox.rng_state(q.device)
         else:
             rng_state = None
         window_left, window_right = (-1, 0) if causal else (-1, -1)
