@@ -15,11 +15,14 @@ interpreter on, so the compiles run in two child processes (this file run as a s
 with the interpreter off, fresh caches (so ptxas really runs) and ptxas' ``-v`` log captured. From the
 compiles the tests read registers and spills, the specialisation, and the TTIR's head-offset arithmetic.
 
-The cases (about 140 compiles, ~2 minutes on two idle cores): every kernel's fast pass for fp16, bf16 and fp32
+The cases (about 170 compiles, ~3 minutes on two idle cores): every kernel's fast pass for fp16, bf16 and fp32
 (3xTF32, the launcher's default) at head dims 32, 64, 128 and 40 on sm_90, each with every config the pruning
-keeps; on sm_90 also dropout, tf32, GQA with token counts divisible by 16, and the careful pass (which runs
-only when a tile met a NaN or an inf) at head dim 128; on sm_80 bf16 at 64 and 128 (and with dropout) and fp32
-at 128.
+keeps, causal; on sm_90 also dropout, tf32, GQA with token counts divisible by 16 (full attention), the careful
+pass (which runs only when a tile met a NaN or an inf) at head dim 128, and windows; on sm_80 bf16 at 64 and 128
+(and with dropout, and a window) and fp32 at 128. A window compiles as the launcher specialises it: constexpr
+``LEFT`` / ``RIGHT`` (whether each side is bounded: full and causal compile to the kernels a ``CAUSAL`` flag
+gave, and only bounded sides pay for the gap-skipping loops) and the bounds as unspecialised runtime ints, so
+the cases cover each kind of window once, not each size.
 """
 
 from __future__ import annotations
@@ -89,6 +92,8 @@ def _launch(ta, case: Case):
     """The autotuned kernel, the launcher's positional arguments and constexprs for ``case``, on meta tensors."""
     import torch
 
+    from hierkern.ops import triton_attention_bwd as tab
+
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[case.dtype]
     total, segments, max_seqlen, heads, kv_heads = (4096, 12, 512, 8, 2) if case.gqa else (4321, 917, 14, 8, 8)
 
@@ -107,11 +112,11 @@ def _launch(ta, case: Case):
         if case.kernel == "fwd":
             tuner, (args, constexprs) = ta._attn_fwd, ta._fwd_args(q, k, v, dq, lse, cu, cu, max_seqlen, *tail)
         elif case.kernel == "bwd_dq":
-            tuner, (args, constexprs) = ta._attn_bwd_dq, ta._bwd_dq_args(dout, q, k, v, dq, lse, delta, dq, cu,
-                                                                        cu, max_seqlen, *tail)
+            tuner, (args, constexprs) = tab._attn_bwd_dq, tab._bwd_dq_args(dout, q, k, v, dq, lse, delta, dq, cu,
+                                                                          cu, max_seqlen, *tail)
         else:
-            tuner, (args, constexprs) = ta._attn_bwd_dkdv, ta._bwd_dkdv_args(dout, q, k, v, lse, delta, dk, dv, cu,
-                                                                            cu, max_seqlen, *tail)
+            tuner, (args, constexprs) = tab._attn_bwd_dkdv, tab._bwd_dkdv_args(dout, q, k, v, lse, delta, dk, dv,
+                                                                              cu, cu, max_seqlen, *tail)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
     return tuner, args, dict(constexprs, CAREFUL=case.careful)
@@ -203,8 +208,8 @@ def records() -> list[dict]:
     print("\nkernel    arch dtype/prec   D    window drop careful gqa  BLOCK_M BLOCK_N warps  regs spills  smem  secs")
     for r in out:
         precision = r["precision"] if r["dtype"] == "fp32" else "-"
-        print(f"{r['kernel']:<9} sm{r['arch']} {r['dtype']}/{precision:<6} {r['head_dim']:>4} {str(tuple(r['window'])):>9} "
-              f"{r['dropout']!s:>5} {r['careful']!s:>7} {r['gqa']!s:>5} {r['BLOCK_M']:>7} {r['BLOCK_N']:>7} "
+        print(f"{r['kernel']:<9} sm{r['arch']} {r['dtype']}/{precision:<6} {r['head_dim']:>4} "
+              f"{str(tuple(r['window'])):>9} {r['dropout']!s:>5} {r['careful']!s:>7} {r['gqa']!s:>5} {r['BLOCK_M']:>7} {r['BLOCK_N']:>7} "
               f"{r['num_warps']:>5} {r['registers']!s:>5} {r['spill_stores']!s:>6} {r['shared_bytes']:>6} "
               f"{r['compile_s']:>5}")
     return out

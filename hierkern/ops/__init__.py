@@ -6,4 +6,5 @@ is missing registers an unavailable backend that says why, so importing never fa
 
 from . import cpu_attention  # noqa: F401
 from . import triton_attention  # noqa: F401
+from . import triton_attention_bwd  # noqa: F401  (registers the op triton_attention's autograd calls)
 from . import cuda_attention  # noqa: F401
