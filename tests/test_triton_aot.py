@@ -152,8 +152,10 @@ def _compile_case(ta, case: Case) -> list[dict]:
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     tuner.nargs = dict(zip(tuner.arg_names, args))
     kept = tuner.prune_configs(constexprs)
+    gap_loop = ta._gap_loop(case.kernel, constexprs["LEFT"], constexprs["RIGHT"])
     need = {c: ta._resident_registers(case.kernel, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps,
-                                      constexprs["BLOCK_D"], args[0].element_size(), case.dropout) for c in kept}
+                                      constexprs["BLOCK_D"], args[0].element_size(), case.dropout, gap_loop)
+            for c in kept}
     records = []
     for config in kept:
         kwargs = dict(constexprs, **config.all_kwargs(), debug=knobs.runtime.debug,

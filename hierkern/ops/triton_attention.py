@@ -27,7 +27,8 @@ a negative bound being none (causal is ``(-1, 0)``). Each row's range replaces t
 window changes no loop but its bounds. Whether each side is bounded is a constexpr (the full and causal kernels
 are the ones a ``CAUSAL`` flag gave); the bounds are runtime ints. The hull of a block's ranges can have gaps
 when the block spans segments (``_any_overlap``): such blocks, and only they, run a loop that skips the key (or
-query) blocks in the gaps, so that a single-segment block's loop keeps no branch that would stop pipelining.
+query) blocks in the gaps, so that a single-segment block's loop keeps no branch that would stop pipelining
+(dk/dv only under two-sided windows; causal dk/dv visits its rare gaps masked, as before).
 
 Non-finite values. A NaN or an inf in ``q`` or ``k`` reaches only its own row or column of the scores, which
 the visibility select drops for the rows that do not see it, and ``dO V^T`` likewise. The four products that
@@ -116,11 +117,21 @@ if triton is not None:
 REGISTER_BUDGET = 128
 
 
+def _gap_loop(kind: str, left: bool, right: bool) -> bool:
+    """Whether a kernel also holds the loop that skips the gaps between its blocks' ranges (``_any_overlap``):
+    the forward and dq kernels under a left bound; the dk/dv kernel under both bounds only (see its kernel)."""
+    return left and (right or kind != "bwd_dkdv")
+
+
 def _resident_registers(kind: str, block_m: int, block_n: int, num_warps: int, block_d: int, elem_bytes: int,
-                        dropout: bool) -> float:
+                        dropout: bool, gap_loop: bool = False) -> float:
     """Registers per thread held by a config's live tiles: fp32 accumulators, the operand tile that stays
     in registers (q for forward/dq, k and v for dk/dv) and the (BLOCK_M, BLOCK_N) score tiles."""
     score_tiles = 2 + (2 if dropout else 0)  # s and p; dropout adds the Philox counters and mask
+    if gap_loop and kind == "bwd_dkdv":
+        # Measured (tests/test_triton_aot.py): the dk/dv kernel's second loop holds about one more score tile
+        # (255 registers and spills for 64-key blocks at 8 warps with dropout, against 224 with one loop).
+        score_tiles += 1
     if elem_bytes == 4:
         elem_bytes = 8  # 3xTF32 keeps a high and a low tf32 part of every float32 operand
     if kind == "bwd_dkdv":
@@ -134,10 +145,11 @@ def _prune_by_registers(kind: str):
     """Autotune pruning: drop configs whose live tiles would spill; keep the smallest if none fits."""
     def prune(configs, named_args, **kwargs):
         elem_bytes = named_args["Q"].element_size()
+        gap_loop = _gap_loop(kind, kwargs.get("LEFT", False), kwargs.get("RIGHT", False))
 
         def need(c):
             return _resident_registers(kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps,
-                                       kwargs["BLOCK_D"], elem_bytes, kwargs["DROPOUT"])
+                                       kwargs["BLOCK_D"], elem_bytes, kwargs["DROPOUT"], gap_loop)
         fits = [c for c in configs if need(c) <= REGISTER_BUDGET]
         return fits or [min(configs, key=need)]
     return prune
@@ -298,9 +310,10 @@ if triton is not None:
         """Whether any of the (possibly empty) ranges ``[lo, hi)`` meets ``[start, start + BLOCK)``. The hull of a
         block's ranges can have gaps when they come from several segments: under a left bound for rows (a short
         query segment sees only the last of many keys), under a right bound for keys (a short key segment is
-        seen only by the last of many queries); the loops for such blocks skip the blocks in the gaps. Else
-        each segment's ranges start at its first key (or end at its last row), so the hull has no gaps and the
-        loops go without this test."""
+        seen only by the last of many queries). Blocks of several segments then run a loop copy that skips the
+        blocks in the gaps (the forward and dq under a left bound, dk/dv under two bounds: see that kernel).
+        Else each segment's ranges start at its first key (or end at its last row), the hull has no gaps, and
+        the loops go without this test, whose branch would stop software pipelining."""
         return tl.max(tl.where((lo < start + BLOCK) & (hi > start) & (hi > lo), 1, 0)) != 0
 
     @triton.jit

@@ -304,8 +304,11 @@ if triton is not None:
         dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
         if lo < hi:
             # The transpose of the forward's gaps: under a right bound, the rows that see the keys of several
-            # segments can leave gaps (a query segment longer than its keys sees its first keys from late rows).
-            if RIGHT:
+            # segments can leave gaps (a query segment longer than its keys plus the bound sees its first keys
+            # from late rows). Skipped under two-sided windows only: a second loop copy costs causal dk/dv with
+            # dropout its spill-free 8-warp config (_resident_registers), and causal blocks have gaps only
+            # across segments with more queries than keys, which they visit masked as they always have.
+            if LEFT and RIGHT:
                 several = tl.min(seg) != tl.max(seg)
             else:
                 several: tl.constexpr = False
