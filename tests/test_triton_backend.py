@@ -264,6 +264,10 @@ def test_window_matches_the_definition_forward_and_backward(window):
     _check_lse(lse, ref_lse, 1e-5)
     for name, g, r in zip("qkv", grads, torch.autograd.grad(ref, (q64, k64, v64), dout.cpu().double())):
         assert _close(g, r, 1e-5), f"d{name}: rel err {rel_err(g, r):.2e}"
+    # The public entry point hands the triton backend the same window.
+    via_api = hierkern.varlen_attention(q, k, v, cu_q, cu_k, 16, 16, softmax_scale=0.25, window_size=window,
+                                        backend="triton")
+    assert torch.equal(via_api, out)
 
 
 def test_window_skips_the_gaps_between_segments():
@@ -384,7 +388,7 @@ def test_dropout_is_the_projects_philox_layout(dtype, window):
 
 def _call(**changes):
     fields = dict(device_type=DEVICE, dtype=torch.float16, head_dim=64, num_heads=8, num_kv_heads=2,
-                  max_seqlen_q=8, max_seqlen_k=8, causal=True, dropout=True, requires_grad=True)
+                  max_seqlen_q=8, max_seqlen_k=8, window_size=(-1, 0), dropout=True, requires_grad=True)
     fields.update(changes)
     return AttentionCall(**fields)
 
