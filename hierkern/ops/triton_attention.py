@@ -540,7 +540,8 @@ def _launch_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Custom ops: torch.library.triton_op (torch.compile traces into the kernels), fakes, autograd
+# Custom op: torch.library.triton_op (torch.compile traces into the kernels); its fake and autograd are
+# registered with the backward op's (triton_attention_bwd, through hierkern.ops.registration)
 # ---------------------------------------------------------------------------------------------------------
 
 if triton is not None:
@@ -570,31 +571,6 @@ if triton is not None:
         """
         return _launch_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
                            window_left, window_right, dropout_p, rng_state)
-
-    @triton_varlen_fwd.register_fake
-    def _triton_varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                softmax_scale, window_left, window_right, dropout_p, rng_state):
-        total_q, num_heads, _ = q.shape
-        return q.new_empty(q.shape), q.new_empty((num_heads, total_q), dtype=torch.float32)
-
-    def _setup_context(ctx, inputs, output):
-        (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right,
-         dropout_p, rng_state) = inputs
-        out, lse = output
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, rng_state)
-        ctx.params = (max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, dropout_p)
-        # lse is a by-product for callers (and the backward), not a differentiable output.
-        ctx.mark_non_differentiable(lse)
-
-    def _backward(ctx, dout, _dlse):
-        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, rng_state = ctx.saved_tensors
-        max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, dropout_p = ctx.params
-        dq, dk, dv = torch.ops.hierkern.triton_varlen_bwd(
-            dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-            window_left, window_right, dropout_p, rng_state)
-        return dq, dk, dv, None, None, None, None, None, None, None, None, None
-
-    triton_varlen_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------------------

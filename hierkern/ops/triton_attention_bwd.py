@@ -3,7 +3,8 @@
 The kernel family's design (row blocks, windows, non-finite passes, dropout) is
 :mod:`hierkern.ops.triton_attention`'s docstring; this module holds its backward half, whose helpers, configs
 and launch plumbing it imports from there. Importing it (``hierkern.ops`` does) registers
-``hierkern::triton_varlen_bwd``, which the forward op's autograd calls by name.
+``hierkern::triton_varlen_bwd`` and, through :mod:`hierkern.ops.registration`, the fakes and autograd of the
+pair (the forward op's backward calls this op).
 
 Backward (no atomics, deterministic): ``dq`` programs own query rows and loop over key blocks (they also
 write ``D = rowsum(dO * O)``); ``dk``/``dv`` programs own key rows, find each key's segment the same way and
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from .registration import register_varlen_ops
 from .triton_attention import LOG2E, _constexprs, _inner_stride, _run, _seqlen_bucket, _window, triton
 
 __all__ = ["triton_varlen_bwd"]
@@ -403,7 +405,7 @@ def _launch_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Custom op: torch.library.triton_op, fake, autograd
+# Custom op: torch.library.triton_op; the pair's fakes and autograd
 # ---------------------------------------------------------------------------------------------------------
 
 if triton is not None:
@@ -427,17 +429,6 @@ if triton is not None:
         return _launch_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                            softmax_scale, window_left, window_right, dropout_p, rng_state)
 
-    @triton_varlen_bwd.register_fake
-    def _triton_varlen_bwd_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                max_seqlen_k, softmax_scale, window_left, window_right, dropout_p, rng_state):
-        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-    def _no_double_backward(ctx, *grads):
-        raise NotImplementedError(
-            "double backward (differentiating the gradients of varlen_attention, e.g. after "
-            "torch.autograd.grad(..., create_graph=True)) is not supported by the triton backend; use "
-            "backend='reference' for it")
-
-    # An explicit formula, so that a second differentiation says what is missing instead of torch's generic
-    # "no autograd formula" (and can never silently return zeros).
-    triton_varlen_bwd.register_autograd(_no_double_backward)
+    # Fakes and autograd of the pair, as every compiled backend's (a backward that calls this op, which
+    # refuses a second differentiation in words).
+    register_varlen_ops("hierkern::triton_varlen_fwd", "hierkern::triton_varlen_bwd", "triton")
