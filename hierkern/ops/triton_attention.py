@@ -25,7 +25,7 @@ Windows (FlashAttention's ``window_size``, bottom-right aligned): row ``i`` of a
 ``Lk`` keys sees the contiguous keys ``[i + Lk - Lq - window_left, i + Lk - Lq + window_right]`` of its segment,
 a negative bound being none (causal is ``(-1, 0)``). Each row's range replaces the segment's as the mask, so a
 window changes no loop but its bounds. Whether each side is bounded is a constexpr (the full and causal kernels
-are the ones a ``CAUSAL`` flag gave); the bounds are runtime ints. The hull of a block's ranges can have gaps
+compile without the bound they lack, as under the former ``CAUSAL`` flag); the bounds are runtime ints. The hull of a block's ranges can have gaps
 when the block spans segments (``_any_overlap``): such blocks, and only they, run a loop that skips the key (or
 query) blocks in the gaps, so that a single-segment block's loop keeps no branch that would stop pipelining
 (dk/dv only under two-sided windows; causal dk/dv visits its rare gaps masked, as before).
@@ -49,7 +49,7 @@ head-major view ``head * stride_h`` reaches heads x tokens x head_dim, past 2^31
 Dropout draws the project's one Philox layout (csrc/common/philox.h, hierkern/philox.py): Philox4x32-10 with
 counter (query token, key token, head, offset_lo), both tokens packed indices, and key (seed_lo, seed_hi ^
 offset_hi); a weight is kept iff the first word is >= floor(float32(p) * 2^32). So forward and backward
-regenerate the same mask without storing it, and the cpu and cuda backends drop the same weights for the same
+regenerate the same mask without storing it, and every backend drops the same weights for the same
 ``rng_state``.
 
 Under ``TRITON_INTERPRET=1`` (read by ``triton.jit`` when this module is imported) the kernels run on CPU
