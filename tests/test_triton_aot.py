@@ -15,11 +15,14 @@ interpreter on, so the compiles run in two child processes (this file run as a s
 with the interpreter off, fresh caches (so ptxas really runs) and ptxas' ``-v`` log captured. From the
 compiles the tests read registers and spills, the specialisation, and the TTIR's head-offset arithmetic.
 
-The cases (about 140 compiles, ~2 minutes on two idle cores): every kernel's fast pass for fp16, bf16 and fp32
+The cases (about 170 compiles, ~3 minutes on two idle cores): every kernel's fast pass for fp16, bf16 and fp32
 (3xTF32, the launcher's default) at head dims 32, 64, 128 and 40 on sm_90, each with every config the pruning
-keeps; on sm_90 also dropout, tf32, GQA with token counts divisible by 16, and the careful pass (which runs
-only when a tile met a NaN or an inf) at head dim 128; on sm_80 bf16 at 64 and 128 (and with dropout) and fp32
-at 128.
+keeps, causal; on sm_90 also dropout, tf32, GQA with token counts divisible by 16 (full attention), the careful
+pass (which runs only when a tile met a NaN or an inf) at head dim 128, and windows; on sm_80 bf16 at 64 and 128
+(and with dropout, and a window) and fp32 at 128. A window compiles as the launcher specialises it: constexpr
+``LEFT`` / ``RIGHT`` (whether each side is bounded: full and causal compile to the kernels a ``CAUSAL`` flag
+gave, and only bounded sides pay for the gap-skipping loops) and the bounds as unspecialised runtime ints, so
+the cases cover each kind of window once, not each size.
 """
 
 from __future__ import annotations
@@ -44,9 +47,11 @@ KERNELS = ("fwd", "bwd_dq", "bwd_dkdv")
 # which ptxas trades for occupancy (it capped one dq config at 168 registers, three 128-thread CTAs per SM,
 # with 4 bytes of stack, where 184 registers would have been spill-free). Beyond that: float32's 3xTF32, which
 # the register model undercounts and which spilled on main as well, configs kept only because none fits the
-# budget, and the careful pass, which runs only for tiles that met a NaN or an inf.
+# budget, and the careful pass, which runs only for tiles that met a NaN or an inf. The most: float32 dk/dv at
+# head dim 128 under a two-sided window, whose blocks of several segments run a second, gap-skipping loop copy
+# (1612 bytes; 836 causal).
 SPILL_BOUND = 16
-HEAVY_SPILL_BOUND = 1536
+HEAVY_SPILL_BOUND = 1792
 
 
 @dataclass(frozen=True)
@@ -55,7 +60,9 @@ class Case:
     kernel: str
     dtype: str
     head_dim: int
-    causal: bool = True
+    # (window_left, window_right) as the ops take them: causal (-1, 0), full (-1, -1); (16, 1) bounds both sides
+    # with ints the JIT would specialise (divisible by 16, equal to 1) were they not exempt.
+    window: tuple[int, int] = (-1, 0)
     dropout: bool = False
     careful: bool = False
     tf32: bool = False
@@ -72,7 +79,12 @@ def _cases() -> list[Case]:
     for kernel in KERNELS:
         cases += [Case(90, kernel, dtype, 128, dropout=True) for dtype in ("bf16", "fp32")]
         cases += [Case(90, kernel, "bf16", 128, dropout=True, careful=True)]
-        cases += [Case(90, kernel, "fp32", 64, tf32=True), Case(90, kernel, "bf16", 64, causal=False, gqa=True)]
+        cases += [Case(90, kernel, "fp32", 64, tf32=True), Case(90, kernel, "bf16", 64, window=(-1, -1), gqa=True)]
+        # Windows: a left bound alone (sliding-window causal), both bounds (also with dropout), on both archs.
+        cases += [Case(90, kernel, dtype, 128, window=(255, 0)) for dtype in ("bf16", "fp32")]
+        cases += [Case(90, kernel, "fp16", 64, window=(16, 1)), Case(90, kernel, "bf16", 128, window=(16, 1),
+                                                                     dropout=True)]
+        cases += [Case(80, kernel, "bf16", 128, window=(255, 0))]
         cases += [Case(80, kernel, "bf16", head_dim) for head_dim in (64, 128)]
         cases += [Case(80, kernel, "bf16", 128, dropout=True), Case(80, kernel, "fp32", 128)]
     return cases
@@ -81,6 +93,8 @@ def _cases() -> list[Case]:
 def _launch(ta, case: Case):
     """The autotuned kernel, the launcher's positional arguments and constexprs for ``case``, on meta tensors."""
     import torch
+
+    from hierkern.ops import triton_attention_bwd as tab
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[case.dtype]
     total, segments, max_seqlen, heads, kv_heads = (4096, 12, 512, 8, 2) if case.gqa else (4321, 917, 14, 8, 8)
@@ -93,18 +107,18 @@ def _launch(ta, case: Case):
     lse, delta = meta(heads, total, dtype=torch.float32), meta(heads, total, dtype=torch.float32)
     cu = meta(segments + 1, dtype=torch.int32)
     rng, nonfinite = meta(2, dtype=torch.int64), meta((), dtype=torch.int32)
-    tail = (0.125, case.causal, 0.1 if case.dropout else 0.0, rng, nonfinite)
+    tail = (0.125, *case.window, 0.1 if case.dropout else 0.0, rng, nonfinite)
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = case.tf32  # the launcher's choice of float32 precision
     try:
         if case.kernel == "fwd":
             tuner, (args, constexprs) = ta._attn_fwd, ta._fwd_args(q, k, v, dq, lse, cu, cu, max_seqlen, *tail)
         elif case.kernel == "bwd_dq":
-            tuner, (args, constexprs) = ta._attn_bwd_dq, ta._bwd_dq_args(dout, q, k, v, dq, lse, delta, dq, cu,
-                                                                        cu, max_seqlen, *tail)
+            tuner, (args, constexprs) = tab._attn_bwd_dq, tab._bwd_dq_args(dout, q, k, v, dq, lse, delta, dq, cu,
+                                                                          cu, max_seqlen, *tail)
         else:
-            tuner, (args, constexprs) = ta._attn_bwd_dkdv, ta._bwd_dkdv_args(dout, q, k, v, lse, delta, dk, dv, cu,
-                                                                            cu, max_seqlen, *tail)
+            tuner, (args, constexprs) = tab._attn_bwd_dkdv, tab._bwd_dkdv_args(dout, q, k, v, lse, delta, dk, dv,
+                                                                              cu, cu, max_seqlen, *tail)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
     return tuner, args, dict(constexprs, CAREFUL=case.careful)
@@ -140,8 +154,10 @@ def _compile_case(ta, case: Case) -> list[dict]:
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     tuner.nargs = dict(zip(tuner.arg_names, args))
     kept = tuner.prune_configs(constexprs)
+    gap_loop = ta._gap_loop(case.kernel, constexprs["LEFT"], constexprs["RIGHT"])
     need = {c: ta._resident_registers(case.kernel, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps,
-                                      constexprs["BLOCK_D"], args[0].element_size(), case.dropout) for c in kept}
+                                      constexprs["BLOCK_D"], args[0].element_size(), case.dropout, gap_loop)
+            for c in kept}
     records = []
     for config in kept:
         kwargs = dict(constexprs, **config.all_kwargs(), debug=knobs.runtime.debug,
@@ -193,11 +209,11 @@ def records() -> list[dict]:
             stdout, stderr = proc.communicate(timeout=900)
             assert proc.returncode == 0, f"AOT compile failed:\n{stdout[-4000:]}\n{stderr[-8000:]}"
             out += json.loads(stdout.strip().splitlines()[-1])
-    print("\nkernel    arch dtype/prec   D  causal drop careful gqa  BLOCK_M BLOCK_N warps  regs spills  smem  secs")
+    print("\nkernel    arch dtype/prec   D    window drop careful gqa  BLOCK_M BLOCK_N warps  regs spills  smem  secs")
     for r in out:
         precision = r["precision"] if r["dtype"] == "fp32" else "-"
-        print(f"{r['kernel']:<9} sm{r['arch']} {r['dtype']}/{precision:<6} {r['head_dim']:>4} {r['causal']!s:>6} "
-              f"{r['dropout']!s:>5} {r['careful']!s:>7} {r['gqa']!s:>5} {r['BLOCK_M']:>7} {r['BLOCK_N']:>7} "
+        print(f"{r['kernel']:<9} sm{r['arch']} {r['dtype']}/{precision:<6} {r['head_dim']:>4} "
+              f"{str(tuple(r['window'])):>9} {r['dropout']!s:>5} {r['careful']!s:>7} {r['gqa']!s:>5} {r['BLOCK_M']:>7} {r['BLOCK_N']:>7} "
               f"{r['num_warps']:>5} {r['registers']!s:>5} {r['spill_stores']!s:>6} {r['shared_bytes']:>6} "
               f"{r['compile_s']:>5}")
     return out
@@ -206,8 +222,8 @@ def records() -> list[dict]:
 def test_every_case_compiles_every_kept_config_without_spills(records):
     from hierkern.ops import triton_attention as ta
 
-    compiled = {(r["arch"], r["kernel"], r["dtype"], r["head_dim"], r["dropout"], r["careful"], r["tf32"], r["gqa"])
-                for r in records}
+    compiled = {(r["arch"], r["kernel"], r["dtype"], r["head_dim"], tuple(r["window"]), r["dropout"], r["careful"],
+                 r["tf32"], r["gqa"]) for r in records}
     assert len(compiled) == len(_cases()), "a case kept no config"
     shipped = {"fwd": ta.FWD_CONFIGS, "bwd_dq": ta.BWD_DQ_CONFIGS, "bwd_dkdv": ta.BWD_DKDV_CONFIGS}
     for kernel, configs in shipped.items():
@@ -233,6 +249,10 @@ def test_compiles_the_runtime_specialisation(records):
     assert "stride_qt" in odd["divisible_by_16"] and not {"head_dim", "stride_qh"} & set(odd["divisible_by_16"])
     gqa = next(r for r in records if r["kernel"] == "bwd_dkdv" and r["gqa"])
     assert {"total_q", "total_k"} <= set(gqa["divisible_by_16"]) and gqa["made_constant"] == []
+    # The window's bounds are runtime ints that are never specialised (one kernel per kind of window, whatever
+    # its size), even at values the JIT would otherwise specialise: 16 and 1.
+    for r in (r for r in records if tuple(r["window"]) == (16, 1)):
+        assert not {"window_left", "window_right"} & set(r["divisible_by_16"] + r["made_constant"]), r
 
 
 def test_head_offsets_are_int64(records):

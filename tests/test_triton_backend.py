@@ -25,6 +25,7 @@ from conftest import requires_cuda
 from helpers import Layout, adversarial_layouts, offsets_of, oracle_attention, random_qkv, rel_err
 
 ta = pytest.importorskip("hierkern.ops.triton_attention")
+tab = pytest.importorskip("hierkern.ops.triton_attention_bwd")
 if get_backend("triton").unavailable_reason() is not None:
     pytest.skip(get_backend("triton").unavailable_reason(), allow_module_level=True)
 
@@ -84,7 +85,7 @@ def test_offsets_of_any_stride():
     assert cu.stride() == (2,)
     gen = torch.Generator().manual_seed(12)
     q, k, v = (torch.randn(13, 2, 16, generator=gen).to(DEVICE).requires_grad_() for _ in range(3))
-    out, lse = torch.ops.hierkern.triton_varlen_fwd(q, k, v, cu, cu, 5, 5, 0.25, True, 0.0, None)
+    out, lse = torch.ops.hierkern.triton_varlen_fwd(q, k, v, cu, cu, 5, 5, 0.25, -1, 0, 0.0, None)
     dout = torch.randn(out.shape, generator=gen).to(DEVICE)
     grads = torch.autograd.grad(out, (q, k, v), dout)
     cu_dense = cu.cpu().contiguous()
@@ -113,7 +114,7 @@ def test_tiles_without_keys_write_zeros_and_ignore_unseen_tokens():
         t[:17] = math.nan
     for t in (k, v):
         t[:18] = math.nan
-    args = (cu_q, cu_k, 17, 18, 0.25, False, 0.0, None)
+    args = (cu_q, cu_k, 17, 18, 0.25, -1, -1, 0.0, None)
     out = torch.full_like(q, math.nan)
     lse = torch.full((2, q.shape[0]), math.nan, device=DEVICE)
     ta._launch_fwd(q, k, v, *args, out=out, lse=lse)
@@ -122,7 +123,7 @@ def test_tiles_without_keys_write_zeros_and_ignore_unseen_tokens():
     assert _close(out, ref_out, 2e-6)
     _check_lse(lse, ref_lse, 1e-5)
     grads = tuple(torch.full_like(t, math.nan) for t in (q, k, v))
-    ta._launch_bwd(dout, q, k, v, out, lse, *args, grads=grads)
+    tab._launch_bwd(dout, q, k, v, out, lse, *args, grads=grads)
     for name, g, ref in zip("qkv", grads, ref_grads):
         assert not torch.isnan(g).any(), f"d{name}"
         assert _close(g, ref, 1e-5), f"d{name}: rel err {rel_err(g, ref):.2e}"
@@ -144,7 +145,7 @@ def _dropout_mask(layout, num_heads, rng_state, dropout_p):
     k = torch.randn(sum(layout.keys), num_heads, head_dim).to(DEVICE)
     v = torch.nn.functional.one_hot(local_key, head_dim).float()[:, None, :].expand(-1, num_heads, -1)
     out, _ = torch.ops.hierkern.triton_varlen_fwd(q, k, v.contiguous().to(DEVICE), cu_q, cu_k,
-                                                  max(layout.lengths_q), max(layout.keys), 1.0, False,
+                                                  max(layout.lengths_q), max(layout.keys), 1.0, -1, -1,
                                                   dropout_p, rng_state)
     seg_of_query = torch.repeat_interleave(torch.arange(len(layout.lengths_q)), torch.tensor(layout.lengths_q))
     lk = lengths_k[seg_of_query].double()[:, None, None]                              # (total_q, 1, 1)
@@ -189,7 +190,7 @@ def test_dropout_mask_is_reproducible_and_shared_by_the_backward():
                for n in (sum(layout.lengths_q), sum(layout.keys), sum(layout.keys)))
     cu_q, cu_k = _offsets(layout)
     dev = [t.float().to(DEVICE).requires_grad_() for t in (q, k, v)]
-    out, _ = torch.ops.hierkern.triton_varlen_fwd(*dev, cu_q, cu_k, 20, 20, 0.25, False, p, rng_state)
+    out, _ = torch.ops.hierkern.triton_varlen_fwd(*dev, cu_q, cu_k, 20, 20, 0.25, -1, -1, p, rng_state)
     ref64 = [t.clone().requires_grad_() for t in (q, k, v)]
     ref = _masked_reference(*ref64, layout, keep, seg_of_query, local_key, p)
     dout = torch.randn(out.shape, generator=gen, dtype=torch.float64)
@@ -211,13 +212,183 @@ def test_dropout_through_varlen_attention_follows_torch_seed():
     assert not torch.isnan(a).any()
 
 
+def _window_visibility(layout: Layout, window_left: int, window_right: int) -> torch.Tensor:
+    """Bool ``(total_q, total_k)``, straight from the definition: query ``i`` of a segment sees its key ``j`` iff
+    ``i + Lk - Lq - window_left <= j <= i + Lk - Lq + window_right`` (a negative bound: no bound)."""
+    seen = torch.zeros(sum(layout.lengths_q), sum(layout.keys), dtype=torch.bool)
+    cu_q, cu_k = (t.tolist() for t in _offsets(layout, "cpu"))
+    for s, (lq, lk) in enumerate(zip(layout.lengths_q, layout.keys)):
+        i, j = torch.arange(lq)[:, None], torch.arange(lk)[None, :]
+        diag = i + lk - lq
+        block = (j >= diag - window_left if window_left >= 0 else j >= 0) & \
+            (j <= diag + window_right if window_right >= 0 else j >= 0)
+        seen[cu_q[s]:cu_q[s + 1], cu_k[s]:cu_k[s + 1]] = block
+    return seen
+
+
+def _dense_oracle(q, k, v, seen, softmax_scale, keep=None, p=0.0):
+    """float64 attention over all packed tokens with visibility ``seen`` ``(total_q, total_k)`` and dropout as
+    an explicit keep mask ``(H, total_q, total_k)``; rows that see no key give zeros. Differentiable."""
+    group = q.shape[1] // k.shape[1]
+    scores = torch.einsum("qhd,khd->hqk", q, k.repeat_interleave(group, 1)) * softmax_scale
+    has_keys = seen.any(-1)[None, :, None]
+    probs = torch.softmax(scores.masked_fill(~seen, -math.inf).masked_fill(~has_keys, 0.0), -1) * has_keys
+    if keep is not None:
+        probs = probs * keep / (1 - p)
+    return torch.einsum("hqk,khd->qhd", probs, v.repeat_interleave(group, 1))
+
+
+# Unequal query and key lengths (keys longer, shorter, none, queries none) across 16-token tiles, every key
+# count <= 16 = head_dim so that one-hot values can carry each key's weight.
+WINDOW_LAYOUT = Layout("window", (5, 1, 12, 3, 0, 16, 9, 2), (7, 14, 4, 0, 3, 16, 11, 2))
+WINDOWS = [(-1, -1), (-1, 0), (2, 0), (0, 3), (1, 1), (3, -1), (0, 0), (30, 30)]
+
+
+@pytest.mark.parametrize("window", WINDOWS, ids=[f"{l},{r}" for l, r in WINDOWS])
+def test_window_matches_the_definition_forward_and_backward(window):
+    """Every kind of window on GQA with unequal lengths: outputs, lse (-inf exactly for the rows that see no
+    key, never NaN) and gradients against a float64 oracle built from the definition."""
+    layout = WINDOW_LAYOUT
+    gen = torch.Generator().manual_seed(21)
+    q, k, v = random_qkv(layout, 4, 2, 16, device=DEVICE, generator=gen, requires_grad=True)
+    cu_q, cu_k = _offsets(layout)
+    out, lse = torch.ops.hierkern.triton_varlen_fwd(q, k, v, cu_q, cu_k, 16, 16, 0.25, *window, 0.0, None)
+    dout = torch.randn(out.shape, generator=gen).to(DEVICE)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    seen = _window_visibility(layout, *window)
+    q64, k64, v64 = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
+    ref = _dense_oracle(q64, k64, v64, seen, 0.25)
+    ref_lse = torch.logsumexp(torch.einsum("qhd,khd->hqk", q64, k64.repeat_interleave(2, 1)).detach() * 0.25
+                              + torch.where(seen, 0.0, -math.inf), -1)
+    assert _close(out, ref, 2e-6)
+    _check_lse(lse, ref_lse, 1e-5)
+    for name, g, r in zip("qkv", grads, torch.autograd.grad(ref, (q64, k64, v64), dout.cpu().double())):
+        assert _close(g, r, 1e-5), f"d{name}: rel err {rel_err(g, r):.2e}"
+    # The public entry point hands the triton backend the same window.
+    via_api = hierkern.varlen_attention(q, k, v, cu_q, cu_k, 16, 16, softmax_scale=0.25, window_size=window,
+                                        backend="triton")
+    assert torch.equal(via_api, out)
+
+
+def test_window_skips_the_gaps_between_segments():
+    """Blocks whose rows' (or keys') ranges leave gaps: a left bound on short query segments over long key
+    segments (the forward and dq skip key blocks), a right bound on long query segments over short key ones (dk/dv
+    skip query blocks). NaN in every token that no row sees stays out, and the results match the oracle."""
+    layout = Layout("gaps", (1, 2, 1, 40, 1), (40, 33, 20, 2, 18))
+    gen = torch.Generator().manual_seed(22)
+    q, k, v = random_qkv(layout, 2, 1, 16, device=DEVICE, generator=gen)
+    dout = torch.randn(q.shape, generator=gen).to(DEVICE)
+    cu_q, cu_k = _offsets(layout)
+    for window in ((1, 0), (-1, 0), (2, 1)):
+        seen = _window_visibility(layout, *window)
+        q64, k64, v64 = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
+        ref = _dense_oracle(q64, k64, v64, seen, 0.25)
+        ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout.cpu().double())
+        poisoned = [t.clone() for t in (q, k, v)]
+        unseen_keys, unseen_rows = ~seen.any(0), ~seen.any(1)
+        poisoned[1][unseen_keys.to(DEVICE)] = math.nan
+        poisoned[2][unseen_keys.to(DEVICE)] = math.nan
+        poisoned[0][unseen_rows.to(DEVICE)] = math.nan
+        leaves = [t.requires_grad_() for t in poisoned]
+        out, _ = torch.ops.hierkern.triton_varlen_fwd(*leaves, cu_q, cu_k, 40, 40, 0.25, *window, 0.0, None)
+        grads = torch.autograd.grad(out, leaves, dout)
+        assert _close(out, ref, 2e-6), window
+        for name, g, r in zip("qkv", grads, ref_grads):
+            assert _close(g, r, 1e-5), f"{window} d{name}: rel err {rel_err(g, r):.2e}"
+
+
+def test_window_keeps_a_nan_key_out_of_the_rows_that_do_not_see_it():
+    """The careful pass under a window: a NaN key and value in the middle of a long segment reach only the
+    rows whose window holds them (and, through those rows, the gradients of the keys they see)."""
+    layout = Layout("nan-window", (3, 40, 2))
+    window = (4, 2)
+    gen = torch.Generator().manual_seed(23)
+    q, k, v = random_qkv(layout, 2, 2, 16, device=DEVICE, generator=gen)
+    dout = torch.randn(q.shape, generator=gen).to(DEVICE)
+    cu_q, cu_k = _offsets(layout)
+    bad = 3 + 20
+    seen = _window_visibility(layout, *window)
+    q64, k64, v64 = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
+    ref = _dense_oracle(q64, k64, v64, seen, 0.25)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout.cpu().double())
+    k, v = k.clone(), v.clone()
+    k[bad], v[bad] = math.nan, math.nan
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    out, lse = torch.ops.hierkern.triton_varlen_fwd(*leaves, cu_q, cu_k, 40, 40, 0.25, *window, 0.0, None)
+    dq, dk, dv = torch.autograd.grad(out, leaves, dout)
+    hit = seen[:, bad]                                    # the rows that see the NaN key
+    reached = seen[hit].any(0)                            # the keys those rows see
+    assert hit.sum() == 7 and torch.isnan(out[hit.to(DEVICE)]).all()
+    clean_rows, clean_keys = (~hit).to(DEVICE), (~reached).to(DEVICE)
+    assert _close(out[clean_rows], ref[~hit], 2e-6) and not torch.isnan(lse[:, clean_rows]).any()
+    assert _close(dq[clean_rows], ref_grads[0][~hit], 1e-5)
+    for name, g, r in (("k", dk, ref_grads[1]), ("v", dv, ref_grads[2])):
+        assert _close(g[clean_keys], r[~reached], 1e-5), f"d{name}"
+
+
+@pytest.mark.parametrize("window", [(-1, -1), (-1, 0), (3, 1)], ids=["full", "causal", "window"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_dropout_is_the_projects_philox_layout(dtype, window):
+    """The mask the kernel applies, read back through one-hot values (q = 0: every visible key weighs
+    1 / #visible, dropped ones 0), is hierkern.philox's model of csrc/common/philox.h for the rng_state that
+    torch.manual_seed gives, on GQA with unequal lengths; for causal and full attention it is also the cpu
+    backend's mask under the same seed. Then the backward regenerates it: random inputs' outputs and gradients
+    match a float64 oracle given that mask."""
+    from hierkern import philox
+    from hierkern.ops import extension
+
+    layout, p, heads, kv_heads, d = WINDOW_LAYOUT, 0.4, 4, 2, 16
+    total_q, total_k = sum(layout.lengths_q), sum(layout.keys)
+    cu_q, cu_k = _offsets(layout)
+    seen = _window_visibility(layout, *window)
+    seg_k = torch.repeat_interleave(torch.arange(len(layout.keys)), torch.tensor(layout.keys))
+    local_key = torch.arange(total_k) - cu_k.cpu().long()[seg_k]
+    q = torch.zeros(total_q, heads, d, dtype=dtype, device=DEVICE)
+    k = torch.randn(total_k, kv_heads, d).to(DEVICE, dtype)
+    v = torch.nn.functional.one_hot(local_key, d)[:, None, :].expand(-1, kv_heads, -1).to(DEVICE, dtype)
+
+    torch.manual_seed(77)
+    state = extension.dropout_rng_state(p)
+    model = philox.keep_mask(*state.tolist(), heads, total_q, total_k, p) & seen   # (H, total_q, total_k)
+    expected = torch.zeros(total_q, heads, d, dtype=torch.bool)
+    rows, keys = torch.nonzero(seen, as_tuple=True)
+    expected[rows, :, local_key[keys]] = model[:, rows, keys].T
+    assert expected.any() and (~expected & seen.any(1)[:, None, None]).any()
+
+    out, _ = torch.ops.hierkern.triton_varlen_fwd(q, k, v, cu_q, cu_k, 16, 16, 1.0, *window, p, state.to(DEVICE))
+    assert torch.equal(out.cpu() != 0, expected)
+    if window[0] < 0:
+        causal = window[1] == 0
+        outs = []
+        for name in ("triton", "cpu"):
+            torch.manual_seed(77)
+            outs.append(hierkern.varlen_attention(q.cpu(), k.cpu(), v.cpu(), cu_q.cpu(), cu_k.cpu(), 16, 16,
+                                                  softmax_scale=1.0, causal=causal, dropout_p=p, backend=name))
+        assert torch.equal(outs[0] != 0, expected) and torch.equal(outs[1] != 0, expected)
+
+    gen = torch.Generator().manual_seed(24)
+    q, k, v = random_qkv(layout, heads, kv_heads, d, dtype=dtype, device=DEVICE, generator=gen,
+                         requires_grad=True)
+    out, _ = torch.ops.hierkern.triton_varlen_fwd(q, k, v, cu_q, cu_k, 16, 16, 0.25, *window, p, state.to(DEVICE))
+    dout = torch.randn(out.shape, generator=gen).to(DEVICE, dtype)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    q64, k64, v64 = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
+    ref = _dense_oracle(q64, k64, v64, seen, 0.25, keep=model, p=p)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout.cpu().double())
+    rtol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert _close(out, ref, rtol, atol=1e-6 if dtype == torch.float32 else 1e-3)
+    for name, g, r in zip("qkv", grads, ref_grads):
+        assert _close(g, r, rtol, atol=1e-6 if dtype == torch.float32 else 1e-3), \
+            f"d{name}: rel err {rel_err(g, r):.2e}"
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Registration: backend selection, refusals, opcheck, torch.compile
 # ---------------------------------------------------------------------------------------------------------
 
 def _call(**changes):
     fields = dict(device_type=DEVICE, dtype=torch.float16, head_dim=64, num_heads=8, num_kv_heads=2,
-                  max_seqlen_q=8, max_seqlen_k=8, causal=True, dropout=True, requires_grad=True)
+                  max_seqlen_q=8, max_seqlen_k=8, window_size=(-1, 0), dropout=True, requires_grad=True)
     fields.update(changes)
     return AttentionCall(**fields)
 
@@ -246,7 +417,7 @@ def _small_args(requires_grad=False, dtype=torch.float32):
     q, k, v = random_qkv(layout, 2, 1, 16, dtype=dtype, device=DEVICE,
                          generator=torch.Generator().manual_seed(10), requires_grad=requires_grad)
     cu_q, cu_k = _offsets(layout)
-    return (q, k, v, cu_q, cu_k, 5, 5, 0.25, True, 0.0, None)
+    return (q, k, v, cu_q, cu_k, 5, 5, 0.25, -1, 0, 0.0, None)
 
 
 # AOTAutograd's functionalised kernel call cannot run in the interpreter, so test_aot_dispatch_dynamic runs on

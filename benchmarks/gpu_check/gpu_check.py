@@ -399,6 +399,7 @@ def sweep_one(case: dict) -> dict:
         import torch
 
         from hierkern.ops import triton_attention as ta
+        from hierkern.ops import triton_attention_bwd as tab
         from hierkern.reference import varlen_attention_reference
 
         from helpers import offsets_of
@@ -406,7 +407,7 @@ def sweep_one(case: dict) -> dict:
         dtype = torch_dtype(dname)
         i, causal, p = case["cfg"], case["causal"], case["dropout"]
         picks = (ta.FWD_CONFIGS[i], ta.BWD_DQ_CONFIGS[i], ta.BWD_DKDV_CONFIGS[i])
-        for kernel, config in zip((ta._attn_fwd, ta._attn_bwd_dq, ta._attn_bwd_dkdv), picks):
+        for kernel, config in zip((ta._attn_fwd, tab._attn_bwd_dq, tab._attn_bwd_dkdv), picks):
             kernel.configs = [config]
         rec["configs"] = [str(c) for c in picks]
         lq, lk = mega_layout()
@@ -433,9 +434,10 @@ def sweep_one(case: dict) -> dict:
         def run(k, v):
             out = torch.full(q.shape, nan, dtype=dtype, device=DEV)
             lse = torch.full((heads, tq), nan, dtype=torch.float32, device=DEV)
-            ta._launch_fwd(q, k, v, cu_q, cu_k, max(lq), max(lk), scale, causal, p, rng, out=out, lse=lse)
+            window = (-1, 0) if causal else (-1, -1)
+            ta._launch_fwd(q, k, v, cu_q, cu_k, max(lq), max(lk), scale, *window, p, rng, out=out, lse=lse)
             grads = tuple(torch.full_like(t, nan) for t in (q, k, v))
-            ta._launch_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max(lq), max(lk), scale, causal, p, rng, grads=grads)
+            tab._launch_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max(lq), max(lk), scale, *window, p, rng, grads=grads)
             sync()
             return out, lse, grads
 
@@ -523,6 +525,7 @@ def single_kernel_launches(q, k, v, dout, off, max_len, scale):
     import triton
 
     from hierkern.ops import triton_attention as ta
+    from hierkern.ops import triton_attention_bwd as tab
 
     total, heads, _ = q.shape
     total_k, kv_heads, _ = k.shape
@@ -530,7 +533,7 @@ def single_kernel_launches(q, k, v, dout, off, max_len, scale):
     out, lse = torch.empty_like(q), q.new_empty((heads, total), dtype=torch.float32)
     delta = q.new_empty((heads, total), dtype=torch.float32)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    common = (off, off, max_len, scale, False, 0.0, None, nonfinite)
+    common = (off, off, max_len, scale, -1, -1, 0.0, None, nonfinite)
     built = {
         "fwd": (
             ta._attn_fwd,
@@ -538,14 +541,14 @@ def single_kernel_launches(q, k, v, dout, off, max_len, scale):
             ta._fwd_args(q, k, v, out, lse, *common),
         ),
         "dq": (
-            ta._attn_bwd_dq,
+            tab._attn_bwd_dq,
             lambda m: (triton.cdiv(total, m["BLOCK_M"]), heads),
-            ta._bwd_dq_args(dout, q, k, v, out, lse, delta, dq, *common),
+            tab._bwd_dq_args(dout, q, k, v, out, lse, delta, dq, *common),
         ),
         "dkdv": (
-            ta._attn_bwd_dkdv,
+            tab._attn_bwd_dkdv,
             lambda m: (triton.cdiv(total_k, m["BLOCK_N"]), kv_heads),
-            ta._bwd_dkdv_args(dout, q, k, v, lse, delta, dk, dv, *common),
+            tab._bwd_dkdv_args(dout, q, k, v, lse, delta, dk, dv, *common),
         ),
     }
 
@@ -563,12 +566,13 @@ def check_single_kernel_launches(q, k, v, dout, off, max_len, scale) -> dict:
     import torch
 
     from hierkern.ops import triton_attention as ta
+    from hierkern.ops import triton_attention_bwd as tab
 
     calls, bufs = single_kernel_launches(q, k, v, dout, off, max_len, scale)
     for name in ("fwd", "dq", "dkdv"):
         calls[name]()
-    out, lse = ta._launch_fwd(q, k, v, off, off, max_len, max_len, scale, False, 0.0, None)
-    grads = ta._launch_bwd(dout, q, k, v, out, lse, off, off, max_len, max_len, scale, False, 0.0, None)
+    out, lse = ta._launch_fwd(q, k, v, off, off, max_len, max_len, scale, -1, -1, 0.0, None)
+    grads = tab._launch_bwd(dout, q, k, v, out, lse, off, off, max_len, max_len, scale, -1, -1, 0.0, None)
     sync()
     return {
         name: bool(torch.equal(bufs[name], ref))
@@ -644,24 +648,25 @@ def perf_target(name, lengths, heads, head_dim, dname="bf16", per_config=False, 
             # Per kernel (no autograd / validation overhead).
             if backend == "triton":
                 from hierkern.ops import triton_attention as ta
+                from hierkern.ops import triton_attention_bwd as tab
 
-                k_out, k_lse = ta._launch_fwd(q, k, v, off, off, mx, mx, scale, False, 0.0, None)
+                k_out, k_lse = ta._launch_fwd(q, k, v, off, off, mx, mx, scale, -1, -1, 0.0, None)
                 rec["ms_kernel_fwd"] = bench_ms(
-                    lambda: ta._launch_fwd(q, k, v, off, off, mx, mx, scale, False, 0.0, None)
+                    lambda: ta._launch_fwd(q, k, v, off, off, mx, mx, scale, -1, -1, 0.0, None)
                 )
                 rec["ms_kernel_bwd"] = bench_ms(
-                    lambda: ta._launch_bwd(dout, q, k, v, k_out, k_lse, off, off, mx, mx, scale, False, 0.0, None)
+                    lambda: tab._launch_bwd(dout, q, k, v, k_out, k_lse, off, off, mx, mx, scale, -1, -1, 0.0, None)
                 )
                 rec["autotuned"] = {
                     n: str(getattr(kern, "best_config", None))
-                    for n, kern in (("fwd", ta._attn_fwd), ("dq", ta._attn_bwd_dq), ("dkdv", ta._attn_bwd_dkdv))
+                    for n, kern in (("fwd", ta._attn_fwd), ("dq", tab._attn_bwd_dq), ("dkdv", tab._attn_bwd_dkdv))
                 }
                 rec["autotune_timings_ms"] = {
                     n: {
                         str(c): (t if isinstance(t, (int, float)) else list(t))
                         for c, t in (getattr(kern, "configs_timings", None) or {}).items()
                     }
-                    for n, kern in (("fwd", ta._attn_fwd), ("dq", ta._attn_bwd_dq), ("dkdv", ta._attn_bwd_dkdv))
+                    for n, kern in (("fwd", ta._attn_fwd), ("dq", tab._attn_bwd_dq), ("dkdv", tab._attn_bwd_dkdv))
                 }
             else:
                 ops = torch.ops.hierkern
@@ -682,6 +687,7 @@ def perf_target(name, lengths, heads, head_dim, dname="bf16", per_config=False, 
         return
     # Every Triton config on the target, one kernel at a time (the autotuner's own choice is in "autotuned").
     from hierkern.ops import triton_attention as ta
+    from hierkern.ops import triton_attention_bwd as tab
 
     rec = {"phase": "launches", **base}
     try:
@@ -694,8 +700,8 @@ def perf_target(name, lengths, heads, head_dim, dname="bf16", per_config=False, 
         calls[name]()
     plans = (
         ("fwd", ta._attn_fwd, ta.FWD_CONFIGS),
-        ("dq", ta._attn_bwd_dq, ta.BWD_DQ_CONFIGS),
-        ("dkdv", ta._attn_bwd_dkdv, ta.BWD_DKDV_CONFIGS),
+        ("dq", tab._attn_bwd_dq, ta.BWD_DQ_CONFIGS),
+        ("dkdv", tab._attn_bwd_dkdv, ta.BWD_DKDV_CONFIGS),
     )
     for kind, kernel, configs in plans:
         call = calls[kind]
@@ -950,6 +956,7 @@ def phase_ncu_target(args):
     import torch
 
     from hierkern.ops import triton_attention as ta
+    from hierkern.ops import triton_attention_bwd as tab
 
     chosen = {}
     if os.path.exists(RECORDS):
@@ -963,14 +970,14 @@ def phase_ncu_target(args):
                     chosen = r["autotuned"]
     for name, kernel, configs in (
         ("fwd", ta._attn_fwd, ta.FWD_CONFIGS),
-        ("dq", ta._attn_bwd_dq, ta.BWD_DQ_CONFIGS),
-        ("dkdv", ta._attn_bwd_dkdv, ta.BWD_DKDV_CONFIGS),
+        ("dq", tab._attn_bwd_dq, ta.BWD_DQ_CONFIGS),
+        ("dkdv", tab._attn_bwd_dkdv, ta.BWD_DKDV_CONFIGS),
     ):
         kernel.configs = [next((c for c in configs if str(c) == chosen.get(name)), configs[0])]
     q, k, v, dout, seg = problem(chars_lengths(), 8, 64, torch.bfloat16)
     off, mx, scale = seg.offsets, seg.max_len, 1.0 / 8.0
-    out, lse = ta._launch_fwd(q, k, v, off, off, mx, mx, scale, False, 0.0, None)
-    ta._launch_bwd(dout, q, k, v, out, lse, off, off, mx, mx, scale, False, 0.0, None)
+    out, lse = ta._launch_fwd(q, k, v, off, off, mx, mx, scale, -1, -1, 0.0, None)
+    tab._launch_bwd(dout, q, k, v, out, lse, off, off, mx, mx, scale, -1, -1, 0.0, None)
     torch.cuda.synchronize()
     try:
         ops = torch.ops.hierkern
@@ -980,7 +987,8 @@ def phase_ncu_target(args):
     except Exception as exc:  # noqa: BLE001  (no CUDA build)
         print("cuda kernels not run:", exc)
     print(
-        "ncu_target: pinned", [str(kernel.configs[0]) for kernel in (ta._attn_fwd, ta._attn_bwd_dq, ta._attn_bwd_dkdv)]
+        "ncu_target: pinned",
+        [str(kernel.configs[0]) for kernel in (ta._attn_fwd, tab._attn_bwd_dq, tab._attn_bwd_dkdv)],
     )
 
 

@@ -8,4 +8,5 @@ from . import (
     cpu_attention,  # noqa: F401
     cuda_attention,  # noqa: F401
     triton_attention,  # noqa: F401
+    triton_attention_bwd,  # noqa: F401  (registers the op triton_attention's autograd calls)
 )

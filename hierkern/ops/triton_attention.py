@@ -1,4 +1,6 @@
-"""Triton varlen attention, forward and backward, for many tiny segments and long ones.
+"""Triton varlen attention for many tiny segments and long ones: the kernel family's design, the shared device
+helpers, the forward kernel and op, and the backend. The backward kernels and op are
+:mod:`hierkern.ops.triton_attention_bwd` (split off to keep each file readable).
 
 Work split. Every kernel tiles the packed token axis into blocks of consecutive rows and finds each row's
 segment on the device (a binary search over ``cu_seqlens`` inside the kernel: no host sync, no scratch that
@@ -19,15 +21,14 @@ cut by a block boundary has its keys read by both blocks (at most one extra part
 and the backward reads q, k, v and dO in two passes where a whole-segment tile could fuse dq, dk and dv for
 short segments in one. That fusion is the next optimisation to measure on a GPU.
 
-Backward (no atomics, deterministic): ``dq`` programs own query rows and loop over key blocks (they also
-write ``D = rowsum(dO * O)``); ``dk``/``dv`` programs own key rows, find each key's segment the same way and
-loop over the query blocks that see them, summing the GQA group's query heads in registers. ``P`` is
-recomputed from ``lse``; ``dS = P * (dP - D)``. For fp16/bf16, ``D = sum_j P_ij dP_ij`` is summed in float32
-by a first pass of the dq programs over their keys, from the same ``P`` and ``dP`` as ``dS``: with near one-hot
-rows ``dP - D`` is a small difference, and ``D`` from the output rounded to fp16/bf16 made the dq and dk errors
-several times the reference backend's. That pass adds two dots per key block (``Q K^T`` and ``dO V^T``) and a
-second read of the block's keys and values to the dq kernel: 5 dots per key block instead of 3. float32 keeps
-``rowsum(dO * O)``, exact enough there.
+Windows (FlashAttention's ``window_size``, bottom-right aligned): row ``i`` of a segment with ``Lq`` queries and
+``Lk`` keys sees the contiguous keys ``[i + Lk - Lq - window_left, i + Lk - Lq + window_right]`` of its segment,
+a negative bound being none (causal is ``(-1, 0)``). Each row's range replaces the segment's as the mask, so a
+window changes no loop but its bounds. Whether each side is bounded is a constexpr (the full and causal kernels
+compile without the bound they lack, as under the former ``CAUSAL`` flag); the bounds are runtime ints. The hull of a block's ranges can have gaps
+when the block spans segments (``_any_overlap``): such blocks, and only they, run a loop that skips the key (or
+query) blocks in the gaps, so that a single-segment block's loop keeps no branch that would stop pipelining
+(dk/dv only under two-sided windows; causal dk/dv visits its rare gaps masked, as before).
 
 Non-finite values. A NaN or an inf in ``q`` or ``k`` reaches only its own row or column of the scores, which
 the visibility select drops for the rows that do not see it, and ``dO V^T`` likewise. The four products that
@@ -45,8 +46,11 @@ launch per kernel whose programs each read one int.
 Head offsets (``head * stride_h``, ``head * total_q`` into ``lse`` and ``D``) are int64, like token offsets: in a
 head-major view ``head * stride_h`` reaches heads x tokens x head_dim, past 2^31 while token offsets are small.
 
-Dropout uses Philox keyed by the seed with counters (query token, key position in its segment, head, offset),
-so forward and backward regenerate the same mask without storing it.
+Dropout draws the project's one Philox layout (csrc/common/philox.h, hierkern/philox.py): Philox4x32-10 with
+counter (query token, key token, head, offset_lo), both tokens packed indices, and key (seed_lo, seed_hi ^
+offset_hi); a weight is kept iff the first word is >= floor(float32(p) * 2^32). So forward and backward
+regenerate the same mask without storing it, and every backend drops the same weights for the same
+``rng_state``.
 
 Under ``TRITON_INTERPRET=1`` (read by ``triton.jit`` when this module is imported) the kernels run on CPU
 tensors with numpy, with small tiles and operands upcast to float32 before ``tl.dot`` (the interpreter's
@@ -59,7 +63,7 @@ import torch
 
 from ..backends import Backend, Capabilities, VarlenArgs, register_backend
 
-__all__ = ["TritonBackend", "triton_varlen_fwd", "triton_varlen_bwd"]
+__all__ = ["TritonBackend", "triton_varlen_fwd"]
 
 try:
     import triton
@@ -87,7 +91,7 @@ if triton is not None:
     # (BLOCK_M, BLOCK_N, num_warps, num_stages). The forward and dq kernels tile queries by BLOCK_M and loop
     # over keys by BLOCK_N; the dk/dv kernel tiles keys by BLOCK_N and loops over queries by BLOCK_M.
     # Word-length segments want small key blocks (the union of a query block's key ranges is ~BLOCK_M keys);
-    # long segments want big tiles. The autotuner picks per (head_dim, max_seqlen bucket, dtype, causal,
+    # long segments want big tiles. The autotuner picks per (head_dim, max_seqlen bucket, dtype, window bounds,
     # dropout) among the configs that _prune_by_registers keeps.
     FWD_CONFIGS = [
         triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2),
@@ -104,18 +108,28 @@ if triton is not None:
     # built around 16-token tiles, so one small config exercises every multi-block path cheaply.
     INTERPRET_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
     # The autotuner adds every tensor argument's dtype to the key.
-    AUTOTUNE_KEY = ["head_dim", "seqlen_bucket", "CAUSAL", "DROPOUT"]
+    AUTOTUNE_KEY = ["head_dim", "seqlen_bucket", "LEFT", "RIGHT", "DROPOUT"]
 
 # 32-bit registers per thread that a config's resident tiles may take (of 255): the rest is for addresses,
 # masks and the compiler. tests/test_triton_aot.py checks that no kept config spills.
 REGISTER_BUDGET = 128
 
 
+def _gap_loop(kind: str, left: bool, right: bool) -> bool:
+    """Whether a kernel also holds the loop that skips the gaps between its blocks' ranges (``_any_overlap``):
+    the forward and dq kernels under a left bound; the dk/dv kernel under both bounds only (see its kernel)."""
+    return left and (right or kind != "bwd_dkdv")
+
+
 def _resident_registers(kind: str, block_m: int, block_n: int, num_warps: int, block_d: int, elem_bytes: int,
-                        dropout: bool) -> float:
+                        dropout: bool, gap_loop: bool = False) -> float:
     """Registers per thread held by a config's live tiles: fp32 accumulators, the operand tile that stays
     in registers (q for forward/dq, k and v for dk/dv) and the (BLOCK_M, BLOCK_N) score tiles."""
     score_tiles = 2 + (2 if dropout else 0)  # s and p; dropout adds the Philox counters and mask
+    if gap_loop and kind == "bwd_dkdv":
+        # Measured (tests/test_triton_aot.py): the dk/dv kernel's second loop holds about one more score tile
+        # (255 registers and spills for 64-key blocks at 8 warps with dropout, against 224 with one loop).
+        score_tiles += 1
     if elem_bytes == 4:
         elem_bytes = 8  # 3xTF32 keeps a high and a low tf32 part of every float32 operand
     if kind == "bwd_dkdv":
@@ -129,10 +143,11 @@ def _prune_by_registers(kind: str):
     """Autotune pruning: drop configs whose live tiles would spill; keep the smallest if none fits."""
     def prune(configs, named_args, **kwargs):
         elem_bytes = named_args["Q"].element_size()
+        gap_loop = _gap_loop(kind, kwargs.get("LEFT", False), kwargs.get("RIGHT", False))
 
         def need(c):
             return _resident_registers(kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps,
-                                       kwargs["BLOCK_D"], elem_bytes, kwargs["DROPOUT"])
+                                       kwargs["BLOCK_D"], elem_bytes, kwargs["DROPOUT"], gap_loop)
         fits = [c for c in configs if need(c) <= REGISTER_BUDGET]
         return fits or [min(configs, key=need)]
     return prune
@@ -230,91 +245,142 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _rng_state(RngState, DROPOUT: tl.constexpr):
-        """Philox seed and counter offset, read once per program."""
+    def _rng_state(RngState, dropout_p, DROPOUT: tl.constexpr):
+        """csrc/common/philox.h's dropout layout from ``rng_state = [seed, offset]``, once per program: the
+        64-bit Philox key ``(seed_lo, seed_hi ^ offset_hi)`` as tl.philox splits its seed (low word first),
+        the counter word ``offset_lo`` and the keep threshold ``floor(float32(p) * 2^32)``, clamped to
+        0xFFFFFFFF (dropout_threshold; ``dropout_p`` arrives as float32 and the product is exact in float64)."""
         if DROPOUT:
             seed = tl.load(RngState)
-            offset = tl.load(RngState + 1).to(tl.int32)
+            offset = tl.load(RngState + 1)
+            key = seed ^ ((offset >> 32) << 32)
+            ctr = (offset & 0xFFFFFFFF).to(tl.uint32)
+            # tl.cast: the interpreter passes dropout_p as a Python float. The clamp's bound must be a float64
+            # constant: a literal would be float32, which rounds 2^32 - 1 up to 2^32.
+            scaled = tl.minimum(tl.cast(dropout_p, tl.float64) * 4294967296.0,
+                                tl.full((), 4294967295.0, tl.float64))
+            threshold = scaled.to(tl.uint32)
         else:
-            seed = 0
-            offset = 0
-        return seed, offset
+            key = 0
+            ctr = 0
+            threshold = 0
+        return key, ctr, threshold
 
     @triton.jit
-    def _dropout_scale(seed, offset, head, query, key_pos, dropout_p):
-        """Dropout's factor on (query token, key position within its segment), identical in forward and
-        backward: 0 or 1 / (1 - p). A factor rather than a select, so that a dropped weight times an inf is
-        NaN in dP as it is in the forward's P @ V."""
-        rand, _, _, _ = tl.philox(seed, query, key_pos, query * 0 + head, query * 0 + offset)
-        return tl.where(tl.uint_to_uniform_float(rand) >= dropout_p, 1.0 / (1.0 - dropout_p), 0.0)
+    def _dropout_scale(rng_key, rng_ctr, rng_threshold, head, queries, keys, dropout_p):
+        """Dropout's factor on (query token, key token), both packed indices, identical in forward and backward
+        and to the cpu and cuda kernels': Philox4x32-10 on counter (query, key, head, offset_lo), kept iff the
+        first word (uint32) >= the threshold. 0 or 1 / (1 - p): a factor rather than a select, so that a
+        dropped weight times an inf is NaN in dP as it is in the forward's P @ V."""
+        zeros = queries * 0
+        rand, _, _, _ = tl.philox(rng_key, queries, keys, zeros + head, zeros.to(tl.uint32) + rng_ctr)
+        return tl.where(rand >= rng_threshold, 1.0 / (1.0 - dropout_p), 0.0)
 
     @triton.jit
-    def _visible_keys(cu_q, cu_k, num_segments, rows, row_ok, CAUSAL: tl.constexpr):
-        """Per query row, the packed key range ``[k_lo, k_hi)`` it sees (empty for padding rows), and the
-        block's key range ``[lo, hi)``: the union over its rows, empty (``lo >= hi``) when no row sees a key.
+    def _visible_keys(cu_q, cu_k, num_segments, rows, row_ok, window_left, window_right, LEFT: tl.constexpr,
+                      RIGHT: tl.constexpr):
+        """Per query row, the packed key range ``[k_lo, k_hi)`` it sees (``k_lo == k_hi`` when none: padding rows,
+        keyless segments, a window past the segment's keys), and the block's key range ``[lo, hi)``: the hull
+        of its rows' ranges, empty (``lo >= hi``) when no row sees a key.
 
-        Causal aligns bottom-right: query ``i`` of a segment with ``Lq`` queries and ``Lk`` keys sees local
-        key ``j`` iff ``j <= i + Lk - Lq``, i.e. packed key ``c < row + 1 + k_end - q_end``.
+        The window aligns bottom-right: query ``i`` of a segment with ``Lq`` queries and ``Lk`` keys sees local
+        key ``j`` iff ``i + Lk - Lq - window_left <= j <= i + Lk - Lq + window_right``, a bound applying only
+        when its side is bounded (``LEFT`` / ``RIGHT``). In packed indices the row's diagonal key is
+        ``row + k_end - q_end``; int64, since the window ints reach 2^31 - 2. Also returns each row's segment.
         """
         seg = _segment_of(cu_q, rows, num_segments)
         q_end = tl.load(cu_q + seg + 1)
         k_lo = tl.load(cu_k + seg)
         k_hi = tl.load(cu_k + seg + 1)
-        if CAUSAL:
-            k_hi = tl.minimum(k_hi, rows + 1 + k_hi - q_end)
-        k_hi = tl.where(row_ok, k_hi, k_lo)
+        diag = rows.to(tl.int64) + k_hi - q_end
+        if RIGHT:
+            k_hi = tl.minimum(k_hi, diag + window_right + 1).to(tl.int32)
+        if LEFT:
+            k_lo = tl.maximum(k_lo, diag - window_left).to(tl.int32)
+        k_hi = tl.where(row_ok, tl.maximum(k_hi, k_lo), k_lo)
         has_keys = k_hi > k_lo
         lo = tl.min(tl.where(has_keys, k_lo, INT32_MAX_C), 0)
         hi = tl.max(tl.where(has_keys, k_hi, 0), 0)
-        return k_lo, k_hi, lo, hi
+        return k_lo, k_hi, lo, hi, seg
+
+    @triton.jit
+    def _any_overlap(lo, hi, start, BLOCK: tl.constexpr):
+        """Whether any of the (possibly empty) ranges ``[lo, hi)`` meets ``[start, start + BLOCK)``. The hull of a
+        block's ranges can have gaps when they come from several segments: under a left bound for rows (a short
+        query segment sees only the last of many keys), under a right bound for keys (a short key segment is
+        seen only by the last of many queries). Blocks of several segments then run a loop copy that skips the
+        blocks in the gaps (the forward and dq under a left bound, dk/dv under two bounds: see that kernel).
+        Else each segment's ranges start at its first key (or end at its last row), the hull has no gaps, and
+        the loops go without this test, whose branch would stop software pipelining."""
+        return tl.max(tl.where((lo < start + BLOCK) & (hi > start) & (hi > lo), 1, 0)) != 0
+
+    @triton.jit
+    def _attn_fwd_step(m_i, l_i, acc, start, q, K, V, kv_head64, stride_kt, stride_kh, stride_vt, stride_vh, rows,
+                       head, k_lo, k_hi, hi, dims, dim_ok, qk_scale, rng_key, rng_ctr, rng_threshold, dropout_p,
+                       BLOCK_N: tl.constexpr, DROPOUT: tl.constexpr, CAREFUL: tl.constexpr,
+                       INTERPRETER: tl.constexpr, PRECISION: tl.constexpr):
+        """The online softmax's update by the key block at ``start``."""
+        cols = start + tl.arange(0, BLOCK_N)
+        cols64 = cols.to(tl.int64)
+        kv_mask = (cols < hi)[:, None] & dim_ok[None, :]
+        k = tl.load(K + cols64[:, None] * stride_kt + kv_head64 * stride_kh + dims[None, :], mask=kv_mask,
+                    other=0.0)
+        s = _mma(q, tl.trans(k), INTERPRETER, PRECISION) * qk_scale
+        visible = (cols[None, :] >= k_lo[:, None]) & (cols[None, :] < k_hi[:, None])
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that has seen no key yet keeps m = -inf; shifting by 0 instead keeps exp2 free of NaN.
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_shift[:, None])
+        alpha = tl.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            p *= _dropout_scale(rng_key, rng_ctr, rng_threshold, head, rows[:, None] + cols[None, :] * 0,
+                                cols[None, :] + rows[:, None] * 0, dropout_p)
+        v = tl.load(V + cols64[:, None] * stride_vt + kv_head64 * stride_vh + dims[None, :], mask=kv_mask,
+                    other=0.0)
+        p = _to(p, v.dtype, INTERPRETER)
+        if CAREFUL:
+            acc = acc * alpha[:, None] + _mma(p, _finite(v), INTERPRETER, PRECISION)
+            acc = _add_nonfinite_terms(acc, p, cols, start, tl.minimum(start + BLOCK_N, hi), k_lo, k_hi, V,
+                                       stride_vt, kv_head64 * stride_vh, dims, dim_ok)
+        else:
+            acc = acc * alpha[:, None] + _mma(p, v, INTERPRETER, PRECISION)
+        return m_new, l_i, acc
 
     @triton.jit
     def _attn_fwd_loop(q, K, V, kv_head64, stride_kt, stride_kh, stride_vt, stride_vh, rows, head, k_lo, k_hi, lo,
-                       hi, dims, dim_ok, qk_scale, seed, rng_offset, dropout_p,
+                       hi, dims, dim_ok, qk_scale, rng_key, rng_ctr, rng_threshold, dropout_p,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                       DROPOUT: tl.constexpr, CAREFUL: tl.constexpr, INTERPRETER: tl.constexpr,
-                       PRECISION: tl.constexpr):
+                       DROPOUT: tl.constexpr, CAREFUL: tl.constexpr, SKIP_GAPS: tl.constexpr,
+                       INTERPRETER: tl.constexpr, PRECISION: tl.constexpr):
         """Online softmax of a query block over its keys ``[lo, hi)``: the row max ``m`` (base 2), the row sum
-        ``l`` and the unnormalised output. ``CAREFUL``: ``P @ V`` as the module docstring says."""
+        ``l`` and the unnormalised output. ``CAREFUL``: ``P @ V`` as the module docstring says. ``SKIP_GAPS``:
+        key blocks that no row's range meets are skipped (see ``_any_overlap``)."""
         m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         l_i = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
         for start in range(lo, hi, BLOCK_N):
-            cols = start + tl.arange(0, BLOCK_N)
-            cols64 = cols.to(tl.int64)
-            kv_mask = (cols < hi)[:, None] & dim_ok[None, :]
-            k = tl.load(K + cols64[:, None] * stride_kt + kv_head64 * stride_kh + dims[None, :], mask=kv_mask,
-                        other=0.0)
-            s = _mma(q, tl.trans(k), INTERPRETER, PRECISION) * qk_scale
-            visible = (cols[None, :] >= k_lo[:, None]) & (cols[None, :] < k_hi[:, None])
-            s = tl.where(visible, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # A row that has seen no key yet keeps m = -inf; shifting by 0 instead keeps exp2 free of NaN.
-            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(s - m_shift[:, None])
-            alpha = tl.exp2(m_i - m_shift)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if DROPOUT:
-                p *= _dropout_scale(seed, rng_offset, head, rows[:, None] + cols[None, :] * 0,
-                                    cols[None, :] - k_lo[:, None], dropout_p)
-            v = tl.load(V + cols64[:, None] * stride_vt + kv_head64 * stride_vh + dims[None, :], mask=kv_mask,
-                        other=0.0)
-            p = _to(p, v.dtype, INTERPRETER)
-            if CAREFUL:
-                acc = acc * alpha[:, None] + _mma(p, _finite(v), INTERPRETER, PRECISION)
-                acc = _add_nonfinite_terms(acc, p, cols, start, tl.minimum(start + BLOCK_N, hi), k_lo, k_hi, V,
-                                           stride_vt, kv_head64 * stride_vh, dims, dim_ok)
+            if SKIP_GAPS:
+                if _any_overlap(k_lo, k_hi, start, BLOCK_N):
+                    m_i, l_i, acc = _attn_fwd_step(
+                        m_i, l_i, acc, start, q, K, V, kv_head64, stride_kt, stride_kh, stride_vt, stride_vh, rows,
+                        head, k_lo, k_hi, hi, dims, dim_ok, qk_scale, rng_key, rng_ctr, rng_threshold, dropout_p,
+                        BLOCK_N, DROPOUT, CAREFUL, INTERPRETER, PRECISION)
             else:
-                acc = acc * alpha[:, None] + _mma(p, v, INTERPRETER, PRECISION)
-            m_i = m_new
+                m_i, l_i, acc = _attn_fwd_step(
+                    m_i, l_i, acc, start, q, K, V, kv_head64, stride_kt, stride_kh, stride_vt, stride_vh, rows,
+                    head, k_lo, k_hi, hi, dims, dim_ok, qk_scale, rng_key, rng_ctr, rng_threshold, dropout_p,
+                    BLOCK_N, DROPOUT, CAREFUL, INTERPRETER, PRECISION)
         return m_i, l_i, acc
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["window_left", "window_right"])
     def _attn_fwd_kernel(
         Q, K, V, Out, Lse, CuQ, CuK, RngState, NonFinite,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-        total_q, num_segments, group, head_dim, seqlen_bucket, qk_scale, dropout_p,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+        total_q, num_segments, group, head_dim, seqlen_bucket, qk_scale, dropout_p, window_left, window_right,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, LEFT: tl.constexpr,
+        RIGHT: tl.constexpr,
         DROPOUT: tl.constexpr, CAREFUL: tl.constexpr, INTERPRETER: tl.constexpr, PRECISION: tl.constexpr,
     ):
         if CAREFUL:
@@ -328,8 +394,9 @@ if triton is not None:
         row_ok = rows < total_q
         dims = tl.arange(0, BLOCK_D)
         dim_ok = dims < head_dim
-        seed, rng_offset = _rng_state(RngState, DROPOUT)
-        k_lo, k_hi, lo, hi = _visible_keys(CuQ, CuK, num_segments, rows, row_ok, CAUSAL)
+        rng_key, rng_ctr, rng_threshold = _rng_state(RngState, dropout_p, DROPOUT)
+        k_lo, k_hi, lo, hi, seg = _visible_keys(CuQ, CuK, num_segments, rows, row_ok, window_left, window_right,
+                                                LEFT, RIGHT)
 
         rows64 = rows.to(tl.int64)
         q = tl.load(Q + rows64[:, None] * stride_qt + head64 * stride_qh + dims[None, :],
@@ -340,10 +407,22 @@ if triton is not None:
         # Every kernel guards a tile that sees nothing (lo >= hi) explicitly rather than trusting an empty range
         # and predication to leave its zeros alone.
         if lo < hi:
-            m_i, l_i, acc = _attn_fwd_loop(
-                q, K, V, kv_head64, stride_kt, stride_kh, stride_vt, stride_vh, rows, head, k_lo, k_hi, lo, hi,
-                dims, dim_ok, qk_scale, seed, rng_offset, dropout_p, BLOCK_M, BLOCK_N, BLOCK_D, DROPOUT, CAREFUL,
-                INTERPRETER, PRECISION)
+            # Only rows of several segments under a left bound can leave gaps to skip (_any_overlap); a separate
+            # loop for them keeps the test (a branch that stops software pipelining) out of every other loop.
+            if LEFT:
+                several = tl.min(seg) != tl.max(seg)
+            else:
+                several: tl.constexpr = False
+            if several:
+                m_i, l_i, acc = _attn_fwd_loop(
+                    q, K, V, kv_head64, stride_kt, stride_kh, stride_vt, stride_vh, rows, head, k_lo, k_hi, lo, hi,
+                    dims, dim_ok, qk_scale, rng_key, rng_ctr, rng_threshold, dropout_p, BLOCK_M, BLOCK_N, BLOCK_D,
+                    DROPOUT, CAREFUL, True, INTERPRETER, PRECISION)
+            else:
+                m_i, l_i, acc = _attn_fwd_loop(
+                    q, K, V, kv_head64, stride_kt, stride_kh, stride_vt, stride_vh, rows, head, k_lo, k_hi, lo, hi,
+                    dims, dim_ok, qk_scale, rng_key, rng_ctr, rng_threshold, dropout_p, BLOCK_M, BLOCK_N, BLOCK_D,
+                    DROPOUT, CAREFUL, False, INTERPRETER, PRECISION)
             if not CAREFUL:
                 _flag_nonfinite(NonFinite, tl.sum(acc, 1))
 
@@ -357,208 +436,6 @@ if triton is not None:
                  _to(out, Out.dtype.element_ty, INTERPRETER), mask=row_ok[:, None] & dim_ok[None, :])
         tl.store(Lse + head64 * total_q + rows, lse, mask=row_ok)
 
-    @triton.jit
-    def _dq_tile(q, do, lse2, K, V, kv_head64, stride_kt, stride_kh, stride_vt, stride_vh, cols, hi, k_lo, k_hi,
-                 rows, head, dims, dim_ok, qk_scale, seed, rng_offset, dropout_p, DROPOUT: tl.constexpr,
-                 INTERPRETER: tl.constexpr, PRECISION: tl.constexpr):
-        """One key block of a query block's backward: the keys, the visible (row, key) pairs, ``P`` (0 where
-        not visible) and ``dP`` with dropout's factor (anything where not visible)."""
-        cols64 = cols.to(tl.int64)
-        kv_mask = (cols < hi)[:, None] & dim_ok[None, :]
-        k = tl.load(K + cols64[:, None] * stride_kt + kv_head64 * stride_kh + dims[None, :], mask=kv_mask,
-                    other=0.0)
-        v = tl.load(V + cols64[:, None] * stride_vt + kv_head64 * stride_vh + dims[None, :], mask=kv_mask,
-                    other=0.0)
-        s = _mma(q, tl.trans(k), INTERPRETER, PRECISION) * qk_scale
-        visible = (cols[None, :] >= k_lo[:, None]) & (cols[None, :] < k_hi[:, None])
-        # Rows without keys have lse = -inf but also no visible column: the select drops their inf.
-        p = tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0)
-        dp = _mma(do, tl.trans(v), INTERPRETER, PRECISION)
-        if DROPOUT:
-            dp *= _dropout_scale(seed, rng_offset, head, rows[:, None] + cols[None, :] * 0,
-                                 cols[None, :] - k_lo[:, None], dropout_p)
-        return k, visible, p, dp
-
-    @triton.jit
-    def _attn_bwd_dq_loop(q, do, lse2, delta, K, V, kv_head64, stride_kt, stride_kh, stride_vt, stride_vh, rows,
-                          head, k_lo, k_hi, lo, hi, dims, dim_ok, qk_scale, seed, rng_offset, dropout_p,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                          DROPOUT: tl.constexpr, CAREFUL: tl.constexpr, INTERPRETER: tl.constexpr,
-                          PRECISION: tl.constexpr):
-        """``dq / scale = dS @ K`` over the block's keys; ``CAREFUL``: ``dS @ K`` as the module docstring says."""
-        dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-        for start in range(lo, hi, BLOCK_N):
-            cols = start + tl.arange(0, BLOCK_N)
-            k, visible, p, dp = _dq_tile(q, do, lse2, K, V, kv_head64, stride_kt, stride_kh, stride_vt, stride_vh,
-                                         cols, hi, k_lo, k_hi, rows, head, dims, dim_ok, qk_scale, seed,
-                                         rng_offset, dropout_p, DROPOUT, INTERPRETER, PRECISION)
-            ds = _to(tl.where(visible, p * (dp - delta[:, None]), 0.0), k.dtype, INTERPRETER)
-            if CAREFUL:
-                dq += _mma(ds, _finite(k), INTERPRETER, PRECISION)
-                dq = _add_nonfinite_terms(dq, ds, cols, start, tl.minimum(start + BLOCK_N, hi), k_lo, k_hi, K,
-                                          stride_kt, kv_head64 * stride_kh, dims, dim_ok)
-            else:
-                dq += _mma(ds, k, INTERPRETER, PRECISION)
-        return dq
-
-    @triton.jit
-    def _attn_bwd_dq_kernel(
-        Q, K, V, Out, DOut, Lse, Delta, DQ, CuQ, CuK, RngState, NonFinite,
-        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_dot, stride_doh,
-        stride_dqt, stride_dqh,
-        total_q, num_segments, group, head_dim, seqlen_bucket, qk_scale, softmax_scale, dropout_p,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
-        DROPOUT: tl.constexpr, CAREFUL: tl.constexpr, INTERPRETER: tl.constexpr, PRECISION: tl.constexpr,
-    ):
-        if CAREFUL:
-            if tl.load(NonFinite) == 0:
-                return
-        head = tl.program_id(1)
-        head64 = head.to(tl.int64)
-        kv_head64 = (head // group).to(tl.int64)
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < total_q
-        dims = tl.arange(0, BLOCK_D)
-        dim_ok = dims < head_dim
-        seed, rng_offset = _rng_state(RngState, DROPOUT)
-        k_lo, k_hi, lo, hi = _visible_keys(CuQ, CuK, num_segments, rows, row_ok, CAUSAL)
-
-        rows64 = rows.to(tl.int64)
-        row_mask = row_ok[:, None] & dim_ok[None, :]
-        q = tl.load(Q + rows64[:, None] * stride_qt + head64 * stride_qh + dims[None, :], mask=row_mask,
-                    other=0.0)
-        do = tl.load(DOut + rows64[:, None] * stride_dot + head64 * stride_doh + dims[None, :], mask=row_mask,
-                     other=0.0)
-        lse2 = tl.load(Lse + head64 * total_q + rows, mask=row_ok, other=0.0) * LOG2E_C
-
-        # D = rowsum(dO * O) = sum_j P_ij dP_ij, written for the dk/dv kernel, which runs next. dS = P * (dP - D)
-        # is a small difference for near one-hot rows: an O rounded to fp16/bf16 would swamp it, so for those D
-        # is summed in float32 from the very P and dP that dS uses, in a first pass over the keys. A float32 O
-        # is as exact as a recomputed one (and that pass would double the 3xTF32 dots' register pressure).
-        delta = tl.zeros((BLOCK_M,), tl.float32)
-        if Out.dtype.element_ty == tl.float32:
-            o = tl.load(Out + rows64[:, None] * stride_ot + head64 * stride_oh + dims[None, :], mask=row_mask,
-                        other=0.0)
-            delta = tl.sum(do * o, 1)
-        dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-        if lo < hi:
-            if Out.dtype.element_ty != tl.float32:
-                for start in range(lo, hi, BLOCK_N):
-                    _, visible, p, dp = _dq_tile(q, do, lse2, K, V, kv_head64, stride_kt, stride_kh, stride_vt,
-                                                 stride_vh, start + tl.arange(0, BLOCK_N), hi, k_lo, k_hi, rows,
-                                                 head, dims, dim_ok, qk_scale, seed, rng_offset, dropout_p, DROPOUT,
-                                                 INTERPRETER, PRECISION)
-                    delta += tl.sum(tl.where(visible, p * dp, 0.0), 1)
-            dq = _attn_bwd_dq_loop(q, do, lse2, delta, K, V, kv_head64, stride_kt, stride_kh, stride_vt, stride_vh,
-                                   rows, head, k_lo, k_hi, lo, hi, dims, dim_ok, qk_scale, seed, rng_offset,
-                                   dropout_p, BLOCK_M, BLOCK_N, BLOCK_D, DROPOUT, CAREFUL, INTERPRETER, PRECISION)
-            if not CAREFUL:
-                _flag_nonfinite(NonFinite, tl.sum(dq, 1))
-        tl.store(Delta + head64 * total_q + rows, delta, mask=row_ok)
-        tl.store(DQ + rows64[:, None] * stride_dqt + head64 * stride_dqh + dims[None, :],
-                 _to(dq * softmax_scale, DQ.dtype.element_ty, INTERPRETER), mask=row_mask)
-
-    @triton.jit
-    def _attn_bwd_dkdv_loop(k, v, Q, DOut, Lse, Delta, stride_qt, stride_qh, stride_dot, stride_doh, cols, kv_head,
-                            k_start, q_lo, q_hi, lo, hi, total_q, group, dims, dim_ok, qk_scale, seed, rng_offset,
-                            dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                            DROPOUT: tl.constexpr, CAREFUL: tl.constexpr, INTERPRETER: tl.constexpr,
-                            PRECISION: tl.constexpr):
-        """``dk / scale = dS^T @ Q`` and ``dv = P^T @ dO`` over the query blocks ``[lo, hi)`` of every query
-        head of the group; ``CAREFUL``: both products as the module docstring says."""
-        dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-        dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-        for g in range(0, group):
-            head = kv_head * group + g
-            head64 = head.to(tl.int64)
-            for start in range(lo, hi, BLOCK_M):
-                rows = start + tl.arange(0, BLOCK_M)
-                row_ok = rows < hi
-                rows64 = rows.to(tl.int64)
-                row_mask = row_ok[:, None] & dim_ok[None, :]
-                q = tl.load(Q + rows64[:, None] * stride_qt + head64 * stride_qh + dims[None, :], mask=row_mask,
-                            other=0.0)
-                do = tl.load(DOut + rows64[:, None] * stride_dot + head64 * stride_doh + dims[None, :],
-                             mask=row_mask, other=0.0)
-                lse2 = tl.load(Lse + head64 * total_q + rows, mask=row_ok, other=0.0) * LOG2E_C
-                delta = tl.load(Delta + head64 * total_q + rows, mask=row_ok, other=0.0)
-                s_t = _mma(k, tl.trans(q), INTERPRETER, PRECISION) * qk_scale
-                visible = (rows[None, :] >= q_lo[:, None]) & (rows[None, :] < q_hi[:, None])
-                p_t = tl.where(visible, tl.exp2(s_t - lse2[None, :]), 0.0)
-                dp_t = _mma(v, tl.trans(do), INTERPRETER, PRECISION)
-                if DROPOUT:
-                    scale = _dropout_scale(seed, rng_offset, head, rows[None, :] + cols[:, None] * 0,
-                                           cols[:, None] - k_start[:, None] + rows[None, :] * 0, dropout_p)
-                    p_kept = p_t * scale
-                    dp_t *= scale
-                else:
-                    p_kept = p_t
-                p_kept = _to(p_kept, do.dtype, INTERPRETER)
-                ds_t = _to(tl.where(visible, p_t * (dp_t - delta[None, :]), 0.0), q.dtype, INTERPRETER)
-                if CAREFUL:
-                    rows_hi = tl.minimum(start + BLOCK_M, hi)
-                    dv += _mma(p_kept, _finite(do), INTERPRETER, PRECISION)
-                    dv = _add_nonfinite_terms(dv, p_kept, rows, start, rows_hi, q_lo, q_hi, DOut, stride_dot,
-                                              head64 * stride_doh, dims, dim_ok)
-                    dk += _mma(ds_t, _finite(q), INTERPRETER, PRECISION)
-                    dk = _add_nonfinite_terms(dk, ds_t, rows, start, rows_hi, q_lo, q_hi, Q, stride_qt,
-                                              head64 * stride_qh, dims, dim_ok)
-                else:
-                    dv += _mma(p_kept, do, INTERPRETER, PRECISION)
-                    dk += _mma(ds_t, q, INTERPRETER, PRECISION)
-        return dk, dv
-
-    @triton.jit
-    def _attn_bwd_dkdv_kernel(
-        Q, K, V, DOut, Lse, Delta, DK, DV, CuQ, CuK, RngState, NonFinite,
-        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-        stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-        total_q, total_k, num_segments, group, head_dim, seqlen_bucket, qk_scale, softmax_scale, dropout_p,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
-        DROPOUT: tl.constexpr, CAREFUL: tl.constexpr, INTERPRETER: tl.constexpr, PRECISION: tl.constexpr,
-    ):
-        if CAREFUL:
-            if tl.load(NonFinite) == 0:
-                return
-        kv_head = tl.program_id(1)
-        kv_head64 = kv_head.to(tl.int64)
-        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = cols < total_k
-        dims = tl.arange(0, BLOCK_D)
-        dim_ok = dims < head_dim
-        seed, rng_offset = _rng_state(RngState, DROPOUT)
-        seg = _segment_of(CuK, cols, num_segments)
-        k_start = tl.load(CuK + seg)
-        q_lo = tl.load(CuQ + seg)
-        q_hi = tl.load(CuQ + seg + 1)
-        if CAUSAL:
-            # The transpose of _visible_keys: key c is seen by rows r >= c - k_end + q_end.
-            q_lo = tl.maximum(q_lo, cols - tl.load(CuK + seg + 1) + q_hi)
-        q_lo = tl.where(col_ok, q_lo, q_hi)
-        seen = q_hi > q_lo
-        lo = tl.min(tl.where(seen, q_lo, INT32_MAX_C), 0)
-        hi = tl.max(tl.where(seen, q_hi, 0), 0)
-
-        cols64 = cols.to(tl.int64)
-        col_mask = col_ok[:, None] & dim_ok[None, :]
-        k = tl.load(K + cols64[:, None] * stride_kt + kv_head64 * stride_kh + dims[None, :], mask=col_mask,
-                    other=0.0)
-        v = tl.load(V + cols64[:, None] * stride_vt + kv_head64 * stride_vh + dims[None, :], mask=col_mask,
-                    other=0.0)
-        dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-        dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-        if lo < hi:
-            dk, dv = _attn_bwd_dkdv_loop(k, v, Q, DOut, Lse, Delta, stride_qt, stride_qh, stride_dot, stride_doh,
-                                         cols, kv_head, k_start, q_lo, q_hi, lo, hi, total_q, group, dims, dim_ok,
-                                         qk_scale, seed, rng_offset, dropout_p, BLOCK_M, BLOCK_N, BLOCK_D, DROPOUT,
-                                         CAREFUL, INTERPRETER, PRECISION)
-            if not CAREFUL:
-                _flag_nonfinite(NonFinite, tl.sum(dk, 1) + tl.sum(dv, 1))
-        tl.store(DK + cols64[:, None] * stride_dkt + kv_head64 * stride_dkh + dims[None, :],
-                 _to(dk * softmax_scale, DK.dtype.element_ty, INTERPRETER), mask=col_mask)
-        tl.store(DV + cols64[:, None] * stride_dvt + kv_head64 * stride_dvh + dims[None, :],
-                 _to(dv, DV.dtype.element_ty, INTERPRETER), mask=col_mask)
-
     def _autotuned(kind: str, kernel, configs):
         if INTERPRET:
             configs = INTERPRET_CONFIGS
@@ -566,8 +443,6 @@ if triton is not None:
                                prune_configs_by={"early_config_prune": _prune_by_registers(kind)})(kernel)
 
     _attn_fwd = _autotuned("fwd", _attn_fwd_kernel, FWD_CONFIGS)
-    _attn_bwd_dq = _autotuned("bwd_dq", _attn_bwd_dq_kernel, BWD_DQ_CONFIGS)
-    _attn_bwd_dkdv = _autotuned("bwd_dkdv", _attn_bwd_dkdv_kernel, BWD_DKDV_CONFIGS)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -599,45 +474,35 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _constexprs(head_dim: int, causal: bool, dropout: bool, dtype: torch.dtype) -> dict:
-    return dict(BLOCK_D=_block_d(head_dim), CAUSAL=causal, DROPOUT=dropout, **_compile_flags(dtype))
+def _window(window_left: int, window_right: int) -> tuple[int, int]:
+    """The window as the kernels take it: -1 for a side without a bound, a negative bound or one past any int32
+    key count (which bounds nothing) included, so that both ints are int32 for the JIT's signature."""
+    return tuple(w if 0 <= w < _INT32_MAX else -1 for w in (window_left, window_right))
 
 
-# The three argument builders are the launches' whole interface to the kernels: the launchers call them, and
-# tests/test_triton_aot.py compiles from them with the JIT's own specialisation of their values. Each returns
-# the positional arguments and the constexprs other than the autotuned config's and CAREFUL (see _run).
+def _constexprs(head_dim: int, window_left: int, window_right: int, dropout: bool, dtype: torch.dtype) -> dict:
+    """``LEFT`` / ``RIGHT``: whether a side of the window is bounded. Constexprs, so that the full and causal
+    kernels ((-1, -1) and (-1, 0)) compile without the bound they lack, as they did with a ``CAUSAL`` flag, and
+    only a left bound (forward, dq) or a right bound (dk/dv) adds the loops that skip gaps. The bounds
+    themselves are runtime ints (not specialised: see the kernels' ``do_not_specialize``), so that every
+    window size of a kind shares one compiled kernel."""
+    return dict(BLOCK_D=_block_d(head_dim), LEFT=window_left >= 0, RIGHT=window_right >= 0, DROPOUT=dropout,
+                **_compile_flags(dtype))
 
-def _fwd_args(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, softmax_scale, causal, dropout_p,
-              rng_state, nonfinite) -> tuple[tuple, dict]:
+
+# The argument builders (this one, _bwd_dq_args and _bwd_dkdv_args in triton_attention_bwd) are the launches'
+# whole interface to the kernels: the launchers call them, and tests/test_triton_aot.py compiles from them
+# with the JIT's own specialisation of their values. Each returns the positional arguments and the constexprs
+# other than the autotuned config's and CAREFUL (see _run).
+
+def _fwd_args(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, softmax_scale, window_left, window_right,
+              dropout_p, rng_state, nonfinite) -> tuple[tuple, dict]:
     args = (q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, rng_state if dropout_p > 0.0 else lse, nonfinite,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             out.stride(0), out.stride(1),
             q.shape[0], cu_seqlens_q.shape[0] - 1, q.shape[1] // k.shape[1], q.shape[2],
-            _seqlen_bucket(max_seqlen_q), softmax_scale * LOG2E, dropout_p)
-    return args, _constexprs(q.shape[2], causal, dropout_p > 0.0, q.dtype)
-
-
-def _bwd_dq_args(dout, q, k, v, out, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, softmax_scale,
-                 causal, dropout_p, rng_state, nonfinite) -> tuple[tuple, dict]:
-    """The dq kernel also writes ``delta`` ``(H, total_q)`` float32 for the dk/dv kernel."""
-    args = (q, k, v, out, dout, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, rng_state if dropout_p > 0.0 else lse,
-            nonfinite,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0),
-            out.stride(1), dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1),
-            q.shape[0], cu_seqlens_q.shape[0] - 1, q.shape[1] // k.shape[1], q.shape[2],
-            _seqlen_bucket(max_seqlen_q), softmax_scale * LOG2E, softmax_scale, dropout_p)
-    return args, _constexprs(q.shape[2], causal, dropout_p > 0.0, q.dtype)
-
-
-def _bwd_dkdv_args(dout, q, k, v, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, softmax_scale,
-                   causal, dropout_p, rng_state, nonfinite) -> tuple[tuple, dict]:
-    args = (q, k, v, dout, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, rng_state if dropout_p > 0.0 else lse,
-            nonfinite,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-            q.shape[0], k.shape[0], cu_seqlens_q.shape[0] - 1, q.shape[1] // k.shape[1], q.shape[2],
-            _seqlen_bucket(max_seqlen_k), softmax_scale * LOG2E, softmax_scale, dropout_p)
-    return args, _constexprs(q.shape[2], causal, dropout_p > 0.0, q.dtype)
+            _seqlen_bucket(max_seqlen_q), softmax_scale * LOG2E, dropout_p, *_window(window_left, window_right))
+    return args, _constexprs(q.shape[2], *_window(window_left, window_right), dropout_p > 0.0, q.dtype)
 
 
 def _run(kernel, grid, args: tuple, constexprs: dict) -> None:
@@ -648,8 +513,8 @@ def _run(kernel, grid, args: tuple, constexprs: dict) -> None:
     torch.library.wrap_triton(kernel)[grid](*args, **constexprs, CAREFUL=True)
 
 
-def _launch_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                dropout_p, rng_state, out=None, lse=None):
+def _launch_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
+                window_right, dropout_p, rng_state, out=None, lse=None):
     """Run the forward kernel. Arguments as ``triton_varlen_fwd``; ``out`` ``(total_q, H, D)`` and ``lse``
     ``(H, total_q)`` float32 may be given (tests pass NaN-filled ones), else they are allocated.
 
@@ -670,49 +535,13 @@ def _launch_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
 
     nonfinite = torch.zeros((), dtype=torch.int32, device=q.device)
     _run(_attn_fwd, grid, *_fwd_args(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, softmax_scale,
-                                     causal, dropout_p, rng_state, nonfinite))
+                                     window_left, window_right, dropout_p, rng_state, nonfinite))
     return out, lse
 
 
-def _launch_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                dropout_p, rng_state, grads=None):
-    """Run the dq kernel (which also writes D) then the dk/dv kernel.
-
-    Arguments as ``triton_varlen_bwd``; ``grads`` may give the ``(dq, dk, dv)`` buffers (tests pass NaN-filled
-    ones), else they are allocated.
-
-    Returns:
-        ``(dq, dk, dv)``, every element written by the kernels.
-    """
-    dout, q, k, v, out = (_inner_stride(t) for t in (dout, q, k, v, out))
-    cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
-    total_q, num_heads, _ = q.shape
-    total_k, num_kv_heads, _ = k.shape
-    dq, dk, dv = (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)) if grads is None else grads
-    if total_q == 0 or total_k == 0:
-        # No query sees a key: every gradient is exactly zero and the kernels would have nothing to loop over.
-        return dq.zero_(), dk.zero_(), dv.zero_()
-    delta = q.new_empty((num_heads, total_q), dtype=torch.float32)
-
-    def grid_q(meta):
-        return (triton.cdiv(total_q, meta["BLOCK_M"]), num_heads)
-
-    def grid_k(meta):
-        return (triton.cdiv(total_k, meta["BLOCK_N"]), num_kv_heads)
-
-    # One flag for both kernels: a NaN or an inf met by dq's fast pass also sends dk/dv through their careful
-    # pass, which costs only in that rare case.
-    nonfinite = torch.zeros((), dtype=torch.int32, device=q.device)
-    _run(_attn_bwd_dq, grid_q, *_bwd_dq_args(dout, q, k, v, out, lse, delta, dq, cu_seqlens_q, cu_seqlens_k,
-                                             max_seqlen_q, softmax_scale, causal, dropout_p, rng_state, nonfinite))
-    _run(_attn_bwd_dkdv, grid_k, *_bwd_dkdv_args(dout, q, k, v, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k,
-                                                 max_seqlen_k, softmax_scale, causal, dropout_p, rng_state,
-                                                 nonfinite))
-    return dq, dk, dv
-
-
 # ---------------------------------------------------------------------------------------------------------
-# Custom ops: torch.library.triton_op (torch.compile traces into the kernels), fakes, autograd
+# Custom op: torch.library.triton_op (torch.compile traces into the kernels); its fake and autograd are
+# registered with the backward op's (triton_attention_bwd, through hierkern.ops.registration)
 # ---------------------------------------------------------------------------------------------------------
 
 if triton is not None:
@@ -720,7 +549,7 @@ if triton is not None:
     @torch.library.triton_op("hierkern::triton_varlen_fwd", mutates_args=())
     def triton_varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                           cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
-                          softmax_scale: float, causal: bool, dropout_p: float,
+                          softmax_scale: float, window_left: int, window_right: int, dropout_p: float,
                           rng_state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Fused varlen attention forward (inputs validated by ``hierkern.varlen_attention``).
 
@@ -730,7 +559,10 @@ if triton is not None:
             cu_seqlens_q, cu_seqlens_k: int32 ``(S + 1,)`` offsets on q's device.
             max_seqlen_q, max_seqlen_k: longest segments (host ints; they only pick autotune buckets).
             softmax_scale: multiplies ``q @ k^T``.
-            causal: bottom-right aligned causal mask.
+            window_left, window_right: the keys each query sees, as FlashAttention's ``window_size``: query ``i``
+                of a segment with ``Lq`` queries and ``Lk`` keys sees key ``j`` iff ``i + Lk - Lq - window_left
+                <= j <= i + Lk - Lq + window_right``, a negative bound being none: causal is ``(-1, 0)``, full
+                attention ``(-1, -1)``. A row that sees no key gives zeros and ``lse = -inf``.
             dropout_p: probability of dropping an attention weight.
             rng_state: int64 ``(2,)`` ``[seed, offset]`` on q's device when ``dropout_p > 0``.
 
@@ -738,66 +570,7 @@ if triton is not None:
             ``out`` ``(total_q, H, D)`` in q's dtype and ``lse`` ``(H, total_q)`` float32.
         """
         return _launch_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                           causal, dropout_p, rng_state)
-
-    @triton_varlen_fwd.register_fake
-    def _triton_varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                softmax_scale, causal, dropout_p, rng_state):
-        total_q, num_heads, _ = q.shape
-        return q.new_empty(q.shape), q.new_empty((num_heads, total_q), dtype=torch.float32)
-
-    @torch.library.triton_op("hierkern::triton_varlen_bwd", mutates_args=())
-    def triton_varlen_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                          out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                          cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
-                          softmax_scale: float, causal: bool, dropout_p: float,
-                          rng_state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Gradients of ``triton_varlen_fwd``; ``P`` is recomputed from ``q``, ``k`` and ``lse``.
-
-        Args:
-            dout: ``(total_q, H, D)`` gradient of ``out``.
-            q, k, v, out, lse: the forward's inputs and outputs (``out`` is read for float32 only).
-            Other arguments as ``triton_varlen_fwd`` (the same ``rng_state`` regenerates the dropout mask).
-
-        Returns:
-            ``dq`` ``(total_q, H, D)``, ``dk`` and ``dv`` ``(total_k, H_kv, D)``, in the inputs' dtype.
-        """
-        return _launch_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                           softmax_scale, causal, dropout_p, rng_state)
-
-    @triton_varlen_bwd.register_fake
-    def _triton_varlen_bwd_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                max_seqlen_k, softmax_scale, causal, dropout_p, rng_state):
-        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-    def _no_double_backward(ctx, *grads):
-        raise NotImplementedError(
-            "double backward (differentiating the gradients of varlen_attention, e.g. after "
-            "torch.autograd.grad(..., create_graph=True)) is not supported by the triton backend; use "
-            "backend='reference' for it")
-
-    # An explicit formula, so that a second differentiation says what is missing instead of torch's generic
-    # "no autograd formula" (and can never silently return zeros).
-    triton_varlen_bwd.register_autograd(_no_double_backward)
-
-    def _setup_context(ctx, inputs, output):
-        (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, dropout_p,
-         rng_state) = inputs
-        out, lse = output
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, rng_state)
-        ctx.params = (max_seqlen_q, max_seqlen_k, softmax_scale, causal, dropout_p)
-        # lse is a by-product for callers (and the backward), not a differentiable output.
-        ctx.mark_non_differentiable(lse)
-
-    def _backward(ctx, dout, _dlse):
-        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, rng_state = ctx.saved_tensors
-        max_seqlen_q, max_seqlen_k, softmax_scale, causal, dropout_p = ctx.params
-        dq, dk, dv = torch.ops.hierkern.triton_varlen_bwd(
-            dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-            causal, dropout_p, rng_state)
-        return dq, dk, dv, None, None, None, None, None, None, None, None
-
-    triton_varlen_fwd.register_autograd(_backward, setup_context=_setup_context)
+                           window_left, window_right, dropout_p, rng_state)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -815,7 +588,7 @@ class TritonBackend(Backend):
     priority = 20
     capabilities = Capabilities(
         devices=("cuda", "cpu") if triton is not None and INTERPRET else ("cuda",),
-        dtypes=SUPPORTED_DTYPES, max_head_dim=MAX_HEAD_DIM, windows=("none", "causal"),
+        dtypes=SUPPORTED_DTYPES, max_head_dim=MAX_HEAD_DIM,
         min_cuda_capability=(8, 0),  # bfloat16 tensor cores
         auto_devices=("cuda",),
         device_notes={"cpu": "the Triton kernels run CPU tensors only in Triton's interpreter (TRITON_INTERPRET=1 "
@@ -834,7 +607,7 @@ class TritonBackend(Backend):
     def __call__(self, args: VarlenArgs):
         return torch.ops.hierkern.triton_varlen_fwd(args.q, args.k, args.v, args.cu_seqlens_q, args.cu_seqlens_k,
                                                     args.max_seqlen_q, args.max_seqlen_k, args.softmax_scale,
-                                                    args.window_size == (-1, 0), args.dropout_p, args.rng_state)
+                                                    *args.window_size, args.dropout_p, args.rng_state)
 
 
 register_backend(TritonBackend())
