@@ -1,10 +1,10 @@
 """The ``"cpu"`` backend: the fused C++ kernel (``csrc/cpu``) behind ``torch.ops.hierkern.varlen_fwd``.
 
 One pass per (segment, kv-head) over packed tokens, spread over threads by cost; no padding, no score
-tensor, fp32 accumulation (float64 for float64 inputs). Float32, float64, bfloat16 and float16; causal
-(bottom-right), GQA/MQA, unequal query/key segments. Dropout draws the CUDA kernels' Philox mask
-(``csrc/common/philox.h``) from an ``rng_state`` of ``[seed, offset]``, so for the same state both backends drop
-the same attention weights.
+tensor, fp32 accumulation (float64 for float64 inputs). Float32, float64, bfloat16 and float16; causal and
+sliding windows (the op's window_left/window_right: FlashAttention's window_size, bottom-right), GQA/MQA, unequal
+query/key segments. Dropout draws the CUDA kernels' Philox mask (``csrc/common/philox.h``) from an
+``rng_state`` of ``[seed, offset]``, so for the same state both backends drop the same attention weights.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class CpuBackend:
     def __call__(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
                  causal, dropout_p):
         return torch.ops.hierkern.varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                             softmax_scale, causal, dropout_p,
+                                             softmax_scale, -1, 0 if causal else -1, dropout_p,
                                              extension.dropout_rng_state(dropout_p))
 
 

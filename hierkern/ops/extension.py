@@ -159,35 +159,35 @@ def dropout_rng_state(dropout_p: float) -> torch.Tensor | None:
     return torch.randint(0, 2**62, (2,), dtype=torch.int64) if dropout_p > 0.0 else None
 
 
-def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                     dropout_p, rng_state):
+def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
+                     window_right, dropout_p, rng_state):
     out = q.new_empty(q.shape)
     lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
     return out, lse
 
 
 def _varlen_bwd_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                     softmax_scale, causal, dropout_p, rng_state):
+                     softmax_scale, window_left, window_right, dropout_p, rng_state):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, dropout_p, \
-        rng_state = inputs
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, \
+        dropout_p, rng_state = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, rng_state)
-    ctx.args = (max_seqlen_q, max_seqlen_k, softmax_scale, causal, dropout_p)
+    ctx.args = (max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, dropout_p)
     # lse is a by-product for callers (and the backward), not a differentiable output.
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, rng_state = ctx.saved_tensors
-    max_seqlen_q, max_seqlen_k, softmax_scale, causal, dropout_p = ctx.args
+    max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, dropout_p = ctx.args
     dq, dk, dv = torch.ops.hierkern.varlen_bwd(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
-                                               max_seqlen_q, max_seqlen_k, softmax_scale, causal, dropout_p,
-                                               rng_state)
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+                                               max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
+                                               window_right, dropout_p, rng_state)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
 def _no_double_backward(ctx, grad_dq, grad_dk, grad_dv):
