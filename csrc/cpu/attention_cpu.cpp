@@ -97,8 +97,7 @@ int64_t check_offsets(const at::Tensor& cu, const char* name, int64_t total, int
 AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t max_seqlen_q,
                             int64_t max_seqlen_k, double softmax_scale, int64_t window_left, int64_t window_right,
-                            double dropout_p,
-                            const c10::optional<at::Tensor>& rng_state) {
+                            double dropout_p, const c10::optional<at::Tensor>& rng_state) {
   check_packed(q, "q");
   check_packed(k, "k");
   check_packed(v, "v");
@@ -148,11 +147,10 @@ AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::
   return p;
 }
 
-// Keys scored by the rows of a segment of lq queries and lk keys. Without a left bound every row's range is
-// counted as the whole segment, as before windows existed (a causal segment's rows average half of it, but the
-// split that estimate gives is the one measured); with one, a row scores at most window_left + 1 +
-// window_right keys, which a long segment's rows come nowhere near lk, so the rows are summed (O(lq) on the
-// host, next to O(lq * window * head_dim) in the kernels).
+// Keys scored by the rows of a segment of lq queries and lk keys. Without a left bound every row counts as
+// seeing the whole segment, the estimate the split was measured with (causal rows see half of it on average);
+// with one, a long segment's rows see a small fraction of it, so the rows' ranges are summed: O(lq) on the host
+// next to O(lq * window * head_dim) in the kernels.
 int64_t scored_keys(const AttentionParams& p, int64_t lq, int64_t lk) {
   if (p.window_left < 0) return lq * lk;
   int64_t keys = 0;
@@ -205,7 +203,8 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cpu(const at::Tensor& q_in, const 
                                                   const at::Tensor& v_in, const at::Tensor& cu_seqlens_q,
                                                   const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
                                                   int64_t max_seqlen_k, double softmax_scale, int64_t window_left,
-                                                  int64_t window_right, double dropout_p, const c10::optional<at::Tensor>& rng_state) {
+                                                  int64_t window_right, double dropout_p,
+                                                  const c10::optional<at::Tensor>& rng_state) {
   check_packed(q_in, "q");
   check_packed(k_in, "k");
   check_packed(v_in, "v");

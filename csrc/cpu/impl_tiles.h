@@ -88,8 +88,8 @@ inline void store_weighted_sum(T* __restrict o, const float* __restrict w, int64
 
 // g_j[c] += sum_{b < r} w_b[j] * x_b[c] for the keys j the rows see: the rank-r update dk += dS^T (scale q) or
 // dv += P^T dout of a chunk of query rows. Two keys x 32 columns of g stay in registers across all the rows,
-// so g is loaded and stored once per chunk. w: r rows of row_len weights, row b's from its first key
-// range[b].lo on (r <= kBwdRows); x: r rows of kD. Only the rows that see a key add to it (ranges are nondecreasing at both
+// so g is loaded and stored once per chunk. w: r rows of row_len weights (r <= kBwdRows), row b's from its first
+// key range[b].lo on; x: r rows of kD. Only the rows that see a key add to it (ranges are nondecreasing at both
 // ends, so those are consecutive rows): a row's x may hold an inf, and 0 * inf would be NaN.
 template <int kD, typename GradFn>
 inline void rank_update(const float* __restrict w, int64_t row_len, const float* __restrict x, int64_t r,
