@@ -13,13 +13,16 @@ TORCH_LIBRARY(hierkern, m) {
   // Packed varlen attention, FlashAttention's layout: q (total_q, H, D), k/v (total_k, H_kv, D),
   // int32 offsets (S + 1,). Returns out (total_q, H, D) in q's dtype and lse (H, total_q) float32.
   // rng_state: int64 CPU tensor [seed, offset] for dropout (ignored when dropout_p == 0).
+  // window_left/window_right: FlashAttention's window_size, aligned bottom-right: in a segment of Lq queries and
+  // Lk keys, query i sees key j iff i + Lk - Lq - window_left <= j <= i + Lk - Lq + window_right, -1 leaving
+  // that side unbounded; causal is (-1, 0), no mask (-1, -1). A row that sees no key gets zeros and lse -inf.
   m.def(
       "varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
-      "int max_seqlen_q, int max_seqlen_k, float softmax_scale, bool causal, float dropout_p, "
-      "Tensor? rng_state) -> (Tensor out, Tensor lse)");
+      "int max_seqlen_q, int max_seqlen_k, float softmax_scale, int window_left, int window_right, "
+      "float dropout_p, Tensor? rng_state) -> (Tensor out, Tensor lse)");
   // Gradients of varlen_fwd; P is recomputed from q, k and lse.
   m.def(
       "varlen_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cu_seqlens_q, "
-      "Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float softmax_scale, bool causal, "
-      "float dropout_p, Tensor? rng_state) -> (Tensor dq, Tensor dk, Tensor dv)");
+      "Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float softmax_scale, int window_left, "
+      "int window_right, float dropout_p, Tensor? rng_state) -> (Tensor dq, Tensor dk, Tensor dv)");
 }

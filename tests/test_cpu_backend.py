@@ -60,6 +60,11 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
+def _window(causal):
+    """The ops' (window_left, window_right) for varlen_attention's causal flag."""
+    return (-1, 0) if causal else (-1, -1)
+
+
 def _call(q, k, v, layout, causal, **kw):
     return hierkern.varlen_attention(q, k, v, offsets_of(layout.lengths_q), offsets_of(layout.keys),
                                      causal=causal, backend="cpu", **kw)
@@ -157,9 +162,9 @@ def test_every_output_element_is_written(head_dim):
         assert torch.utils.deterministic.fill_uninitialized_memory
         assert torch.empty(q.shape).isnan().all()  # the poisoning this test relies on is active
         for causal in (False, True):
-            out, lse = torch.ops.hierkern.varlen_fwd(q, k, v, cu_q, cu_k, 70, 66, 0.3, causal, 0.0, None)
+            out, lse = torch.ops.hierkern.varlen_fwd(q, k, v, cu_q, cu_k, 70, 66, 0.3, *_window(causal), 0.0, None)
             dq, dk, dv = torch.ops.hierkern.varlen_bwd(dout, q, k, v, out, lse, cu_q, cu_k, 70, 66, 0.3,
-                                                       causal, 0.0, None)
+                                                       *_window(causal), 0.0, None)
             for t in (out, dq, dk, dv):
                 assert not t.isnan().any()
             assert not lse.isnan().any()
@@ -218,7 +223,7 @@ def test_offsets_of_any_stride():
     k, v = torch.randn(11, 2, 32, generator=g), torch.randn(11, 2, 32, generator=g)
     dout = torch.randn(q.shape, generator=g)
     for causal in (False, True):
-        args = (5, 7, 0.3, causal, 0.0, None)
+        args = (5, 7, 0.3, *_window(causal), 0.0, None)
         out, lse = torch.ops.hierkern.varlen_fwd(q, k, v, cu, cu_k, *args)
         want_out, want_lse = torch.ops.hierkern.varlen_fwd(q, k, v, cu.contiguous(), cu_k.contiguous(), *args)
         assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
@@ -230,29 +235,39 @@ def test_offsets_of_any_stride():
             assert torch.equal(a, b)
 
 
-def _visible_counts(lq, lk, causal):
-    """How many keys (a prefix of the segment's) each query row of a segment sees."""
-    return [lk if not causal else max(0, min(lk, i + lk - lq + 1)) for i in range(lq)]
+def _visible_ranges(lq, lk, window):
+    """The keys [lo, hi) each query row of a segment sees under window (window_left, window_right)."""
+    left, right = window
+    ranges = []
+    for i in range(lq):
+        diag = i + lk - lq
+        hi = lk if right < 0 else max(0, min(lk, diag + right + 1))
+        lo = 0 if left < 0 else max(0, min(lk, diag - left))
+        ranges.append((min(lo, hi), hi))
+    return ranges
 
 
-def _interacting(layout, causal, tensor, segment, index):
+def _interacting(layout, window, tensor, segment, index):
     """The query rows and keys whose outputs and gradients a value at (segment, index) of `tensor` can reach:
     a query row (q, dout) reaches itself and the keys it sees; a key (k, v) reaches the rows that see it, and
     through their softmax every key those rows see. Returns bool masks over query and key tokens."""
     cu_q, cu_k = offsets_of(layout.lengths_q).tolist(), offsets_of(layout.keys).tolist()
     lq, lk = layout.lengths_q[segment], layout.keys[segment]
-    seen = _visible_counts(lq, lk, causal)
-    rows = [index] if tensor in ("q", "dout") else [i for i in range(lq) if seen[i] > index]
-    assert rows and max(seen[i] for i in rows) > 0, "a poison that reaches nothing tests nothing"
+    seen = _visible_ranges(lq, lk, window)
+    rows = [index] if tensor in ("q", "dout") else [i for i in range(lq) if seen[i][0] <= index < seen[i][1]]
+    assert rows and any(seen[i][1] > seen[i][0] for i in rows), "a poison that reaches nothing tests nothing"
     row_mask = torch.zeros(cu_q[-1], dtype=torch.bool)
     key_mask = torch.zeros(cu_k[-1], dtype=torch.bool)
     row_mask[[cu_q[segment] + i for i in rows]] = True
-    key_mask[cu_k[segment]:cu_k[segment] + max(seen[i] for i in rows)] = True
+    for i in rows:
+        key_mask[cu_k[segment] + seen[i][0]:cu_k[segment] + seen[i][1]] = True
     return row_mask, key_mask
 
 
 # Every kernel path: forward lanes (< 32 keys) and blocked (>= 32), backward lanes (< 16) and blocked (>= 16),
-# self and cross (causal rows that see no key), and the generic row kernel (head dim 7, float64).
+# self and cross (causal rows that see no key), and the generic row kernel (head dim 7, float64); no mask,
+# causal, and sliding windows, whose rows leave keys unseen on both sides (the poisoned keys are seen by some
+# rows and not by others).
 POISON_LAYOUTS = [Layout("poison-self", (6, 20, 40, 3)), Layout("poison-cross", (6, 20, 45, 3), (9, 18, 40, 2))]
 POISON_CASES = [(torch.float32, MHA), (torch.float32, GQA), (torch.float32, MQA), (torch.float64, GQA),
                 (torch.bfloat16, MHA), (torch.float16, GQA)]
@@ -263,9 +278,9 @@ POISON_ROWS, POISON_KEYS = ((0, 2), (1, 4), (2, 7)), ((0, 2), (1, 4), (2, 5))
 
 @needs_kernel
 @pytest.mark.parametrize("layout", POISON_LAYOUTS, ids=lambda l: l.name)
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("window", [(-1, -1), (-1, 0), (2, 1), (3, 0)], ids=lambda w: f"l{w[0]}r{w[1]}")
 @pytest.mark.parametrize("case", POISON_CASES, ids=_case_id)
-def test_non_finite_values_reach_only_the_rows_that_see_them(layout, causal, case):
+def test_non_finite_values_reach_only_the_rows_that_see_them(layout, window, case):
     """An inf or a NaN in one token of q, k, v or dout leaves every output and gradient of the rows and keys it
     does not interact with finite and bit-identical to the clean run: masked entries are skipped, never
     multiplied by zero (0 * inf = NaN)."""
@@ -274,7 +289,7 @@ def test_non_finite_values_reach_only_the_rows_that_see_them(layout, causal, cas
     clean = dict(zip("qkv", random_qkv(layout, num_heads, num_kv_heads, head_dim, dtype=dtype, generator=g)))
     clean["dout"] = torch.randn(clean["q"].shape, generator=g, dtype=torch.float64).to(dtype)
     cu_q, cu_k = offsets_of(layout.lengths_q), offsets_of(layout.keys)
-    args = (cu_q, cu_k, max(layout.lengths_q), max(layout.keys), 1 / math.sqrt(head_dim), causal, 0.0, None)
+    args = (cu_q, cu_k, max(layout.lengths_q), max(layout.keys), 1 / math.sqrt(head_dim), *window, 0.0, None)
 
     def run(t):
         out, lse = torch.ops.hierkern.varlen_fwd(t["q"], t["k"], t["v"], *args)
@@ -289,7 +304,7 @@ def test_non_finite_values_reach_only_the_rows_that_see_them(layout, causal, cas
                 poisoned[tensor] = clean[tensor].clone()
                 poisoned[tensor][offsets[segment] + index] = value
                 out, lse, dq, dk, dv = run(poisoned)
-                rows, keys = _interacting(layout, causal, tensor, segment, index)
+                rows, keys = _interacting(layout, window, tensor, segment, index)
                 where = f"{value} in {tensor}[{int(offsets[segment]) + index}]"
                 for name, got, ref, mask in (("out", out, want[0], rows), ("dq", dq, want[2], rows),
                                              ("dk", dk, want[3], keys), ("dv", dv, want[4], keys)):
@@ -434,14 +449,14 @@ def test_opcheck():
     g = torch.Generator().manual_seed(7)
     q, k, v = random_qkv(layout, 4, 2, 16, generator=g, requires_grad=True)
     cu_q, cu_k = offsets_of(layout.lengths_q), offsets_of(layout.keys)
-    for causal in (False, True):
+    for window in ((-1, -1), (-1, 0), (1, 2)):
         torch.library.opcheck(torch.ops.hierkern.varlen_fwd.default,
-                              (q, k, v, cu_q, cu_k, 5, 5, 0.25, causal, 0.0, None))
-    out, lse = torch.ops.hierkern.varlen_fwd(q, k, v, cu_q, cu_k, 5, 5, 0.25, True, 0.0, None)
+                              (q, k, v, cu_q, cu_k, 5, 5, 0.25, *window, 0.0, None))
+    out, lse = torch.ops.hierkern.varlen_fwd(q, k, v, cu_q, cu_k, 5, 5, 0.25, 1, 2, 0.0, None)
     dout = torch.randn(q.shape, generator=g)
     torch.library.opcheck(torch.ops.hierkern.varlen_bwd.default,
                           (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse, cu_q, cu_k, 5, 5,
-                           0.25, True, 0.0, None))
+                           0.25, 1, 2, 0.0, None))
 
 
 @needs_kernel
@@ -472,7 +487,7 @@ def test_auto_selects_cpu_with_and_without_dropout():
     for dropout_p in (0.0, 0.1):
         assert select_backend(AttentionCall.of(q, q, q, 5, 5, causal=False, dropout_p=dropout_p)).name == "cpu"
     cuda_call = AttentionCall(device_type="cuda", dtype=torch.float32, head_dim=8, num_heads=2, num_kv_heads=2,
-                              max_seqlen_q=5, max_seqlen_k=5, causal=False, dropout=False, requires_grad=False)
+                              max_seqlen_q=5, max_seqlen_k=5, dropout=False, requires_grad=False)
     assert "CPU tensors" in CPU.why_not(cuda_call)
 
 
@@ -500,7 +515,7 @@ def test_dropout_matches_the_philox_mask_model(layout, causal, case):
     scale = 1 / math.sqrt(head_dim)
     rng_state = torch.tensor([seed, offset], dtype=torch.int64)
     out, _ = torch.ops.hierkern.varlen_fwd(q, k, v, cu_q, cu_k, max(layout.lengths_q), max(layout.keys), scale,
-                                           causal, p, rng_state)
+                                           *_window(causal), p, rng_state)
     dout = torch.randn(q.shape, generator=g, dtype=torch.float64)
     grads = torch.autograd.grad(out, (q, k, v), dout.to(dtype))
 
@@ -514,7 +529,7 @@ def test_dropout_matches_the_philox_mask_model(layout, causal, case):
     for name, grad, ref_grad in zip("qkv", grads, ref_grads):
         assert _grad_err(grad, ref_grad) < 5 * tol, f"d{name}"
     again, _ = torch.ops.hierkern.varlen_fwd(q, k, v, cu_q, cu_k, max(layout.lengths_q), max(layout.keys), scale,
-                                             causal, p, rng_state)
+                                             *_window(causal), p, rng_state)
     assert torch.equal(out, again)
 
 
@@ -589,19 +604,20 @@ def test_op_rejects_bad_input(case, error, match):
         args["scale"] = math.inf
     with pytest.raises(error, match=match):
         torch.ops.hierkern.varlen_fwd(args["q"], args["k"], args["v"], args["cu_q"], args["cu_k"],
-                                      args["max_q"], args["max_k"], args["scale"], False, args["dropout"], None)
+                                      args["max_q"], args["max_k"], args["scale"], -1, -1, args["dropout"],
+                                      None)
 
 
 @needs_kernel
 def test_backward_op_rejects_bad_input():
     q, kv, cu = torch.randn(6, 4, 8), torch.randn(6, 2, 8), offsets_of([2, 4])
-    out, lse = torch.ops.hierkern.varlen_fwd(q, kv, kv, cu, cu, 4, 4, 0.5, False, 0.0, None)
+    out, lse = torch.ops.hierkern.varlen_fwd(q, kv, kv, cu, cu, 4, 4, 0.5, -1, -1, 0.0, None)
     with pytest.raises(ValueError, match="lse must be a CPU tensor of shape"):
-        torch.ops.hierkern.varlen_bwd(out, q, kv, kv, out, lse.t(), cu, cu, 4, 4, 0.5, False, 0.0, None)
+        torch.ops.hierkern.varlen_bwd(out, q, kv, kv, out, lse.t(), cu, cu, 4, 4, 0.5, -1, -1, 0.0, None)
     with pytest.raises(TypeError, match="lse must be float32"):
-        torch.ops.hierkern.varlen_bwd(out, q, kv, kv, out, lse.double(), cu, cu, 4, 4, 0.5, False, 0.0, None)
+        torch.ops.hierkern.varlen_bwd(out, q, kv, kv, out, lse.double(), cu, cu, 4, 4, 0.5, -1, -1, 0.0, None)
     with pytest.raises(ValueError, match="dout and out must have q's shape"):
-        torch.ops.hierkern.varlen_bwd(out[:5], q, kv, kv, out, lse, cu, cu, 4, 4, 0.5, False, 0.0, None)
+        torch.ops.hierkern.varlen_bwd(out[:5], q, kv, kv, out, lse, cu, cu, 4, 4, 0.5, -1, -1, 0.0, None)
 
 
 def check_every_finite_value_read_exactly(dtype):
@@ -662,7 +678,7 @@ from cuda_oracles import dense_attention, keep_mask
 layout = adversarial_layouts()[2]
 q, k, v = random_qkv(layout, 4, 2, 32, generator=torch.Generator().manual_seed(3))
 cu_q, cu_k = offsets_of(layout.lengths_q), offsets_of(layout.keys)
-out, _ = torch.ops.hierkern.varlen_fwd(q, k, v, cu_q, cu_k, max(layout.lengths_q), max(layout.keys), 0.25, False,
+out, _ = torch.ops.hierkern.varlen_fwd(q, k, v, cu_q, cu_k, max(layout.lengths_q), max(layout.keys), 0.25, -1, -1,
                                        0.3, torch.tensor([5, 6]))
 keep = keep_mask(5, 6, 4, q.shape[0], k.shape[0], 0.3).double()
 ref = dense_attention(q.double(), k.double(), v.double(), layout, False, 0.25, keep, 0.3)

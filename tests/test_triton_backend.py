@@ -335,7 +335,6 @@ def test_dropout_is_the_projects_philox_layout(dtype, window):
     backend's mask under the same seed. Then the backward regenerates it: random inputs' outputs and gradients
     match a float64 oracle given that mask."""
     from hierkern import philox
-    from hierkern.ops import extension
 
     layout, p, heads, kv_heads, d = WINDOW_LAYOUT, 0.4, 4, 2, 16
     total_q, total_k = sum(layout.lengths_q), sum(layout.keys)
@@ -348,7 +347,7 @@ def test_dropout_is_the_projects_philox_layout(dtype, window):
     v = torch.nn.functional.one_hot(local_key, d)[:, None, :].expand(-1, kv_heads, -1).to(DEVICE, dtype)
 
     torch.manual_seed(77)
-    state = extension.dropout_rng_state(p)
+    state = philox.rng_state()
     model = philox.keep_mask(*state.tolist(), heads, total_q, total_k, p) & seen   # (H, total_q, total_k)
     expected = torch.zeros(total_q, heads, d, dtype=torch.bool)
     rows, keys = torch.nonzero(seen, as_tuple=True)

@@ -1,5 +1,6 @@
 // The argument checks that the CPU and CUDA bindings (csrc/cpu/attention_cpu.cpp, csrc/cuda/binding.cpp) share
-// word for word: how q, k, v and the offsets fit together, the dropout probability, and reading rng_state.
+// word for word: how q, k, v and the offsets fit together, the attention window, the dropout probability, and
+// reading rng_state.
 // What differs stays with each binding: devices, dtypes, head dims with a kernel, and the offsets' values (the
 // CPU binding reads and validates them on the host; the CUDA binding must not sync to read them). Torch-aware,
 // unlike the rest of csrc/common: only the bindings include it. `who` prefixes every message
@@ -25,6 +26,12 @@ inline void check_varlen_shapes(const char* who, const at::Tensor& q, const at::
                     ") must be a multiple of the number of key/value heads (", k.size(1), ")");
   TORCH_CHECK_VALUE(cu_q.numel() == cu_k.numel(), who, "cu_seqlens_q and cu_seqlens_k must describe the same "
                     "number of segments, got ", cu_q.numel() - 1, " and ", cu_k.numel() - 1);
+}
+
+// FlashAttention's window_size: -1 is unbounded on that side, other values count keys.
+inline void check_window(const char* who, int64_t window_left, int64_t window_right) {
+  TORCH_CHECK_VALUE(window_left >= -1, who, "window_left must be -1 (unbounded) or >= 0, got ", window_left);
+  TORCH_CHECK_VALUE(window_right >= -1, who, "window_right must be -1 (unbounded) or >= 0, got ", window_right);
 }
 
 inline void check_dropout_p(const char* who, double dropout_p) {

@@ -96,8 +96,8 @@ int64_t check_offsets(const at::Tensor& cu, const char* name, int64_t total, int
 
 AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t max_seqlen_q,
-                            int64_t max_seqlen_k, double softmax_scale, bool causal, double dropout_p,
-                            const c10::optional<at::Tensor>& rng_state) {
+                            int64_t max_seqlen_k, double softmax_scale, int64_t window_left, int64_t window_right,
+                            double dropout_p, const c10::optional<at::Tensor>& rng_state) {
   check_packed(q, "q");
   check_packed(k, "k");
   check_packed(v, "v");
@@ -108,6 +108,7 @@ AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::
   check_varlen_shapes(kWho, q, k, v, cu_q, cu_k);
   TORCH_CHECK_VALUE(q.size(2) > 0, kWho, "head_dim must be positive");
   TORCH_CHECK_VALUE(std::isfinite(softmax_scale), kWho, "softmax_scale must be finite, got ", softmax_scale);
+  check_window(kWho, window_left, window_right);
   check_dropout_p(kWho, dropout_p);
   check_offsets(cu_q, "cu_seqlens_q", q.size(0), max_seqlen_q, "max_seqlen_q");
   check_offsets(cu_k, "cu_seqlens_k", k.size(0), max_seqlen_k, "max_seqlen_k");
@@ -123,7 +124,8 @@ AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::
   p.cu_seqlens_q = cu_q.data_ptr<int32_t>();
   p.cu_seqlens_k = cu_k.data_ptr<int32_t>();
   p.softmax_scale = softmax_scale;
-  p.causal = causal;
+  p.window_left = window_left;
+  p.window_right = window_right;
   if (dropout_p > 0.0) {
     const RngState rng = read_rng_state(kWho, dropout_p, rng_state);
     p.dropout_p = dropout_p;
@@ -145,6 +147,17 @@ AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::
   return p;
 }
 
+// Keys scored by the rows of a segment of lq queries and lk keys. Without a left bound every row counts as
+// seeing the whole segment, the estimate the split was measured with (causal rows see half of it on average);
+// with one, a long segment's rows see a small fraction of it, so the rows' ranges are summed: O(lq) on the host
+// next to O(lq * window * head_dim) in the kernels.
+int64_t scored_keys(const AttentionParams& p, int64_t lq, int64_t lk) {
+  if (p.window_left < 0) return lq * lk;
+  int64_t keys = 0;
+  for (int64_t i = 0; i < lq; ++i) keys += visible_keys(p, i, lq, lk).size();
+  return keys;
+}
+
 // Splits the (segment, kv-head) units into one contiguous range per thread of roughly equal cost, so that
 // one long segment among thousands of words does not leave the other threads idle. Runs `fn` on each range.
 void run_balanced(const AttentionParams& p, UnitRangeFn fn) {
@@ -156,7 +169,7 @@ void run_balanced(const AttentionParams& p, UnitRangeFn fn) {
     const int64_t lq = p.cu_seqlens_q[s + 1] - p.cu_seqlens_q[s];
     const int64_t lk = p.cu_seqlens_k[s + 1] - p.cu_seqlens_k[s];
     // Scores, plus loading and writing rows, plus a fixed per-unit overhead; all times head_dim.
-    cost_prefix[s + 1] = cost_prefix[s] + (group * lq * (lk + 2) + 2 * lk + 8) * p.head_dim;
+    cost_prefix[s + 1] = cost_prefix[s] + (group * (scored_keys(p, lq, lk) + 2 * lq) + 2 * lk + 8) * p.head_dim;
   }
   const int64_t total_cost = cost_prefix.back() * p.num_kv_heads;
   // Below ~a few microseconds of work, waking threads costs more than it saves.
@@ -189,16 +202,17 @@ void run_balanced(const AttentionParams& p, UnitRangeFn fn) {
 std::tuple<at::Tensor, at::Tensor> varlen_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
                                                   const at::Tensor& v_in, const at::Tensor& cu_seqlens_q,
                                                   const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
-                                                  int64_t max_seqlen_k, double softmax_scale, bool causal,
-                                                  double dropout_p, const c10::optional<at::Tensor>& rng_state) {
+                                                  int64_t max_seqlen_k, double softmax_scale, int64_t window_left,
+                                                  int64_t window_right, double dropout_p,
+                                                  const c10::optional<at::Tensor>& rng_state) {
   check_packed(q_in, "q");
   check_packed(k_in, "k");
   check_packed(v_in, "v");
   const at::Tensor q = unit_stride_last(q_in), k = unit_stride_last(k_in), v = unit_stride_last(v_in);
   // Offsets of any stride are valid input; the kernels index them with unit stride (a copy of S + 1 ints if not).
   const at::Tensor cu_q = cu_seqlens_q.contiguous(), cu_k = cu_seqlens_k.contiguous();
-  AttentionParams p = make_params(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                                  dropout_p, rng_state);
+  AttentionParams p = make_params(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
+                                  window_right, dropout_p, rng_state);
   // torch::empty, not zeros: the kernel writes every element (rows without keys get 0 and -inf).
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({q.size(1), q.size(0)}, q.options().dtype(at::kFloat));
@@ -214,7 +228,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cpu(
     const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& out_in, const at::Tensor& lse_in, const at::Tensor& cu_seqlens_q,
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale,
-    bool causal, double dropout_p, const c10::optional<at::Tensor>& rng_state) {
+    int64_t window_left, int64_t window_right, double dropout_p, const c10::optional<at::Tensor>& rng_state) {
   check_packed(dout_in, "dout");
   check_packed(q_in, "q");
   check_packed(k_in, "k");
@@ -224,8 +238,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cpu(
   const at::Tensor dout = unit_stride_last(dout_in);
   // Offsets of any stride, as in varlen_fwd_cpu.
   const at::Tensor cu_q = cu_seqlens_q.contiguous(), cu_k = cu_seqlens_k.contiguous();
-  AttentionParams p = make_params(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                                  dropout_p, rng_state);
+  AttentionParams p = make_params(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
+                                  window_right, dropout_p, rng_state);
   // out is part of the op's contract (other backends form rowsum(dout * out) from it). This kernel sums the same
   // thing in float from the probabilities it recomputes, so it never reads out, but still rejects one that
   // cannot belong to q.

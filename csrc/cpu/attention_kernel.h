@@ -2,6 +2,7 @@
 // per instruction set (kernel_generic.cpp, kernel_avx2.cpp) and chosen at run time.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 namespace hierkern {
@@ -19,7 +20,10 @@ struct AttentionParams {
   const int32_t* cu_seqlens_q;
   const int32_t* cu_seqlens_k;
   double softmax_scale;
-  bool causal;
+  // FlashAttention's window_size: query row i of a segment (Lq queries, Lk keys) sees key j iff
+  // j >= i + Lk - Lq - window_left and j <= i + Lk - Lq + window_right, -1 leaving that side unbounded
+  // (causal is (-1, 0)). Checked to be >= -1.
+  int64_t window_left, window_right;
   // Attention dropout: weight (head, query token, key token) is kept, scaled by 1 / (1 - dropout_p), iff its
   // Philox draw under (dropout_seed, dropout_offset) is at least dropout_threshold (csrc/common/philox.h: the
   // CUDA kernels' generator too, so both backends drop the same weights for the same rng_state).
@@ -39,6 +43,21 @@ struct AttentionParams {
   void* dk;
   void* dv;
 };
+
+// The keys [lo, hi) of its segment (lq queries, lk keys) that query row i sees: one contiguous range under any
+// window. lo <= hi always (lo = hi for a row that sees nothing), and both are nondecreasing in i, which the
+// blocked kernels rely on: the rows that see a key are consecutive.
+struct KeyRange {
+  int64_t lo, hi;
+  int64_t size() const { return hi - lo; }
+};
+
+inline KeyRange visible_keys(const AttentionParams& p, int64_t i, int64_t lq, int64_t lk) {
+  const int64_t diag = i + lk - lq;
+  const int64_t hi = p.window_right < 0 ? lk : std::clamp<int64_t>(diag + p.window_right + 1, 0, lk);
+  const int64_t lo = p.window_left < 0 ? 0 : std::clamp<int64_t>(diag - p.window_left, 0, lk);
+  return {std::min(lo, hi), hi};
+}
 
 using UnitRangeFn = void (*)(const AttentionParams&, int64_t unit_begin, int64_t unit_end);
 

@@ -3,8 +3,10 @@
 // for several instruction sets. It includes only its parts (impl_*.h, by layer, below), and they use only what
 // kernel_common.h already included (the standard library, c10's half types, csrc/common/philox.h).
 //
-// One unit of work is (segment, kv-head). A query row's visible keys are the prefix [0, n) of the segment's keys
-// (causal bottom-right alignment makes it a prefix), so there is no masking work beyond the row's end.
+// One unit of work is (segment, kv-head). A query row's visible keys are one contiguous range [lo, hi) of the
+// segment's keys (visible_keys: the window, aligned bottom-right; causal is the prefix [0, i + Lk - Lq + 1)), and
+// the keys outside it are never scored: a row kernel runs over its own range, a block of rows or a batch of
+// lanes over the union of its rows' ranges with each row's ends masked.
 //
 // Float accumulation with head dim 32/64/128 (the fast paths):
 // - segments of fewer than kFwdBlockMinKeys (forward) or kBwdBlockMinKeys (backward) keys, i.e. words: eight

@@ -83,15 +83,15 @@ void fwd_units(const AttentionParams& p, int64_t unit_begin, int64_t unit_end) {
           for (int64_t i0 = 0; i0 < lq; i0 += kBlockRows) {
             const int64_t r = std::min(kBlockRows, lq - i0);
             const T* q_rows[kBlockRows];
-            int64_t n[kBlockRows];
+            KeyRange range[kBlockRows];
             float* lse_out[kBlockRows];
             for (int64_t b = 0; b < r; ++b) {
               q_rows[b] = q + (q0 + i0 + b) * p.q_row + h * p.q_head;
-              n[b] = visible_keys(i0 + b, lq, lk, p.causal);
+              range[b] = visible_keys(p, i0 + b, lq, lk);
               lse_out[b] = p.lse + h * p.total_q + q0 + i0 + b;
             }
             fwd_block<T, kD>(
-                p, h, q0 + i0, k0, q_rows, r, n, scale, scratch.scores, scratch.row_len, scratch.qrow, lse_out,
+                p, h, q0 + i0, k0, q_rows, r, range, scale, scratch.scores, scratch.row_len, scratch.qrow, lse_out,
                 [&](int64_t b) { return out + (q0 + i0 + b) * p.out_row + h * p.out_head; },
                 [&](int64_t j) { return key(g, j); }, [&](int64_t j) { return value(g, j); });
           }
@@ -101,7 +101,8 @@ void fwd_units(const AttentionParams& p, int64_t unit_begin, int64_t unit_end) {
       auto row = [&](int64_t h, int64_t i, auto&& key, auto&& value) {
         T* o = out + (q0 + i) * p.out_row + h * p.out_head;
         float* lse = p.lse + h * p.total_q + q0 + i;
-        const int64_t n = visible_keys(i, lq, lk, p.causal);
+        const KeyRange range = visible_keys(p, i, lq, lk);
+        const int64_t lo = range.lo, n = range.size();
         if (n == 0) {
           for (int64_t c = 0; c < d; ++c) o[c] = T(0);
           *lse = -std::numeric_limits<float>::infinity();
@@ -114,14 +115,14 @@ void fwd_units(const AttentionParams& p, int64_t unit_begin, int64_t unit_end) {
         load_row(qr, q + (q0 + i) * p.q_row + h * p.q_head, d, scale);
         A row_max = -std::numeric_limits<A>::infinity();
         for (int64_t j = 0; j < n; ++j) {
-          s[j] = dot(qr, key(g, j), d);
+          s[j] = dot(qr, key(g, lo + j), d);
           row_max = std::max(row_max, s[j]);
         }
         const A sum = exp_shifted(s, n, row_max);
         // Dropout scales the weights of P @ V, not the normaliser: sum and lse are the undropped softmax's.
-        if (p.dropout_p > 0.0) apply_dropout(p, h, q0 + i, k0, n, s);
+        if (p.dropout_p > 0.0) apply_dropout(p, h, q0 + i, k0 + lo, n, s);
         for (int64_t c = 0; c < d; ++c) acc[c] = 0;
-        for (int64_t j = 0; j < n; ++j) axpy(acc, s[j], value(g, j), d);
+        for (int64_t j = 0; j < n; ++j) axpy(acc, s[j], value(g, lo + j), d);
         const A inv = A(1) / sum;
         for (int64_t c = 0; c < d; ++c) o[c] = static_cast<T>(acc[c] * inv);
         *lse = static_cast<float>(row_max + std::log(sum));
@@ -218,17 +219,17 @@ void bwd_units(const AttentionParams& p, int64_t unit_begin, int64_t unit_end) {
               const int64_t r = std::min(kBwdRows, lq - i0);
               const T *q_rows[kBwdRows], *do_rows[kBwdRows];
               T* dq_rows[kBwdRows];
-              int64_t n[kBwdRows];
+              KeyRange range[kBwdRows];
               float lse[kBwdRows];
               for (int64_t b = 0; b < r; ++b) {
                 const int64_t t = q0 + i0 + b;
                 q_rows[b] = q + t * p.q_row + h * p.q_head;
                 do_rows[b] = dout + t * p.dout_row + h * p.dout_head;
                 dq_rows[b] = dq + t * q_stride + h * d;
-                n[b] = visible_keys(i0 + b, lq, lk, p.causal);
+                range[b] = visible_keys(p, i0 + b, lq, lk);
                 lse[b] = p.lse[h * p.total_q + t];
               }
-              bwd_block<T, kD>(p, h, q0 + i0, k0, q_rows, do_rows, lse, r, n, scale, scratch.probs,
+              bwd_block<T, kD>(p, h, q0 + i0, k0, q_rows, do_rows, lse, r, range, scale, scratch.probs,
                                scratch.scores, scratch.factor, scratch.row_len, scratch.qrow, scratch.dorow,
                                dq_rows, [&](int64_t j) { return key(g, j); }, [&](int64_t j) { return value(g, j); },
                                [&](int64_t j) { return dk_acc.row(0, j); },
@@ -242,7 +243,8 @@ void bwd_units(const AttentionParams& p, int64_t unit_begin, int64_t unit_end) {
       auto row = [&](int64_t h, int64_t i, auto&& key, auto&& value, int64_t ga, const Block<A>& dk_acc,
                      const Block<A>& dv_acc) {
         T* dq_row = dq + (q0 + i) * q_stride + h * d;
-        const int64_t n = visible_keys(i, lq, lk, p.causal);
+        const KeyRange range = visible_keys(p, i, lq, lk);
+        const int64_t lo = range.lo, n = range.size();
         if (n == 0) {
           for (int64_t c = 0; c < d; ++c) dq_row[c] = T(0);
           return;
@@ -257,8 +259,8 @@ void bwd_units(const AttentionParams& p, int64_t unit_begin, int64_t unit_end) {
         load_row(qr, q + (q0 + i) * p.q_row + h * p.q_head, d, A(1));
         load_row(dor, dout + (q0 + i) * p.dout_row + h * p.dout_head, d, A(1));
         for (int64_t j = 0; j < n; ++j) {
-          s[j] = scale * dot(qr, key(g, j), d);
-          dp[j] = dot(dor, value(g, j), d);
+          s[j] = scale * dot(qr, key(g, lo + j), d);
+          dp[j] = dot(dor, value(g, lo + j), d);
         }
         if constexpr (std::is_same_v<A, double>) {
           // lse is float32: renormalise in double so float64 gradients keep float64 accuracy.
@@ -270,11 +272,11 @@ void bwd_units(const AttentionParams& p, int64_t unit_begin, int64_t unit_end) {
           exp_shifted(s, n, static_cast<A>(p.lse[h * p.total_q + q0 + i]));
         }
         for (int64_t c = 0; c < d; ++c) acc[c] = 0;
-        softmax_backward_row(p, h, q0 + i, k0, n, s, dp, scratch.factor);  // dp <- dS, s <- the weights dV sees
+        softmax_backward_row(p, h, q0 + i, k0 + lo, n, s, dp, scratch.factor);  // dp <- dS, s <- dV's weights
         for (int64_t j = 0; j < n; ++j) {
-          axpy(acc, dp[j], key(g, j), d);
-          axpy(dk_acc.row(g - ga, j), scale * dp[j], qr, d);
-          axpy(dv_acc.row(g - ga, j), s[j], dor, d);
+          axpy(acc, dp[j], key(g, lo + j), d);
+          axpy(dk_acc.row(g - ga, lo + j), scale * dp[j], qr, d);
+          axpy(dv_acc.row(g - ga, lo + j), s[j], dor, d);
         }
         for (int64_t c = 0; c < d; ++c) dq_row[c] = static_cast<T>(scale * acc[c]);
       };

@@ -1,16 +1,9 @@
-// Row and softmax helpers shared by every kernel strategy: the causal row length, the softmax backward
+// Row and softmax helpers shared by every kernel strategy: the softmax backward
 // of one row, converted key/value blocks, the strategy thresholds, per-thread scratch and the
 // iteration over a thread's units and rows.
 // Part of the CPU kernels' single source (attention_kernel_impl.h includes the parts in order): not a normal
 // header. Compiled once per instruction set inside `namespace hierkern::cpu::<isa>`, it may only use what
 // kernel_common.h included, and what the parts before it define.
-
-// Number of keys query row i sees: all of them, or the causal prefix aligned bottom-right.
-inline int64_t visible_keys(int64_t i, int64_t lq, int64_t lk, bool causal) {
-  if (!causal) return lk;
-  const int64_t n = i + lk - lq + 1;
-  return n < 0 ? 0 : (n > lk ? lk : n);
-}
 
 // sum_{j < n} w[j] * x[j] / sum_{j < n} w[j]. The float version reads whole vectors (w and x must be readable
 // up to n rounded up to 8) and selects the lanes past n away, whatever they hold.

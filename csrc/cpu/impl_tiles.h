@@ -10,17 +10,20 @@ __attribute__((always_inline)) inline void add_row32(f32x8* acc, f32x8 w, const 
   for (int t = 0; t < 4; ++t) acc[t] += w * load8(x + 8 * t);
 }
 
-// res_r[c] = sum_{j < n_r} w_r[j] * row(j)[c] for two weight rows at once: each loaded row chunk feeds both, and
-// the sums stay in registers (32 columns x 2 rows = 8 vectors) instead of a memory accumulator whose
-// store-to-load latency would serialise the key loop. Past the shorter row's n only the longer one
-// accumulates: the rows it does not see may hold an inf, and 0 * inf would be NaN.
+// res_r[c] = sum_{j in k_r} w_r[j - k_r.lo] * row(j)[c] for two weight rows at once, k0 and k1 being two rows'
+// key ranges (visible_keys of rows in order: k0.lo <= k1.lo and k0.hi <= k1.hi): each row chunk that both see
+// feeds both, and the sums stay in registers (32 columns x 2 rows = 8 vectors) instead of a memory accumulator
+// whose store-to-load latency would serialise the key loop. Keys only one row sees go to that row alone: the
+// rows the other does not see may hold an inf, and 0 * inf would be NaN.
 template <int kD, typename RowFn>
 inline void combine2(float* __restrict res0, float* __restrict res1, const float* __restrict w0,
-                     const float* __restrict w1, int64_t n0, int64_t n1, RowFn&& row) {
-  const int64_t both = std::min(n0, n1);
+                     const float* __restrict w1, KeyRange k0, KeyRange k1, RowFn&& row) {
+  w0 -= k0.lo, w1 -= k1.lo;  // indexed by key from here on
+  const int64_t only0 = std::min(k1.lo, k0.hi), only1 = std::max(k0.hi, k1.lo);  // keys [k1.lo, k0.hi): both
   for (int c0 = 0; c0 < kD; c0 += 32) {
     f32x8 a0[4] = {}, a1[4] = {};
-    for (int64_t j = 0; j < both; ++j) {
+    for (int64_t j = k0.lo; j < only0; ++j) add_row32(a0, bcast8(w0[j]), row(j) + c0);
+    for (int64_t j = k1.lo; j < k0.hi; ++j) {
       const auto* x = row(j) + c0;
       const f32x8 b0 = bcast8(w0[j]), b1 = bcast8(w1[j]);
       for (int t = 0; t < 4; ++t) {
@@ -29,8 +32,7 @@ inline void combine2(float* __restrict res0, float* __restrict res1, const float
         a1[t] += b1 * xv;
       }
     }
-    for (int64_t j = both; j < n0; ++j) add_row32(a0, bcast8(w0[j]), row(j) + c0);
-    for (int64_t j = both; j < n1; ++j) add_row32(a1, bcast8(w1[j]), row(j) + c0);
+    for (int64_t j = only1; j < k1.hi; ++j) add_row32(a1, bcast8(w1[j]), row(j) + c0);
     for (int t = 0; t < 4; ++t) {
       store8(res0 + c0 + 8 * t, a0[t]);
       store8(res1 + c0 + 8 * t, a1[t]);
@@ -84,29 +86,37 @@ inline void store_weighted_sum(T* __restrict o, const float* __restrict w, int64
   }
 }
 
-// g_j[c] += sum_{b < r} w_b[j] * x_b[c] for keys j in [0, n): the rank-r update dk += dS^T (scale q) or
+// g_j[c] += sum_{b < r} w_b[j] * x_b[c] for the keys j the rows see: the rank-r update dk += dS^T (scale q) or
 // dv += P^T dout of a chunk of query rows. Two keys x 32 columns of g stay in registers across all the rows,
-// so g is loaded and stored once per chunk. w: r rows of row_len weights, read only where the row sees the
-// key; x: r rows of kD. Only the rows that see a key add to it (n is nondecreasing, so those are the rows
-// from some first one on): a row's x may hold an inf, and 0 * inf would be NaN.
+// so g is loaded and stored once per chunk. w: r rows of row_len weights (r <= kBwdRows), row b's from its first
+// key range[b].lo on; x: r rows of kD. Only the rows that see a key add to it (ranges are nondecreasing at both
+// ends, so those are consecutive rows): a row's x may hold an inf, and 0 * inf would be NaN.
 template <int kD, typename GradFn>
 inline void rank_update(const float* __restrict w, int64_t row_len, const float* __restrict x, int64_t r,
-                        const int64_t* n, int64_t n_keys, GradFn&& grad) {
-  int64_t first = 0, first1 = 0;  // the first rows that see keys j and j + 1
-  for (int64_t j = 0; j < n_keys; j += 2) {
-    while (first < r && n[first] <= j) ++first;
-    const bool pair = j + 1 < n_keys;
-    first1 = std::max(first1, first);
-    while (first1 < r && n[first1] <= j + 1) ++first1;
-    const int64_t both = pair ? first1 : r;  // rows from here on add to both keys
+                        const KeyRange* range, GradFn&& grad) {
+  const int64_t key_end = range[r - 1].hi;
+  const float* row_w[kBwdRows];  // indexed by key
+  for (int64_t b = 0; b < r; ++b) row_w[b] = w + b * row_len - range[b].lo;
+  // Rows [first, end) see key j, rows [first1, end1) key j + 1.
+  int64_t first = 0, end = 0, first1 = 0, end1 = 0;
+  for (int64_t j = range[0].lo; j < key_end; j += 2) {
+    const bool pair = j + 1 < key_end;
+    while (first < r && range[first].hi <= j) ++first;
+    while (end < r && range[end].lo <= j) ++end;
+    first1 = std::max(first1, first), end1 = std::max(end1, end);
+    while (first1 < r && range[first1].hi <= j + 1) ++first1;
+    while (end1 < r && range[end1].lo <= j + 1) ++end1;
+    if (!pair) first1 = end1 = end;
+    // Rows [first, only0) add to key j alone, [first1, end) to both, [only1, end1) to key j + 1 alone.
+    const int64_t only0 = std::min(first1, end), only1 = std::max(first1, end);
     float* g0 = grad(j);
     float* g1 = grad(pair ? j + 1 : j);
     for (int c0 = 0; c0 < kD; c0 += 32) {
       f32x8 a0[4], a1[4];
       for (int t = 0; t < 4; ++t) a0[t] = a1[t] = f32x8{};
-      for (int64_t b = first; b < both; ++b) add_row32(a0, bcast8(w[b * row_len + j]), x + b * kD + c0);
-      for (int64_t b = both; b < r; ++b) {
-        const f32x8 w0 = bcast8(w[b * row_len + j]), w1 = bcast8(w[b * row_len + j + 1]);
+      for (int64_t b = first; b < only0; ++b) add_row32(a0, bcast8(row_w[b][j]), x + b * kD + c0);
+      for (int64_t b = first1; b < end; ++b) {
+        const f32x8 w0 = bcast8(row_w[b][j]), w1 = bcast8(row_w[b][j + 1]);
         const float* xb = x + b * kD + c0;
         for (int t = 0; t < 4; ++t) {
           const f32x8 xv = load8(xb + 8 * t);
@@ -114,6 +124,7 @@ inline void rank_update(const float* __restrict w, int64_t row_len, const float*
           a1[t] += w1 * xv;
         }
       }
+      for (int64_t b = only1; b < end1; ++b) add_row32(a1, bcast8(row_w[b][j + 1]), x + b * kD + c0);
       for (int t = 0; t < 4; ++t) store8(g0 + c0 + 8 * t, load8(g0 + c0 + 8 * t) + a0[t]);
       if (pair)
         for (int t = 0; t < 4; ++t) store8(g1 + c0 + 8 * t, load8(g1 + c0 + 8 * t) + a1[t]);

@@ -1,10 +1,10 @@
 """The ``"cpu"`` backend: the fused C++ kernel (``csrc/cpu``) behind ``torch.ops.hierkern.varlen_fwd``.
 
 One pass per (segment, kv-head) over packed tokens, spread over threads by cost; no padding, no score
-tensor, fp32 accumulation (float64 for float64 inputs). Float32, float64, bfloat16 and float16; causal
-(bottom-right), GQA/MQA, unequal query/key segments. Dropout draws the CUDA kernels' Philox mask
-(``csrc/common/philox.h``) from an ``rng_state`` of ``[seed, offset]``, so for the same state both backends drop
-the same attention weights.
+tensor, fp32 accumulation (float64 for float64 inputs). Float32, float64, bfloat16 and float16; causal and
+sliding windows (the op's window_left/window_right: FlashAttention's window_size, bottom-right), GQA/MQA, unequal
+query/key segments. Dropout draws ``hierkern.philox``'s mask (``csrc/common/philox.h``, eight lanes at a time)
+from ``rng_state``, so for the same state every backend drops the same attention weights.
 """
 
 from __future__ import annotations
@@ -29,8 +29,7 @@ class CpuBackend(Backend):
     name = "cpu"
     priority = 10
     capabilities = Capabilities(devices=("cpu",),
-                                dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
-                                windows=("none", "causal"))
+                                dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64))
 
     def unavailable_reason(self) -> str | None:
         return extension.kernel_unavailable_reason("CPU")
@@ -41,7 +40,7 @@ class CpuBackend(Backend):
     def __call__(self, args: VarlenArgs):
         return torch.ops.hierkern.varlen_fwd(args.q, args.k, args.v, args.cu_seqlens_q, args.cu_seqlens_k,
                                              args.max_seqlen_q, args.max_seqlen_k, args.softmax_scale,
-                                             args.window_size == (-1, 0), args.dropout_p, args.rng_state)
+                                             *args.window_size, args.dropout_p, args.rng_state)
 
 
 register_backend(CpuBackend())

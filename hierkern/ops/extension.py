@@ -3,11 +3,8 @@
 The extension declares ``torch.ops.hierkern.varlen_fwd`` / ``varlen_bwd`` and registers their CPU (and, when
 built with CUDA, CUDA) kernels. It is ``hierkern._C`` when the install compiled it ahead of time; otherwise
 (a plain ``pip install``, or a ``hierkern._C`` built against another torch) :mod:`hierkern.ops.toolchain`
-compiles the shipped sources on first use. This module registers what every device shares:
-
-* ``register_fake`` for both ops, so ``torch.compile`` and ``opcheck`` can trace them without running them;
-* autograd on ``varlen_fwd`` whose backward is the ``varlen_bwd`` op (itself traceable, so compiled backward
-  graphs call the fused kernel too), and on ``varlen_bwd`` one that refuses a double backward in words.
+compiles the shipped sources on first use. Once loaded, :mod:`hierkern.ops.registration` gives both ops their
+fakes and autograd (for every device).
 
 Loading never raises. Importing hierkern only tries ``hierkern._C``; when that is missing, the first call
 that needs a kernel runs :func:`ensure_loaded`, which compiles it. When neither can work, one warning (at
@@ -23,8 +20,9 @@ import warnings
 import torch
 
 from . import toolchain
+from .registration import register_varlen_ops
 
-__all__ = ["load_error", "ensure_loaded", "kernel_unavailable_reason", "loaded_from", "dropout_rng_state"]
+__all__ = ["load_error", "ensure_loaded", "kernel_unavailable_reason", "loaded_from"]
 
 _OPS = ("varlen_fwd", "varlen_bwd")
 _PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,12 +86,7 @@ def _on_loaded(source: str) -> None:
     # Computed once per load: backends ask on every call, including inside torch.compile tracing, which
     # cannot trace into the dispatcher query.
     _STATE.kernel_reasons = {key: _dispatch_reason(key) for key in ("CPU", "CUDA")}
-    torch.library.register_fake("hierkern::varlen_fwd", _varlen_fwd_fake)
-    torch.library.register_fake("hierkern::varlen_bwd", _varlen_bwd_fake)
-    torch.library.register_autograd("hierkern::varlen_fwd", _backward, setup_context=_setup_context)
-    # Without a formula, autograd would treat the backward's outputs as constants under create_graph=True and
-    # a second backward would return zeros for every second-order term: refuse instead.
-    torch.library.register_autograd("hierkern::varlen_bwd", _no_double_backward)
+    register_varlen_ops("hierkern::varlen_fwd", "hierkern::varlen_bwd", "cpu and cuda")
 
 
 def _load_at_import() -> None:
@@ -150,51 +143,6 @@ def kernel_unavailable_reason(dispatch_key: str) -> str | None:
     if _STATE.loaded_from is None:
         return None
     return _STATE.kernel_reasons[dispatch_key]
-
-
-def dropout_rng_state(dropout_p: float) -> torch.Tensor | None:
-    """The ops' ``rng_state`` for one call: ``[seed, offset]`` int64 on the CPU, as the op schema asks, drawn
-    from torch's CPU generator (seeded by ``torch.manual_seed``) with no device sync; ``None`` without dropout.
-    Autograd saves it, so the backward regenerates the forward's Philox mask."""
-    return torch.randint(0, 2**62, (2,), dtype=torch.int64) if dropout_p > 0.0 else None
-
-
-def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                     dropout_p, rng_state):
-    out = q.new_empty(q.shape)
-    lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
-    return out, lse
-
-
-def _varlen_bwd_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                     softmax_scale, causal, dropout_p, rng_state):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, dropout_p, \
-        rng_state = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, rng_state)
-    ctx.args = (max_seqlen_q, max_seqlen_k, softmax_scale, causal, dropout_p)
-    # lse is a by-product for callers (and the backward), not a differentiable output.
-    ctx.mark_non_differentiable(lse)
-
-
-def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, rng_state = ctx.saved_tensors
-    max_seqlen_q, max_seqlen_k, softmax_scale, causal, dropout_p = ctx.args
-    dq, dk, dv = torch.ops.hierkern.varlen_bwd(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
-                                               max_seqlen_q, max_seqlen_k, softmax_scale, causal, dropout_p,
-                                               rng_state)
-    return dq, dk, dv, None, None, None, None, None, None, None, None
-
-
-def _no_double_backward(ctx, grad_dq, grad_dk, grad_dv):
-    raise NotImplementedError(
-        "hierkern's cpu and cuda kernels have no double backward (hierkern::varlen_bwd is not "
-        "differentiable): for second-order gradients (create_graph=True, then another backward) call "
-        "varlen_attention with backend=\"reference\"")
 
 
 _load_at_import()
