@@ -488,7 +488,7 @@ def test_auto_selects_cpu_with_and_without_dropout():
         assert select_backend(AttentionCall.of(q, q, q, 5, 5, causal=False, dropout_p=dropout_p)).name == "cpu"
     cuda_call = AttentionCall(device_type="cuda", dtype=torch.float32, head_dim=8, num_heads=2, num_kv_heads=2,
                               max_seqlen_q=5, max_seqlen_k=5, dropout=False, requires_grad=False)
-    assert "CPU tensors" in CPU.why_not(cuda_call)
+    assert "runs on cpu tensors, not cuda" in CPU.why_not(cuda_call)
 
 
 # Every kernel path under dropout: lane-parallel (words), blocked (forward from 32 keys, backward from 16) and
