@@ -15,11 +15,11 @@ TORCH_LIBRARY(hierkern, m) {
   // rng_state: int64 CPU tensor [seed, offset] for dropout (ignored when dropout_p == 0).
   m.def(
       "varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
-      "int max_seqlen_q, int max_seqlen_k, float softmax_scale, bool causal, float dropout_p, "
-      "Tensor? rng_state) -> (Tensor out, Tensor lse)");
+      "int max_seqlen_q, int max_seqlen_k, float softmax_scale, int window_left, int window_right, "
+      "float dropout_p, Tensor? rng_state) -> (Tensor out, Tensor lse)");
   // Gradients of varlen_fwd; P is recomputed from q, k and lse.
   m.def(
       "varlen_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cu_seqlens_q, "
-      "Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float softmax_scale, bool causal, "
-      "float dropout_p, Tensor? rng_state) -> (Tensor dq, Tensor dk, Tensor dv)");
+      "Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float softmax_scale, int window_left, "
+      "int window_right, float dropout_p, Tensor? rng_state) -> (Tensor dq, Tensor dk, Tensor dv)");
 }

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cuda_oracles import dense_attention, keep_mask, rowwise_attention, visibility
+from cuda_oracles import dense_attention, keep_mask, rowwise_attention, visibility, window_of
 from helpers import Layout, adversarial_layouts, offsets_of, random_qkv, rel_err
 from hierkern.reference import varlen_attention_reference
 from test_cuda_build import CACHE, CSRC_COMMON, CSRC_CUDA, _cuda_include
@@ -54,35 +54,37 @@ def emu():
         os.replace(private, lib)
     handle = ctypes.CDLL(str(lib))
     ptr, i32 = ctypes.c_void_p, ctypes.c_int
-    common = [i32] * 7 + [ptr] * 6 + [ctypes.c_float, i32, ctypes.c_float, ctypes.c_ulonglong, ctypes.c_ulonglong]
+    common = [i32] * 7 + [ptr] * 6 + [ctypes.c_float, i32, i32, ctypes.c_float, ctypes.c_ulonglong,
+                                      ctypes.c_ulonglong]
     handle.emu_varlen_fwd.argtypes = common + [ptr, ptr]
     handle.emu_varlen_bwd.argtypes = common + [ptr] * 6
     return handle
 
 
-def _common(q, k, v, cu_q, cu_k, causal, scale, p, seed, offset, dout=None):
+def _common(q, k, v, cu_q, cu_k, mask, scale, p, seed, offset, dout=None):
     # Inputs keep their own (token, head) strides, as the binding passes them; head_dim must be unit-stride.
     inputs = (q, k, v) if dout is None else (q, k, v, dout)
     assert all(t.stride(2) == 1 for t in inputs)
     strides = (ctypes.c_longlong * 8)(*[s for t in inputs for s in t.stride()[:2]])
     return (DTYPE_CODES[q.dtype], q.shape[2], q.shape[1], k.shape[1], q.shape[0], k.shape[0], cu_q.numel() - 1,
-            q.data_ptr(), k.data_ptr(), v.data_ptr(), strides, cu_q.data_ptr(), cu_k.data_ptr(), scale, int(causal),
-            p, seed, offset)
+            q.data_ptr(), k.data_ptr(), v.data_ptr(), strides, cu_q.data_ptr(), cu_k.data_ptr(), scale,
+            *window_of(mask), p, seed, offset)
 
 
-def emu_fwd(lib, q, k, v, cu_q, cu_k, causal, scale, p=0.0, seed=0, offset=0):
+def emu_fwd(lib, q, k, v, cu_q, cu_k, mask, scale, p=0.0, seed=0, offset=0):
+    """``mask``: a causal flag or a window (left, right)."""
     out = torch.full(q.shape, math.nan, dtype=q.dtype)
     lse = torch.full((q.shape[1], q.shape[0]), math.nan)
-    err = lib.emu_varlen_fwd(*_common(q, k, v, cu_q, cu_k, causal, scale, p, seed, offset), out.data_ptr(),
+    err = lib.emu_varlen_fwd(*_common(q, k, v, cu_q, cu_k, mask, scale, p, seed, offset), out.data_ptr(),
                              lse.data_ptr())
     assert err == 0, f"emulated forward failed (cudaError {err}: 719 is a deadlock)"
     return out, lse
 
 
-def emu_bwd(lib, dout, q, k, v, lse, cu_q, cu_k, causal, scale, p=0.0, seed=0, offset=0):
+def emu_bwd(lib, dout, q, k, v, lse, cu_q, cu_k, mask, scale, p=0.0, seed=0, offset=0):
     dq, dk, dv = (torch.full(t.shape, math.nan, dtype=t.dtype) for t in (q, k, v))
     delta = torch.full((q.shape[1], q.shape[0]), math.nan)
-    err = lib.emu_varlen_bwd(*_common(q, k, v, cu_q, cu_k, causal, scale, p, seed, offset, dout), dout.data_ptr(),
+    err = lib.emu_varlen_bwd(*_common(q, k, v, cu_q, cu_k, mask, scale, p, seed, offset, dout), dout.data_ptr(),
                              lse.data_ptr(), delta.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr())
     assert err == 0, f"emulated backward failed (cudaError {err}: 719 is a deadlock)"
     return dq, dk, dv

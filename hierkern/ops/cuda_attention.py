@@ -142,7 +142,7 @@ class CudaBackend:
     def __call__(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
                  causal, dropout_p):
         return torch.ops.hierkern.varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                             softmax_scale, causal, dropout_p,
+                                             softmax_scale, -1, 0 if causal else -1, dropout_p,
                                              extension.dropout_rng_state(dropout_p))
 
 
