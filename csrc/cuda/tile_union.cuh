@@ -19,20 +19,19 @@
 namespace hierkern {
 namespace cuda {
 
+// In shared memory: the kernels read size, first and contiguous from there after every barrier instead of
+// holding them in registers (the dk/dv kernel has none to spare).
 template <int kRows>
 struct TileUnion {
   int begin[kRows];
   int end[kRows];
   int slot_end[kRows];
   int shift[kRows];  // token - slot for row r's fresh tokens
-};
-
-// The union as every thread holds it. Tiles without gaps (words under plain or causal masking, a long
-// segment's rows) map slots to tokens by one addition instead of a search.
-struct TileSpan {
-  int size;         // staged tokens
-  int first;        // token of slot 0
-  bool contiguous;  // slot s holds token first + s
+  int size;          // staged tokens
+  int first;         // token of slot 0
+  // Slot s holds token first + s: tiles without gaps (words under plain or causal masking, a long
+  // segment's rows) map slots to tokens by one addition instead of a search.
+  bool contiguous;
 };
 
 // Rows past the last token: an empty interval above every token keeps the ends non-decreasing and adds
@@ -54,10 +53,9 @@ __device__ __forceinline__ int token_of(const TileUnion<kRows>& u, int slot) {
 }
 
 // Every thread of the CTA calls this with its row `local` (0..kRows-1) and that row's interval (kNoRow past
-// the last token); `writer` is one lane per row. Returns the union and sets `slots` to the row's slots.
+// the last token); `writer` is one lane per row. Returns the row's slots.
 template <int kRows>
-__device__ __forceinline__ TileSpan build_tile_union(TileUnion<kRows>& u, int local, bool writer, Interval rows,
-                                                     Interval& slots) {
+__device__ __forceinline__ Interval build_tile_union(TileUnion<kRows>& u, int local, bool writer, Interval rows) {
   if (writer) {
     u.begin[local] = rows.begin;
     u.end[local] = rows.end;
@@ -67,7 +65,7 @@ __device__ __forceinline__ TileSpan build_tile_union(TileUnion<kRows>& u, int lo
     // One warp scans; each lane owns kPer consecutive rows.
     constexpr int kPer = (kRows + 31) / 32;
     const int lane = static_cast<int>(threadIdx.x);
-    int fresh[kPer], top[kPer], sum = 0;
+    int fresh[kPer], top[kPer], sum = 0, first = -INT_MAX, last = 0;
 #pragma unroll
     for (int i = 0; i < kPer; ++i) {
       const int r = lane * kPer + i;
@@ -77,6 +75,11 @@ __device__ __forceinline__ TileSpan build_tile_union(TileUnion<kRows>& u, int lo
         fresh[i] = max(u.end[r] - top[i], 0);
       }
       sum += fresh[i];
+      // Tops and ends are non-decreasing: the first fresh token is the lowest, the last row's end the highest.
+      if (fresh[i] > 0) {
+        first = max(first, -top[i]);
+        last = max(last, u.end[r]);
+      }
     }
     const int mine = sum;
 #pragma unroll
@@ -85,6 +88,14 @@ __device__ __forceinline__ TileSpan build_tile_union(TileUnion<kRows>& u, int lo
       if (lane >= d) sum += below;
     }
     int slot = sum - mine;
+    const int size = __reduce_max_sync(0xffffffffu, sum);
+    first = -__reduce_max_sync(0xffffffffu, first);
+    last = __reduce_max_sync(0xffffffffu, last);
+    if (lane == 0) {
+      u.size = size;
+      u.first = first;
+      u.contiguous = last - first == size;
+    }
 #pragma unroll
     for (int i = 0; i < kPer; ++i) {
       const int r = lane * kPer + i;
@@ -96,29 +107,24 @@ __device__ __forceinline__ TileSpan build_tile_union(TileUnion<kRows>& u, int lo
     }
   }
   __syncthreads();
-  slots.end = u.slot_end[local];
-  slots.begin = slots.end - (rows.end - rows.begin);
-  const int size = u.slot_end[kRows - 1];
-  if (size == 0) return TileSpan{0, 0, true};
-  const int first = token_of(u, 0);
-  return TileSpan{size, first, token_of(u, size - 1) - first == size - 1};
+  const int end = u.slot_end[local];
+  return Interval{end - (rows.end - rows.begin), end};
 }
 
 template <int kRows>
-__device__ __forceinline__ int staged_token(const TileUnion<kRows>& u, const TileSpan& span, int slot) {
-  return span.contiguous ? span.first + slot : token_of(u, slot);
+__device__ __forceinline__ int staged_token(const TileUnion<kRows>& u, int slot) {
+  return u.contiguous ? u.first + slot : token_of(u, slot);
 }
 
 // Copies slots [slot0, slot0 + count) of one head of a (tokens, heads, HeadDim) tensor into a dense
 // shared-memory block, 16 bytes per thread per step (coalesced along head_dim).
 template <typename T, int HeadDim, int kRows>
 __device__ __forceinline__ void stage_slots(T (*dst)[HeadDim], const T* base, int64_t token_stride,
-                                            const TileUnion<kRows>& u, const TileSpan& span, int slot0,
-                                            int count) {
+                                            const TileUnion<kRows>& u, int slot0, int count) {
   constexpr int kVecs = Layout<T, HeadDim>::kVecsPerRow;
   for (int idx = threadIdx.x; idx < count * kVecs; idx += kThreads) {
     const int r = idx / kVecs, c = idx % kVecs;
-    const int token = staged_token(u, span, slot0 + r);
+    const int token = staged_token(u, slot0 + r);
     reinterpret_cast<uint4*>(dst[r])[c] =
         reinterpret_cast<const uint4*>(base + static_cast<int64_t>(token) * token_stride)[c];
   }

@@ -62,8 +62,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
   }
   const float scale_log2 = args.softmax_scale * kLog2e;
 
-  Interval slots;
-  const TileSpan span = build_tile_union(tile, local, lane_elem == 0, keys, slots);
+  const Interval slots = build_tile_union(tile, local, lane_elem == 0, keys);
 
   // Calls body(p, keep, dp, k) for each key of this row in the staged slots [block, block + count): P
   // recomputed from lse, keep the dropout factor Z (0 or 1 / (1 - p_drop)), dp = dout.v, k the key in fp32
@@ -109,21 +108,21 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
   const T* k_head = head_ptr<T>(args.k, kv_head, args.k_head_stride);
   const T* v_head = head_ptr<T>(args.v, kv_head, args.v_head_stride);
   // A tile whose keys fit one block (words) stages it once for both sums; longer spans stream it twice.
-  const bool one_block = span.size <= L::kBlock;
+  const bool one_block = tile.size <= L::kBlock;
   if (!one_block) {
-    for (int block = 0; block < span.size; block += L::kBlock) {
-      const int count = min(L::kBlock, span.size - block);
-      stage_slots<T, HeadDim>(k_block, k_head, args.k_token_stride, tile, span, block, count);
-      stage_slots<T, HeadDim>(v_block, v_head, args.v_token_stride, tile, span, block, count);
+    for (int block = 0; block < tile.size; block += L::kBlock) {
+      const int count = min(L::kBlock, tile.size - block);
+      stage_slots<T, HeadDim>(k_block, k_head, args.k_token_stride, tile, block, count);
+      stage_slots<T, HeadDim>(v_block, v_head, args.v_token_stride, tile, block, count);
       __syncthreads();
       for_each_key(block, count, add_to_delta);
       __syncthreads();
     }
   }
-  for (int block = 0; block < span.size; block += L::kBlock) {
-    const int count = min(L::kBlock, span.size - block);
-    stage_slots<T, HeadDim>(k_block, k_head, args.k_token_stride, tile, span, block, count);
-    stage_slots<T, HeadDim>(v_block, v_head, args.v_token_stride, tile, span, block, count);
+  for (int block = 0; block < tile.size; block += L::kBlock) {
+    const int count = min(L::kBlock, tile.size - block);
+    stage_slots<T, HeadDim>(k_block, k_head, args.k_token_stride, tile, block, count);
+    stage_slots<T, HeadDim>(v_block, v_head, args.v_token_stride, tile, block, count);
     __syncthreads();
     if (one_block) for_each_key(block, count, add_to_delta);
     for_each_key(block, count, add_to_dq);
@@ -176,19 +175,18 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
     for (int e = 0; e < kElems; ++e) k[e] = v[e] = 0.f;
   }
   const float scale_log2 = args.softmax_scale * kLog2e;
-  Interval slots;
-  const TileSpan span = build_tile_union(tile, local, lane_elem == 0, queries, slots);
+  const Interval slots = build_tile_union(tile, local, lane_elem == 0, queries);
 
   // Query heads in a fixed order: the GQA reduction into dk/dv is deterministic.
   for (int head = kv_head * group; head < (kv_head + 1) * group; ++head) {
     const T* q_head = head_ptr<T>(args.q, head, args.q_head_stride);
     const T* dout_head = head_ptr<T>(args.dout, head, args.dout_head_stride);
-    for (int block = 0; block < span.size; block += L::kBlock) {
-      const int count = min(L::kBlock, span.size - block);
-      stage_slots<T, HeadDim>(q_block, q_head, args.q_token_stride, tile, span, block, count);
-      stage_slots<T, HeadDim>(dout_block, dout_head, args.dout_token_stride, tile, span, block, count);
+    for (int block = 0; block < tile.size; block += L::kBlock) {
+      const int count = min(L::kBlock, tile.size - block);
+      stage_slots<T, HeadDim>(q_block, q_head, args.q_token_stride, tile, block, count);
+      stage_slots<T, HeadDim>(dout_block, dout_head, args.dout_token_stride, tile, block, count);
       for (int i = threadIdx.x; i < count; i += kThreads) {
-        const int64_t at = static_cast<int64_t>(head) * args.total_q + staged_token(tile, span, block + i);
+        const int64_t at = static_cast<int64_t>(head) * args.total_q + staged_token(tile, block + i);
         lse_block[i] = args.lse[at] * kLog2e;
         delta_block[i] = args.delta[at];
       }

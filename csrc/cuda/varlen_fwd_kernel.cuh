@@ -58,12 +58,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
 
   const T* k_head = head_ptr<T>(args.k, kv_head, args.k_head_stride);
   const T* v_head = head_ptr<T>(args.v, kv_head, args.v_head_stride);
-  Interval slots;
-  const TileSpan span = build_tile_union(tile, local, lane_elem == 0, keys, slots);
-  for (int block = 0; block < span.size; block += L::kBlock) {
-    const int count = min(L::kBlock, span.size - block);
-    stage_slots<T, HeadDim>(k_block, k_head, args.k_token_stride, tile, span, block, count);
-    stage_slots<T, HeadDim>(v_block, v_head, args.v_token_stride, tile, span, block, count);
+  const Interval slots = build_tile_union(tile, local, lane_elem == 0, keys);
+  for (int block = 0; block < tile.size; block += L::kBlock) {
+    const int count = min(L::kBlock, tile.size - block);
+    stage_slots<T, HeadDim>(k_block, k_head, args.k_token_stride, tile, block, count);
+    stage_slots<T, HeadDim>(v_block, v_head, args.v_token_stride, tile, block, count);
     __syncthreads();
     const int first = max(slots.begin, block) - block;
     const int mine = max(min(slots.end, block + count) - block - first, 0);
