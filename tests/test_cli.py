@@ -91,7 +91,7 @@ def test_explain_takes_the_call_as_varlen_attention_does():
     q, k, v, words = _inputs()
     reasons = hierkern.explain(q, k, v, words, causal=True)
     assert list(reasons) == [b for b in ("triton", "cuda", "cpu", "reference") if b in reasons]
-    call = hierkern.AttentionCall.of(q, k, v, words.max_len, words.max_len, True, 0.0)
+    call = hierkern.AttentionCall.of(q, k, v, words.max_len, words.max_len, causal=True)
     assert reasons == hierkern.explain(call)
     assert reasons["reference"] is None
     if extension.load_error() is None:
@@ -114,7 +114,7 @@ def test_explain_validates_like_varlen_attention():
         hierkern.explain(q, k, v, words, dropout_p=1.0)
     with pytest.raises(TypeError, match="cu_seqlens_q"):
         hierkern.explain(q, k, v)
-    call = hierkern.AttentionCall.of(q, k, v, 5, 5, False, 0.0)
+    call = hierkern.AttentionCall.of(q, k, v, 5, 5)
     with pytest.raises(TypeError, match="either one AttentionCall"):
         hierkern.explain(call, k)
 

@@ -22,11 +22,12 @@ def _args(num_heads=4, num_kv_heads=2, head_dim=8, dtype=torch.float32):
     return dict(q=q, k=k, v=v, cu_seqlens_q=offsets_of(LENGTHS_Q), cu_seqlens_k=offsets_of(LENGTHS_K))
 
 
-class FakeBackend:
+class FakeBackend(backends.Backend):
     """A backend that records its calls and returns ``2 * q`` and a zero lse (compile-friendly)."""
 
     def __init__(self, name, priority=100, device_types=("cpu", "cuda"), refuse=None, unavailable=None):
-        self.name, self.priority, self.device_types = name, priority, device_types
+        self.name, self.priority = name, priority
+        self.capabilities = backends.Capabilities(devices=device_types, dtypes=(torch.float32, torch.float64))
         self.refuse, self.unavailable, self.calls = refuse, unavailable, []
 
     def unavailable_reason(self):
@@ -35,12 +36,12 @@ class FakeBackend:
     def why_not(self, call):
         return self.refuse
 
-    def __call__(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                 dropout_p):
-        self.calls.append(dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
-                               max_seqlen_k=max_seqlen_k, softmax_scale=softmax_scale, causal=causal,
-                               dropout_p=dropout_p))
-        return q * 2, q.new_zeros(q.shape[1], q.shape[0], dtype=torch.float32)
+    def __call__(self, args):
+        self.calls.append(dict(cu_seqlens_q=args.cu_seqlens_q, cu_seqlens_k=args.cu_seqlens_k,
+                               max_seqlen_q=args.max_seqlen_q, max_seqlen_k=args.max_seqlen_k,
+                               softmax_scale=args.softmax_scale, causal=args.window_size == (-1, 0),
+                               window_size=args.window_size, dropout_p=args.dropout_p))
+        return args.q * 2, args.q.new_zeros(args.q.shape[1], args.q.shape[0], dtype=torch.float32)
 
 
 @pytest.fixture
@@ -215,7 +216,7 @@ def test_explain_returns_a_reason_per_backend(registry):
     registry(FakeBackend("ok", priority=1), FakeBackend("picky", priority=2, refuse="causal is not supported"),
              FakeBackend("absent", priority=3, unavailable="triton is not installed"))
     args = _args()
-    call = AttentionCall.of(args["q"], args["k"], args["v"], 4, 5, True, 0.0)
+    call = AttentionCall.of(args["q"], args["k"], args["v"], 4, 5, causal=True)
     reasons = hierkern.explain(call)
     assert list(reasons) == ["absent", "picky", "ok"]                 # priority order
     assert reasons == {"absent": "triton is not installed", "picky": "causal is not supported", "ok": None}
@@ -223,7 +224,7 @@ def test_explain_returns_a_reason_per_backend(registry):
 
 def test_explain_with_the_real_registry():
     args = _args()
-    call = AttentionCall.of(args["q"], args["k"], args["v"], 4, 5, False, 0.0)
+    call = AttentionCall.of(args["q"], args["k"], args["v"], 4, 5)
     reasons = hierkern.explain(call)
     assert set(reasons) == set(hierkern.backend_names())
     assert reasons["reference"] is None
@@ -233,16 +234,16 @@ def test_explain_with_the_real_registry():
 def test_attention_call_describes_the_call():
     args = _args(num_heads=6, num_kv_heads=3, head_dim=5, dtype=torch.bfloat16)
     q, k, v = args["q"], args["k"], args["v"]
-    call = AttentionCall.of(q, k, v, 4, 5, True, 0.1)
+    call = AttentionCall.of(q, k, v, 4, 5, causal=True, dropout_p=0.1)
     assert (call.device_type, call.dtype, call.head_dim, call.num_heads, call.num_kv_heads) == \
         ("cpu", torch.bfloat16, 5, 6, 3)
     assert (call.max_seqlen_q, call.max_seqlen_k, call.causal, call.dropout, call.requires_grad) == \
         (4, 5, True, True, False)
     k.requires_grad_()
-    assert AttentionCall.of(q, k, v, 4, 5, False, 0.0).requires_grad
+    assert AttentionCall.of(q, k, v, 4, 5).requires_grad
     with torch.no_grad():
-        assert not AttentionCall.of(q, k, v, 4, 5, False, 0.0).requires_grad
-    assert not AttentionCall.of(q, k, v, 4, 5, False, 0.0).dropout
+        assert not AttentionCall.of(q, k, v, 4, 5).requires_grad
+    assert not AttentionCall.of(q, k, v, 4, 5).dropout
 
 
 # -- torch.compile ----------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import hierkern
+from hierkern.backends import get_backend
 
 from .cases import HEAD_CONFIGS, grad, named_layout, make_problem, rel_err, skip_if_refused
 from .oracle import attention as oracle_attention
@@ -32,6 +33,7 @@ def test_double_backward_is_right_or_refused_in_words(backend):
         got = second_order(*problem.leaves, lambda q, k, v: hierkern.varlen_attention(
             q, k, v, problem.cu_q, problem.cu_k, causal=True, backend=name))
     except (NotImplementedError, RuntimeError) as exc:
+        assert not get_backend(name).capabilities.double_backward, f"{name} declares double backward: {exc}"
         assert re.search(r"backend=[\"']reference[\"']", str(exc)), f"a refusal must name the backend to use: {exc}"
         return
     leaves = tuple(t.detach().cpu().double().requires_grad_(True) for t in problem.leaves)

@@ -121,6 +121,14 @@ def _bad_cases():
         ("scale-tensor", dict(softmax_scale=torch.tensor(0.5)), TypeError, r"softmax_scale must be a float"),
         ("causal-int", dict(causal=1), TypeError, r"causal must be a bool, got int"),
         ("causal-tensor", dict(causal=torch.tensor(True)), TypeError, r"causal must be a bool, got Tensor"),
+        ("window-int", dict(window_size=3), TypeError, r"window_size must be a tuple of two ints"),
+        ("window-three", dict(window_size=(1, 2, 3)), TypeError, r"window_size must be a tuple of two ints"),
+        ("window-float", dict(window_size=(1.0, 2)), TypeError, r"window_size must be a tuple of two ints"),
+        ("window-bool", dict(window_size=(True, 2)), TypeError, r"window_size must be a tuple of two ints"),
+        ("window-below-minus-one", dict(window_size=(-2, 0)), ValueError,
+         r"window_size bounds must be >= 0, or -1 for unbounded, got \(-2, 0\)"),
+        ("window-causal-right", dict(window_size=(2, 3), causal=True), ValueError,
+         r"causal=True means window_size=\(left, 0\); got window_size=\(2, 3\)"),
         ("dropout-negative", dict(dropout_p=-0.1), ValueError, r"dropout_p must be in \[0, 1\), got -0.1"),
         ("dropout-one", dict(dropout_p=1.0), ValueError, r"dropout_p must be in \[0, 1\)"),
         ("dropout-nan", dict(dropout_p=math.nan), ValueError, r"dropout_p must be in \[0, 1\)"),
@@ -149,7 +157,7 @@ def test_refusal_names_the_reason(backend):
     """A backend asked for a call it does not support says why, and "auto" still finds one that does."""
     name, device = backend
     problem = make_problem(LAYOUT, HEAD_CONFIGS[-1], device)  # float64: not every backend takes it
-    reason = hierkern.explain(hierkern.AttentionCall.of(problem.q, problem.k, problem.v, 5, 5, False, 0.0))[name]
+    reason = hierkern.explain(hierkern.AttentionCall.of(problem.q, problem.k, problem.v, 5, 5))[name]
     if reason is None:
         run(name, problem, grads=False)
         return

@@ -1,5 +1,5 @@
 """Every backend against the float64 oracle: outputs, lse and gradients on the adversarial layouts, in every
-dtype, causal or not, with GQA/MQA and unequal query/key lengths; low-precision errors bounded by the reference
+dtype, unmasked, causal and sliding windows, with GQA/MQA and unequal query/key lengths; low-precision errors bounded by the reference
 backend's own error in that dtype."""
 
 import functools
@@ -7,8 +7,11 @@ import functools
 import pytest
 import torch
 
-from .cases import (HEAD_CONFIGS, LAYOUT_IDS, LAYOUTS, HeadConfig, bar, check_lse, errors, make_problem,
-                    named_layout, record, run, run_oracle, skip_if_refused, skip_if_too_big_for_an_interpreter)
+import hierkern
+
+from .cases import (HEAD_CONFIGS, LAYOUT_IDS, LAYOUTS, MASKS, MORE_WINDOWS, HeadConfig, bar, check_lse, errors,
+                    make_problem, mask_params, named_layout, record, run, run_oracle, skip_if_refused,
+                    skip_if_too_big_for_an_interpreter)
 from helpers import Layout
 
 
@@ -48,12 +51,40 @@ def _check(name, device, layout, config, causal, softmax_scale=None):
 
 
 @pytest.mark.parametrize("config", HEAD_CONFIGS, ids=lambda c: c.name)
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@mask_params(MASKS)
 @pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
-def test_matches_oracle(backend, layout, causal, config):
+def test_matches_oracle(backend, layout, window, config):
     name, device = backend
     skip_if_too_big_for_an_interpreter(name, device, layout)
-    _check(name, device, layout, config, causal)
+    _check(name, device, layout, config, window)
+
+
+@pytest.mark.parametrize("config", [HEAD_CONFIGS[0], HEAD_CONFIGS[2]], ids=lambda c: c.name)
+@mask_params(MORE_WINDOWS)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
+def test_window_shapes_match_oracle(backend, layout, window, config):
+    name, device = backend
+    skip_if_too_big_for_an_interpreter(name, device, layout)
+    _check(name, device, layout, config, window)
+
+
+@pytest.mark.parametrize("window", [(-1, 0), (5, 0), (-1, -1), (1000, 1000), (2, 1)], ids=str)
+def test_causal_flag_and_window_agree(backend, window):
+    """``causal=True`` is ``window_size=(left, 0)``, bit for bit; a window wider than every segment computes
+    what no mask computes."""
+    name, device = backend
+    problem = make_problem(named_layout("long-among-tiny"), HEAD_CONFIGS[0], device)
+    skip_if_refused(name, problem, window)
+    out, lse, grads = run(name, problem, window)
+    if window[1] == 0:
+        q, k, v = problem.leaves
+        flagged = hierkern.varlen_attention(q, k, v, problem.cu_q, problem.cu_k, causal=True,
+                                            window_size=(window[0], -1), return_lse=True, backend=name)
+        assert torch.equal(out, flagged[0]) and torch.equal(lse, flagged[1])
+    if window == (1000, 1000):
+        full = run(name, problem, (-1, -1))
+        torch.testing.assert_close(out, full[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lse, full[1], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("softmax_scale", [0.0, -0.7, 2.5])
