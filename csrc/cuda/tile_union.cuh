@@ -4,8 +4,8 @@
 // skips what lies between their windows (a segment's keys before its first row's window, segments without
 // queries).
 //
-// Built once per CTA with one prefix sum. The rows' intervals have non-decreasing ends (schedule.cuh), so
-// everything rows 0..r-1 cover below end_{r-1} is already counted and row r adds
+// Built once per CTA with one prefix sum. Both ends of the rows' intervals are non-decreasing (schedule.cuh),
+// so rows 0..r-1 cover nothing at or above end_{r-1} and row r adds
 // fresh_r = end_r - max(begin_r, end_{r-1}) new tokens, all at the top. With slot_end_r the inclusive prefix
 // sum of fresh, row r's own tokens are the contiguous slots [slot_end_r - len_r, slot_end_r), and slot s
 // holds token s + shift_r for the first row r with slot_end_r > s.
