@@ -41,8 +41,8 @@ struct EmuBwd {
 // tensor's own strides; outputs are dense.
 void fill(VarlenArgs& a, int dtype, int head_dim, int num_heads, int num_kv_heads, int total_q, int total_k,
           int num_segments, const void* q, const void* k, const void* v, const long long* strides, const int* cu_q,
-          const int* cu_k, float scale, int causal, float dropout_p, unsigned long long seed,
-          unsigned long long offset) {
+          const int* cu_k, float scale, int window_left, int window_right, float dropout_p,
+          unsigned long long seed, unsigned long long offset) {
   a.dtype = static_cast<DType>(dtype);
   a.head_dim = head_dim;
   a.num_heads = num_heads;
@@ -62,7 +62,7 @@ void fill(VarlenArgs& a, int dtype, int head_dim, int num_heads, int num_kv_head
   a.cu_seqlens_q = cu_q;
   a.cu_seqlens_k = cu_k;
   a.softmax_scale = scale;
-  a.causal = causal != 0;
+  a.window = Window{window_left, window_right};
   a.dropout_p = dropout_p;
   a.seed = seed;
   a.offset = offset;
@@ -74,11 +74,11 @@ extern "C" {
 
 int emu_varlen_fwd(int dtype, int head_dim, int num_heads, int num_kv_heads, int total_q, int total_k,
                    int num_segments, const void* q, const void* k, const void* v, const long long* strides,
-                   const int* cu_q, const int* cu_k, float scale, int causal, float dropout_p, unsigned long long seed,
-                   unsigned long long offset, void* out, float* lse) {
+                   const int* cu_q, const int* cu_k, float scale, int window_left, int window_right,
+                   float dropout_p, unsigned long long seed, unsigned long long offset, void* out, float* lse) {
   FwdArgs a{};
   fill(a, dtype, head_dim, num_heads, num_kv_heads, total_q, total_k, num_segments, q, k, v, strides, cu_q, cu_k,
-       scale, causal, dropout_p, seed, offset);
+       scale, window_left, window_right, dropout_p, seed, offset);
   a.out = out;
   a.lse = lse;
   if (total_q == 0) return cudaSuccess;
@@ -87,12 +87,12 @@ int emu_varlen_fwd(int dtype, int head_dim, int num_heads, int num_kv_heads, int
 
 int emu_varlen_bwd(int dtype, int head_dim, int num_heads, int num_kv_heads, int total_q, int total_k,
                    int num_segments, const void* q, const void* k, const void* v, const long long* strides,
-                   const int* cu_q, const int* cu_k, float scale, int causal, float dropout_p, unsigned long long seed,
-                   unsigned long long offset, const void* dout, const float* lse, float* delta, void* dq, void* dk,
-                   void* dv) {
+                   const int* cu_q, const int* cu_k, float scale, int window_left, int window_right,
+                   float dropout_p, unsigned long long seed, unsigned long long offset, const void* dout,
+                   const float* lse, float* delta, void* dq, void* dk, void* dv) {
   BwdArgs a{};
   fill(a, dtype, head_dim, num_heads, num_kv_heads, total_q, total_k, num_segments, q, k, v, strides, cu_q, cu_k,
-       scale, causal, dropout_p, seed, offset);
+       scale, window_left, window_right, dropout_p, seed, offset);
   a.dout = dout;
   a.dout_token_stride = strides[6];
   a.dout_head_stride = strides[7];

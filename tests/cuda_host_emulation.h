@@ -1,6 +1,6 @@
 // Host emulation of the CUDA execution model, enough to run csrc/cuda's kernels on the CPU for tests: each
 // CUDA thread of a CTA is a fiber, __syncthreads is a CTA-wide barrier, and the warp collectives the
-// kernels use (__shfl_xor_sync, __reduce_max_sync, full mask) exchange values through per-warp barriers.
+// kernels use (__shfl_xor_sync, __shfl_up_sync, __reduce_max_sync, full mask) exchange values through per-warp barriers.
 // Every lane must therefore reach every barrier and collective the same number of times, exactly what the
 // hardware demands: a divergent collective never completes here (the test's timeout turns that into a
 // failure), and a fiber that finishes while others wait at a barrier hangs likewise.
@@ -165,6 +165,15 @@ inline float __shfl_xor_sync(unsigned, float x, int lane_mask) {
   buffer[lane] = x;
   hk_emu::wait(w.barrier);
   return buffer[lane ^ lane_mask];
+}
+
+inline int __shfl_up_sync(unsigned, int x, unsigned delta) {
+  hk_emu::Warp& w = hk_emu::my_warp();
+  const int lane = static_cast<int>(hk_emu::thread_idx.x % 32);
+  int* buffer = w.ints[hk_emu::fibers[hk_emu::thread_idx.x].collectives++ % 2];
+  buffer[lane] = x;
+  hk_emu::wait(w.barrier);
+  return lane >= static_cast<int>(delta) ? buffer[lane - delta] : x;
 }
 
 inline int __reduce_max_sync(unsigned, int x) {

@@ -15,26 +15,39 @@ from helpers import Layout, offsets_of
 from hierkern.philox import dropout_threshold, keep_mask, philox4x32_10  # noqa: F401  (the tests' model)
 
 
-def visibility(layout: Layout, causal: bool) -> torch.Tensor:
-    """Bool ``(total_q, total_k)``: whether packed query i sees packed key j (segment and bottom-right causal
-    masks)."""
+def window_of(mask: bool | tuple[int, int]) -> tuple[int, int]:
+    """FlashAttention's ``window_size`` (left, right), -1 unbounded, from a window or a causal flag:
+    causal is (-1, 0), no mask (-1, -1)."""
+    if isinstance(mask, bool):
+        return (-1, 0) if mask else (-1, -1)
+    return mask
+
+
+def visibility(layout: Layout, mask: bool | tuple[int, int]) -> torch.Tensor:
+    """Bool ``(total_q, total_k)``: whether packed query i sees packed key j: the segment mask and the sliding
+    window ``mask`` (a causal flag or (left, right)), bottom-right aligned: query position i of a segment
+    with lq queries and lk keys sees key position j iff i + lk - lq - left <= j <= i + lk - lq + right."""
+    left, right = window_of(mask)
     lq, lk = torch.tensor(layout.lengths_q), torch.tensor(layout.keys)
     n = len(layout.lengths_q)
     ids_q, ids_k = torch.repeat_interleave(torch.arange(n), lq), torch.repeat_interleave(torch.arange(n), lk)
     pos_q = torch.arange(len(ids_q)) - offsets_of(layout.lengths_q)[:-1].long()[ids_q]
     pos_k = torch.arange(len(ids_k)) - offsets_of(layout.keys)[:-1].long()[ids_k]
     allowed = ids_q[:, None] == ids_k[None, :]
-    if causal:
-        allowed &= pos_k[None, :] <= pos_q[:, None] + (lk - lq)[ids_q][:, None]
+    diagonal = pos_q[:, None] + (lk - lq)[ids_q][:, None]
+    if left >= 0:
+        allowed &= pos_k[None, :] >= diagonal - left
+    if right >= 0:
+        allowed &= pos_k[None, :] <= diagonal + right
     return allowed
 
 
-def dense_attention(q, k, v, layout: Layout, causal: bool, softmax_scale: float,
+def dense_attention(q, k, v, layout: Layout, mask: bool | tuple[int, int], softmax_scale: float,
                     keep: torch.Tensor | None = None, p: float = 0.0) -> torch.Tensor:
-    """Differentiable attention over all packed tokens at once with the block-diagonal (and bottom-right
-    causal) mask, and dropout given as an explicit keep mask ``(H, total_q, total_k)``:
+    """Differentiable attention over all packed tokens at once with the block-diagonal and window (or
+    causal) mask (``visibility``), and dropout given as an explicit keep mask ``(H, total_q, total_k)``:
     ``out = (P * keep / (1 - p)) v``. Rows with no visible key give zeros."""
-    allowed = visibility(layout, causal)
+    allowed = visibility(layout, mask)
     group = q.shape[1] // k.shape[1]
     scores = torch.einsum("qhd,khd->hqk", q, k.repeat_interleave(group, 1)) * softmax_scale
     has_keys = allowed.any(-1)[None, :, None]
@@ -46,7 +59,7 @@ def dense_attention(q, k, v, layout: Layout, causal: bool, softmax_scale: float,
     return torch.einsum("hqk,khd->qhd", probs, v.repeat_interleave(group, 1))
 
 
-def rowwise_attention(q, k, v, dout, layout: Layout, causal: bool, softmax_scale: float):
+def rowwise_attention(q, k, v, dout, layout: Layout, mask: bool | tuple[int, int], softmax_scale: float):
     """Forward and backward in float64 with every sum taken over visible (query, key) pairs only, so that an
     inf or NaN reaches exactly the rows, keys and gradients IEEE arithmetic carries it to: a masked pair
     contributes nothing, not ``0 * x``. P = exp(s - logsumexp(s)) over each row's visible keys, as in
@@ -56,7 +69,7 @@ def rowwise_attention(q, k, v, dout, layout: Layout, causal: bool, softmax_scale
     q, k, v, dout = (t.detach().double() for t in (q, k, v, dout))
     group = q.shape[1] // k.shape[1]
     kh, vh = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)   # (total_k, H, D)
-    seen = visibility(layout, causal)[None]                                  # (1, total_q, total_k)
+    seen = visibility(layout, mask)[None]                                  # (1, total_q, total_k)
 
     def visible_sum(terms, dim):  # terms (H, total_q, total_k, D)
         return torch.where(seen[..., None], terms, 0.0).sum(dim)

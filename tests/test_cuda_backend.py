@@ -24,9 +24,9 @@ from hierkern.backends import AttentionCall, explain, get_backend
 from hierkern.reference import varlen_attention_reference
 
 from helpers import Layout, adversarial_layouts, offsets_of, random_qkv, rel_err
-from cuda_oracles import dense_attention, keep_mask, rowwise_attention
-from test_cuda_emulation import (ISOLATION_CONFIG, ISOLATION_LAYOUTS, POISONS, _poison_sites, _reach,
-                                 _same_class)
+from cuda_oracles import dense_attention, keep_mask, rowwise_attention, window_of
+from test_cuda_emulation import (FLOOR as EMULATION_FLOOR, ISOLATION_CONFIG, ISOLATION_LAYOUTS, POISONS,
+                                 WINDOW_LAYOUT, _poison_sites, _reach, _same_class)
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -56,7 +56,7 @@ def _inputs(layout, heads, dtype, requires_grad=False, seed=0):
     return q, k, v, offsets_of(layout.lengths_q, "cuda"), offsets_of(layout.keys, "cuda")
 
 
-@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("causal", [False, True, (2, 1)], ids=str)
 @pytest.mark.parametrize("layout", [LAYOUTS[0], LAYOUTS[6], LAYOUTS[7]], ids=lambda lay: lay.name)
 def test_dropout_matches_philox_model_exactly(layout, causal):
     """Forward and gradients under dropout against a float64 model that applies the kernel's own mask
@@ -65,7 +65,7 @@ def test_dropout_matches_philox_model_exactly(layout, causal):
     q, k, v, cu_q, cu_k = _inputs(layout, heads, torch.float32, requires_grad=True)
     rng_state = torch.tensor([seed, offset], dtype=torch.int64)
     out, lse = torch.ops.hierkern.varlen_fwd(q, k, v, cu_q, cu_k, max(layout.lengths_q), max(layout.keys),
-                                             1 / math.sqrt(64), causal, p, rng_state)
+                                             1 / math.sqrt(64), *window_of(causal), p, rng_state)
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     grads = torch.autograd.grad(out, (q, k, v), dout.to("cuda", torch.float32))
 
@@ -78,7 +78,7 @@ def test_dropout_matches_philox_model_exactly(layout, causal):
         assert rel_err(g, r) < 1e-5, f"d{name}"
     # The same rng_state draws the same mask; another offset draws another.
     again, _ = torch.ops.hierkern.varlen_fwd(q, k, v, cu_q, cu_k, max(layout.lengths_q), max(layout.keys),
-                                             1 / math.sqrt(64), causal, p, rng_state)
+                                             1 / math.sqrt(64), *window_of(causal), p, rng_state)
     assert torch.equal(out, again)
 
 
@@ -133,14 +133,15 @@ def test_offsets_of_any_stride():
             runs.append((out, *torch.autograd.grad(out, (q, k, v), dout)))
         assert all(torch.equal(a, b) for a, b in zip(*runs))
         args = (q.detach(), k.detach(), v.detach())
-        fwd = [torch.ops.hierkern.varlen_fwd(*args, cu, cu, 5, 5, 0.125, causal, 0.0, None) for cu in (strided, dense)]
+        fwd = [torch.ops.hierkern.varlen_fwd(*args, cu, cu, 5, 5, 0.125, *window_of(causal), 0.0, None)
+               for cu in (strided, dense)]
         assert all(torch.equal(a, b) for a, b in zip(*fwd))
-        bwd = [torch.ops.hierkern.varlen_bwd(dout, *args, *fwd[1], cu, cu, 5, 5, 0.125, causal, 0.0, None)
+        bwd = [torch.ops.hierkern.varlen_bwd(dout, *args, *fwd[1], cu, cu, 5, 5, 0.125, *window_of(causal), 0.0, None)
                for cu in (strided, dense)]
         assert all(torch.equal(a, b) for a, b in zip(*bwd))
 
 
-@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("causal", [False, True, (3, 1)], ids=str)
 @pytest.mark.parametrize("layout", ISOLATION_LAYOUTS, ids=[lay.name for lay in ISOLATION_LAYOUTS])
 @pytest.mark.parametrize("tensor,value", POISONS, ids=[f"{t}-{v}".replace(" ", "-") for t, v in POISONS])
 def test_nonfinite_token_reaches_only_the_rows_that_attend_to_it(tensor, value, layout, causal):
@@ -157,8 +158,9 @@ def test_nonfinite_token_reaches_only_the_rows_that_attend_to_it(tensor, value, 
     max_q, max_k = max(layout.lengths_q), max(layout.keys)
 
     def run(q, k, v, dout):
-        out, lse = torch.ops.hierkern.varlen_fwd(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, 0.0, None)
-        grads = torch.ops.hierkern.varlen_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, causal,
+        window = window_of(causal)
+        out, lse = torch.ops.hierkern.varlen_fwd(q, k, v, cu_q, cu_k, max_q, max_k, scale, *window, 0.0, None)
+        grads = torch.ops.hierkern.varlen_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, *window,
                                               0.0, None)
         return [t.cpu() for t in (out, lse, *grads)]
 
@@ -184,6 +186,29 @@ def test_nonfinite_token_reaches_only_the_rows_that_attend_to_it(tensor, value, 
             raise AssertionError(f"{name}: differs from the float64 rowwise oracle") from exc
 
 
+@pytest.mark.parametrize("window", [(0, 0), (2, 1), (5, -1), (-1, 2), (2**31 - 1, 0)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_windows_against_the_rowwise_oracle(dtype, window):
+    """tests/test_cuda_emulation.py's window layout on the GPU, within 2x (outputs) / 3x (gradients) the error
+    of rounding the float64 oracle to the dtype, plus 1e-6 per element where a gradient vanishes."""
+    q, k, v, cu_q, cu_k = _inputs(WINDOW_LAYOUT, (4, 2, 64), dtype)
+    scale = 0.7 / math.sqrt(64)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to("cuda", dtype)
+    max_q, max_k = max(WINDOW_LAYOUT.lengths_q), max(WINDOW_LAYOUT.keys)
+    out, lse = torch.ops.hierkern.varlen_fwd(q, k, v, cu_q, cu_k, max_q, max_k, scale, *window, 0.0, None)
+    grads = torch.ops.hierkern.varlen_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, *window, 0.0,
+                                          None)
+    ref_out, ref_lse, *ref_grads = rowwise_attention(q.cpu(), k.cpu(), v.cpu(), dout.cpu(), WINDOW_LAYOUT, window,
+                                                     scale)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse.cpu()), finite) and (lse.cpu()[~finite] == -math.inf).all()
+    assert (lse.cpu().double()[finite] - ref_lse[finite]).abs().max().item() < 1e-4
+    for name, factor, got, want in zip(("out", "dq", "dk", "dv"), (2, 3, 3, 3), (out, *grads), (ref_out, *ref_grads)):
+        rtol = factor * rel_err(want.to(dtype), want) + EMULATION_FLOOR[dtype]
+        error = (got.cpu().double() - want).norm().item()
+        assert error <= rtol * want.norm().item() + 1e-6 * want.numel() ** 0.5, name
+
+
 def test_many_words_and_one_long_segment_against_reference():
     gen = torch.Generator().manual_seed(5)
     lengths = torch.randint(1, 12, (20000,), generator=gen).tolist() + [1500]
@@ -199,16 +224,16 @@ def test_many_words_and_one_long_segment_against_reference():
         assert rel_err(out, hi) <= 2 * rel_err(own, hi) + FLOOR[torch.bfloat16]
 
 
-@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("causal", [False, True, (2, 1)], ids=str)
 def test_opcheck(causal):
     for layout in (LAYOUTS[0], LAYOUTS[6]):
         q, k, v, cu_q, cu_k = _inputs(layout, (4, 2, 32), torch.float16, requires_grad=True)
-        args = (q, k, v, cu_q, cu_k, max(layout.lengths_q), max(layout.keys), 0.2, causal, 0.0, None)
+        args = (q, k, v, cu_q, cu_k, max(layout.lengths_q), max(layout.keys), 0.2, *window_of(causal), 0.0, None)
         torch.library.opcheck(torch.ops.hierkern.varlen_fwd.default, args)
         out, lse = torch.ops.hierkern.varlen_fwd(*args)
         dout = torch.randn_like(out)
         bwd_args = (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse, cu_q, cu_k,
-                    max(layout.lengths_q), max(layout.keys), 0.2, causal, 0.0, None)
+                    max(layout.lengths_q), max(layout.keys), 0.2, *window_of(causal), 0.0, None)
         torch.library.opcheck(torch.ops.hierkern.varlen_bwd.default, bwd_args)
 
 
@@ -255,16 +280,20 @@ def test_op_rejects_bad_arguments():
     cu = offsets_of([5], "cuda")
     fwd = torch.ops.hierkern.varlen_fwd
     with pytest.raises(ValueError, match="rng_state"):
-        fwd(q, q, q, cu, cu, 5, 5, 0.125, False, 0.1, None)
+        fwd(q, q, q, cu, cu, 5, 5, 0.125, -1, -1, 0.1, None)
     with pytest.raises(TypeError, match="cu_seqlens_q"):
-        fwd(q, q, q, cu.long(), cu, 5, 5, 0.125, False, 0.0, None)
+        fwd(q, q, q, cu.long(), cu, 5, 5, 0.125, -1, -1, 0.0, None)
     with pytest.raises(ValueError, match="head_dim"):
-        fwd(q[..., :48], q[..., :48], q[..., :48], cu, cu, 5, 5, 0.125, False, 0.0, None)
+        fwd(q[..., :48], q[..., :48], q[..., :48], cu, cu, 5, 5, 0.125, -1, -1, 0.0, None)
     with pytest.raises(TypeError, match="dtype"):
-        fwd(q, q.float(), q, cu, cu, 5, 5, 0.125, False, 0.0, None)
+        fwd(q, q.float(), q, cu, cu, 5, 5, 0.125, -1, -1, 0.0, None)
+    with pytest.raises(ValueError, match="window_left"):
+        fwd(q, q, q, cu, cu, 5, 5, 0.125, -2, 0, 0.0, None)
+    with pytest.raises(ValueError, match="window_right"):
+        fwd(q, q, q, cu, cu, 5, 5, 0.125, 3, -5, 0.0, None)
     no_segments = torch.zeros(1, dtype=torch.int32, device="cuda")
     with pytest.raises(ValueError, match="no segment"):
-        fwd(q, q, q, no_segments, no_segments, 0, 0, 0.125, False, 0.0, None)
+        fwd(q, q, q, no_segments, no_segments, 0, 0, 0.125, -1, -1, 0.0, None)
 
 
 _SANITIZER_CASE = """
@@ -273,12 +302,21 @@ from hierkern.ops.cuda_attention import load_jit
 load_jit()
 lengths = [0, 1, 3, 63, 64, 65, 5, 2, 0, 130]
 cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+keys = [2, 1, 9, 60, 70, 64, 0, 2, 5, 150]
+cu_k = torch.tensor([0] + torch.tensor(keys).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
 for dtype, d in ((torch.bfloat16, 64), (torch.float32, 128), (torch.float16, 32)):
     q = torch.randn(cu[-1].item(), 4, d, device="cuda", dtype=dtype, requires_grad=True)
     k = torch.randn(cu[-1].item(), 2, d, device="cuda", dtype=dtype, requires_grad=True)
     for causal in (False, True):
         out = hierkern.varlen_attention(q, k, k, cu, causal=causal, dropout_p=0.1, backend="cuda")
         out.float().sum().backward()
+    # Windows through the raw ops, with more keys than queries and keys without queries: the tiles' unions
+    # have gaps (slots mapped by search).
+    x = torch.randn(sum(keys), 2, d, device="cuda", dtype=dtype)
+    rng_state = torch.tensor([1, 2], dtype=torch.int64)
+    for window in ((3, 1), (0, 2)):
+        out, lse = torch.ops.hierkern.varlen_fwd(q, x, x, cu, cu_k, 130, 150, 0.125, *window, 0.1, rng_state)
+        torch.ops.hierkern.varlen_bwd(out, q, x, x, out, lse, cu, cu_k, 130, 150, 0.125, *window, 0.1, rng_state)
 torch.cuda.synchronize()
 """
 

@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import adversarial_layouts, offsets_of
-from cuda_oracles import dropout_threshold, keep_mask, philox4x32_10
+from helpers import Layout, adversarial_layouts, offsets_of
+from cuda_oracles import dropout_threshold, keep_mask, philox4x32_10, visibility
 
 ROOT = Path(__file__).resolve().parent.parent
 CSRC_CUDA = ROOT / "csrc" / "cuda"
@@ -423,14 +423,10 @@ using namespace hierkern;
 using namespace hierkern::cuda;
 extern "C" {
 int hk_find_segment(const int* offsets, int n, int token) { return find_segment(offsets, n, token); }
-void hk_keys_of_query(const int* q, const int* k, int n, int row, int causal, int* out) {
-  Interval i = keys_of_query(q, k, n, row, causal != 0); out[0] = i.begin; out[1] = i.end; }
-void hk_queries_of_key(const int* q, const int* k, int n, int col, int causal, int* out) {
-  Interval i = queries_of_key(q, k, n, col, causal != 0); out[0] = i.begin; out[1] = i.end; }
-void hk_tile_keys(const int* q, const int* k, int n, int row0, int rows, int causal, int* out) {
-  Interval i = tile_keys(q, k, n, row0, rows, causal != 0); out[0] = i.begin; out[1] = i.end; }
-void hk_tile_queries(const int* q, const int* k, int n, int col0, int cols, int causal, int* out) {
-  Interval i = tile_queries(q, k, n, col0, cols, causal != 0); out[0] = i.begin; out[1] = i.end; }
+void hk_keys_of_query(const int* q, const int* k, int n, int row, int left, int right, int* out) {
+  Interval i = keys_of_query(q, k, n, row, Window{left, right}); out[0] = i.begin; out[1] = i.end; }
+void hk_queries_of_key(const int* q, const int* k, int n, int col, int left, int right, int* out) {
+  Interval i = queries_of_key(q, k, n, col, Window{left, right}); out[0] = i.begin; out[1] = i.end; }
 void hk_philox(const unsigned* ctr, unsigned k0, unsigned k1, unsigned* out) {
   Philox4x32 r = philox4x32_10(Philox4x32{{ctr[0], ctr[1], ctr[2], ctr[3]}}, k0, k1);
   for (int i = 0; i < 4; ++i) out[i] = r.x[i]; }
@@ -459,31 +455,21 @@ def host_lib(tmp_path_factory):
 
 
 class _Layout:
-    """A layout's offsets as C arrays, and the semantics' visibility matrix (reference.py's rule)."""
+    """A layout's offsets as C arrays, and the semantics' visibility matrix (cuda_oracles.visibility)."""
 
-    def __init__(self, lengths_q, lengths_k, causal):
+    def __init__(self, lengths_q, lengths_k, window):
         self.cu_q = offsets_of(lengths_q).tolist()
         self.cu_k = offsets_of(lengths_k).tolist()
         self.n = len(lengths_q)
         self.total_q, self.total_k = self.cu_q[-1], self.cu_k[-1]
         self.c_q = (ctypes.c_int * len(self.cu_q))(*self.cu_q)
         self.c_k = (ctypes.c_int * len(self.cu_k))(*self.cu_k)
-        self.causal = causal
-        self.visible = torch.zeros(self.total_q, self.total_k, dtype=torch.bool)
-        for s in range(self.n):
-            q0, q1, k0, k1 = self.cu_q[s], self.cu_q[s + 1], self.cu_k[s], self.cu_k[s + 1]
-            lq, lk = q1 - q0, k1 - k0
-            allowed = torch.ones(lq, lk, dtype=torch.bool)
-            if causal:
-                allowed = torch.arange(lk)[None, :] <= torch.arange(lq)[:, None] + (lk - lq)
-            self.visible[q0:q1, k0:k1] = allowed
-        # Tokens nobody needs: keys no query sees (e.g. segments with no queries) and queries that see no key.
-        self.unseen_keys = ~self.visible.any(0)
-        self.blind_queries = ~self.visible.any(1)
+        self.window = window
+        self.visible = visibility(Layout("", tuple(lengths_q), tuple(lengths_k)), window)
 
     def call(self, fn, *args):
         out = (ctypes.c_int * 2)()
-        fn(self.c_q, self.c_k, self.n, *args, int(self.causal), out)
+        fn(self.c_q, self.c_k, self.n, *args, *self.window, out)
         return out[0], out[1]
 
 
@@ -497,46 +483,32 @@ def _schedule_layouts():
     return layouts
 
 
+# FlashAttention's window_size (left, right): none, causal, sliding windows on one side, both or neither, and
+# sides of 2^31 - 1 that overflow int when added to a position.
+SCHEDULE_WINDOWS = [(-1, -1), (-1, 0), (0, 0), (2, 1), (0, -1), (5, 2), (1, 5), (-1, 3), (2**31 - 1, 3),
+                    (3, 2**31 - 1)]
+
+
 @requires_cxx
-@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("window", SCHEDULE_WINDOWS, ids=str)
 @pytest.mark.parametrize("lengths", _schedule_layouts())
-def test_schedule_matches_the_semantics(host_lib, lengths, causal):
-    lay = _Layout(*lengths, causal)
+def test_schedule_matches_the_semantics(host_lib, lengths, window):
+    """Each row's interval is exactly what it sees, both ends non-decreasing in the row (what
+    csrc/cuda/tile_union.cuh's prefix sum relies on); likewise for key rows."""
+    lay = _Layout(*lengths, window)
+    for rows, other, fn, visible in ((lay.total_q, lay.total_k, host_lib.hk_keys_of_query, lay.visible),
+                                     (lay.total_k, lay.total_q, host_lib.hk_queries_of_key, lay.visible.t())):
+        last = (0, 0)
+        for row in range(rows):
+            begin, end = lay.call(fn, row)
+            expect = torch.zeros(other, dtype=torch.bool)
+            expect[begin:end] = True
+            assert 0 <= begin <= end <= other and torch.equal(expect, visible[row]), (row, begin, end)
+            assert begin >= last[0] and end >= last[1], (row, last, begin, end)
+            last = (begin, end)
     for row in range(lay.total_q):
         seg = host_lib.hk_find_segment(lay.c_q, lay.n, row)
         assert lay.cu_q[seg] <= row < lay.cu_q[seg + 1]
-        begin, end = lay.call(host_lib.hk_keys_of_query, row)
-        expect = torch.zeros(lay.total_k, dtype=torch.bool)
-        expect[begin:end] = True
-        assert begin <= end and torch.equal(expect, lay.visible[row]), (row, begin, end)
-    for col in range(lay.total_k):
-        begin, end = lay.call(host_lib.hk_queries_of_key, col)
-        expect = torch.zeros(lay.total_q, dtype=torch.bool)
-        expect[begin:end] = True
-        assert begin <= end and torch.equal(expect, lay.visible[:, col]), (col, begin, end)
-
-    # Tiles (the kernels use 16, 32 or 64 rows): the streamed range holds every key a row of the tile sees
-    # (correctness) and nothing else but keys that no query at all sees (no other wasted loads); likewise
-    # for key tiles.
-    for tile in (1, 3, 16, 32, 64):
-        for row0 in range(0, lay.total_q, tile):
-            rows = min(tile, lay.total_q - row0)
-            begin, end = lay.call(host_lib.hk_tile_keys, row0, rows)
-            assert 0 <= begin <= end <= lay.total_k
-            needed = lay.visible[row0:row0 + rows].any(0)
-            streamed = torch.zeros(lay.total_k, dtype=torch.bool)
-            streamed[begin:end] = True
-            assert not (needed & ~streamed).any(), (tile, row0)
-            assert not (streamed & ~needed & ~lay.unseen_keys).any(), (tile, row0)
-        for col0 in range(0, lay.total_k, tile):
-            cols = min(tile, lay.total_k - col0)
-            begin, end = lay.call(host_lib.hk_tile_queries, col0, cols)
-            assert 0 <= begin <= end <= lay.total_q
-            needed = lay.visible[:, col0:col0 + cols].any(1)
-            streamed = torch.zeros(lay.total_q, dtype=torch.bool)
-            streamed[begin:end] = True
-            assert not (needed & ~streamed).any(), (tile, col0)
-            assert not (streamed & ~needed & ~lay.blind_queries).any(), (tile, col0)
 
 
 # Random123's published known-answer vectors for Philox4x32-10 (kat_vectors).

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cuda_oracles import dense_attention, keep_mask, rowwise_attention, visibility
+from cuda_oracles import dense_attention, keep_mask, rowwise_attention, visibility, window_of
 from helpers import Layout, adversarial_layouts, offsets_of, random_qkv, rel_err
 from hierkern.reference import varlen_attention_reference
 from test_cuda_build import CACHE, CSRC_COMMON, CSRC_CUDA, _cuda_include
@@ -54,35 +54,37 @@ def emu():
         os.replace(private, lib)
     handle = ctypes.CDLL(str(lib))
     ptr, i32 = ctypes.c_void_p, ctypes.c_int
-    common = [i32] * 7 + [ptr] * 6 + [ctypes.c_float, i32, ctypes.c_float, ctypes.c_ulonglong, ctypes.c_ulonglong]
+    common = [i32] * 7 + [ptr] * 6 + [ctypes.c_float, i32, i32, ctypes.c_float, ctypes.c_ulonglong,
+                                      ctypes.c_ulonglong]
     handle.emu_varlen_fwd.argtypes = common + [ptr, ptr]
     handle.emu_varlen_bwd.argtypes = common + [ptr] * 6
     return handle
 
 
-def _common(q, k, v, cu_q, cu_k, causal, scale, p, seed, offset, dout=None):
+def _common(q, k, v, cu_q, cu_k, mask, scale, p, seed, offset, dout=None):
     # Inputs keep their own (token, head) strides, as the binding passes them; head_dim must be unit-stride.
     inputs = (q, k, v) if dout is None else (q, k, v, dout)
     assert all(t.stride(2) == 1 for t in inputs)
     strides = (ctypes.c_longlong * 8)(*[s for t in inputs for s in t.stride()[:2]])
     return (DTYPE_CODES[q.dtype], q.shape[2], q.shape[1], k.shape[1], q.shape[0], k.shape[0], cu_q.numel() - 1,
-            q.data_ptr(), k.data_ptr(), v.data_ptr(), strides, cu_q.data_ptr(), cu_k.data_ptr(), scale, int(causal),
-            p, seed, offset)
+            q.data_ptr(), k.data_ptr(), v.data_ptr(), strides, cu_q.data_ptr(), cu_k.data_ptr(), scale,
+            *window_of(mask), p, seed, offset)
 
 
-def emu_fwd(lib, q, k, v, cu_q, cu_k, causal, scale, p=0.0, seed=0, offset=0):
+def emu_fwd(lib, q, k, v, cu_q, cu_k, mask, scale, p=0.0, seed=0, offset=0):
+    """``mask``: a causal flag or a window (left, right)."""
     out = torch.full(q.shape, math.nan, dtype=q.dtype)
     lse = torch.full((q.shape[1], q.shape[0]), math.nan)
-    err = lib.emu_varlen_fwd(*_common(q, k, v, cu_q, cu_k, causal, scale, p, seed, offset), out.data_ptr(),
+    err = lib.emu_varlen_fwd(*_common(q, k, v, cu_q, cu_k, mask, scale, p, seed, offset), out.data_ptr(),
                              lse.data_ptr())
     assert err == 0, f"emulated forward failed (cudaError {err}: 719 is a deadlock)"
     return out, lse
 
 
-def emu_bwd(lib, dout, q, k, v, lse, cu_q, cu_k, causal, scale, p=0.0, seed=0, offset=0):
+def emu_bwd(lib, dout, q, k, v, lse, cu_q, cu_k, mask, scale, p=0.0, seed=0, offset=0):
     dq, dk, dv = (torch.full(t.shape, math.nan, dtype=t.dtype) for t in (q, k, v))
     delta = torch.full((q.shape[1], q.shape[0]), math.nan)
-    err = lib.emu_varlen_bwd(*_common(q, k, v, cu_q, cu_k, causal, scale, p, seed, offset, dout), dout.data_ptr(),
+    err = lib.emu_varlen_bwd(*_common(q, k, v, cu_q, cu_k, mask, scale, p, seed, offset, dout), dout.data_ptr(),
                              lse.data_ptr(), delta.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr())
     assert err == 0, f"emulated backward failed (cudaError {err}: 719 is a deadlock)"
     return dq, dk, dv
@@ -141,27 +143,28 @@ def test_forward_and_gradients_match_the_oracle(emu, layout, config, causal):
         assert rel_err(g, r) <= 3 * rel_err(o, r) + FLOOR[dtype], f"d{name}"
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_dropout_matches_the_exact_philox_mask(emu, causal):
-    """Forward and both backward passes apply the same mask, the one tests/cuda_oracles.py rebuilds."""
+@pytest.mark.parametrize("mask", [False, True, (2, 1), (0, 5)], ids=str)
+def test_dropout_matches_the_exact_philox_mask(emu, mask):
+    """Forward and both backward passes apply the same mask, the one tests/cuda_oracles.py rebuilds, at the
+    packed token indices whatever slot a window stages a key or query in."""
     layout = _ADVERSARIAL["cross-unequal"]
     p, seed, offset = 0.25, 2**40 + 17, 99
     q, k, v, cu_q, cu_k, scale = _case(layout, (torch.float32, 4, 2, 64))
-    out, lse = emu_fwd(emu, q, k, v, cu_q, cu_k, causal, scale, p, seed, offset)
+    out, lse = emu_fwd(emu, q, k, v, cu_q, cu_k, mask, scale, p, seed, offset)
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    grads = emu_bwd(emu, dout.float(), q, k, v, lse, cu_q, cu_k, causal, scale, p, seed, offset)
+    grads = emu_bwd(emu, dout.float(), q, k, v, lse, cu_q, cu_k, mask, scale, p, seed, offset)
 
     keep = keep_mask(seed, offset, q.shape[1], q.shape[0], k.shape[0], p).double()
     leaves64 = [t.double().requires_grad_() for t in (q, k, v)]
-    ref = dense_attention(*leaves64, layout, causal, scale, keep, p)
+    ref = dense_attention(*leaves64, layout, mask, scale, keep, p)
     ref_grads = torch.autograd.grad(ref, leaves64, dout)
-    _, ref_lse = varlen_attention_reference(*leaves64, cu_q, cu_k, softmax_scale=scale, causal=causal)
+    _, ref_lse, *_ = rowwise_attention(q, k, v, dout, layout, mask, scale)
     assert rel_err(out, ref) < 1e-5
     finite = torch.isfinite(ref_lse)
     assert (lse.double()[finite] - ref_lse[finite]).abs().max().item() < 1e-5  # lse ignores dropout
     for name, g, r in zip("qkv", grads, ref_grads):
         assert rel_err(g, r) < 1e-5, f"d{name}"
-    no_drop, _ = emu_fwd(emu, q, k, v, cu_q, cu_k, causal, scale)
+    no_drop, _ = emu_fwd(emu, q, k, v, cu_q, cu_k, mask, scale)
     assert rel_err(out, no_drop) > 0.05  # the mask did something
 
 
@@ -228,13 +231,13 @@ POISONS = [(t, v) for t in ("q", "k", "v", "dout") for v in (math.inf, math.nan)
     (t, v) for t in ("q", "k") for v in ("+inf element", "-inf element")]
 
 
-@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("causal", [False, True, (3, 1)], ids=str)
 @pytest.mark.parametrize("layout", ISOLATION_LAYOUTS, ids=[lay.name for lay in ISOLATION_LAYOUTS])
 @pytest.mark.parametrize("tensor,value", POISONS, ids=[f"{t}-{v}".replace(" ", "-") for t, v in POISONS])
 def test_nonfinite_token_reaches_only_the_rows_that_attend_to_it(emu, tensor, value, layout, causal):
     """Every output, lse and gradient that does not depend on the poisoned token is bit-for-bit the clean
-    run's (no 0 * inf from a causally hidden key, a key of another segment staged in the same block, or a
-    padding lane); the ones that do follow IEEE arithmetic over each row's visible keys (the float64
+    run's (no 0 * inf from a causally hidden key or one outside a window (3, 1), a key of another segment
+    staged in the same block, or a padding lane); the ones that do follow IEEE arithmetic over each row's visible keys (the float64
     rowwise oracle): NaN where it is NaN, the same infinity where it is infinite, close where finite."""
     dtype, h, hk, d = ISOLATION_CONFIG
     q, k, v, cu_q, cu_k, scale = _case(layout, ISOLATION_CONFIG)
@@ -330,3 +333,69 @@ def test_head_offsets_past_int32(emu):
             out, lse = emu_fwd(emu, q, k, v, cu, cu, causal, 0.2)
             results.append((out, lse, *emu_bwd(emu, dout, q, k, v, lse, cu, cu, causal, 0.2)))
         assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sliding windows
+# ---------------------------------------------------------------------------------------------------------
+
+WIDE = 2**31 - 1  # wider than any segment; added to a position it overflows int
+WINDOW_SIDES = (-1, 0, 1, 2, 5, WIDE)
+# Lengths 0 and 1, the CTA's 64 rows and the 64-key block (fp32/bf16, D=32) +-1, one long segment among tiny
+# ones, more keys than queries and fewer (bottom-right alignment both ways: windows that start past a
+# segment's first keys leave gaps in a tile's union, and rows see no key at all), keys without queries.
+WINDOW_LAYOUT = Layout("window-mix", (0, 1, 3, 63, 64, 65, 2, 0, 1, 150, 4, 1, 5, 9, 70, 2),
+                       (0, 1, 7, 60, 64, 66, 2, 5, 0, 170, 1, 3, 2, 9, 40, 6))
+
+
+def _check_against_rowwise(emu, layout, config, mask, rtol):
+    """Forward, lse and gradients against the float64 rowwise oracle: ||got - want|| <= rtol(name, want) *
+    ||want|| + 1e-6 sqrt(numel). The absolute term is for gradients that vanish: under window (0, 0) a row
+    sees one key, P = 1 and dS = P (dP - delta) = 0, but the kernel's P, recomputed from lse, is 1 within
+    fp32 rounding."""
+    q, k, v, cu_q, cu_k, scale = _case(layout, config)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(q.dtype)
+    out, lse = emu_fwd(emu, q, k, v, cu_q, cu_k, mask, scale)
+    grads = emu_bwd(emu, dout, q, k, v, lse, cu_q, cu_k, mask, scale)
+    ref_out, ref_lse, *ref_grads = rowwise_attention(q, k, v, dout, layout, mask, scale)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite) and (lse[~finite] == -math.inf).all()
+    if finite.any():
+        assert (lse.double()[finite] - ref_lse[finite]).abs().max().item() < 1e-5
+    for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref_out, *ref_grads)):
+        assert not torch.isnan(got).any(), f"{name}: an element was never written"
+        error = (got.double() - want).norm().item()
+        assert error <= rtol(name, want) * want.norm().item() + 1e-6 * want.numel() ** 0.5, name
+
+
+@pytest.mark.parametrize("right", WINDOW_SIDES)
+@pytest.mark.parametrize("left", WINDOW_SIDES)
+def test_every_window_matches_the_oracle(emu, left, right):
+    """Every (left, right) pair in fp32, GQA, with 64-row tiles and 64-key blocks."""
+    _check_against_rowwise(emu, WINDOW_LAYOUT, (torch.float32, 2, 1, 32), (left, right), lambda *_: 1e-5)
+
+
+WINDOWS = [(2, 1), (0, 0), (5, -1), (-1, 2)]
+
+
+@pytest.mark.parametrize("window", WINDOWS, ids=str)
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=[lay.name for lay in LAYOUTS])
+def test_windows_in_every_dtype_and_head_dim(emu, layout, config, window):
+    """Within 2x (outputs) / 3x (gradients) the error of rounding the float64 oracle to the dtype."""
+    dtype = config[0]
+    factor = {"out": 2, "dq": 3, "dk": 3, "dv": 3}
+    _check_against_rowwise(emu, layout, config, window,
+                           lambda name, want: factor[name] * rel_err(want.to(dtype), want) + FLOOR[dtype])
+
+
+def test_windows_wider_than_every_segment_are_unbounded(emu):
+    """A side of 2^31 - 1 gives bit for bit what -1 gives: the schedule forms position + window in 64 bits."""
+    q, k, v, cu_q, cu_k, scale = _case(WINDOW_LAYOUT, (torch.bfloat16, 2, 2, 64))
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(q.dtype)
+    for wide, unbounded in (((WIDE, WIDE), (-1, -1)), ((WIDE, 0), (-1, 0)), ((3, WIDE), (3, -1))):
+        runs = []
+        for mask in (wide, unbounded):
+            out, lse = emu_fwd(emu, q, k, v, cu_q, cu_k, mask, scale)
+            runs.append((out, lse, *emu_bwd(emu, dout, q, k, v, lse, cu_q, cu_k, mask, scale)))
+        assert all(torch.equal(a, b) for a, b in zip(*runs)), wide

@@ -7,6 +7,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <climits>
 #include <cstdint>
 #include <optional>
 
@@ -57,10 +59,17 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   check_packed(v, "v", q);
 }
 
+// FlashAttention's window_size side: -1 is unbounded. A side wider than any segment is unbounded too, so
+// clamping to int loses nothing.
+int window_side(int64_t size, const char* name) {
+  TORCH_CHECK_VALUE(size >= -1, name, " must be -1 (unbounded) or >= 0, got ", size);
+  return static_cast<int>(std::min<int64_t>(size, INT32_MAX));
+}
+
 // Fills the fields shared by the forward and backward; q, k, v must already be vector_ready.
 void fill_common(hk::VarlenArgs& a, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                 const at::Tensor& cu_q, const at::Tensor& cu_k, double softmax_scale, bool causal, double dropout_p,
-                 const std::optional<at::Tensor>& rng_state) {
+                 const at::Tensor& cu_q, const at::Tensor& cu_k, double softmax_scale, int64_t window_left,
+                 int64_t window_right, double dropout_p, const std::optional<at::Tensor>& rng_state) {
   hierkern::check_varlen_shapes("", q, k, v, cu_q, cu_k);
   TORCH_CHECK_VALUE(hk::head_dim_supported(static_cast<int>(q.size(2))),
                     "hierkern CUDA kernels support head_dim 32, 64 and 128, got ", q.size(2));
@@ -91,7 +100,7 @@ void fill_common(hk::VarlenArgs& a, const at::Tensor& q, const at::Tensor& k, co
   a.cu_seqlens_q = cu_q.data_ptr<int>();
   a.cu_seqlens_k = cu_k.data_ptr<int>();
   a.softmax_scale = static_cast<float>(softmax_scale);
-  a.causal = causal;
+  a.window = hk::Window{window_side(window_left, "window_left"), window_side(window_right, "window_right")};
   a.dropout_p = static_cast<float>(dropout_p);
   const hierkern::RngState rng = hierkern::read_rng_state("", dropout_p, rng_state);
   a.seed = rng.seed;
@@ -101,8 +110,9 @@ void fill_common(hk::VarlenArgs& a, const at::Tensor& q, const at::Tensor& k, co
 std::tuple<at::Tensor, at::Tensor> varlen_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
                                                    const at::Tensor& v_in, const at::Tensor& cu_seqlens_q,
                                                    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
-                                                   int64_t max_seqlen_k, double softmax_scale, bool causal,
-                                                   double dropout_p, const std::optional<at::Tensor>& rng_state) {
+                                                   int64_t max_seqlen_k, double softmax_scale, int64_t window_left,
+                                                   int64_t window_right, double dropout_p,
+                                                   const std::optional<at::Tensor>& rng_state) {
   // The schedule is found on the device from the offsets; the max_seqlen hints are not needed.
   (void)max_seqlen_q;
   (void)max_seqlen_k;
@@ -112,7 +122,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cuda(const at::Tensor& q_in, const
   const at::Tensor cu_q = offsets_ready(cu_seqlens_q, "cu_seqlens_q", q);
   const at::Tensor cu_k = offsets_ready(cu_seqlens_k, "cu_seqlens_k", q);
   hk::FwdArgs args{};
-  fill_common(args, q, k, v, cu_q, cu_k, softmax_scale, causal, dropout_p, rng_state);
+  fill_common(args, q, k, v, cu_q, cu_k, softmax_scale, window_left, window_right, dropout_p, rng_state);
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({q.size(1), q.size(0)}, q.options().dtype(at::kFloat));
   args.out = out.data_ptr();
@@ -125,8 +135,8 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cuda(const at::Tensor& q_in, const
 std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cuda(
     const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& out_in, const at::Tensor& lse_in, const at::Tensor& cu_seqlens_q,
-    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale, bool causal,
-    double dropout_p, const std::optional<at::Tensor>& rng_state) {
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale,
+    int64_t window_left, int64_t window_right, double dropout_p, const std::optional<at::Tensor>& rng_state) {
   (void)max_seqlen_q;
   (void)max_seqlen_k;
   check_qkv(q_in, k_in, v_in);
@@ -147,7 +157,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cuda(
   const at::Tensor cu_q = offsets_ready(cu_seqlens_q, "cu_seqlens_q", q);
   const at::Tensor cu_k = offsets_ready(cu_seqlens_k, "cu_seqlens_k", q);
   hk::BwdArgs args{};
-  fill_common(args, q, k, v, cu_q, cu_k, softmax_scale, causal, dropout_p, rng_state);
+  fill_common(args, q, k, v, cu_q, cu_k, softmax_scale, window_left, window_right, dropout_p, rng_state);
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());

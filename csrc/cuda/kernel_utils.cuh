@@ -140,19 +140,6 @@ __device__ __forceinline__ float dot_elems(const float (&a)[kElems], const float
   return s;
 }
 
-// Copies rows [first, first + count) of one head of a (tokens, heads, HeadDim) tensor into a dense
-// shared-memory block, 16 bytes per thread per step (coalesced along head_dim).
-template <typename T, int HeadDim>
-__device__ __forceinline__ void stage_rows(T (*dst)[HeadDim], const T* base, int64_t token_stride, int first,
-                                           int count) {
-  constexpr int kVecs = Layout<T, HeadDim>::kVecsPerRow;
-  for (int idx = threadIdx.x; idx < count * kVecs; idx += kThreads) {
-    const int r = idx / kVecs, c = idx % kVecs;
-    reinterpret_cast<uint4*>(dst[r])[c] =
-        reinterpret_cast<const uint4*>(base + static_cast<int64_t>(first + r) * token_stride)[c];
-  }
-}
-
 // Host side of a launch, shared by the launchers and the host emulation (tests/cuda_emulation_harness.cpp):
 // the grid over (row tiles, heads) and the dropout constants the kernels take.
 template <typename T, int HeadDim>

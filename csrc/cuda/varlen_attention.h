@@ -11,6 +11,8 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "schedule.cuh"
+
 namespace hierkern {
 namespace cuda {
 
@@ -41,7 +43,7 @@ struct VarlenArgs {
   const int* cu_seqlens_q;
   const int* cu_seqlens_k;
   float softmax_scale;
-  bool causal;
+  Window window;  // negative sides unbounded; causal is (-1, 0)
   float dropout_p;  // 0 disables dropout
   uint64_t seed;    // rng_state[0]
   uint64_t offset;  // rng_state[1]

@@ -1,8 +1,8 @@
 // Forward: out = softmax(scale * q k^T, segment-masked) v and lse, one kernel, one pass over q, k, v.
 //
 // Grid (ceil(total_q / kRows), num_heads). A CTA owns kRows consecutive query rows of one head, whatever
-// segments they belong to; tile_keys gives the key range those rows need, which is streamed through
-// shared memory in blocks of kBlock keys. Each row runs the online softmax over its own key interval only,
+// segments they belong to; the union of their key intervals (tile_union.cuh) is streamed through shared
+// memory in blocks of kBlock keys. Each row runs the online softmax over its own key interval only,
 // so rows of different words in one tile never see each other (the block-diagonal mask) and a word's
 // queries cost its own keys, not a tile's. No host sync, no scratch, no atomics.
 //
@@ -13,6 +13,7 @@
 #include "kernel_utils.cuh"
 #include "../common/philox.h"
 #include "schedule.cuh"
+#include "tile_union.cuh"
 
 namespace hierkern {
 namespace cuda {
@@ -23,25 +24,21 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
   using L = Layout<T, HeadDim>;
   alignas(16) __shared__ T k_block[L::kBlock][HeadDim];
   alignas(16) __shared__ T v_block[L::kBlock][HeadDim];
-  __shared__ Interval tile;
+  __shared__ TileUnion<L::kRows> tile;
 
   const int head = blockIdx.y;
   const int kv_head = head / (args.num_heads / args.num_kv_heads);
   const int row0 = blockIdx.x * L::kRows;
-  const int rows = min(L::kRows, args.total_q - row0);
-  const int row = row0 + static_cast<int>(threadIdx.x) / L::kLanesPerRow;
+  const int local = static_cast<int>(threadIdx.x) / L::kLanesPerRow;
+  const int row = row0 + local;
   const int lane_elem = (static_cast<int>(threadIdx.x) % L::kLanesPerRow) * kElems;
   // Threads past the last row stay in the loops as rows with no keys: every lane must reach the
   // barriers and the shuffles.
   const bool live = row < args.total_q;
   const bool dropout = args.dropout_p > 0.f;
 
-  if (threadIdx.x == 0) {
-    tile = tile_keys(args.cu_seqlens_q, args.cu_seqlens_k, args.num_segments, row0, rows, args.causal);
-  }
-  const Interval keys = live ? keys_of_query(args.cu_seqlens_q, args.cu_seqlens_k, args.num_segments, row,
-                                             args.causal)
-                             : Interval{0, 0};
+  const Interval keys =
+      live ? keys_of_query(args.cu_seqlens_q, args.cu_seqlens_k, args.num_segments, row, args.window) : kNoRow;
 
   float q[kElems];
   if (live) {
@@ -61,15 +58,14 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
 
   const T* k_head = head_ptr<T>(args.k, kv_head, args.k_head_stride);
   const T* v_head = head_ptr<T>(args.v, kv_head, args.v_head_stride);
-  __syncthreads();
-  const Interval span = tile;
-  for (int block = span.begin; block < span.end; block += L::kBlock) {
-    const int count = min(L::kBlock, span.end - block);
-    stage_rows<T, HeadDim>(k_block, k_head, args.k_token_stride, block, count);
-    stage_rows<T, HeadDim>(v_block, v_head, args.v_token_stride, block, count);
+  const Interval slots = build_tile_union(tile, local, lane_elem == 0, keys);
+  for (int block = 0; block < tile.size; block += L::kBlock) {
+    const int count = min(L::kBlock, tile.size - block);
+    stage_slots<T, HeadDim>(k_block, k_head, args.k_token_stride, tile, block, count);
+    stage_slots<T, HeadDim>(v_block, v_head, args.v_token_stride, tile, block, count);
     __syncthreads();
-    const int first = max(keys.begin, block) - block;
-    const int mine = max(min(keys.end, block + count) - block - first, 0);
+    const int first = max(slots.begin, block) - block;
+    const int mine = max(min(slots.end, block + count) - block - first, 0);
     // Warp-uniform trip count so the shuffles in lane_sum see every lane.
     const int steps = __reduce_max_sync(0xffffffffu, mine);
     for (int t = 0; t < steps; ++t) {
@@ -90,8 +86,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
         // Dropout scales P v but not the normaliser: lse stays that of the undropped softmax.
         float weight = p;
         if (dropout) {
-          weight = dropout_keep(args.seed, args.offset, head, row, block + r, drop_threshold) ? p * drop_scale
-                                                                                                 : 0.f;
+          const int key = keys.begin + (block + r - slots.begin);
+          weight = dropout_keep(args.seed, args.offset, head, row, key, drop_threshold) ? p * drop_scale : 0.f;
         }
         load_elems(&v_block[r][lane_elem], kv);
 #pragma unroll

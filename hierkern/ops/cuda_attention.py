@@ -1,14 +1,14 @@
 """The ``"cuda"`` backend: hand-written CUDA C++ kernels (``csrc/cuda``) behind ``torch.ops.hierkern.varlen_fwd``.
 
 The kernels are built for word-length segments: a CTA owns consecutive query rows of one head, finds their
-segments on the device (binary search over ``cu_seqlens``), stages the rows' key range in shared memory and
+segments on the device (binary search over ``cu_seqlens``), stages the union of the rows' keys in shared memory and
 runs each row's online softmax over that row's own keys only, so a 5-character word costs 5 keys per query,
 not a masked tile; longer segments stream block by block. The backward is a dq pass over query tiles and a
 dk/dv pass over key tiles: deterministic, no atomics, no scratch that grows with the number of segments;
 the dq pass forms delta = rowsum(dout * out) in fp32 from the recomputed P and dout . v (``out`` is not read:
 its rounding to half precision would swamp dS under a peaky softmax). float16, bfloat16 (fp32 accumulation)
-and float32; head_dim 32, 64 or 128; causal (bottom-right), GQA, separate query/key offsets, Philox dropout
-reproducible from ``rng_state``.
+and float32; head_dim 32, 64 or 128; sliding windows and causal (bottom-right), GQA, separate query/key
+offsets, Philox dropout reproducible from ``rng_state``.
 
 Where the kernels come from: ``hierkern._C`` when ``setup.py`` built it with a CUDA toolchain and a CUDA
 build of torch; otherwise the first call that needs them runs :func:`load_jit`, which compiles ``csrc/cuda``
@@ -125,7 +125,7 @@ class CudaBackend(Backend):
     def __call__(self, args: VarlenArgs):
         return torch.ops.hierkern.varlen_fwd(args.q, args.k, args.v, args.cu_seqlens_q, args.cu_seqlens_k,
                                              args.max_seqlen_q, args.max_seqlen_k, args.softmax_scale,
-                                             args.window_size == (-1, 0), args.dropout_p, args.rng_state)
+                                             *args.window_size, args.dropout_p, args.rng_state)
 
 
 register_backend(CudaBackend())
