@@ -114,7 +114,7 @@ class CudaBackend(Backend):
     # Below "triton" (20) until GPU benchmarks say otherwise; above "reference" (0).
     priority = 15
     capabilities = Capabilities(devices=("cuda",), dtypes=SUPPORTED_DTYPES, head_dims=SUPPORTED_HEAD_DIMS,
-                                windows=("none", "causal"), min_cuda_capability=(8, 0))
+                                min_cuda_capability=(8, 0))
 
     def unavailable_reason(self) -> str | None:
         return _unavailable_reason()
