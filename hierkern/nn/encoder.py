@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layout import Segments
+from ..ops.dropout import dropout, dropout_add
 from .mha import MultiheadAttention, _canonical_mask, _check_mask, _is_causal_mask, _prefix_padding, uniform_segments
 
 __all__ = ["TransformerEncoderLayer", "TransformerEncoder"]
@@ -297,12 +298,32 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
 
     def _block(self, x: Tensor, attend: Callable[[Tensor], Tensor]) -> Tensor:
         """torch's layer with ``attend`` as the self-attention: on packed ``(total, E)`` rows, or on padded
-        rows (everything but the attention works token by token)."""
+        rows (everything but the attention works token by token). Its three dropouts run hierkern's kernel
+        (``hierkern.ops.dropout``), the two on the residual branches fused with the residual add."""
         if self.norm_first:
-            x = x + self.dropout1(attend(self.norm1(x)))
-            return x + self._ff_block(self.norm2(x))
-        x = self.norm1(x + self.dropout1(attend(x)))
-        return self.norm2(x + self._ff_block(x))
+            x = _residual(x, self.dropout1, attend(self.norm1(x)))
+            return _residual(x, self.dropout2, self._feed_forward(self.norm2(x)))
+        x = self.norm1(_residual(x, self.dropout1, attend(x)))
+        return self.norm2(_residual(x, self.dropout2, self._feed_forward(x)))
+
+    def _feed_forward(self, x: Tensor) -> Tensor:
+        """torch's ``_ff_block`` up to its last dropout, which ``_block`` fuses with the residual add."""
+        return self.linear2(_dropout(self.dropout, self.activation(self.linear1(x))))
+
+
+def _dropout(module: nn.Module, x: Tensor) -> Tensor:
+    """``module(x)``, through hierkern's dropout when ``module`` is a plain ``nn.Dropout`` (its ``p`` and
+    ``training`` decide, as they do torch's)."""
+    if type(module) is nn.Dropout:
+        return dropout(x, module.p, module.training)
+    return module(x)
+
+
+def _residual(x: Tensor, module: nn.Module, branch: Tensor) -> Tensor:
+    """``x + module(branch)``, in one pass when ``module`` is a plain ``nn.Dropout``."""
+    if type(module) is nn.Dropout:
+        return dropout_add(x, branch, module.p, module.training)
+    return x + module(branch)
 
 
 class TransformerEncoder(nn.TransformerEncoder):

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..functional import varlen_attention
 from ..layout import Segments
+from ..ops.dropout import dropout
 from .encoder import TransformerEncoder, TransformerEncoderLayer
 
 __all__ = [
@@ -354,6 +355,10 @@ class HierarchicalEncoder(nn.Module):
             return encoding(segments, dtype)
         return encoding(segments).to(dtype)
 
+    def _embed_dropout(self, x: torch.Tensor) -> torch.Tensor:
+        # hierkern's dropout kernel (hierkern.ops.dropout); the module keeps p and the training flag.
+        return dropout(x, self.embed_dropout.p, self.embed_dropout.training)
+
     def encode_chars(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """The character stage.
 
@@ -371,7 +376,7 @@ class HierarchicalEncoder(nn.Module):
         else:
             ids, segs = batch.char_ids, words
         x = self.char_embed(ids)
-        x = self.embed_dropout(x + self._positions(self.char_pos, segs, x.dtype))
+        x = self._embed_dropout(x + self._positions(self.char_pos, segs, x.dtype))
         x = self.char_encoder(x, segs)
         if self.pooling == "cls":
             return x[_shifted_index(words)], x[segs.offsets[:-1].long()]
@@ -383,7 +388,7 @@ class HierarchicalEncoder(nn.Module):
 
     def contextualize(self, word_vectors: torch.Tensor, sentences: Segments) -> torch.Tensor:
         """The word stage: ``(total_words, dim)`` packed by ``sentences`` -> ``(total_words, dim)``."""
-        x = self.embed_dropout(word_vectors + self._positions(self.word_pos, sentences, word_vectors.dtype))
+        x = self._embed_dropout(word_vectors + self._positions(self.word_pos, sentences, word_vectors.dtype))
         return self.word_encoder(x, sentences)
 
     def forward(self, batch) -> torch.Tensor:
