@@ -192,6 +192,30 @@ def test_fullgraph_compile_matches_eager():
     assert not torch.equal(got, got_again)
 
 
+def test_fullgraph_compile_of_an_encoder_in_training_traces_the_ops():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    encoder = hierkern.TransformerEncoder(hierkern.TransformerEncoderLayer(8, 2, 16, 0.3, batch_first=True), 2,
+                                          enable_nested_tensor=False).train()
+    x = torch.randn(3, 5, 8)
+    pad = torch.arange(5)[None, :] >= torch.tensor([5, 2, 3])[:, None]
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(lambda src: encoder(src, src_key_padding_mask=pad), fullgraph=True, backend=backend)
+    outs = []
+    for seed in (1, 1, 2):
+        torch.manual_seed(seed)
+        outs.append(compiled(x))
+    targets = [str(node.target) for node in graphs[0].graph.nodes]
+    assert sum(t.startswith("hierkern.dropout_add") for t in targets) == 4
+    assert sum(t in ("hierkern.dropout", "hierkern.dropout.default") for t in targets) == 2
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
+
+
 def test_falls_back_to_torch_where_the_kernel_does_not_apply():
     x = torch.randn(64)
     assert torch.equal(hk_dropout.dropout(x, 1.0), torch.zeros(64))
