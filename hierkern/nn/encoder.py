@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layout import Segments
-from ..ops.dropout import dropout, dropout_add
+from ..ops.dropout import apply_dropout, apply_dropout_add
 from .mha import MultiheadAttention, _canonical_mask, _check_mask, _is_causal_mask, _prefix_padding, uniform_segments
 
 __all__ = ["TransformerEncoderLayer", "TransformerEncoder"]
@@ -301,29 +301,14 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
         rows (everything but the attention works token by token). Its three dropouts run hierkern's kernel
         (``hierkern.ops.dropout``), the two on the residual branches fused with the residual add."""
         if self.norm_first:
-            x = _residual(x, self.dropout1, attend(self.norm1(x)))
-            return _residual(x, self.dropout2, self._feed_forward(self.norm2(x)))
-        x = self.norm1(_residual(x, self.dropout1, attend(x)))
-        return self.norm2(_residual(x, self.dropout2, self._feed_forward(x)))
+            x = apply_dropout_add(x, self.dropout1, attend(self.norm1(x)))
+            return apply_dropout_add(x, self.dropout2, self._feed_forward(self.norm2(x)))
+        x = self.norm1(apply_dropout_add(x, self.dropout1, attend(x)))
+        return self.norm2(apply_dropout_add(x, self.dropout2, self._feed_forward(x)))
 
     def _feed_forward(self, x: Tensor) -> Tensor:
         """torch's ``_ff_block`` up to its last dropout, which ``_block`` fuses with the residual add."""
-        return self.linear2(_dropout(self.dropout, self.activation(self.linear1(x))))
-
-
-def _dropout(module: nn.Module, x: Tensor) -> Tensor:
-    """``module(x)``, through hierkern's dropout when ``module`` is a plain ``nn.Dropout`` (its ``p`` and
-    ``training`` decide, as they do torch's)."""
-    if type(module) is nn.Dropout:
-        return dropout(x, module.p, module.training)
-    return module(x)
-
-
-def _residual(x: Tensor, module: nn.Module, branch: Tensor) -> Tensor:
-    """``x + module(branch)``, in one pass when ``module`` is a plain ``nn.Dropout``."""
-    if type(module) is nn.Dropout:
-        return dropout_add(x, branch, module.p, module.training)
-    return x + module(branch)
+        return self.linear2(apply_dropout(self.dropout, self.activation(self.linear1(x))))
 
 
 class TransformerEncoder(nn.TransformerEncoder):

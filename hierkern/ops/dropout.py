@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from . import extension
 
-__all__ = ["dropout", "dropout_add"]
+__all__ = ["dropout", "dropout_add", "apply_dropout", "apply_dropout_add"]
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -95,6 +95,21 @@ def dropout_add(residual: torch.Tensor, x: torch.Tensor, p: float, training: boo
             and residual.device == x.device):
         return torch.ops.hierkern.dropout_add(residual, x, p, extension.dropout_rng_state(p))
     return residual + F.dropout(x, p, training)
+
+
+def apply_dropout(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)``, through :func:`dropout` when ``module`` is a plain ``nn.Dropout`` (its ``p`` and
+    ``training`` decide, as they do torch's); any other module (a replaced one) is called."""
+    if type(module) is torch.nn.Dropout:
+        return dropout(x, module.p, module.training)
+    return module(x)
+
+
+def apply_dropout_add(residual: torch.Tensor, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``residual + module(x)``, in one pass when ``module`` is a plain ``nn.Dropout``."""
+    if type(module) is torch.nn.Dropout:
+        return dropout_add(residual, x, module.p, module.training)
+    return residual + module(x)
 
 
 _register()
