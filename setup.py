@@ -33,8 +33,9 @@ def _sources(pattern):
 def _cuda_flags():
     """hierkern/ops/cuda_flags.py, loaded by path: importing hierkern would import torch-dependent modules
     of a package that is not installed yet."""
-    spec = importlib.util.spec_from_file_location("_hierkern_cuda_flags",
-                                                  os.path.join(ROOT, "hierkern", "ops", "cuda_flags.py"))
+    spec = importlib.util.spec_from_file_location(
+        "_hierkern_cuda_flags", os.path.join(ROOT, "hierkern", "ops", "cuda_flags.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -53,8 +54,10 @@ def _extensions():
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
     except ImportError:
-        _say("torch is not importable at build time (pip's build isolation): building the pure-Python package; "
-             "the kernels compile on first use (pip install --no-build-isolation . compiles them now)")
+        _say(
+            "torch is not importable at build time (pip's build isolation): building the pure-Python package; "
+            "the kernels compile on first use (pip install --no-build-isolation . compiles them now)"
+        )
         return [], {}
 
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
@@ -63,9 +66,12 @@ def _extensions():
     cuda_sources = _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")
     cuda_problem = _cuda_problem(torch, CUDA_HOME)
     if cuda_problem is None:
-        ext = CUDAExtension("hierkern._C", sources + cuda_sources,
-                            extra_compile_args={"cxx": cxx_flags, "nvcc": _cuda_flags().nvcc_flags()},
-                            extra_link_args=["-fopenmp"])
+        ext = CUDAExtension(
+            "hierkern._C",
+            sources + cuda_sources,
+            extra_compile_args={"cxx": cxx_flags, "nvcc": _cuda_flags().nvcc_flags()},
+            extra_link_args=["-fopenmp"],
+        )
     else:
         _say(f"compiling the C++ CPU kernels only: {cuda_problem}")
         ext = CppExtension("hierkern._C", sources, extra_compile_args=cxx_flags, extra_link_args=["-fopenmp"])

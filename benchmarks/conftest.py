@@ -28,17 +28,27 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-BENCHMARK_DEFAULTS = {"benchmark_max_time": ("--benchmark-max-time", "0.25"),
-                      "benchmark_min_rounds": ("--benchmark-min-rounds", 5)}
+BENCHMARK_DEFAULTS = {
+    "benchmark_max_time": ("--benchmark-max-time", "0.25"),
+    "benchmark_min_rounds": ("--benchmark-min-rounds", 5),
+}
 
 
 def pytest_addoption(parser):
     group = parser.getgroup("hierkern benchmarks")
-    group.addoption("--hk-size", default="default", choices=("small", "default", "large"),
-                    help="workload size: small (smoke test), default (CPU: ~4k words; CUDA: 64k words), "
-                         "large (CPU: 16k words; CUDA: 256k words, ~1.2M characters)")
-    group.addoption("--hk-device", default="auto", choices=("auto", "cpu", "cuda", "all"),
-                    help="devices to benchmark; auto: cpu, plus cuda when available")
+    group.addoption(
+        "--hk-size",
+        default="default",
+        choices=("small", "default", "large"),
+        help="workload size: small (smoke test), default (CPU: ~4k words; CUDA: 64k words), "
+        "large (CPU: 16k words; CUDA: 256k words, ~1.2M characters)",
+    )
+    group.addoption(
+        "--hk-device",
+        default="auto",
+        choices=("auto", "cpu", "cuda", "all"),
+        help="devices to benchmark; auto: cpu, plus cuda when available",
+    )
 
 
 def _given(config, flag: str) -> bool:
@@ -54,6 +64,7 @@ def pytest_configure(config):
     if not hasattr(config.option, "benchmark_max_time"):
         return
     from pytest_benchmark.utils import parse_seconds
+
     for dest, (flag, value) in BENCHMARK_DEFAULTS.items():
         if not _given(config, flag):
             setattr(config.option, dest, parse_seconds(value) if isinstance(value, str) else value)
@@ -61,12 +72,18 @@ def pytest_configure(config):
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):
     import harness
+
     harness.complete_entries(output_json["benchmarks"])
-    bandwidth = {str(b["extra_info"]["device"]): {k: b["extra_info"][k] for k in
-                                                  ("copy_bandwidth_Bps", "copy_bandwidth_method")}
-                 for b in output_json["benchmarks"]}
-    info = {"copy_bandwidth": bandwidth, "failed": list(harness.FAILED), "torch_version": torch.__version__,
-            "num_threads": torch.get_num_threads()}
+    bandwidth = {
+        str(b["extra_info"]["device"]): {k: b["extra_info"][k] for k in ("copy_bandwidth_Bps", "copy_bandwidth_method")}
+        for b in output_json["benchmarks"]
+    }
+    info = {
+        "copy_bandwidth": bandwidth,
+        "failed": list(harness.FAILED),
+        "torch_version": torch.__version__,
+        "num_threads": torch.get_num_threads(),
+    }
     if torch.cuda.is_available():
         info["cuda_device_name"] = torch.cuda.get_device_name()
     output_json["hierkern"] = info
@@ -77,4 +94,5 @@ def skip_without_device():
     def check(device: str):
         if device == "cuda" and not torch.cuda.is_available():
             pytest.skip("--hk-device asks for cuda but torch.cuda.is_available() is False")
+
     return check

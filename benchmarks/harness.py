@@ -19,8 +19,8 @@ from __future__ import annotations
 import functools
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import pytest
 import torch
@@ -44,7 +44,7 @@ TOLERANCE = {
 
 # Padded attention computes S * H * max_len**2 scores; past these limits a padded baseline would run for
 # minutes (CPU) or exhaust memory, so it is skipped with the numbers in the reason.
-PADDED_SCORE_LIMIT = {"cpu": 2 ** 30, "cuda": 2 ** 36}
+PADDED_SCORE_LIMIT = {"cpu": 2**30, "cuda": 2**36}
 
 # torch's per-segment paths (a Python loop over segments; SDPA on jagged nested tensors on the CPU, which
 # processes segments one by one) cost milliseconds per segment for forward+backward on a 2-core CPU: past
@@ -91,16 +91,19 @@ def copy_bandwidth(device: str) -> dict:
             best = min(best, time.perf_counter() - start)
     _BANDWIDTH[device] = max(_BANDWIDTH.get(device, 0.0), 2 * nbytes / best)
     threads = f", {torch.get_num_threads()} threads" if dev.type == "cpu" else ""
-    return {"copy_bandwidth_Bps": _BANDWIDTH[device],
-            "copy_bandwidth_method": f"torch copy_ of {nbytes >> 20} MiB (read + write){threads}, best of 10, "
-                                     f"at the device's first benchmark and at the end of the run"}
+    return {
+        "copy_bandwidth_Bps": _BANDWIDTH[device],
+        "copy_bandwidth_method": f"torch copy_ of {nbytes >> 20} MiB (read + write){threads}, best of 10, "
+        f"at the device's first benchmark and at the end of the run",
+    }
 
 
 def record_failure(group: str, impl: str, device, exc: BaseException, **info) -> str:
     """Keep a baseline's failure as a result (for the JSON) and return the one-line message to skip with."""
     message = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
-    FAILED.append(dict(group=group, impl=impl, device=str(device), error=message,
-                       torch_version=torch.__version__, **info))
+    FAILED.append(
+        dict(group=group, impl=impl, device=str(device), error=message, torch_version=torch.__version__, **info)
+    )
     return f"{impl} failed on this input (torch {torch.__version__}): {message}"
 
 
@@ -119,7 +122,7 @@ def complete_entries(benchmarks: list[dict]) -> None:
         extra = bench.get("extra_info") or {}
         if extra.get("floor_bytes") is not None:
             group_floor.setdefault(bench.get("group"), (extra["floor_bytes"], extra.get("bytes_definition")))
-    measured = {}       # once per device, at the end of the run
+    measured = {}  # once per device, at the end of the run
     for bench in benchmarks:
         extra = bench.setdefault("extra_info", {})
         params = bench.get("params") or {}
@@ -171,10 +174,10 @@ class Problem:
     mode: str
     dtype: torch.dtype
     device: torch.device
-    q: torch.Tensor           # (total, H, D)
+    q: torch.Tensor  # (total, H, D)
     k: torch.Tensor
     v: torch.Tensor
-    dout: torch.Tensor        # (total, H, D), the gradient of out for fwd+bwd
+    dout: torch.Tensor  # (total, H, D), the gradient of out for fwd+bwd
     seg: hierkern.Segments
 
     @property
@@ -260,17 +263,20 @@ def check_against_reference(name: str, got, ref, dtype: torch.dtype) -> dict:
     errors = {"rel_err_out": rel_err(out, ref_out)}
     assert errors["rel_err_out"] <= tol_out, (
         f"{name}: output differs from the float64 reference (rel. error {errors['rel_err_out']:.3g} > "
-        f"{tol_out:g}); not timing a wrong answer")
+        f"{tol_out:g}); not timing a wrong answer"
+    )
     if ref_grads is not None:
         assert grads is not None, f"{name}: no gradients returned"
         # Jointly over (dq, dk, dv): with length-1 segments dq and dk are exactly zero, and a relative error
         # against a zero tensor would measure rounding noise alone.
-        worst = rel_err(torch.cat([g.detach().cpu().double().flatten() for g in grads]),
-                        torch.cat([r.flatten() for r in ref_grads]))
+        worst = rel_err(
+            torch.cat([g.detach().cpu().double().flatten() for g in grads]), torch.cat([r.flatten() for r in ref_grads])
+        )
         errors["rel_err_grad"] = worst
         assert worst <= tol_grad, (
             f"{name}: gradients differ from the float64 reference (rel. error {worst:.3g} > {tol_grad:g}); "
-            f"not timing a wrong answer")
+            f"not timing a wrong answer"
+        )
     return errors
 
 
@@ -292,11 +298,15 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> tuple[int, st
         del result
         return peak, "torch.cuda.max_memory_allocated"
     from torch.profiler import ProfilerActivity, profile
+
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = fn()
     del result
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    events = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+    )
     level = peak = 0
     for _, nbytes in events:
         level += nbytes
@@ -312,6 +322,7 @@ def synchronized(fn: Callable[[], object], device: torch.device) -> Callable[[],
         result = fn()
         torch.cuda.synchronize(device)
         return result
+
     return run
 
 
@@ -321,21 +332,36 @@ def padded_guard(workload: Workload, device: torch.device, what: str) -> None:
     limit = PADDED_SCORE_LIMIT[device.type]
     if scores > limit:
         useful = workload.attention_pairs() * workload.num_heads
-        pytest.skip(f"{what} pads {workload.num_segments} segments to {workload.max_len} tokens: "
-                    f"{scores:.3g} scores ({scores / max(useful, 1):.0f}x the useful {useful:.3g}), over this "
-                    f"suite's {device.type} limit of {limit:.3g}")
+        pytest.skip(
+            f"{what} pads {workload.num_segments} segments to {workload.max_len} tokens: "
+            f"{scores:.3g} scores ({scores / max(useful, 1):.0f}x the useful {useful:.3g}), over this "
+            f"suite's {device.type} limit of {limit:.3g}"
+        )
 
 
 def per_segment_guard(workload: Workload, mode: str, what: str) -> None:
     """Skip a baseline that works segment by segment when the workload has too many segments."""
     limit = PER_SEGMENT_LIMIT[mode]
     if workload.num_segments > limit:
-        pytest.skip(f"{what} works segment by segment: {workload.num_segments} segments is over this suite's "
-                    f"{mode} limit of {limit}")
+        pytest.skip(
+            f"{what} works segment by segment: {workload.num_segments} segments is over this suite's "
+            f"{mode} limit of {limit}"
+        )
 
 
-def run_benchmark(benchmark, *, group: str, impl: str, prepared: Prepared, reference, dtype: torch.dtype,
-                  device: torch.device, floor_bytes: int, info: dict, family: str | None = None) -> None:
+def run_benchmark(
+    benchmark,
+    *,
+    group: str,
+    impl: str,
+    prepared: Prepared,
+    reference,
+    dtype: torch.dtype,
+    device: torch.device,
+    floor_bytes: int,
+    info: dict,
+    family: str | None = None,
+) -> None:
     """Check, measure memory, time, and record everything in ``benchmark.extra_info``.
 
     Args:
@@ -353,9 +379,15 @@ def run_benchmark(benchmark, *, group: str, impl: str, prepared: Prepared, refer
     """
     benchmark.group = group
     if str(device) not in _BANDWIDTH:
-        copy_bandwidth(str(device))     # the first of the run's two measurements (see copy_bandwidth)
-    benchmark.extra_info.update(impl=impl, family=family or family_of(group), device=str(device),
-                                dtype=str(dtype).replace("torch.", ""), **info, **prepared.extra)
+        copy_bandwidth(str(device))  # the first of the run's two measurements (see copy_bandwidth)
+    benchmark.extra_info.update(
+        impl=impl,
+        family=family or family_of(group),
+        device=str(device),
+        dtype=str(dtype).replace("torch.", ""),
+        **info,
+        **prepared.extra,
+    )
     run = synchronized(prepared.run, device)
     try:
         result = prepared.result(run())
@@ -370,10 +402,9 @@ def run_benchmark(benchmark, *, group: str, impl: str, prepared: Prepared, refer
         errors = check_against_reference(impl, result, reference, dtype)
     del result
     peak, method = peak_memory(run, device)
-    benchmark.extra_info.update(errors, floor_bytes=floor_bytes, peak_memory_bytes=peak,
-                                peak_memory_method=method)
+    benchmark.extra_info.update(errors, floor_bytes=floor_bytes, peak_memory_bytes=peak, peak_memory_method=method)
     benchmark(run)
-    if benchmark.stats is not None:     # None under --benchmark-disable
+    if benchmark.stats is not None:  # None under --benchmark-disable
         median = benchmark.stats.stats.median
         benchmark.extra_info["bytes_per_s"] = floor_bytes / median if median > 0 else None
         benchmark.extra_info["tokens_per_s"] = info["tokens"] / median if median > 0 else None

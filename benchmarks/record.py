@@ -36,12 +36,18 @@ def commit_label() -> str:
 
 def report(json_path: str, png_path: str | None) -> tuple[str, str]:
     """``(summary, summary + detail)`` of the report command on ``json_path``; writes the plot if asked."""
+
     def run(*extra):
-        proc = subprocess.run([sys.executable, "-m", "hierkern.bench", "report", json_path, *extra], cwd=REPO,
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "hierkern.bench", "report", json_path, *extra],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+        )
         if proc.returncode:
             raise SystemExit(f"the report command failed:\n{proc.stdout}\n{proc.stderr}")
         return proc.stdout
+
     summary = run()
     detail = run("--detail", *(("--plot", png_path) if png_path else ()))
     return summary.rstrip(), detail
@@ -61,23 +67,27 @@ def update_results_md(device: str, stem: str, summary: str, command: str, wall: 
     begin, end = f"<!-- current:{device}:begin -->", f"<!-- current:{device}:end -->"
     previous = re.search(re.escape(begin) + r"\n<!-- run:(\S+) (.*?) -->", text)
     links = f"[JSON](results/{stem}.json), [plot](results/{stem}.png), [report](results/{stem}.txt)"
-    body = "\n".join([
-        f"<!-- run:{stem} {note} -->",
-        f"Run `{stem}`: {note}" if note else f"Run `{stem}`.",
-        "",
-        f"- Command: `{command}` ({wall}).",
-        f"- Files: {links}.",
-        "",
-        "```",
-        summary,
-        "```",
-    ])
+    body = "\n".join(
+        [
+            f"<!-- run:{stem} {note} -->",
+            f"Run `{stem}`: {note}" if note else f"Run `{stem}`.",
+            "",
+            f"- Command: `{command}` ({wall}).",
+            f"- Files: {links}.",
+            "",
+            "```",
+            summary,
+            "```",
+        ]
+    )
     text = replace_between(text, begin, end, body)
     if previous and previous.group(1) != stem:
         old, old_note = previous.group(1), previous.group(2)
         history = f"<!-- history:{device} -->"
-        line = (f"- `{old}`: {old_note + ' ' if old_note else ''}[JSON](results/{old}.json), "
-                f"[plot](results/{old}.png), [report](results/{old}.txt)")
+        line = (
+            f"- `{old}`: {old_note + ' ' if old_note else ''}[JSON](results/{old}.json), "
+            f"[plot](results/{old}.png), [report](results/{old}.txt)"
+        )
         text = text.replace(history, f"{history}\n{line}", 1)
     with open(RESULTS_MD, "w") as f:
         f.write(text)
@@ -85,8 +95,12 @@ def update_results_md(device: str, stem: str, summary: str, command: str, wall: 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                        help="the suite to run (--hk-device) and the RESULTS.md section (default: cpu)")
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="the suite to run (--hk-device) and the RESULTS.md section (default: cpu)",
+    )
     parser.add_argument("--note", default="", help="one line on the machine and its state, for RESULTS.md")
     parser.add_argument("--from-json", metavar="JSON", help="do not run: re-render this recorded run")
     parser.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
@@ -99,8 +113,17 @@ def main(argv=None) -> int:
     else:
         stem = f"{args.device}-{datetime.date.today().isoformat()}-{commit_label()}"
         json_path = os.path.join(RESULTS_DIR, stem + ".json")
-        pytest_cmd = [sys.executable, "-m", "pytest", "benchmarks", f"--hk-device={args.device}",
-                      f"--benchmark-json={json_path}", "-q", "-rs", *args.pytest_args]
+        pytest_cmd = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "benchmarks",
+            f"--hk-device={args.device}",
+            f"--benchmark-json={json_path}",
+            "-q",
+            "-rs",
+            *args.pytest_args,
+        ]
         command = " ".join(["pytest", "benchmarks", f"--hk-device={args.device}", *args.pytest_args])
         start = time.monotonic()
         proc = subprocess.run(pytest_cmd, cwd=REPO)

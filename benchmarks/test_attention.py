@@ -38,9 +38,23 @@ import torch
 import torch.nn.functional as F
 
 import hierkern
-from harness import (BYTES_DEFINITION, MODES, TOLERANCE, Prepared, Problem, case_id, cases, make_problem,
-                     padded_guard, per_segment_guard, reference64, rel_err, run_benchmark)
 from hierkern.bench import Workload
+
+from harness import (
+    BYTES_DEFINITION,
+    MODES,
+    TOLERANCE,
+    Prepared,
+    Problem,
+    case_id,
+    cases,
+    make_problem,
+    padded_guard,
+    per_segment_guard,
+    reference64,
+    rel_err,
+    run_benchmark,
+)
 
 FLEX_BLOCK_SIZES = (16, 32, 64, 128)
 FLEX_CPU_WORKLOADS = ("chars-in-words", "words-in-sentences")
@@ -77,7 +91,7 @@ def _packed_result(result):
 
 def attention_call(p: Problem, q, k, v) -> hierkern.AttentionCall:
     with torch.set_grad_enabled(p.backward):
-        return hierkern.AttentionCall.of(q, k, v, p.seg.max_len, p.seg.max_len, False, 0.0)
+        return hierkern.AttentionCall.of(q, k, v, p.seg.max_len, p.seg.max_len)
 
 
 def prepare_hierkern(p: Problem, backend: str, size: str) -> Prepared:
@@ -86,14 +100,17 @@ def prepare_hierkern(p: Problem, backend: str, size: str) -> Prepared:
     if reason is not None:
         pytest.skip(f"hierkern backend {backend!r} refuses this call: {reason}")
     if backend == "reference" and size == "large":
-        pytest.skip("the reference backend is the slow fallback (it syncs and pads by length bucket); "
-                    "benchmarked at small and default sizes only")
+        pytest.skip(
+            "the reference backend is the slow fallback (it syncs and pads by length bucket); "
+            "benchmarked at small and default sizes only"
+        )
 
     def run():
         out = hierkern.varlen_attention(q, k, v, p.seg, backend=backend)
         if p.backward:
             return out, torch.autograd.grad(out, (q, k, v), p.dout)
         return out, None
+
     return Prepared(run, _packed_result)
 
 
@@ -101,7 +118,7 @@ def prepare_sdpa_padded(p: Problem) -> Prepared:
     padded_guard(p.workload, p.device, "torch-sdpa-padded")
     seg = p.seg
 
-    def to_padded(t):   # (total, H, D) -> (S, H, max_len, D)
+    def to_padded(t):  # (total, H, D) -> (S, H, max_len, D)
         return seg.unpack(t.detach()).transpose(1, 2).contiguous()
 
     def to_packed(t):
@@ -109,7 +126,7 @@ def prepare_sdpa_padded(p: Problem) -> Prepared:
 
     q, k, v = (to_padded(t).requires_grad_(p.backward) for t in (p.q, p.k, p.v))
     dout = to_padded(p.dout)
-    mask = (~seg.padding_mask())[:, None, None, :]      # True = attend
+    mask = (~seg.padding_mask())[:, None, None, :]  # True = attend
 
     def run():
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -120,6 +137,7 @@ def prepare_sdpa_padded(p: Problem) -> Prepared:
     def result(r):
         out, grads = r
         return to_packed(out.detach()), None if grads is None else tuple(to_packed(g) for g in grads)
+
     return Prepared(run, result, {"padded_tokens": p.workload.padded_tokens})
 
 
@@ -135,15 +153,17 @@ def prepare_sdpa_nested(p: Problem) -> Prepared:
     min_len = min(lengths)
     q, k, v = p.leaves()
 
-    def nested(t):      # (total, H, D) -> jagged (S, H, j, D), a view of t
+    def nested(t):  # (total, H, D) -> jagged (S, H, j, D), a view of t
         return torch.nested.nested_tensor_from_jagged(
-            t, offsets, min_seqlen=min_len, max_seqlen=p.seg.max_len).transpose(1, 2)
+            t, offsets, min_seqlen=min_len, max_seqlen=p.seg.max_len
+        ).transpose(1, 2)
 
     def run():
         out = F.scaled_dot_product_attention(nested(q), nested(k), nested(v)).transpose(1, 2).values()
         if p.backward:
             return out, torch.autograd.grad(out, (q, k, v), p.dout)
         return out, None
+
     return Prepared(run, _packed_result)
 
 
@@ -154,13 +174,19 @@ def prepare_sdpa_loop(p: Problem) -> Prepared:
 
     def run():
         # split, not slicing: its backward is one concatenation instead of a full-size gradient per slice.
-        out = torch.cat([
-            F.scaled_dot_product_attention(qs.transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1))
-            .transpose(0, 1)                                                   # (L, H, D) <- (H, L, D)
-            for qs, ks, vs in zip(q.split(lengths), k.split(lengths), v.split(lengths)) if qs.shape[0]])
+        out = torch.cat(
+            [
+                F.scaled_dot_product_attention(qs.transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1)).transpose(
+                    0, 1
+                )  # (L, H, D) <- (H, L, D)
+                for qs, ks, vs in zip(q.split(lengths), k.split(lengths), v.split(lengths))
+                if qs.shape[0]
+            ]
+        )
         if p.backward:
             return out, torch.autograd.grad(out, (q, k, v), p.dout)
         return out, None
+
     return Prepared(run, _packed_result)
 
 
@@ -190,7 +216,7 @@ def _timed(fn, device: torch.device, calls: int = 3) -> float:
     return best
 
 
-def _heads_first(t):     # (total, H, D) -> (1, H, total, D)
+def _heads_first(t):  # (total, H, D) -> (1, H, total, D)
     return t.transpose(0, 1).unsqueeze(0)
 
 
@@ -199,6 +225,7 @@ def flex_choice(workload: Workload, dtype: torch.dtype, device: str) -> FlexChoi
     """Sweep ``BLOCK_SIZE`` for the forward; the fastest correct block size wins. Cached per problem, so the
     forward+backward group reuses the forward's compilation and mask."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
     p = make_problem(workload, "fwd", dtype, device)
     doc = p.seg.segment_ids()
     total = workload.total
@@ -216,9 +243,12 @@ def flex_choice(workload: Workload, dtype: torch.dtype, device: str) -> FlexChoi
     q, k, v = (_heads_first(t) for t in (p.q, p.k, p.v))
     sweep, best = {}, None
     for block in FLEX_BLOCK_SIZES:
+
         def build():
-            return build_mask(document_mask, B=None, H=None, Q_LEN=total, KV_LEN=total, device=p.device,
-                              BLOCK_SIZE=block)
+            return build_mask(
+                document_mask, B=None, H=None, Q_LEN=total, KV_LEN=total, device=p.device, BLOCK_SIZE=block
+            )
+
         try:
             start = time.perf_counter()
             block_mask = build()
@@ -234,7 +264,7 @@ def flex_choice(workload: Workload, dtype: torch.dtype, device: str) -> FlexChoi
                 sweep[block] = f"wrong output (rel. error {err:.3g})"
                 continue
             seconds = _timed(lambda: attend(q, k, v, block_mask=block_mask), p.device)
-        except (RuntimeError, NotImplementedError) as exc:   # a block size this device cannot compile
+        except (RuntimeError, NotImplementedError) as exc:  # a block size this device cannot compile
             sweep[block] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
             continue
         sweep[block] = seconds
@@ -245,8 +275,14 @@ def flex_choice(workload: Workload, dtype: torch.dtype, device: str) -> FlexChoi
             if block_mask.full_kv_num_blocks is not None:
                 visited += block_mask.full_kv_num_blocks.sum().item()
             density = workload.attention_pairs() / max(visited * block * block, 1)
-            best = (seconds, block, block_mask, dict(mask_build_s=mask_build_s, mask_compile_s=mask_compile_s,
-                                                     compile_s=compile_s, block_density=density))
+            best = (
+                seconds,
+                block,
+                block_mask,
+                dict(
+                    mask_build_s=mask_build_s, mask_compile_s=mask_compile_s, compile_s=compile_s, block_density=density
+                ),
+            )
     if best is None:
         pytest.skip(f"torch-flex: no block size ran ({sweep})")
     _, block, block_mask, extra = best
@@ -263,6 +299,7 @@ def prepare_flex(p: Problem) -> Prepared:
         if p.backward:
             return out, torch.autograd.grad(out, (q, k, v), p.dout)
         return out, None
+
     return Prepared(run, _packed_result, dict(choice.extra))
 
 
@@ -275,8 +312,10 @@ def prepare_varlen_attn(p: Problem, chunked: bool) -> Prepared:
         pytest.skip(f"varlen_attn (FlashAttention-2) supports float16/bfloat16 only, not {p.dtype}")
     lengths = p.workload.lengths
     if chunked and len(lengths) <= VARLEN_ATTN_CHUNK:
-        pytest.skip(f"{len(lengths)} segments fit one varlen_attn call (chunks of {VARLEN_ATTN_CHUNK}); "
-                    f"torch-varlen-attn is that call")
+        pytest.skip(
+            f"{len(lengths)} segments fit one varlen_attn call (chunks of {VARLEN_ATTN_CHUNK}); "
+            f"torch-varlen-attn is that call"
+        )
     q, k, v = p.leaves()
     if not chunked:
         offsets, max_len = p.seg.offsets, p.seg.max_len
@@ -285,14 +324,16 @@ def prepare_varlen_attn(p: Problem, chunked: bool) -> Prepared:
     else:
         calls, sizes = [], []
         for start in range(0, len(lengths), VARLEN_ATTN_CHUNK):
-            part = lengths[start:start + VARLEN_ATTN_CHUNK]
+            part = lengths[start : start + VARLEN_ATTN_CHUNK]
             seg = hierkern.Segments.from_lengths(list(part), device=p.device)
             calls.append((seg.offsets, seg.max_len))
             sizes.append(seg.total)
 
     def attention(qq, kk, vv):
-        outs = [varlen_attn(a, b, c, cu, cu, m, m)
-                for a, b, c, (cu, m) in zip(qq.split(sizes), kk.split(sizes), vv.split(sizes), calls)]
+        outs = [
+            varlen_attn(a, b, c, cu, cu, m, m)
+            for a, b, c, (cu, m) in zip(qq.split(sizes), kk.split(sizes), vv.split(sizes), calls)
+        ]
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def run():
@@ -300,6 +341,7 @@ def prepare_varlen_attn(p: Problem, chunked: bool) -> Prepared:
         if p.backward:
             return out, torch.autograd.grad(out, (q, k, v), p.dout)
         return out, None
+
     return Prepared(run, _packed_result, {"calls": len(calls)})
 
 
@@ -315,6 +357,7 @@ def prepare_flash_attn(p: Problem) -> Prepared:
         if p.backward:
             return out, torch.autograd.grad(out, (q, k, v), p.dout)
         return out, None
+
     return Prepared(run, _packed_result)
 
 
@@ -323,19 +366,41 @@ def test_attention(benchmark, request, skip_without_device, device, workload, mo
     size = request.config.getoption("--hk-size")
     p = make_problem(workload, mode, dtype, device)
     if impl.startswith("hierkern-"):
-        prepared = prepare_hierkern(p, impl[len("hierkern-"):], size)
+        prepared = prepare_hierkern(p, impl[len("hierkern-") :], size)
     else:
-        prepare = {"torch-sdpa-padded": prepare_sdpa_padded, "torch-sdpa-nested": prepare_sdpa_nested,
-                   "torch-sdpa-loop": prepare_sdpa_loop, "torch-flex": prepare_flex,
-                   "torch-varlen-attn": functools.partial(prepare_varlen_attn, chunked=False),
-                   "torch-varlen-attn-chunked": functools.partial(prepare_varlen_attn, chunked=True),
-                   "flash-attn-varlen": prepare_flash_attn}[impl]
+        prepare = {
+            "torch-sdpa-padded": prepare_sdpa_padded,
+            "torch-sdpa-nested": prepare_sdpa_nested,
+            "torch-sdpa-loop": prepare_sdpa_loop,
+            "torch-flex": prepare_flex,
+            "torch-varlen-attn": functools.partial(prepare_varlen_attn, chunked=False),
+            "torch-varlen-attn-chunked": functools.partial(prepare_varlen_attn, chunked=True),
+            "flash-attn-varlen": prepare_flash_attn,
+        }[impl]
         prepared = prepare(p)
     call = attention_call(p, *p.leaves())
-    info = dict(workload=workload.name, mode=mode, tokens=workload.total, segments=workload.num_segments,
-                mean_len=workload.mean_len, max_len=workload.max_len, num_heads=workload.num_heads,
-                head_dim=workload.head_dim, size=size, bytes_definition=BYTES_DEFINITION[mode],
-                auto_backend=hierkern.backends.select_backend(call).name)
-    run_benchmark(benchmark, group=f"{workload.name}/{mode}/{str(dtype).replace('torch.', '')}", impl=impl,
-                  prepared=prepared, reference=reference64(workload, mode, dtype, device), dtype=dtype,
-                  device=p.device, floor_bytes=p.attention_bytes(), info=info, family="attention core")
+    info = dict(
+        workload=workload.name,
+        mode=mode,
+        tokens=workload.total,
+        segments=workload.num_segments,
+        mean_len=workload.mean_len,
+        max_len=workload.max_len,
+        num_heads=workload.num_heads,
+        head_dim=workload.head_dim,
+        size=size,
+        bytes_definition=BYTES_DEFINITION[mode],
+        auto_backend=hierkern.backends.select_backend(call).name,
+    )
+    run_benchmark(
+        benchmark,
+        group=f"{workload.name}/{mode}/{str(dtype).replace('torch.', '')}",
+        impl=impl,
+        prepared=prepared,
+        reference=reference64(workload, mode, dtype, device),
+        dtype=dtype,
+        device=p.device,
+        floor_bytes=p.attention_bytes(),
+        info=info,
+        family="attention core",
+    )

@@ -29,8 +29,9 @@ import torch
 from torch import nn
 
 import hierkern
-from harness import DTYPES, TOLERANCE, Prepared, devices, rel_err, run_benchmark
 from hierkern.bench import workloads
+
+from harness import DTYPES, TOLERANCE, Prepared, devices, rel_err, run_benchmark
 
 WORKLOADS = ("chars-in-words", "words-in-sentences")
 MODES = ("train", "infer")
@@ -61,8 +62,7 @@ def batch(workload_name: str, size: str, device: str) -> hierkern.Segments:
     """The leading segments of the workload holding at least ``ENCODER_TOKENS[size]`` tokens."""
     workload = next(w for w in workloads(size, "cpu") if w.name == workload_name)
     totals = itertools.accumulate(workload.lengths)
-    count = next((i + 1 for i, total in enumerate(totals) if total >= ENCODER_TOKENS[size]),
-                 len(workload.lengths))
+    count = next((i + 1 for i, total in enumerate(totals) if total >= ENCODER_TOKENS[size]), len(workload.lengths))
     return hierkern.Segments.from_lengths(list(workload.lengths[:count]), device=device)
 
 
@@ -93,7 +93,7 @@ def agreement(ours, ref, x, pad, dout, train: bool, dtype) -> dict:
         module.eval()
         leaf = x.detach().clone().requires_grad_(train)
         with torch.set_grad_enabled(train), warnings.catch_warnings():
-            warnings.simplefilter("ignore")   # torch: nested tensors are a prototype
+            warnings.simplefilter("ignore")  # torch: nested tensors are a prototype
             out = module(leaf, src_key_padding_mask=pad)
             grads = None
             if train:
@@ -105,18 +105,21 @@ def agreement(ours, ref, x, pad, dout, train: bool, dtype) -> dict:
     errors = {"rel_err_out": rel_err(out_o, out_r.double().cpu())}
     assert errors["rel_err_out"] <= tol_out, (
         f"hierkern.TransformerEncoder and torch's disagree at valid positions (rel. error "
-        f"{errors['rel_err_out']:.3g} > {tol_out:g}); not timing different functions")
+        f"{errors['rel_err_out']:.3g} > {tol_out:g}); not timing different functions"
+    )
     assert ours.last_path == "varlen", ours.last_why_not_fast_path
     if train:
         errors["rel_err_grad"] = rel_err(grads_o, grads_r.double().cpu())
         assert errors["rel_err_grad"] <= tol_grad, (
-            f"input/parameter gradients disagree (rel. error {errors['rel_err_grad']:.3g} > {tol_grad:g})")
+            f"input/parameter gradients disagree (rel. error {errors['rel_err_grad']:.3g} > {tol_grad:g})"
+        )
     return errors
 
 
 def uses_fast_path(ref, x, pad) -> bool:
     """Whether torch's encoder ran its fused nested-tensor kernel on this call (seen in a profile)."""
     from torch.profiler import ProfilerActivity, profile
+
     with torch.no_grad(), warnings.catch_warnings(), profile(activities=[ProfilerActivity.CPU]) as prof:
         warnings.simplefilter("ignore")
         ref.eval()(x, src_key_padding_mask=pad)
@@ -137,10 +140,12 @@ def prepare(module, x, pad, dout, train: bool) -> Prepared:
             out.backward(dout)
             return out.detach()
     else:
+
         def run():
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 return module(x, src_key_padding_mask=pad)
+
     return Prepared(run, lambda out: out)
 
 
@@ -166,12 +171,32 @@ def test_encoder_stack(benchmark, request, skip_without_device, device, workload
     num_params = sum(p.numel() for p in ours.parameters())
     element = torch.empty(0, dtype=dtype).element_size()
     tokens = seg.total * 256 * element
-    floor = (2 * tokens + num_params * element if not train else 5 * tokens + 3 * num_params * element)
-    info = dict(workload=workload_name, mode=mode, tokens=seg.total, segments=seg.num_segments,
-                mean_len=seg.total / seg.num_segments, max_len=seg.max_len,
-                padded_tokens=seg.num_segments * seg.max_len, num_layers=NUM_LAYERS, num_heads=8, head_dim=32,
-                num_parameters=num_params, dropout=DROPOUT if train else 0.0, size=size,
-                bytes_definition=BYTES_DEFINITION[mode])
-    run_benchmark(benchmark, group=f"encoder-stack/{mode}/{str(dtype).replace('torch.', '')}/{workload_name}",
-                  impl=impl, prepared=prepared, reference=check, dtype=dtype, device=torch.device(device),
-                  floor_bytes=floor, info=info, family="encoder stack")
+    floor = 2 * tokens + num_params * element if not train else 5 * tokens + 3 * num_params * element
+    info = dict(
+        workload=workload_name,
+        mode=mode,
+        tokens=seg.total,
+        segments=seg.num_segments,
+        mean_len=seg.total / seg.num_segments,
+        max_len=seg.max_len,
+        padded_tokens=seg.num_segments * seg.max_len,
+        num_layers=NUM_LAYERS,
+        num_heads=8,
+        head_dim=32,
+        num_parameters=num_params,
+        dropout=DROPOUT if train else 0.0,
+        size=size,
+        bytes_definition=BYTES_DEFINITION[mode],
+    )
+    run_benchmark(
+        benchmark,
+        group=f"encoder-stack/{mode}/{str(dtype).replace('torch.', '')}/{workload_name}",
+        impl=impl,
+        prepared=prepared,
+        reference=check,
+        dtype=dtype,
+        device=torch.device(device),
+        floor_bytes=floor,
+        info=info,
+        family="encoder stack",
+    )

@@ -29,8 +29,9 @@ import functools
 import pytest
 import torch
 
-from harness import DTYPES, TOLERANCE, Prepared, devices, rel_err, run_benchmark
 from hierkern.bench import english_text
+
+from harness import DTYPES, TOLERANCE, Prepared, devices, rel_err, run_benchmark
 
 transformers = pytest.importorskip("transformers")
 import hierkern.integrations.transformers as hf  # noqa: E402
@@ -38,11 +39,17 @@ import hierkern.integrations.transformers as hf  # noqa: E402
 IMPLS = ("hierkern-hf-padding-free", "hierkern-hf-padded", "torch-sdpa-padded")
 WORKLOAD = "two-sentence-docs"
 # Documents per batch, per --hk-size and device type.
-DOCS = {"small": {"cpu": 16, "cuda": 256}, "default": {"cpu": 64, "cuda": 1024},
-        "large": {"cpu": 256, "cuda": 4096}}
+DOCS = {"small": {"cpu": 16, "cuda": 256}, "default": {"cpu": 64, "cuda": 1024}, "large": {"cpu": 256, "cuda": 4096}}
 VOCAB = 1024
-CONFIG = dict(vocab_size=VOCAB, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+CONFIG = dict(
+    vocab_size=VOCAB,
+    hidden_size=256,
+    intermediate_size=688,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+)
 BYTES_DEFINITION = "floor: read parameters twice (fwd, bwd), write parameter grads"
 
 
@@ -62,7 +69,7 @@ def document_lengths(num_docs: int) -> list[int]:
     """Tokens per document: pairs of consecutive synthetic English sentences, one token per word."""
     words = 0
     while True:
-        words = max(2 * words, 40 * num_docs)          # ~30 words a document: one try is nearly always enough
+        words = max(2 * words, 40 * num_docs)  # ~30 words a document: one try is nearly always enough
         _, sentences = english_text(words, seed=0)
         lengths = [a + b for a, b in zip(sentences[0::2], sentences[1::2])]
         if len(lengths) >= num_docs:
@@ -80,18 +87,22 @@ def batches(num_docs: int, device: str) -> tuple[dict, dict]:
     ids = torch.zeros(len(docs), longest, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, doc in enumerate(docs):
-        ids[i, :len(doc)] = torch.tensor(doc)
-        mask[i, :len(doc)] = 1
-    padded = dict(input_ids=ids.to(device), attention_mask=mask.to(device),
-                  labels=ids.masked_fill(mask == 0, -100).to(device))
+        ids[i, : len(doc)] = torch.tensor(doc)
+        mask[i, : len(doc)] = 1
+    padded = dict(
+        input_ids=ids.to(device), attention_mask=mask.to(device), labels=ids.masked_fill(mask == 0, -100).to(device)
+    )
     return flat, padded
 
 
 def model(attn_implementation: str, dtype: torch.dtype, device: str):
     torch.manual_seed(0)
     config = transformers.LlamaConfig(**copy.deepcopy(CONFIG))
-    return transformers.AutoModelForCausalLM.from_config(
-        config, attn_implementation=attn_implementation).to(device, dtype).train()
+    return (
+        transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+        .to(device, dtype)
+        .train()
+    )
 
 
 def step(m, inputs) -> torch.Tensor:
@@ -130,13 +141,16 @@ def test_hf_training_step(benchmark, request, skip_without_device, device, dtype
         errors = {"rel_err_out": rel_err(loss, ref_loss), "rel_err_grad": rel_err(grads, ref_grads)}
         assert errors["rel_err_out"] <= tol_out, (
             f"{impl}: loss {loss.item():.6g} differs from float32 sdpa on the padded batch ({ref_loss.item():.6g}, "
-            f"rel. error {errors['rel_err_out']:.3g} > {tol_out:g}); not timing a wrong answer")
+            f"rel. error {errors['rel_err_out']:.3g} > {tol_out:g}); not timing a wrong answer"
+        )
         assert errors["rel_err_grad"] <= tol_grad, (
             f"{impl}: parameter gradients differ from float32 sdpa on the padded batch (rel. error "
-            f"{errors['rel_err_grad']:.3g} > {tol_grad:g}); not timing a wrong answer")
+            f"{errors['rel_err_grad']:.3g} > {tol_grad:g}); not timing a wrong answer"
+        )
         if impl.startswith("hierkern-"):
-            errors["path"] = sorted({mod.hierkern_last_path for mod in m.modules()
-                                     if hasattr(mod, "hierkern_last_path")})
+            errors["path"] = sorted(
+                {mod.hierkern_last_path for mod in m.modules() if hasattr(mod, "hierkern_last_path")}
+            )
         return errors
 
     # The harness calls ``result`` right after the first, untimed run: the gradients are that run's.
@@ -144,12 +158,32 @@ def test_hf_training_step(benchmark, request, skip_without_device, device, dtype
     lengths = document_lengths(num_docs)
     num_params = sum(p.numel() for p in m.parameters())
     element = torch.empty(0, dtype=dtype).element_size()
-    info = dict(workload=WORKLOAD, mode="train", tokens=sum(lengths), segments=num_docs,
-                mean_len=sum(lengths) / num_docs, max_len=max(lengths), padded_tokens=num_docs * max(lengths),
-                num_parameters=num_params, num_layers=CONFIG["num_hidden_layers"],
-                num_heads=CONFIG["num_attention_heads"], num_kv_heads=CONFIG["num_key_value_heads"],
-                head_dim=CONFIG["hidden_size"] // CONFIG["num_attention_heads"],
-                transformers_version=transformers.__version__, size=size, bytes_definition=BYTES_DEFINITION)
-    run_benchmark(benchmark, group=f"hf-llama/train/{str(dtype).replace('torch.', '')}/{WORKLOAD}", impl=impl,
-                  prepared=prepared, reference=check, dtype=dtype, device=torch.device(device),
-                  floor_bytes=3 * num_params * element, info=info, family="hf")
+    info = dict(
+        workload=WORKLOAD,
+        mode="train",
+        tokens=sum(lengths),
+        segments=num_docs,
+        mean_len=sum(lengths) / num_docs,
+        max_len=max(lengths),
+        padded_tokens=num_docs * max(lengths),
+        num_parameters=num_params,
+        num_layers=CONFIG["num_hidden_layers"],
+        num_heads=CONFIG["num_attention_heads"],
+        num_kv_heads=CONFIG["num_key_value_heads"],
+        head_dim=CONFIG["hidden_size"] // CONFIG["num_attention_heads"],
+        transformers_version=transformers.__version__,
+        size=size,
+        bytes_definition=BYTES_DEFINITION,
+    )
+    run_benchmark(
+        benchmark,
+        group=f"hf-llama/train/{str(dtype).replace('torch.', '')}/{WORKLOAD}",
+        impl=impl,
+        prepared=prepared,
+        reference=check,
+        dtype=dtype,
+        device=torch.device(device),
+        floor_bytes=3 * num_params * element,
+        info=info,
+        family="hf",
+    )

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import hierkern
+
 from harness import MODES, Prepared, case_id, cases, check_against_reference, run_benchmark
 
 LAYER_WORKLOADS = ("chars-in-words", "words-in-sentences")
@@ -29,7 +30,7 @@ LAYER_BYTES_DEFINITION = {
     "fwd": "floor: read x + parameters, write out",
     "fwd+bwd": "floor: fwd + read dout, x, parameters; write dx, parameter grads",
 }
-VARIANTS = {   # group prefix -> (need_weights, implementations)
+VARIANTS = {  # group prefix -> (need_weights, implementations)
     "mha": (False, ("torch-mha", "hierkern-mha-padded", "hierkern-mha-packed")),
     "mha-weights": (True, ("torch-mha", "hierkern-mha-padded")),
 }
@@ -51,8 +52,7 @@ def pytest_generate_tests(metafunc):
 
 def torch_module(workload, device, dtype) -> torch.nn.MultiheadAttention:
     torch.manual_seed(0)
-    return torch.nn.MultiheadAttention(workload.embed_dim, workload.num_heads, batch_first=True).to(device,
-                                                                                                     dtype)
+    return torch.nn.MultiheadAttention(workload.embed_dim, workload.num_heads, batch_first=True).to(device, dtype)
 
 
 def inputs(workload, device, dtype):
@@ -86,8 +86,9 @@ def prepare(impl, workload, mode, dtype, device, need_weights) -> tuple[Prepared
     if impl.startswith("hierkern-"):
         if not hasattr(hierkern, "MultiheadAttention"):
             pytest.skip("hierkern.MultiheadAttention does not exist yet")
-        module = hierkern.MultiheadAttention(workload.embed_dim, workload.num_heads, batch_first=True,
-                                             device=device, dtype=dtype)
+        module = hierkern.MultiheadAttention(
+            workload.embed_dim, workload.num_heads, batch_first=True, device=device, dtype=dtype
+        )
         module.load_state_dict(base.state_dict())
     else:
         module = base
@@ -107,10 +108,12 @@ def prepare(impl, workload, mode, dtype, device, need_weights) -> tuple[Prepared
         return module(leaf, leaf, leaf, **kwargs)[0]
 
     if backward:
+
         def run():
             out = forward()
             return out, torch.autograd.grad(out, [leaf] + params, grad_out)
     else:
+
         def run():
             with torch.no_grad():
                 return forward(), None
@@ -120,6 +123,7 @@ def prepare(impl, workload, mode, dtype, device, need_weights) -> tuple[Prepared
         if packed:
             return out.detach(), grads
         return seg.pack(out.detach()), None if grads is None else (seg.pack(grads[0]), *grads[1:])
+
     num_params = sum(p.numel() for p in params)
     return Prepared(run, result, {"num_parameters": num_params}), module
 
@@ -133,22 +137,40 @@ def test_layer(benchmark, request, skip_without_device, device, workload, mode, 
     def check(result):
         errors = check_against_reference(impl, result, ref, dtype)
         if impl.startswith("hierkern-"):
-            errors["path"] = module.last_path   # which path ours took: "varlen" or torch's math
+            errors["path"] = module.last_path  # which path ours took: "varlen" or torch's math
         return errors
 
     # The attention backend "auto" picks inside the layer (shape, dtype and device decide, not the data).
-    probe = torch.empty(0, workload.num_heads, workload.head_dim, device=device, dtype=dtype,
-                        requires_grad=mode == "fwd+bwd")
+    probe = torch.empty(
+        0, workload.num_heads, workload.head_dim, device=device, dtype=dtype, requires_grad=mode == "fwd+bwd"
+    )
     with torch.set_grad_enabled(mode == "fwd+bwd"):
-        call = hierkern.AttentionCall.of(probe, probe, probe, workload.max_len, workload.max_len, False, 0.0)
+        call = hierkern.AttentionCall.of(probe, probe, probe, workload.max_len, workload.max_len)
     element = probe.element_size()
     tokens, params = workload.total * workload.embed_dim, prepared.extra["num_parameters"]
     floor = (2 * tokens + params) if mode == "fwd" else (5 * tokens + 3 * params)
-    info = dict(workload=workload.name, mode=mode, tokens=workload.total, segments=workload.num_segments,
-                mean_len=workload.mean_len, max_len=workload.max_len, num_heads=workload.num_heads,
-                head_dim=workload.head_dim, need_weights=need_weights,
-                auto_backend=hierkern.backends.select_backend(call).name,
-                size=request.config.getoption("--hk-size"), bytes_definition=LAYER_BYTES_DEFINITION[mode])
-    run_benchmark(benchmark, group=f"{variant}-{workload.name}/{mode}/{str(dtype).replace('torch.', '')}",
-                  impl=impl, prepared=prepared, reference=check, dtype=dtype, device=torch.device(device),
-                  floor_bytes=floor * element, info=info)
+    info = dict(
+        workload=workload.name,
+        mode=mode,
+        tokens=workload.total,
+        segments=workload.num_segments,
+        mean_len=workload.mean_len,
+        max_len=workload.max_len,
+        num_heads=workload.num_heads,
+        head_dim=workload.head_dim,
+        need_weights=need_weights,
+        auto_backend=hierkern.backends.select_backend(call).name,
+        size=request.config.getoption("--hk-size"),
+        bytes_definition=LAYER_BYTES_DEFINITION[mode],
+    )
+    run_benchmark(
+        benchmark,
+        group=f"{variant}-{workload.name}/{mode}/{str(dtype).replace('torch.', '')}",
+        impl=impl,
+        prepared=prepared,
+        reference=check,
+        dtype=dtype,
+        device=torch.device(device),
+        floor_bytes=floor * element,
+        info=info,
+    )

@@ -8,7 +8,7 @@ import sys
 COMMANDS = {
     "train": "train a HierarchicalEncoder with a masked-character objective (checkpoints, resume, DDP)",
     "report": "speedup table and plot from `pytest benchmarks --benchmark-json FILE` output "
-              "(the same as `python -m hierkern.bench report`)",
+    "(the same as `python -m hierkern.bench report`)",
     "doctor": "which backends run here and why, the toolchain that compiles the kernels, the versions",
 }
 
@@ -17,7 +17,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m hierkern",
         description="hierkern: fused attention over ragged, nested text.",
-        epilog="`python -m hierkern COMMAND --help` lists a command's options and their defaults.")
+        epilog="`python -m hierkern COMMAND --help` lists a command's options and their defaults.",
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, help_text in COMMANDS.items():
         commands.add_parser(name, help=help_text)
@@ -35,7 +36,9 @@ def main(argv=None) -> int:
     # Each command parses its own options, so its --help is the authoritative one.
     command, rest = argv[0], argv[1:]
     if command == "train":
-        from .train import TrainingStopped, main as train_main
+        from .train import TrainingStopped
+        from .train import main as train_main
+
         try:
             train_main(rest)
         except TrainingStopped as e:
@@ -44,8 +47,10 @@ def main(argv=None) -> int:
         return 0
     if command == "report":
         from .bench.__main__ import main as bench_main
+
         return bench_main(["report", *rest])
     from .doctor import main as doctor_main
+
     return doctor_main(rest)
 
 

@@ -46,16 +46,57 @@ almost already soon today yesterday together again still
 """.split()
 _PREPOSITIONS = "in on at near behind under over with without from into across through after before".split()
 _NAMES = "Alice Bob Carol David Emma Frank Grace Henry Irene Jack Laura Mike Nora Oscar Paula Sam".split()
-_IRREGULAR_PLURALS = {"man": "men", "woman": "women", "child": "children", "person": "people",
-                      "foot": "feet", "people": "people", "life": "lives", "wife": "wives"}
-_IRREGULAR_PAST = {"see": "saw", "make": "made", "know": "knew", "take": "took", "find": "found",
-                   "give": "gave", "tell": "told", "feel": "felt", "leave": "left", "put": "put",
-                   "mean": "meant", "keep": "kept", "let": "let", "begin": "began", "hear": "heard",
-                   "run": "ran", "hold": "held", "bring": "brought", "write": "wrote", "sit": "sat",
-                   "stand": "stood", "lose": "lost", "pay": "paid", "meet": "met", "set": "set",
-                   "lead": "led", "understand": "understood", "speak": "spoke", "read": "read",
-                   "spend": "spent", "grow": "grew", "win": "won", "buy": "bought", "send": "sent",
-                   "build": "built", "fall": "fell", "cut": "cut", "sell": "sold", "die": "died"}
+_IRREGULAR_PLURALS = {
+    "man": "men",
+    "woman": "women",
+    "child": "children",
+    "person": "people",
+    "foot": "feet",
+    "people": "people",
+    "life": "lives",
+    "wife": "wives",
+}
+_IRREGULAR_PAST = {
+    "see": "saw",
+    "make": "made",
+    "know": "knew",
+    "take": "took",
+    "find": "found",
+    "give": "gave",
+    "tell": "told",
+    "feel": "felt",
+    "leave": "left",
+    "put": "put",
+    "mean": "meant",
+    "keep": "kept",
+    "let": "let",
+    "begin": "began",
+    "hear": "heard",
+    "run": "ran",
+    "hold": "held",
+    "bring": "brought",
+    "write": "wrote",
+    "sit": "sat",
+    "stand": "stood",
+    "lose": "lost",
+    "pay": "paid",
+    "meet": "met",
+    "set": "set",
+    "lead": "led",
+    "understand": "understood",
+    "speak": "spoke",
+    "read": "read",
+    "spend": "spent",
+    "grow": "grew",
+    "win": "won",
+    "buy": "bought",
+    "send": "sent",
+    "build": "built",
+    "fall": "fell",
+    "cut": "cut",
+    "sell": "sold",
+    "die": "died",
+}
 
 
 def _plural(noun: str) -> str:
@@ -92,8 +133,11 @@ class _Grammar:
 
     def pick(self, words: list[str]) -> str:
         # Zipf-like: earlier (more common) words are drawn more often, as in real text.
-        return words[min(int(self.rng.paretovariate(1.0)) - 1, len(words) - 1)] if self.rng.random() < 0.5 \
+        return (
+            words[min(int(self.rng.paretovariate(1.0)) - 1, len(words) - 1)]
+            if self.rng.random() < 0.5
             else self.rng.choice(words)
+        )
 
     def noun_phrase(self) -> tuple[list[str], bool]:
         """Words of a noun phrase and whether it is plural."""
@@ -103,7 +147,7 @@ class _Grammar:
         plural = rng.random() < 0.35
         noun = self.pick(_NOUNS)
         adjectives = [self.pick(_ADJECTIVES) for _ in range(rng.choice((0, 0, 1, 1, 2)))]
-        head = (adjectives + [noun])
+        head = adjectives + [noun]
         if plural:
             head[-1] = _plural(noun)
             det = rng.choice(("the", "some", "many", "these", "those", "two", "three", str(rng.randint(4, 99))))

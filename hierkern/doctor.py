@@ -44,19 +44,26 @@ def _backend_line(backend) -> str:
 def report() -> str:
     """The doctor's report. Compiles nothing: every check only looks."""
     from torch.utils.cpp_extension import CUDA_HOME, is_ninja_available
+
     cxx = toolchain.cxx_compiler()
     cuda_problem = toolchain.cuda_toolchain_problem()
     if torch.cuda.is_available():
-        gpu = ", ".join(f"{torch.cuda.get_device_name(i)} (sm_{''.join(map(str, torch.cuda.get_device_capability(i)))})"
-                        for i in range(torch.cuda.device_count()))
+        gpu = ", ".join(
+            f"{torch.cuda.get_device_name(i)} (sm_{''.join(map(str, torch.cuda.get_device_capability(i)))})"
+            for i in range(torch.cuda.device_count())
+        )
     else:
         gpu = "none visible"
     rows = [
         ("versions", ""),
         ("  hierkern", __version__),
         ("  python", f"{platform.python_version()} ({sys.executable})"),
-        ("  torch", f"{torch.__version__} (CUDA {torch.version.cuda})" if torch.version.cuda
-         else f"{torch.__version__} (CPU-only build)"),
+        (
+            "  torch",
+            f"{torch.__version__} (CUDA {torch.version.cuda})"
+            if torch.version.cuda
+            else f"{torch.__version__} (CPU-only build)",
+        ),
         ("  triton", _version("triton")),
         ("  numpy", _version("numpy")),
         ("  platform", f"{platform.platform()}, {platform.machine()}"),
@@ -66,13 +73,19 @@ def report() -> str:
         ("toolchain", ""),
         ("  C++ compiler", f"{cxx} ({toolchain.compiler_version(cxx)})" if cxx else "none found"),
         ("  ninja", "yes" if is_ninja_available() else "no (pip install ninja)"),
-        ("  CPU kernels", "can be compiled here" if toolchain.cxx_problem() is None
-         else f"cannot be compiled here: {toolchain.cxx_problem()}"),
+        (
+            "  CPU kernels",
+            "can be compiled here"
+            if toolchain.cxx_problem() is None
+            else f"cannot be compiled here: {toolchain.cxx_problem()}",
+        ),
         ("  CUDA toolkit", CUDA_HOME or "none found"),
-        ("  CUDA kernels", "can be compiled here" if cuda_problem is None
-         else f"cannot be compiled here: {cuda_problem}"),
+        (
+            "  CUDA kernels",
+            "can be compiled here" if cuda_problem is None else f"cannot be compiled here: {cuda_problem}",
+        ),
         ("GPU", gpu),
-        ("backends", "(\"auto\" takes the first available one that accepts a call)"),
+        ("backends", '("auto" takes the first available one that accepts a call)'),
     ]
     for backend in sorted(_REGISTRY.values(), key=lambda b: -b.priority):
         rows.append((f"  {backend.name}", _backend_line(backend)))
@@ -84,11 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m hierkern doctor",
         description="Print the backends and why each is (un)available, the toolchain that compiles the kernels, "
-                    "and the versions. Exits 0 when the compiled CPU kernels can run (now or after their "
-                    "first-use build), 1 otherwise.")
-    parser.add_argument("--build", action="store_true",
-                        help="compile the kernels that are compiled on first use now (the CPU kernels, and the "
-                             "CUDA kernels when a GPU is visible), then report (default: off, compile nothing)")
+        "and the versions. Exits 0 when the compiled CPU kernels can run (now or after their "
+        "first-use build), 1 otherwise.",
+    )
+    parser.add_argument(
+        "--build",
+        action="store_true",
+        help="compile the kernels that are compiled on first use now (the CPU kernels, and the "
+        "CUDA kernels when a GPU is visible), then report (default: off, compile nothing)",
+    )
     return parser
 
 

@@ -14,13 +14,19 @@ happens once, at construction; every later use is sync-free.
 from __future__ import annotations
 
 import numbers
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 import torch
 
-__all__ = ["Segments", "check_offsets"]
+__all__ = ["Segments", "check_offsets", "host_readable"]
 
-LengthsLike = Union[Sequence[int], torch.Tensor]
+LengthsLike = Sequence[int] | torch.Tensor
+
+
+def host_readable(t: torch.Tensor) -> bool:
+    """Whether reading ``t``'s values costs nothing: a CPU tensor in eager mode. A CUDA tensor would need a
+    device sync, and under ``torch.compile`` a host read breaks the graph."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def check_offsets(offsets: torch.Tensor, name: str = "offsets", total: int | None = None) -> None:
@@ -33,15 +39,16 @@ def check_offsets(offsets: torch.Tensor, name: str = "offsets", total: int | Non
     if offsets.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{name} must be an int32 or int64 tensor, got {offsets.dtype}")
     if offsets.dim() != 1 or offsets.numel() < 1:
-        raise ValueError(f"{name} must be 1-D with at least one element (S + 1 >= 1), got shape "
-                         f"{tuple(offsets.shape)}")
+        raise ValueError(f"{name} must be 1-D with at least one element (S + 1 >= 1), got shape {tuple(offsets.shape)}")
     values = offsets.detach().cpu()
     if int(values[0]) != 0:
         raise ValueError(f"{name}[0] must be 0, got {int(values[0])}")
     if values.numel() > 1 and bool((values[1:] < values[:-1]).any()):
         bad = int(torch.nonzero(values[1:] < values[:-1])[0])
-        raise ValueError(f"{name} must be non-decreasing, but {name}[{bad + 1}]={int(values[bad + 1])} "
-                         f"< {name}[{bad}]={int(values[bad])}")
+        raise ValueError(
+            f"{name} must be non-decreasing, but {name}[{bad + 1}]={int(values[bad + 1])} "
+            f"< {name}[{bad}]={int(values[bad])}"
+        )
     if int(values[-1]) > torch.iinfo(torch.int32).max:
         raise ValueError(f"{name}[-1]={int(values[-1])} does not fit in int32 offsets")
     if total is not None and int(values[-1]) != total:
@@ -69,8 +76,9 @@ class Segments:
 
     __slots__ = ("offsets", "max_len", "total", "_segment_ids", "_positions")
 
-    def __init__(self, offsets: torch.Tensor, max_len: int | None = None, total: int | None = None, *,
-                 validate: bool = True):
+    def __init__(
+        self, offsets: torch.Tensor, max_len: int | None = None, total: int | None = None, *, validate: bool = True
+    ):
         if not isinstance(offsets, torch.Tensor):
             raise TypeError(f"offsets must be a torch.Tensor, got {type(offsets).__name__}")
         # At most one device->host copy, shared by validation and the host-side max_len / total.
@@ -84,8 +92,7 @@ class Segments:
         if total is not None:
             _check_length_arg(total, "total")
         if host is not None and host.numel() > 1 and int(host.diff().max()) > max_len:
-            raise ValueError(f"max_len={max_len} is smaller than the longest segment "
-                             f"({int(host.diff().max())})")
+            raise ValueError(f"max_len={max_len} is smaller than the longest segment ({int(host.diff().max())})")
         self.offsets = offsets
         self.max_len = max_len
         self.total = int(host[-1]) if total is None else total
@@ -95,7 +102,7 @@ class Segments:
     # -- constructors ---------------------------------------------------------------------------------
 
     @classmethod
-    def from_lengths(cls, lengths: LengthsLike, device: torch.device | str | None = None) -> "Segments":
+    def from_lengths(cls, lengths: LengthsLike, device: torch.device | str | None = None) -> Segments:
         """Segments from per-segment lengths (a list of ints or a 1-D integer tensor; zeros allowed)."""
         if isinstance(lengths, torch.Tensor):
             if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
@@ -108,15 +115,15 @@ class Segments:
             try:
                 items = list(lengths)
             except TypeError:
-                raise TypeError(f"lengths must be a list of ints or a 1-D integer tensor, "
-                                f"got {type(lengths).__name__}") from None
+                raise TypeError(
+                    f"lengths must be a list of ints or a 1-D integer tensor, got {type(lengths).__name__}"
+                ) from None
             for item in items:
                 if isinstance(item, bool) or not isinstance(item, numbers.Integral):
                     raise TypeError(f"lengths must contain ints, got {type(item).__name__}")
             host = torch.tensor([int(item) for item in items], dtype=torch.int64)
         if host.numel() and int(host.min()) < 0:
-            raise ValueError(f"lengths must be non-negative, got {int(host.min())} at index "
-                             f"{int(torch.argmin(host))}")
+            raise ValueError(f"lengths must be non-negative, got {int(host.min())} at index {int(torch.argmin(host))}")
         offsets = torch.zeros(host.numel() + 1, dtype=torch.int64)
         torch.cumsum(host, 0, out=offsets[1:])
         if int(offsets[-1]) > torch.iinfo(torch.int32).max:
@@ -126,7 +133,7 @@ class Segments:
         return cls(offsets if device is None else offsets.to(device), max_len, int(offsets[-1]), validate=False)
 
     @classmethod
-    def from_mask(cls, key_padding_mask: torch.Tensor) -> "Segments":
+    def from_mask(cls, key_padding_mask: torch.Tensor) -> Segments:
         """Segments from a ``(B, L)`` padding mask (True = padding, as ``nn.MultiheadAttention``).
 
         The valid tokens of each row must form a prefix of the row; anything else is a ``ValueError``.
@@ -134,8 +141,7 @@ class Segments:
         if not isinstance(key_padding_mask, torch.Tensor):
             raise TypeError(f"key_padding_mask must be a torch.Tensor, got {type(key_padding_mask).__name__}")
         if key_padding_mask.dtype != torch.bool:
-            raise TypeError(f"key_padding_mask must be a bool tensor (True = padding), got "
-                            f"{key_padding_mask.dtype}")
+            raise TypeError(f"key_padding_mask must be a bool tensor (True = padding), got {key_padding_mask.dtype}")
         if key_padding_mask.dim() != 2:
             raise ValueError(f"key_padding_mask must have shape (B, L), got {tuple(key_padding_mask.shape)}")
         valid = ~key_padding_mask
@@ -144,8 +150,9 @@ class Segments:
         not_prefix = (valid[:, 1:] & ~valid[:, :-1]).any()
         host = torch.cat([valid.sum(1), not_prefix.long()[None]]).cpu()
         if bool(host[-1]):
-            raise ValueError("key_padding_mask must mark a prefix of each row as valid (padding only at the "
-                             "end of a row)")
+            raise ValueError(
+                "key_padding_mask must mark a prefix of each row as valid (padding only at the end of a row)"
+            )
         return cls.from_lengths(host[:-1], device=key_padding_mask.device)
 
     # -- properties -----------------------------------------------------------------------------------
@@ -163,15 +170,15 @@ class Segments:
         """int32 ``(S,)`` segment lengths, on the offsets' device."""
         return self.offsets.diff()
 
-    def to(self, device: torch.device | str) -> "Segments":
+    def to(self, device: torch.device | str) -> Segments:
         return Segments(self.offsets.to(device), self.max_len, self.total, validate=False)
 
     def segment_ids(self) -> torch.Tensor:
         """int64 ``(total,)``: the segment each packed token belongs to."""
         if self._segment_ids is None:
             self._segment_ids = torch.repeat_interleave(
-                torch.arange(self.num_segments, device=self.device), self.lengths.long(),
-                output_size=self.total)
+                torch.arange(self.num_segments, device=self.device), self.lengths.long(), output_size=self.total
+            )
         return self._segment_ids
 
     def positions(self) -> torch.Tensor:
@@ -199,11 +206,9 @@ class Segments:
         if not isinstance(padded, torch.Tensor):
             raise TypeError(f"padded must be a torch.Tensor, got {type(padded).__name__}")
         if padded.dim() < 2 or padded.shape[0] != self.num_segments:
-            raise ValueError(f"padded must have shape (S={self.num_segments}, L, ...), got "
-                             f"{tuple(padded.shape)}")
+            raise ValueError(f"padded must have shape (S={self.num_segments}, L, ...), got {tuple(padded.shape)}")
         if padded.shape[1] < self.max_len:
-            raise ValueError(f"padded has L={padded.shape[1]} positions but the longest segment has "
-                             f"{self.max_len}")
+            raise ValueError(f"padded has L={padded.shape[1]} positions but the longest segment has {self.max_len}")
         if padded.device != self.device:
             raise ValueError(f"padded is on {padded.device} but the segments are on {self.device}")
         length = padded.shape[1]
@@ -230,5 +235,7 @@ class Segments:
         return ar[None, :] >= self.lengths.long()[:, None]
 
     def __repr__(self) -> str:
-        return (f"Segments(num_segments={self.num_segments}, total={self.total}, max_len={self.max_len}, "
-                f"device={self.device})")
+        return (
+            f"Segments(num_segments={self.num_segments}, total={self.total}, max_len={self.max_len}, "
+            f"device={self.device})"
+        )

@@ -91,14 +91,19 @@ def patch_model(model: nn.Module) -> PatchReport:
                 drop_in.adopt(module)
             report.swapped.append((name, _qualname(cls), _qualname(drop_in)))
         elif cls in _NO_DROP_IN:
-            report.left.append((name, _qualname(cls), "no hierkern drop-in (the attention and encoder modules "
-                                                      "inside it are swapped one by one)"))
+            report.left.append(
+                (
+                    name,
+                    _qualname(cls),
+                    "no hierkern drop-in (the attention and encoder modules inside it are swapped one by one)",
+                )
+            )
         elif issubclass(cls, tuple(_DROP_INS.values())):
             report.left.append((name, _qualname(cls), "already hierkern's"))
         else:
-            for base, drop_in in _DROP_INS.items():
+            for base in _DROP_INS:
                 if issubclass(cls, base):
-                    report.left.append((name, _qualname(cls), f"a subclass of {_qualname(base)}: its own code may "
-                                                              f"override forward, so it is not swapped"))
+                    why = f"a subclass of {_qualname(base)}: its own code may override forward, so it is not swapped"
+                    report.left.append((name, _qualname(cls), why))
                     break
     return report

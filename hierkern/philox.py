@@ -25,8 +25,15 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["philox4x32_10", "philox4x32_10_words", "dropout_threshold", "attention_keep", "keep_mask",
-           "element_keep", "rng_state"]
+__all__ = [
+    "philox4x32_10",
+    "philox4x32_10_words",
+    "dropout_threshold",
+    "attention_keep",
+    "keep_mask",
+    "element_keep",
+    "rng_state",
+]
 
 M0, M1 = 0xD2511F53, 0xCD9E8D57  # round multipliers
 W0, W1 = 0x9E3779B9, 0xBB67AE85  # Weyl increments of the key
@@ -41,8 +48,7 @@ def philox4x32_10(ctr: tuple[int, int, int, int], key: tuple[int, int]) -> tuple
     k0, k1 = key
     for _ in range(ROUNDS):
         p0, p1 = M0 * c0, M1 * c2
-        c0, c1, c2, c3 = ((p1 >> 32) ^ c1 ^ k0) & _MASK32, p1 & _MASK32, ((p0 >> 32) ^ c3 ^ k1) & _MASK32, \
-            p0 & _MASK32
+        c0, c1, c2, c3 = ((p1 >> 32) ^ c1 ^ k0) & _MASK32, p1 & _MASK32, ((p0 >> 32) ^ c3 ^ k1) & _MASK32, p0 & _MASK32
         k0, k1 = (k0 + W0) & _MASK32, (k1 + W1) & _MASK32
     return c0, c1, c2, c3
 
@@ -50,14 +56,15 @@ def philox4x32_10(ctr: tuple[int, int, int, int], key: tuple[int, int]) -> tuple
 def _mulhilo(x: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     # A 32x32 -> 64-bit product overflows int64: multiply by the 16-bit halves of m.
     m_lo, m_hi = m & 0xFFFF, m >> 16
-    a = x * m_lo                        # < 2^48
-    b = x * m_hi                        # < 2^48
+    a = x * m_lo  # < 2^48
+    b = x * m_hi  # < 2^48
     lo_full = a + ((b & 0xFFFF) << 16)  # < 2^49
     return ((b >> 16) + (lo_full >> 32)) & _MASK32, lo_full & _MASK32
 
 
-def philox4x32_10_words(c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor, k0: int,
-                        k1: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def philox4x32_10_words(
+    c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor, k0: int, k1: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Philox4x32-10 over int64 tensors of 32-bit counters (broadcast together): the four output words."""
     c0, c1, c2, c3 = (t & _MASK32 for t in torch.broadcast_tensors(c0, c1, c2, c3))
     k0, k1 = k0 & _MASK32, k1 & _MASK32
@@ -78,29 +85,40 @@ def dropout_threshold(p: float) -> int:
 def _seed_offset(state) -> tuple[int, int]:
     if isinstance(state, torch.Tensor):
         if state.dtype != torch.int64 or state.numel() != 2:
-            raise ValueError(f"rng_state must be an int64 tensor [seed, offset], got {state.dtype} "
-                             f"{tuple(state.shape)}")
+            raise ValueError(
+                f"rng_state must be an int64 tensor [seed, offset], got {state.dtype} {tuple(state.shape)}"
+            )
         seed, offset = (int(x) for x in state.tolist())
     else:
         seed, offset = state
     return seed & _MASK64, offset & _MASK64
 
 
-def attention_keep(state, heads: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor,
-                   p: float) -> torch.Tensor:
+def attention_keep(state, heads: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor, p: float) -> torch.Tensor:
     """Bool, broadcast over int64 ``heads``, packed ``queries`` and ``keys``: whether weight (head, query, key)
     is kept under ``state`` (an rng_state tensor or ``(seed, offset)``) at dropout probability ``p``."""
     seed, offset = _seed_offset(state)
-    word = philox4x32_10_words(queries, keys, heads, torch.tensor(offset & _MASK32, device=queries.device),
-                               seed & _MASK32, (seed >> 32) ^ (offset >> 32))[0]
+    word = philox4x32_10_words(
+        queries,
+        keys,
+        heads,
+        torch.tensor(offset & _MASK32, device=queries.device),
+        seed & _MASK32,
+        (seed >> 32) ^ (offset >> 32),
+    )[0]
     return word >= dropout_threshold(p)
 
 
 def keep_mask(seed: int, offset: int, num_heads: int, total_q: int, total_k: int, p: float) -> torch.Tensor:
     """Bool ``(num_heads, total_q, total_k)``: whether every backend keeps weight (head, query, key)."""
     arange = lambda n: torch.arange(n, dtype=torch.int64)  # noqa: E731
-    return attention_keep((seed, offset), arange(num_heads)[:, None, None], arange(total_q)[None, :, None],
-                          arange(total_k)[None, None, :], p)
+    return attention_keep(
+        (seed, offset),
+        arange(num_heads)[:, None, None],
+        arange(total_q)[None, :, None],
+        arange(total_k)[None, None, :],
+        p,
+    )
 
 
 ELEMENT_TAG = 0xFFFFFFFF  # counter word 2 of element draws; attention draws put a head (< 2^31) there
@@ -112,8 +130,14 @@ def element_keep(state, numel: int, p: float) -> torch.Tensor:
     seed, offset = _seed_offset(state)
     i = torch.arange(numel, dtype=torch.int64)
     block = 8 * (i // 32) + i % 8
-    words = philox4x32_10_words(block, block >> 32, torch.tensor(ELEMENT_TAG), torch.tensor(offset & _MASK32),
-                                seed & _MASK32, (seed >> 32) ^ (offset >> 32))
+    words = philox4x32_10_words(
+        block,
+        block >> 32,
+        torch.tensor(ELEMENT_TAG),
+        torch.tensor(offset & _MASK32),
+        seed & _MASK32,
+        (seed >> 32) ^ (offset >> 32),
+    )
     return torch.stack(words).gather(0, ((i % 32) // 8)[None])[0] >= dropout_threshold(p)
 
 

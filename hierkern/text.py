@@ -26,7 +26,8 @@ import os
 import secrets
 import unicodedata
 from collections import Counter
-from typing import IO, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import IO
 
 import torch
 
@@ -64,8 +65,9 @@ def _is_punct(ch: str) -> bool:
     return unicodedata.category(ch).startswith("P")
 
 
-def split_words(sentence: str, *, max_word_len: int = DEFAULT_MAX_WORD_LEN,
-                split_punctuation: bool = True) -> list[str]:
+def split_words(
+    sentence: str, *, max_word_len: int = DEFAULT_MAX_WORD_LEN, split_punctuation: bool = True
+) -> list[str]:
     """Split one sentence into words by the rules in this module's docstring.
 
     Args:
@@ -94,7 +96,7 @@ def split_words(sentence: str, *, max_word_len: int = DEFAULT_MAX_WORD_LEN,
         words.extend(p for p in pieces if p)
     head = (max_word_len + 1) // 2
     tail = max_word_len - head
-    return [w if len(w) <= max_word_len else w[:head] + (w[len(w) - tail:] if tail else "") for w in words]
+    return [w if len(w) <= max_word_len else w[:head] + (w[len(w) - tail :] if tail else "") for w in words]
 
 
 class CharVocab:
@@ -122,7 +124,7 @@ class CharVocab:
         self._index = {ch: i + len(self.SPECIALS) for i, ch in enumerate(chars)}
 
     @classmethod
-    def from_texts(cls, texts: Iterable[str], *, min_count: int = 1, max_size: int | None = None) -> "CharVocab":
+    def from_texts(cls, texts: Iterable[str], *, min_count: int = 1, max_size: int | None = None) -> CharVocab:
         """Build from raw texts: the characters seen at least ``min_count`` times, most frequent first.
 
         Whitespace is kept (words never contain it, but then ``decode(encode(text)) == text`` for any
@@ -134,12 +136,11 @@ class CharVocab:
             if not isinstance(text, str):
                 raise TypeError(f"texts[{i}] must be a str, got {type(text).__name__}")
             counts.update(text)
-        ranked = sorted((ch for ch, n in counts.items() if n >= min_count),
-                        key=lambda ch: (-counts[ch], ord(ch)))
+        ranked = sorted((ch for ch, n in counts.items() if n >= min_count), key=lambda ch: (-counts[ch], ord(ch)))
         if max_size is not None:
             if max_size < len(cls.SPECIALS):
                 raise ValueError(f"max_size must be at least {len(cls.SPECIALS)}, got {max_size}")
-            ranked = ranked[:max_size - len(cls.SPECIALS)]
+            ranked = ranked[: max_size - len(cls.SPECIALS)]
         return cls(ranked)
 
     def __len__(self) -> int:
@@ -173,7 +174,7 @@ class CharVocab:
         return {"format": "hierkern.CharVocab", "version": 1, "chars": self.chars}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "CharVocab":
+    def from_dict(cls, data: dict) -> CharVocab:
         if not isinstance(data, dict) or data.get("format") != "hierkern.CharVocab":
             raise ValueError("data is not a serialised hierkern.CharVocab")
         if data.get("version") != 1:
@@ -190,7 +191,7 @@ class CharVocab:
         _atomic_write(path, lambda f: f.write(text), binary=False)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "CharVocab":
+    def load(cls, path: str | os.PathLike) -> CharVocab:
         with open(path, encoding="utf-8") as f:
             return cls.from_dict(json.load(f))
 
@@ -222,8 +223,14 @@ class TextBatch:
         self.sentences = sentences
 
     @classmethod
-    def from_sentences(cls, sentences: Sequence[str], vocab: CharVocab, *,
-                       max_word_len: int = DEFAULT_MAX_WORD_LEN, split_punctuation: bool = True) -> "TextBatch":
+    def from_sentences(
+        cls,
+        sentences: Sequence[str],
+        vocab: CharVocab,
+        *,
+        max_word_len: int = DEFAULT_MAX_WORD_LEN,
+        split_punctuation: bool = True,
+    ) -> TextBatch:
         """Tokenise and pack raw sentences (rules in this module's docstring).
 
         Args:
@@ -249,14 +256,14 @@ class TextBatch:
                 raise TypeError(f"sentences[{i}] must be a str, got {type(sentence).__name__}")
             words = split_words(sentence, max_word_len=max_word_len, split_punctuation=split_punctuation)
             if not words:
-                raise ValueError(f"sentences[{i}] has no words ({sentence!r}); remove empty sentences "
-                                 f"before batching")
+                raise ValueError(f"sentences[{i}] has no words ({sentence!r}); remove empty sentences before batching")
             for word in words:
                 ids.extend(vocab.encode(word))
                 word_lens.append(len(word))
             sent_lens.append(len(words))
-        return cls(torch.tensor(ids, dtype=torch.int64), Segments.from_lengths(word_lens),
-                   Segments.from_lengths(sent_lens))
+        return cls(
+            torch.tensor(ids, dtype=torch.int64), Segments.from_lengths(word_lens), Segments.from_lengths(sent_lens)
+        )
 
     @property
     def num_sentences(self) -> int:
@@ -277,18 +284,18 @@ class TextBatch:
     def __len__(self) -> int:
         return self.num_sentences
 
-    def _map(self, fn) -> "TextBatch":
+    def _map(self, fn) -> TextBatch:
         words = Segments(fn(self.words.offsets), self.words.max_len, self.words.total, validate=False)
-        sents = Segments(fn(self.sentences.offsets), self.sentences.max_len, self.sentences.total,
-                         validate=False)
+        sents = Segments(fn(self.sentences.offsets), self.sentences.max_len, self.sentences.total, validate=False)
         return TextBatch(fn(self.char_ids), words, sents)
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "TextBatch":
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> TextBatch:
         """The batch on ``device`` (host-side lengths stay on the host: no sync later)."""
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
-    def pin_memory(self) -> "TextBatch":
-        """Page-locked copy, so ``to("cuda", non_blocking=True)`` overlaps; called by ``DataLoader(pin_memory=True)``."""
+    def pin_memory(self) -> TextBatch:
+        """Page-locked copy, so ``to("cuda", non_blocking=True)`` overlaps; called by
+        ``DataLoader(pin_memory=True)``."""
         return self._map(torch.Tensor.pin_memory)
 
     def is_pinned(self) -> bool:
@@ -299,31 +306,36 @@ class TextBatch:
         ids = self.char_ids.tolist()
         woff = self.words.offsets.tolist()
         soff = self.sentences.offsets.tolist()
-        return [[vocab.decode(ids[woff[w]:woff[w + 1]]) for w in range(soff[s], soff[s + 1])]
-                for s in range(self.num_sentences)]
+        return [
+            [vocab.decode(ids[woff[w] : woff[w + 1]]) for w in range(soff[s], soff[s + 1])]
+            for s in range(self.num_sentences)
+        ]
 
     def __repr__(self) -> str:
-        return (f"TextBatch(sentences={self.num_sentences}, words={self.num_words}, chars={self.num_chars}, "
-                f"device={self.device})")
+        return (
+            f"TextBatch(sentences={self.num_sentences}, words={self.num_words}, chars={self.num_chars}, "
+            f"device={self.device})"
+        )
 
 
 class TextCollator:
     """``collate_fn`` for ``torch.utils.data.DataLoader`` over a dataset of raw sentences (picklable, so it
     works with ``num_workers > 0``)."""
 
-    def __init__(self, vocab: CharVocab, *, max_word_len: int = DEFAULT_MAX_WORD_LEN,
-                 split_punctuation: bool = True):
+    def __init__(self, vocab: CharVocab, *, max_word_len: int = DEFAULT_MAX_WORD_LEN, split_punctuation: bool = True):
         self.vocab = vocab
         self.max_word_len = max_word_len
         self.split_punctuation = split_punctuation
 
     def __call__(self, sentences: Sequence[str]) -> TextBatch:
-        return TextBatch.from_sentences(sentences, self.vocab, max_word_len=self.max_word_len,
-                                        split_punctuation=self.split_punctuation)
+        return TextBatch.from_sentences(
+            sentences, self.vocab, max_word_len=self.max_word_len, split_punctuation=self.split_punctuation
+        )
 
 
-def collate_fn(vocab: CharVocab, *, max_word_len: int = DEFAULT_MAX_WORD_LEN,
-               split_punctuation: bool = True) -> TextCollator:
+def collate_fn(
+    vocab: CharVocab, *, max_word_len: int = DEFAULT_MAX_WORD_LEN, split_punctuation: bool = True
+) -> TextCollator:
     """A ``DataLoader`` ``collate_fn`` turning a list of raw sentences into a ``TextBatch``.
 
     ``DataLoader(sentences, batch_size=32, collate_fn=hierkern.collate_fn(vocab), pin_memory=True)``.

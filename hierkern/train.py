@@ -26,7 +26,7 @@ import signal
 import tempfile
 import threading
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -93,8 +93,9 @@ class MaskedCharModel(nn.Module):
         return self.head(torch.cat((char_states[positions], context[word_of_char]), dim=-1))
 
 
-def mask_chars(batch: TextBatch, prob: float, generator: torch.Generator | None = None
-               ) -> tuple[TextBatch, torch.Tensor, torch.Tensor]:
+def mask_chars(
+    batch: TextBatch, prob: float, generator: torch.Generator | None = None
+) -> tuple[TextBatch, torch.Tensor, torch.Tensor]:
     """Replace each character by ``CharVocab.MASK`` with probability ``prob`` (at least one per batch).
 
     Args:
@@ -123,17 +124,28 @@ def _bucket_max_lens(batch: TextBatch, encoder: HierarchicalEncoder) -> TextBatc
     ``max_len`` only has to bound the longest segment, and torch.compile specialises on it: rounding keeps
     the number of compiled graphs logarithmic instead of one per distinct longest word/sentence.
     """
+
     def bucket(segments: Segments, cap: int) -> Segments:
         n = segments.max_len
         rounded = max(n, min(1 << max(n - 1, 0).bit_length(), cap))
         return Segments(segments.offsets, rounded, segments.total, validate=False)
-    return TextBatch(batch.char_ids, bucket(batch.words, encoder.config["max_word_len"]),
-                     bucket(batch.sentences, encoder.config["max_sentence_len"]))
+
+    return TextBatch(
+        batch.char_ids,
+        bucket(batch.words, encoder.config["max_word_len"]),
+        bucket(batch.sentences, encoder.config["max_sentence_len"]),
+    )
 
 
 def _save_checkpoint(path: str, model: MaskedCharModel, vocab: CharVocab, optimizer, step: int) -> None:
-    state = {"format": CHECKPOINT_FORMAT, "config": model.encoder.config, "vocab": vocab.to_dict(),
-             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "config": model.encoder.config,
+        "vocab": vocab.to_dict(),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "step": step,
+    }
     _atomic_write(path, lambda f: torch.save(state, f), binary=True)
 
 
@@ -157,13 +169,14 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> tuple[Hierar
     state = _read_checkpoint(os.fspath(path), map_location)
     encoder = HierarchicalEncoder(**state["config"])
     prefix = "encoder."
-    encoder.load_state_dict({k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)})
+    encoder.load_state_dict({k[len(prefix) :]: v for k, v in state["model"].items() if k.startswith(prefix)})
     return encoder.eval(), CharVocab.from_dict(state["vocab"])
 
 
 def _number(kind: type, ok: Callable[[float], bool], requirement: str) -> Callable[[str], float]:
     """An argparse ``type`` accepting a ``kind`` (int or float) that satisfies ``ok``; argparse's error then
     names the flag: ``argument --dim: must be an integer >= 1, got '0'``."""
+
     def parse(text: str):
         try:
             value = kind(text)
@@ -172,6 +185,7 @@ def _number(kind: type, ok: Callable[[float], bool], requirement: str) -> Callab
         if (kind is float and not math.isfinite(value)) or not ok(value):
             raise argparse.ArgumentTypeError(f"must be {requirement}, got {text!r}")
         return value
+
     return parse
 
 
@@ -180,56 +194,97 @@ _non_negative = _number(int, lambda v: v >= 0, "an integer >= 0")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m hierkern train",
-                                description="Train a hierarchical char->word->sentence encoder with a "
-                                            "masked-character objective.",
-                                epilog="Model flags (--dim ... --max-word-len) left out of a resumed run take "
-                                       "the checkpoint's values; one that contradicts the checkpoint is an "
-                                       "error (except --dropout, which may change).")
+    p = argparse.ArgumentParser(
+        prog="python -m hierkern train",
+        description="Train a hierarchical char->word->sentence encoder with a masked-character objective.",
+        epilog="Model flags (--dim ... --max-word-len) left out of a resumed run take "
+        "the checkpoint's values; one that contradicts the checkpoint is an "
+        "error (except --dropout, which may change).",
+    )
     p.add_argument("--steps", type=_positive, default=200, help="optimizer steps to run (default %(default)s)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to train (default %(default)s)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (default: off, eager)")
-    p.add_argument("--checkpoint", metavar="PATH",
-                   help="resume from PATH if it exists (model, vocab, optimizer, step); save to PATH at the end, "
-                        "every --save-every steps and on SIGINT/SIGTERM, creating its directory if needed "
-                        "(default: none, nothing is saved)")
-    p.add_argument("--save-every", type=_non_negative, default=0, metavar="N",
-                   help="also save the checkpoint every N steps, against crashes that give no signal "
-                        "(default %(default)s: only at the end and on SIGINT/SIGTERM)")
-    p.add_argument("--corpus", metavar="FILE",
-                   help="UTF-8 text, one sentence per line (default: the embedded generated corpus)")
-    p.add_argument("--corpus-size", type=_positive, default=20000,
-                   help="sentences of the embedded corpus (default %(default)s)")
-    p.add_argument("--batch-size", type=_positive, default=32,
-                   help="sentences per step and process (default %(default)s)")
+    p.add_argument(
+        "--checkpoint",
+        metavar="PATH",
+        help="resume from PATH if it exists (model, vocab, optimizer, step); save to PATH at the end, "
+        "every --save-every steps and on SIGINT/SIGTERM, creating its directory if needed "
+        "(default: none, nothing is saved)",
+    )
+    p.add_argument(
+        "--save-every",
+        type=_non_negative,
+        default=0,
+        metavar="N",
+        help="also save the checkpoint every N steps, against crashes that give no signal "
+        "(default %(default)s: only at the end and on SIGINT/SIGTERM)",
+    )
+    p.add_argument(
+        "--corpus", metavar="FILE", help="UTF-8 text, one sentence per line (default: the embedded generated corpus)"
+    )
+    p.add_argument(
+        "--corpus-size", type=_positive, default=20000, help="sentences of the embedded corpus (default %(default)s)"
+    )
+    p.add_argument(
+        "--batch-size", type=_positive, default=32, help="sentences per step and process (default %(default)s)"
+    )
     for flag, dest, kind, help_text in (
-            ("--dim", "dim", _positive, "model width, a multiple of --heads"),
-            ("--heads", "heads", _positive, "attention heads"),
-            ("--char-layers", "char_layers", _non_negative, "layers of the character stage"),
-            ("--word-layers", "word_layers", _non_negative, "layers of the word stage"),
-            ("--max-word-len", "max_word_len", _positive, "longest word kept whole (longer: head + tail)")):
+        ("--dim", "dim", _positive, "model width, a multiple of --heads"),
+        ("--heads", "heads", _positive, "attention heads"),
+        ("--char-layers", "char_layers", _non_negative, "layers of the character stage"),
+        ("--word-layers", "word_layers", _non_negative, "layers of the word stage"),
+        ("--max-word-len", "max_word_len", _positive, "longest word kept whole (longer: head + tail)"),
+    ):
         p.add_argument(flag, type=kind, help=f"{help_text} (default {MODEL_FLAGS[dest][1]})")
-    p.add_argument("--pooling", choices=POOLING_MODES, help=f"characters -> word vector "
-                                                            f"(default {MODEL_FLAGS['pooling'][1]})")
-    p.add_argument("--positional", choices=("sinusoidal", "learned"),
-                   help=f"position encoding (default {MODEL_FLAGS['positional'][1]})")
-    p.add_argument("--dropout", type=_number(float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
-                   help=f"dropout probability (default {MODEL_FLAGS['dropout'][1]})")
-    p.add_argument("--mask-prob", type=_number(float, lambda v: 0.0 < v < 1.0, "a number in (0, 1)"), default=0.15,
-                   help="probability that a character is masked (default %(default)s)")
-    p.add_argument("--lr", type=_number(float, lambda v: v > 0.0, "a finite number > 0"), default=2e-3,
-                   help="peak learning rate of AdamW (default %(default)s)")
-    p.add_argument("--warmup", type=_non_negative, default=20,
-                   help="linear learning-rate warm-up steps (default %(default)s)")
-    p.add_argument("--log-every", type=_positive, default=10,
-                   help="print the mean loss every N steps; on CUDA the loss is also checked for NaN/inf "
-                        "only then, to keep the loop free of host syncs (default %(default)s)")
-    p.add_argument("--threads", type=_non_negative, default=1,
-                   help="CPU intra-op threads per process (default 1: this model's matrices are small, so "
-                        "threads cost more than they save and oversubscribe shared machines; scale out with "
-                        "torchrun instead; 0 keeps torch's default)")
-    p.add_argument("--seed", type=_number(int, lambda v: 0 <= v < 2 ** 32, "an integer in [0, 2**32)"), default=0,
-                   help="seed of the corpus, initial weights, sampling and masking (default %(default)s)")
+    p.add_argument(
+        "--pooling", choices=POOLING_MODES, help=f"characters -> word vector (default {MODEL_FLAGS['pooling'][1]})"
+    )
+    p.add_argument(
+        "--positional",
+        choices=("sinusoidal", "learned"),
+        help=f"position encoding (default {MODEL_FLAGS['positional'][1]})",
+    )
+    p.add_argument(
+        "--dropout",
+        type=_number(float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
+        help=f"dropout probability (default {MODEL_FLAGS['dropout'][1]})",
+    )
+    p.add_argument(
+        "--mask-prob",
+        type=_number(float, lambda v: 0.0 < v < 1.0, "a number in (0, 1)"),
+        default=0.15,
+        help="probability that a character is masked (default %(default)s)",
+    )
+    p.add_argument(
+        "--lr",
+        type=_number(float, lambda v: v > 0.0, "a finite number > 0"),
+        default=2e-3,
+        help="peak learning rate of AdamW (default %(default)s)",
+    )
+    p.add_argument(
+        "--warmup", type=_non_negative, default=20, help="linear learning-rate warm-up steps (default %(default)s)"
+    )
+    p.add_argument(
+        "--log-every",
+        type=_positive,
+        default=10,
+        help="print the mean loss every N steps; on CUDA the loss is also checked for NaN/inf "
+        "only then, to keep the loop free of host syncs (default %(default)s)",
+    )
+    p.add_argument(
+        "--threads",
+        type=_non_negative,
+        default=1,
+        help="CPU intra-op threads per process (default 1: this model's matrices are small, so "
+        "threads cost more than they save and oversubscribe shared machines; scale out with "
+        "torchrun instead; 0 keeps torch's default)",
+    )
+    p.add_argument(
+        "--seed",
+        type=_number(int, lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)"),
+        default=0,
+        help="seed of the corpus, initial weights, sampling and masking (default %(default)s)",
+    )
     return p
 
 
@@ -257,8 +312,10 @@ def _read_resume(parser: argparse.ArgumentParser, path: str) -> dict | None:
     # and a run that went on would overwrite it at the end. torch.load's own message is left out: it
     # suggests weights_only=False, which would unpickle arbitrary code.
     except Exception as e:  # noqa: BLE001
-        parser.error(f"--checkpoint {path} exists but is not a readable hierkern checkpoint "
-                     f"({type(e).__name__}); refusing to overwrite it")
+        parser.error(
+            f"--checkpoint {path} exists but is not a readable hierkern checkpoint "
+            f"({type(e).__name__}); refusing to overwrite it"
+        )
 
 
 def _prepare_checkpoint_dir(parser: argparse.ArgumentParser, path: str) -> None:
@@ -280,12 +337,16 @@ def _resolve_model_flags(parser: argparse.ArgumentParser, args: argparse.Namespa
                 setattr(args, dest, default)
     else:
         saved = resume["config"]
-        conflicts = [f"--{dest.replace('_', '-')} {getattr(args, dest)} (checkpoint: {saved[key]})"
-                     for dest, (key, _) in MODEL_FLAGS.items()
-                     if dest not in RESUME_MAY_CHANGE and getattr(args, dest) not in (None, saved[key])]
+        conflicts = [
+            f"--{dest.replace('_', '-')} {getattr(args, dest)} (checkpoint: {saved[key]})"
+            for dest, (key, _) in MODEL_FLAGS.items()
+            if dest not in RESUME_MAY_CHANGE and getattr(args, dest) not in (None, saved[key])
+        ]
         if conflicts:
-            parser.error(f"--checkpoint {args.checkpoint} holds a different model: {', '.join(conflicts)}; "
-                         f"leave these flags out to continue it, or give a new --checkpoint path")
+            parser.error(
+                f"--checkpoint {args.checkpoint} holds a different model: {', '.join(conflicts)}; "
+                f"leave these flags out to continue it, or give a new --checkpoint path"
+            )
         for dest, (key, _) in MODEL_FLAGS.items():
             if getattr(args, dest) is None:
                 setattr(args, dest, saved[key])
@@ -312,13 +373,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
         parser.error("--save-every needs --checkpoint")
     resume = _read_resume(parser, args.checkpoint) if args.checkpoint else None
     _resolve_model_flags(parser, args, resume)
-    sentences = (_read_corpus(parser, args.corpus) if args.corpus
-                 else default_corpus(args.corpus_size, seed=args.seed))
+    sentences = _read_corpus(parser, args.corpus) if args.corpus else default_corpus(args.corpus_size, seed=args.seed)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     per_process = len(sentences) // world_size  # DistributedSampler(drop_last=True)
     if per_process < args.batch_size:
-        parser.error(f"--batch-size {args.batch_size}: the corpus has {len(sentences)} sentences, "
-                     f"{per_process} per process, fewer than one batch")
+        parser.error(
+            f"--batch-size {args.batch_size}: the corpus has {len(sentences)} sentences, "
+            f"{per_process} per process, fewer than one batch"
+        )
     if args.checkpoint:
         _prepare_checkpoint_dir(parser, args.checkpoint)
     if args.threads:
@@ -357,7 +419,7 @@ class _StopSignals:
     def _record(self, signum, frame) -> None:
         self.signum = self.signum or signum
 
-    def __enter__(self) -> "_StopSignals":
+    def __enter__(self) -> _StopSignals:
         if threading.current_thread() is threading.main_thread():  # the only thread that may set handlers
             for signum in self.SIGNALS:
                 self._previous[signum] = signal.signal(signum, self._record)
@@ -386,9 +448,18 @@ def _train(args, sentences, resume, device, rank, world_size, distributed, log) 
         encoder = HierarchicalEncoder(**{**resume["config"], "dropout": args.dropout})
     else:
         vocab = CharVocab.from_texts(sentences)
-        encoder = HierarchicalEncoder(len(vocab), args.dim, args.heads, args.char_layers, args.word_layers,
-                                      pooling=args.pooling, dropout=args.dropout, positional=args.positional,
-                                      max_word_len=args.max_word_len, cls_id=CharVocab.CLS)
+        encoder = HierarchicalEncoder(
+            len(vocab),
+            args.dim,
+            args.heads,
+            args.char_layers,
+            args.word_layers,
+            pooling=args.pooling,
+            dropout=args.dropout,
+            positional=args.positional,
+            max_word_len=args.max_word_len,
+            cls_id=CharVocab.CLS,
+        )
     model = MaskedCharModel(encoder)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     start = 0
@@ -409,15 +480,25 @@ def _train(args, sentences, resume, device, rank, world_size, distributed, log) 
     net = torch.compile(model, dynamic=True) if args.compile else model
     if distributed:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    sampler = (DistributedSampler(sentences, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed,
-                                  drop_last=True) if distributed
-               else RandomSampler(sentences, generator=torch.Generator().manual_seed(args.seed)))
-    loader = DataLoader(sentences, batch_size=args.batch_size, sampler=sampler, drop_last=True,
-                        collate_fn=collate_fn(vocab, max_word_len=args.max_word_len))
+    sampler = (
+        DistributedSampler(sentences, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
+        if distributed
+        else RandomSampler(sentences, generator=torch.Generator().manual_seed(args.seed))
+    )
+    loader = DataLoader(
+        sentences,
+        batch_size=args.batch_size,
+        sampler=sampler,
+        drop_last=True,
+        collate_fn=collate_fn(vocab, max_word_len=args.max_word_len),
+    )
     mask_rng = torch.Generator().manual_seed(args.seed * 1000 + rank)
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"hierkern train: {len(sentences)} sentences, vocab {len(vocab)}, {n_params / 1e6:.2f}M parameters, "
-        f"device {device}, {world_size} process(es), pooling {encoder.pooling}", flush=True)
+    log(
+        f"hierkern train: {len(sentences)} sentences, vocab {len(vocab)}, {n_params / 1e6:.2f}M parameters, "
+        f"device {device}, {world_size} process(es), pooling {encoder.pooling}",
+        flush=True,
+    )
 
     def lr_at(step: int) -> float:
         return args.lr * min(1.0, step / max(1, args.warmup))
@@ -479,16 +560,25 @@ def _train(args, sentences, resume, device, rank, world_size, distributed, log) 
                 dist.all_reduce(flags, op=dist.ReduceOp.MAX)
                 signum, diverged = (int(v) for v in flags.tolist())
             if diverged:
-                where = (f"the loss is {bad[1]} at step {bad[0]}" if bad is not None
-                         else f"the loss of another process stopped being finite by step {step}")
+                where = (
+                    f"the loss is {bad[1]} at step {bad[0]}"
+                    if bad is not None
+                    else f"the loss of another process stopped being finite by step {step}"
+                )
                 kept = f"; {args.checkpoint} keeps its last save" if args.checkpoint else ""
-                raise TrainingStopped(f"training diverged: {where}; stopped without saving the model{kept} "
-                                      f"(try a lower --lr than {args.lr:g})", 1)
+                raise TrainingStopped(
+                    f"training diverged: {where}; stopped without saving the model{kept} "
+                    f"(try a lower --lr than {args.lr:g})",
+                    1,
+                )
             if logging:
                 value = _mean_over_ranks(torch.stack(window).mean(), distributed)
                 elapsed = time.perf_counter() - t0
-                log(f"step {step}/{final} loss={value:.4f} lr={lr_at(step):.2e} "
-                    f"chars/s={chars * world_size / elapsed:.0f}", flush=True)
+                log(
+                    f"step {step}/{final} loss={value:.4f} lr={lr_at(step):.2e} "
+                    f"chars/s={chars * world_size / elapsed:.0f}",
+                    flush=True,
+                )
                 last_loss, window = value, []
             if signum:
                 name = signal.Signals(signum).name
@@ -504,10 +594,19 @@ def _train(args, sentences, resume, device, rank, world_size, distributed, log) 
                 save(step)
     elapsed = time.perf_counter() - t0
     chars_per_s = chars * world_size / elapsed
-    log(f"done: {args.steps} steps, loss {first_loss:.4f} -> {last_loss:.4f} (first step -> last window), "
-        f"{chars_per_s:.0f} chars/s, {elapsed:.1f} s", flush=True)
-    return {"steps": args.steps, "first_loss": first_loss, "last_loss": last_loss, "chars_per_s": chars_per_s,
-            "seconds": elapsed, "final_step": final}
+    log(
+        f"done: {args.steps} steps, loss {first_loss:.4f} -> {last_loss:.4f} (first step -> last window), "
+        f"{chars_per_s:.0f} chars/s, {elapsed:.1f} s",
+        flush=True,
+    )
+    return {
+        "steps": args.steps,
+        "first_loss": first_loss,
+        "last_loss": last_loss,
+        "chars_per_s": chars_per_s,
+        "seconds": elapsed,
+        "final_step": final,
+    }
 
 
 def _mean_over_ranks(value: torch.Tensor, distributed: bool) -> float:

@@ -10,7 +10,6 @@ import random
 from dataclasses import dataclass
 
 import torch
-
 from conformance import oracle
 
 
@@ -49,19 +48,31 @@ def offsets_of(lengths, device="cpu") -> torch.Tensor:
     return torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(torch.int32).to(device)
 
 
-def random_qkv(layout: Layout, num_heads: int, num_kv_heads: int, head_dim: int, dtype=torch.float32,
-               device="cpu", generator: torch.Generator | None = None, requires_grad: bool = False):
+def random_qkv(
+    layout: Layout,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype=torch.float32,
+    device="cpu",
+    generator: torch.Generator | None = None,
+    requires_grad: bool = False,
+):
     total_q, total_k = sum(layout.lengths_q), sum(layout.keys)
-    make = lambda n, h: torch.randn(n, h, head_dim, generator=generator, dtype=torch.float64).to(
-        device=device, dtype=dtype).requires_grad_(requires_grad)
+    make = lambda n, h: (
+        torch.randn(n, h, head_dim, generator=generator, dtype=torch.float64)
+        .to(device=device, dtype=dtype)
+        .requires_grad_(requires_grad)
+    )
     return make(total_q, num_heads), make(total_k, num_kv_heads), make(total_k, num_kv_heads)
 
 
 def oracle_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale=None, causal=False):
     """The conformance oracle (tests/conformance/oracle.py) on detached inputs: ``(out (total_q, H, D),
     lse (H, total_q))`` float64."""
-    return oracle.attention(q.detach(), k.detach(), v.detach(), cu_seqlens_q.cpu(), cu_seqlens_k.cpu(),
-                            softmax_scale, causal)
+    return oracle.attention(
+        q.detach(), k.detach(), v.detach(), cu_seqlens_q.cpu(), cu_seqlens_k.cpu(), softmax_scale, causal
+    )
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:

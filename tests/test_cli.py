@@ -44,12 +44,14 @@ def test_each_command_has_its_own_help(command):
 
 def _report_parser() -> argparse.ArgumentParser:
     from hierkern.bench.__main__ import build_parser
+
     commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     return commands.choices["report"]
 
 
-@pytest.mark.parametrize("parser", [train.build_parser, doctor.build_parser, _report_parser],
-                         ids=["train", "doctor", "report"])
+@pytest.mark.parametrize(
+    "parser", [train.build_parser, doctor.build_parser, _report_parser], ids=["train", "doctor", "report"]
+)
 def test_every_flag_has_help_that_shows_its_default(parser):
     for action in parser()._actions:
         if isinstance(action, argparse._HelpAction) or not action.option_strings:
@@ -75,6 +77,7 @@ def test_doctor_report_compiles_nothing(monkeypatch):
 
     def refuse(*args, **kwargs):
         raise AssertionError("the doctor's report must not compile")
+
     monkeypatch.setattr(toolchain, "build_cpu_kernels", refuse)
     monkeypatch.setattr(toolchain, "build_cuda_kernels", refuse)
     assert "backends" in doctor.report()
@@ -91,7 +94,7 @@ def test_explain_takes_the_call_as_varlen_attention_does():
     q, k, v, words = _inputs()
     reasons = hierkern.explain(q, k, v, words, causal=True)
     assert list(reasons) == [b for b in ("triton", "cuda", "cpu", "reference") if b in reasons]
-    call = hierkern.AttentionCall.of(q, k, v, words.max_len, words.max_len, True, 0.0)
+    call = hierkern.AttentionCall.of(q, k, v, words.max_len, words.max_len, causal=True)
     assert reasons == hierkern.explain(call)
     assert reasons["reference"] is None
     if extension.load_error() is None:
@@ -114,7 +117,7 @@ def test_explain_validates_like_varlen_attention():
         hierkern.explain(q, k, v, words, dropout_p=1.0)
     with pytest.raises(TypeError, match="cu_seqlens_q"):
         hierkern.explain(q, k, v)
-    call = hierkern.AttentionCall.of(q, k, v, 5, 5, False, 0.0)
+    call = hierkern.AttentionCall.of(q, k, v, 5, 5)
     with pytest.raises(TypeError, match="either one AttentionCall"):
         hierkern.explain(call, k)
 
@@ -123,6 +126,7 @@ def test_explain_compiles_nothing(monkeypatch):
     q, k, v, words = _inputs()
     for backend in hierkern.backends._REGISTRY.values():
         if hasattr(backend, "prepare"):
-            monkeypatch.setattr(type(backend), "prepare",
-                                lambda self: pytest.fail("explain must not prepare (compile) a backend"))
+            monkeypatch.setattr(
+                type(backend), "prepare", lambda self: pytest.fail("explain must not prepare (compile) a backend")
+            )
     hierkern.explain(q, k, v, words)

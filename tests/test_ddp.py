@@ -17,8 +17,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import hierkern
-from hierkern import train as hk_train
 from hierkern import CharVocab, TextBatch
+from hierkern import train as hk_train
 from hierkern.corpus import default_corpus
 
 WORLD = 2
@@ -33,8 +33,9 @@ def _free_port() -> int:
 
 def _model(vocab: CharVocab) -> torch.nn.Module:
     torch.manual_seed(0)
-    return hierkern.HierarchicalEncoder(len(vocab), 16, 2, char_layers=1, word_layers=1, pooling="attention",
-                                        dropout=0.0).double()
+    return hierkern.HierarchicalEncoder(
+        len(vocab), 16, 2, char_layers=1, word_layers=1, pooling="attention", dropout=0.0
+    ).double()
 
 
 def _loss(model, sentences, vocab) -> torch.Tensor:
@@ -57,9 +58,28 @@ def _worker(rank: int, ports: tuple[int, int], out_dir: str) -> None:
     dist.destroy_process_group()
 
     os.environ.update(MASTER_PORT=str(ports[1]), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD))
-    summary = hk_train.main(["--steps", "2", "--dim", "16", "--heads", "2", "--char-layers", "1",
-                                   "--word-layers", "1", "--batch-size", "4", "--corpus-size", "40",
-                                   "--log-every", "1", "--checkpoint", os.path.join(out_dir, "ckpt.pt")])
+    summary = hk_train.main(
+        [
+            "--steps",
+            "2",
+            "--dim",
+            "16",
+            "--heads",
+            "2",
+            "--char-layers",
+            "1",
+            "--word-layers",
+            "1",
+            "--batch-size",
+            "4",
+            "--corpus-size",
+            "40",
+            "--log-every",
+            "1",
+            "--checkpoint",
+            os.path.join(out_dir, "ckpt.pt"),
+        ]
+    )
     torch.save({"grads": grads, "summary": summary}, os.path.join(out_dir, f"rank{rank}.pt"))
 
 

@@ -16,8 +16,10 @@ from hierkern.ops import dropout as hk_dropout
 from hierkern.ops import extension
 from hierkern.philox import element_keep
 
-pytestmark = pytest.mark.skipif(not hk_dropout._use_kernel(torch.zeros(1), 0.5),
-                                reason=f"hierkern's C++ dropout is unavailable: {extension.load_error()}")
+pytestmark = pytest.mark.skipif(
+    not hk_dropout._use_kernel(torch.zeros(1), 0.5),
+    reason=f"hierkern's C++ dropout is unavailable: {extension.load_error()}",
+)
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 # seed and offset with their high words set, so the key's seed_hi ^ offset_hi and offset_lo both matter.
@@ -109,7 +111,8 @@ def test_same_state_same_mask_and_other_states_other_masks():
 def test_element_draws_never_repeat_attention_draws():
     """The tag in counter word 2 is no head: even where the other counter words coincide (element block b at
     query b, key 0, offset_lo), the words differ."""
-    from hierkern.philox import philox4x32_10_words, ELEMENT_TAG
+    from hierkern.philox import ELEMENT_TAG, philox4x32_10_words
+
     block = torch.arange(64)
     zero = torch.zeros((), dtype=torch.int64)
     element = philox4x32_10_words(block, zero, torch.tensor(ELEMENT_TAG), zero, 5, 6)[0]
@@ -121,7 +124,7 @@ def test_element_draws_never_repeat_attention_draws():
 @pytest.mark.parametrize("fused", [False, True])
 def test_strided_inputs_count_elements_in_row_major_order(fused):
     gen = torch.Generator().manual_seed(4)
-    x = torch.randn(40, 24, generator=gen).t()            # (24, 40), transposed strides
+    x = torch.randn(40, 24, generator=gen).t()  # (24, 40), transposed strides
     residual = torch.randn(24, 80, generator=gen)[:, ::2]  # every other column
     if fused:
         got = torch.ops.hierkern.dropout_add(residual, x, 0.5, STATE)
@@ -144,17 +147,23 @@ def test_p_zero_keeps_everything():
     assert torch.equal(dropout_op(x, 0.0, STATE), x)
 
 
-@pytest.mark.parametrize("call, error, match", [
-    (lambda x: dropout_op(x, 1.0, STATE), ValueError, r"p must be in \[0, 1\), got 1"),
-    (lambda x: dropout_op(x, -0.1, STATE), ValueError, r"p must be in \[0, 1\), got -0.1"),
-    (lambda x: dropout_op(x, float("nan"), STATE), ValueError, r"p must be in \[0, 1\), got nan"),
-    (lambda x: dropout_op(x.long(), 0.5, STATE), TypeError, "x must be float32, float64, bfloat16 or float16"),
-    (lambda x: dropout_op(x, 0.5, STATE.int()), ValueError, "rng_state must be an int64 CPU tensor"),
-    (lambda x: dropout_op(x, 0.5, STATE[:1]), ValueError, "rng_state must be an int64 CPU tensor"),
-    (lambda x: torch.ops.hierkern.dropout_add(x[:2], x, 0.5, STATE), ValueError, "residual must have x's shape"),
-    (lambda x: torch.ops.hierkern.dropout_add(x.double(), x, 0.5, STATE), TypeError,
-     "residual must have x's dtype"),
-])
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda x: dropout_op(x, 1.0, STATE), ValueError, r"p must be in \[0, 1\), got 1"),
+        (lambda x: dropout_op(x, -0.1, STATE), ValueError, r"p must be in \[0, 1\), got -0.1"),
+        (lambda x: dropout_op(x, float("nan"), STATE), ValueError, r"p must be in \[0, 1\), got nan"),
+        (lambda x: dropout_op(x.long(), 0.5, STATE), TypeError, "x must be float32, float64, bfloat16 or float16"),
+        (lambda x: dropout_op(x, 0.5, STATE.int()), ValueError, "rng_state must be an int64 CPU tensor"),
+        (lambda x: dropout_op(x, 0.5, STATE[:1]), ValueError, "rng_state must be an int64 CPU tensor"),
+        (lambda x: torch.ops.hierkern.dropout_add(x[:2], x, 0.5, STATE), ValueError, "residual must have x's shape"),
+        (
+            lambda x: torch.ops.hierkern.dropout_add(x.double(), x, 0.5, STATE),
+            TypeError,
+            "residual must have x's dtype",
+        ),
+    ],
+)
 def test_errors_name_the_argument(call, error, match):
     with pytest.raises(error, match=match):
         call(torch.randn(4))
@@ -195,8 +204,9 @@ def test_fullgraph_compile_matches_eager():
 def test_fullgraph_compile_of_an_encoder_in_training_traces_the_ops():
     torch._dynamo.reset()
     torch.manual_seed(0)
-    encoder = hierkern.TransformerEncoder(hierkern.TransformerEncoderLayer(8, 2, 16, 0.3, batch_first=True), 2,
-                                          enable_nested_tensor=False).train()
+    encoder = hierkern.TransformerEncoder(
+        hierkern.TransformerEncoderLayer(8, 2, 16, 0.3, batch_first=True), 2, enable_nested_tensor=False
+    ).train()
     x = torch.randn(3, 5, 8)
     pad = torch.arange(5)[None, :] >= torch.tensor([5, 2, 3])[:, None]
     graphs = []
@@ -271,5 +281,5 @@ def test_hierarchical_encoder_embedding_dropout_uses_the_op():
     model = hierkern.HierarchicalEncoder(len(vocab), 16, 2, 1, 1, pooling="mean", dropout=0.1).train()
     with _OpNames() as ops:
         model(hierkern.TextBatch.from_sentences(sentences, vocab))
-    assert ops.names.count("hierkern.dropout") == 2 + 2     # the embeddings of both stages, one per layer
+    assert ops.names.count("hierkern.dropout") == 2 + 2  # the embeddings of both stages, one per layer
     assert "aten.bernoulli_" not in ops.names

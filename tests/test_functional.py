@@ -17,16 +17,23 @@ LENGTHS_K = (2, 5, 0, 3)
 
 def _args(num_heads=4, num_kv_heads=2, head_dim=8, dtype=torch.float32):
     """Valid cross-attention arguments (keys shorter and longer than queries, empty segments)."""
-    q, k, v = random_qkv(Layout("cross", LENGTHS_Q, LENGTHS_K), num_heads, num_kv_heads, head_dim, dtype=dtype,
-                         generator=torch.Generator().manual_seed(0))
+    q, k, v = random_qkv(
+        Layout("cross", LENGTHS_Q, LENGTHS_K),
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        dtype=dtype,
+        generator=torch.Generator().manual_seed(0),
+    )
     return dict(q=q, k=k, v=v, cu_seqlens_q=offsets_of(LENGTHS_Q), cu_seqlens_k=offsets_of(LENGTHS_K))
 
 
-class FakeBackend:
+class FakeBackend(backends.Backend):
     """A backend that records its calls and returns ``2 * q`` and a zero lse (compile-friendly)."""
 
     def __init__(self, name, priority=100, device_types=("cpu", "cuda"), refuse=None, unavailable=None):
-        self.name, self.priority, self.device_types = name, priority, device_types
+        self.name, self.priority = name, priority
+        self.capabilities = backends.Capabilities(devices=device_types, dtypes=(torch.float32, torch.float64))
         self.refuse, self.unavailable, self.calls = refuse, unavailable, []
 
     def unavailable_reason(self):
@@ -35,12 +42,20 @@ class FakeBackend:
     def why_not(self, call):
         return self.refuse
 
-    def __call__(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                 dropout_p):
-        self.calls.append(dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
-                               max_seqlen_k=max_seqlen_k, softmax_scale=softmax_scale, causal=causal,
-                               dropout_p=dropout_p))
-        return q * 2, q.new_zeros(q.shape[1], q.shape[0], dtype=torch.float32)
+    def __call__(self, args):
+        self.calls.append(
+            dict(
+                cu_seqlens_q=args.cu_seqlens_q,
+                cu_seqlens_k=args.cu_seqlens_k,
+                max_seqlen_q=args.max_seqlen_q,
+                max_seqlen_k=args.max_seqlen_k,
+                softmax_scale=args.softmax_scale,
+                causal=args.window_size == (-1, 0),
+                window_size=args.window_size,
+                dropout_p=args.dropout_p,
+            )
+        )
+        return args.q * 2, args.q.new_zeros(args.q.shape[1], args.q.shape[0], dtype=torch.float32)
 
 
 @pytest.fixture
@@ -52,6 +67,7 @@ def registry(monkeypatch):
         for fake in fakes:
             backends.register_backend(fake)
         return fakes[0] if len(fakes) == 1 else fakes
+
     return add
 
 
@@ -105,8 +121,12 @@ def test_segments_accepted_as_cu_seqlens():
     expected = varlen_attention(**args, causal=True, backend="reference")
     seg_q, seg_k = Segments.from_lengths(list(LENGTHS_Q)), Segments.from_lengths(list(LENGTHS_K))
     q, k, v = args["q"], args["k"], args["v"]
-    for cu_q, cu_k in ((seg_q, seg_k), (seg_q, args["cu_seqlens_k"]), (args["cu_seqlens_q"], seg_k),
-                       (args["cu_seqlens_q"].long(), args["cu_seqlens_k"].long())):
+    for cu_q, cu_k in (
+        (seg_q, seg_k),
+        (seg_q, args["cu_seqlens_k"]),
+        (args["cu_seqlens_q"], seg_k),
+        (args["cu_seqlens_q"].long(), args["cu_seqlens_k"].long()),
+    ):
         assert torch.equal(varlen_attention(q, k, v, cu_q, cu_k, causal=True, backend="reference"), expected)
 
 
@@ -136,8 +156,12 @@ def _bad_cases():
     """Arguments every backend sees alike are refused in tests/conformance/test_inputs.py, once per backend; what
     remains here is the choice of backend itself."""
     return [
-        ("backend-unknown", dict(backend="flash"), ValueError,
-         r"backend must be 'auto' or one of \[.*'reference'.*\], got 'flash'"),
+        (
+            "backend-unknown",
+            dict(backend="flash"),
+            ValueError,
+            r"backend must be 'auto' or one of \[.*'reference'.*\], got 'flash'",
+        ),
         ("backend-int", dict(backend=0), TypeError, r"backend must be a str, got int"),
     ]
 
@@ -179,8 +203,10 @@ def test_registry_lists_the_reference():
 
 
 def test_named_backend_that_refuses_raises_with_its_reason(registry):
-    registry(FakeBackend("picky", refuse="it supports head_dim <= 128 only, got 129"),
-             FakeBackend("absent", unavailable="the hierkern._C extension was not built"))
+    registry(
+        FakeBackend("picky", refuse="it supports head_dim <= 128 only, got 129"),
+        FakeBackend("absent", unavailable="the hierkern._C extension was not built"),
+    )
     with pytest.raises(ValueError, match=r"backend 'picky' cannot run this call: it supports head_dim <= 128"):
         varlen_attention(**_args(), backend="picky")
     with pytest.raises(ValueError, match=r"backend 'absent' cannot run this call: the hierkern._C extension"):
@@ -191,9 +217,12 @@ def test_named_backend_that_refuses_raises_with_its_reason(registry):
 
 def test_auto_takes_the_highest_priority_backend_that_accepts(registry):
     high, mid, low, absent, gpu_only = registry(
-        FakeBackend("high", priority=30, refuse="it does not do GQA"), FakeBackend("mid", priority=20),
-        FakeBackend("low", priority=10), FakeBackend("absent", priority=50, unavailable="no GPU"),
-        FakeBackend("gpu-only", priority=40, device_types=("cuda",), refuse="q is on cpu"))
+        FakeBackend("high", priority=30, refuse="it does not do GQA"),
+        FakeBackend("mid", priority=20),
+        FakeBackend("low", priority=10),
+        FakeBackend("absent", priority=50, unavailable="no GPU"),
+        FakeBackend("gpu-only", priority=40, device_types=("cuda",), refuse="q is on cpu"),
+    )
     out = varlen_attention(**_args(), backend="auto")
     assert len(mid.calls) == 1 and not (high.calls or low.calls or absent.calls or gpu_only.calls)
     assert torch.equal(out, 2 * _args()["q"])
@@ -212,18 +241,21 @@ def test_register_backend_rejects_duplicates(registry):
 
 
 def test_explain_returns_a_reason_per_backend(registry):
-    registry(FakeBackend("ok", priority=1), FakeBackend("picky", priority=2, refuse="causal is not supported"),
-             FakeBackend("absent", priority=3, unavailable="triton is not installed"))
+    registry(
+        FakeBackend("ok", priority=1),
+        FakeBackend("picky", priority=2, refuse="causal is not supported"),
+        FakeBackend("absent", priority=3, unavailable="triton is not installed"),
+    )
     args = _args()
-    call = AttentionCall.of(args["q"], args["k"], args["v"], 4, 5, True, 0.0)
+    call = AttentionCall.of(args["q"], args["k"], args["v"], 4, 5, causal=True)
     reasons = hierkern.explain(call)
-    assert list(reasons) == ["absent", "picky", "ok"]                 # priority order
+    assert list(reasons) == ["absent", "picky", "ok"]  # priority order
     assert reasons == {"absent": "triton is not installed", "picky": "causal is not supported", "ok": None}
 
 
 def test_explain_with_the_real_registry():
     args = _args()
-    call = AttentionCall.of(args["q"], args["k"], args["v"], 4, 5, False, 0.0)
+    call = AttentionCall.of(args["q"], args["k"], args["v"], 4, 5)
     reasons = hierkern.explain(call)
     assert set(reasons) == set(hierkern.backend_names())
     assert reasons["reference"] is None
@@ -233,16 +265,26 @@ def test_explain_with_the_real_registry():
 def test_attention_call_describes_the_call():
     args = _args(num_heads=6, num_kv_heads=3, head_dim=5, dtype=torch.bfloat16)
     q, k, v = args["q"], args["k"], args["v"]
-    call = AttentionCall.of(q, k, v, 4, 5, True, 0.1)
-    assert (call.device_type, call.dtype, call.head_dim, call.num_heads, call.num_kv_heads) == \
-        ("cpu", torch.bfloat16, 5, 6, 3)
-    assert (call.max_seqlen_q, call.max_seqlen_k, call.causal, call.dropout, call.requires_grad) == \
-        (4, 5, True, True, False)
+    call = AttentionCall.of(q, k, v, 4, 5, causal=True, dropout_p=0.1)
+    assert (call.device_type, call.dtype, call.head_dim, call.num_heads, call.num_kv_heads) == (
+        "cpu",
+        torch.bfloat16,
+        5,
+        6,
+        3,
+    )
+    assert (call.max_seqlen_q, call.max_seqlen_k, call.causal, call.dropout, call.requires_grad) == (
+        4,
+        5,
+        True,
+        True,
+        False,
+    )
     k.requires_grad_()
-    assert AttentionCall.of(q, k, v, 4, 5, False, 0.0).requires_grad
+    assert AttentionCall.of(q, k, v, 4, 5).requires_grad
     with torch.no_grad():
-        assert not AttentionCall.of(q, k, v, 4, 5, False, 0.0).requires_grad
-    assert not AttentionCall.of(q, k, v, 4, 5, False, 0.0).dropout
+        assert not AttentionCall.of(q, k, v, 4, 5).requires_grad
+    assert not AttentionCall.of(q, k, v, 4, 5).dropout
 
 
 # -- torch.compile ----------------------------------------------------------------------------------------
@@ -260,8 +302,7 @@ def test_validation_does_not_break_fullgraph_compile(registry, dynamic):
         return varlen_attention(q, k, v, seg_q, seg_k, causal=True, backend="fake")
 
     def with_offsets(q, k, v, cu_q, cu_k, max_q, max_k):
-        return varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=0.5, return_lse=True,
-                                backend="auto")
+        return varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=0.5, return_lse=True, backend="auto")
 
     torch._dynamo.reset()
     compiled = torch.compile(with_segments, backend="eager", fullgraph=True, dynamic=dynamic)

@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from test_cuda_build import NVCC
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,8 +29,9 @@ def _gpu_check(out: Path, *args: str, tiny: bool = True) -> subprocess.Completed
     env.pop("HK_GPU_CHECK_TINY", None)
     if tiny:
         env["HK_GPU_CHECK_TINY"] = "1"
-    result = subprocess.run([sys.executable, str(CHECK / "gpu_check.py"), *args], env=env, capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(CHECK / "gpu_check.py"), *args], env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
@@ -88,17 +88,29 @@ def test_junit_merges_runs_and_counts_per_backend(tmp_path):
         '<failure message="AssertionError: too far">trace</failure></testcase>'
         '<testcase classname="tests.conformance.test_numerics" name="test_y[cuda-cuda]">'
         '<skipped message="refuses"/></testcase>'
-        '<testcase time="0.1"/></testsuite></testsuites>')
+        '<testcase time="0.1"/></testsuite></testsuites>'
+    )
     (tmp_path / "b.xml").write_text(
-        '<testsuite name="pytest"><testcase classname="tests.test_cuda_backend" name="test_opcheck[True]"/>'
-        '</testsuite>')
+        '<testsuite name="pytest"><testcase classname="tests.test_cuda_backend" name="test_opcheck[True]"/></testsuite>'
+    )
     merged = tmp_path / "merged.xml"
-    text = _gpu_check(tmp_path, "junit", "--into", str(merged), str(tmp_path / "a.xml"), str(tmp_path / "b.xml"),
-                      str(tmp_path / "cut.xml")).stdout
+    text = _gpu_check(
+        tmp_path,
+        "junit",
+        "--into",
+        str(merged),
+        str(tmp_path / "a.xml"),
+        str(tmp_path / "b.xml"),
+        str(tmp_path / "cut.xml"),
+    ).stdout
     assert merged.read_text().count("<testcase") == 5
     counts = dict(re.findall(r"^  (\S+(?: \S+)?) +(\d+ \w+(?:, \d+ \w+)*)$", text, re.MULTILINE))
-    assert counts == {"conformance cuda-cuda": "1 failed, 1 skipped", "conformance triton-cuda": "1 passed",
-                      "test_cuda_backend": "1 passed", "(interrupted)": "1 unfinished"}
+    assert counts == {
+        "conformance cuda-cuda": "1 failed, 1 skipped",
+        "conformance triton-cuda": "1 passed",
+        "test_cuda_backend": "1 passed",
+        "(interrupted)": "1 unfinished",
+    }
     assert "FAIL tests.conformance.test_numerics::test_x[cuda-cuda-words]: AssertionError: too far" in text
     assert "cut.xml: FileNotFoundError" in text
 
@@ -115,8 +127,13 @@ def test_the_triton_test_ids_the_script_names_exist():
     test = re.search(r"^TT=(\S+)$", script, re.MULTILINE).group(1)
     ids = sorted({f"{test}[{param}]" for param in re.findall(r"\$TT\[([^\]]+)\]", script)})
     assert len(ids) == 4
-    result = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *ids],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *ids],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0 and "4 tests collected" in result.stdout, result.stdout[-2000:]
 
 
@@ -124,7 +141,18 @@ def test_the_triton_test_ids_the_script_names_exist():
 def test_sanitize_harness_compiles_against_the_current_headers(tmp_path):
     """The harness fills csrc/cuda/varlen_attention.h's argument structs field by field: compiling it (the host
     code; it holds no kernel) is what tells a field it still sets from one the structs dropped."""
-    result = subprocess.run([NVCC, "-c", "-gencode=arch=compute_90a,code=sm_90a", f"-I{ROOT / 'csrc' / 'cuda'}",
-                             str(CHECK / "sanitize_harness.cu"), "-o", str(tmp_path / "harness.o")],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            NVCC,
+            "-c",
+            "-gencode=arch=compute_90a,code=sm_90a",
+            f"-I{ROOT / 'csrc' / 'cuda'}",
+            str(CHECK / "sanitize_harness.cu"),
+            "-o",
+            str(tmp_path / "harness.o"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout + result.stderr

@@ -21,17 +21,29 @@ def _expected_ids_positions(lengths):
 # -- construction -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("make", [
-    lambda l: Segments.from_lengths(l),
-    lambda l: Segments.from_lengths(torch.tensor(l, dtype=torch.int32)),
-    lambda l: Segments.from_lengths(torch.tensor(l, dtype=torch.int64)),
-    lambda l: Segments.from_lengths(np.array(l, dtype=np.int64).tolist()),
-    lambda l: Segments.from_lengths(list(np.array(l, dtype=np.int32))),   # numpy integer scalars
-    lambda l: Segments.from_lengths(tuple(l)),
-    lambda l: Segments(offsets_of(l)),
-    lambda l: Segments(offsets_of(l).long()),
-], ids=["list", "tensor-int32", "tensor-int64", "numpy-tolist", "numpy-scalars", "tuple", "offsets-int32",
-        "offsets-int64"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda l: Segments.from_lengths(l),
+        lambda l: Segments.from_lengths(torch.tensor(l, dtype=torch.int32)),
+        lambda l: Segments.from_lengths(torch.tensor(l, dtype=torch.int64)),
+        lambda l: Segments.from_lengths(np.array(l, dtype=np.int64).tolist()),
+        lambda l: Segments.from_lengths(list(np.array(l, dtype=np.int32))),  # numpy integer scalars
+        lambda l: Segments.from_lengths(tuple(l)),
+        lambda l: Segments(offsets_of(l)),
+        lambda l: Segments(offsets_of(l).long()),
+    ],
+    ids=[
+        "list",
+        "tensor-int32",
+        "tensor-int64",
+        "numpy-tolist",
+        "numpy-scalars",
+        "tuple",
+        "offsets-int32",
+        "offsets-int64",
+    ],
+)
 def test_properties(make):
     seg = make(LENGTHS)
     assert seg.offsets.dtype == torch.int32
@@ -67,12 +79,14 @@ def test_from_lengths_device_argument():
 
 
 def test_from_mask_prefix_rows():
-    mask = torch.tensor([
-        [False, False, True, True],
-        [False, False, False, False],
-        [True, True, True, True],      # all padding: a zero-length segment
-        [False, True, True, True],
-    ])
+    mask = torch.tensor(
+        [
+            [False, False, True, True],
+            [False, False, False, False],
+            [True, True, True, True],  # all padding: a zero-length segment
+            [False, True, True, True],
+        ]
+    )
     seg = Segments.from_mask(mask)
     assert seg.lengths.tolist() == [2, 4, 0, 1]
     assert seg.max_len == 4 and seg.total == 7
@@ -117,7 +131,7 @@ def test_pack_unpack_round_trip(trailing, dtype):
     assert padded.shape == (seg.num_segments, seg.max_len, *trailing) and padded.dtype == dtype
     # Valid slots hold the tokens in order; padded slots hold zeros.
     for i, (start, n) in enumerate(zip(seg.offsets.tolist(), LENGTHS)):
-        assert torch.equal(padded[i, :n], packed[start:start + n])
+        assert torch.equal(padded[i, :n], packed[start : start + n])
         assert not padded[i, n:].any()
     assert torch.equal(seg.pack(padded), packed)
 
@@ -136,9 +150,9 @@ def test_unpack_padded_len_and_pack_of_wider_batch():
 
 def test_pack_unpack_non_contiguous_inputs():
     seg = Segments.from_lengths([3, 1, 2])
-    packed = torch.randn(4, 6).t()                      # (6, 4), non-contiguous
+    packed = torch.randn(4, 6).t()  # (6, 4), non-contiguous
     assert torch.equal(seg.pack(seg.unpack(packed)), packed)
-    padded = torch.randn(3, 5, 3).transpose(1, 2)       # (3, 3, 5), non-contiguous
+    padded = torch.randn(3, 5, 3).transpose(1, 2)  # (3, 3, 5), non-contiguous
     assert torch.equal(seg.unpack(seg.pack(padded)), padded * ~seg.padding_mask()[..., None])
 
 
@@ -157,7 +171,7 @@ def test_pack_unpack_gradcheck():
 def test_to_keeps_metadata_and_caches_are_fresh():
     seg = Segments.from_lengths([3, 0, 2])
     ids = seg.segment_ids()
-    assert seg.segment_ids() is ids                     # cached
+    assert seg.segment_ids() is ids  # cached
     moved = seg.to("cpu")
     assert isinstance(moved, Segments) and moved is not seg
     assert torch.equal(moved.offsets, seg.offsets) and moved.offsets.dtype == torch.int32
@@ -168,41 +182,77 @@ def test_to_keeps_metadata_and_caches_are_fresh():
 # -- validation ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("lengths, error, match", [
-    ([1, -2, 3], ValueError, r"lengths must be non-negative, got -2 at index 1"),
-    (torch.tensor([1, -1]), ValueError, r"lengths must be non-negative"),
-    ([1.0, 2.0], TypeError, r"lengths must contain ints, got float"),
-    ([1, True], TypeError, r"lengths must contain ints, got bool"),
-    (torch.tensor([1.0, 2.0]), TypeError, r"lengths must be an integer tensor, got torch.float32"),
-    (torch.tensor([True]), TypeError, r"lengths must be an integer tensor"),
-    (torch.tensor([[1, 2]]), ValueError, r"lengths must be 1-D"),
-    (3, TypeError, r"lengths must be a list of ints or a 1-D integer tensor, got int"),
-    ([2**31, 1], ValueError, r"total length does not fit in int32"),
-], ids=["negative", "negative-tensor", "float", "bool", "float-tensor", "bool-tensor", "2d", "scalar",
-        "overflow"])
+@pytest.mark.parametrize(
+    "lengths, error, match",
+    [
+        ([1, -2, 3], ValueError, r"lengths must be non-negative, got -2 at index 1"),
+        (torch.tensor([1, -1]), ValueError, r"lengths must be non-negative"),
+        ([1.0, 2.0], TypeError, r"lengths must contain ints, got float"),
+        ([1, True], TypeError, r"lengths must contain ints, got bool"),
+        (torch.tensor([1.0, 2.0]), TypeError, r"lengths must be an integer tensor, got torch.float32"),
+        (torch.tensor([True]), TypeError, r"lengths must be an integer tensor"),
+        (torch.tensor([[1, 2]]), ValueError, r"lengths must be 1-D"),
+        (3, TypeError, r"lengths must be a list of ints or a 1-D integer tensor, got int"),
+        ([2**31, 1], ValueError, r"total length does not fit in int32"),
+    ],
+    ids=["negative", "negative-tensor", "float", "bool", "float-tensor", "bool-tensor", "2d", "scalar", "overflow"],
+)
 def test_from_lengths_errors(lengths, error, match):
     with pytest.raises(error, match=match):
         Segments.from_lengths(lengths)
 
 
-@pytest.mark.parametrize("offsets, kwargs, error, match", [
-    (torch.tensor([0, 3, 2, 5], dtype=torch.int32), {}, ValueError,
-     r"offsets must be non-decreasing, but offsets\[2\]=2 < offsets\[1\]=3"),
-    (torch.tensor([1, 3, 5], dtype=torch.int32), {}, ValueError, r"offsets\[0\] must be 0, got 1"),
-    (torch.tensor([0, 3, 5], dtype=torch.int32), {"total": 6}, ValueError,
-     r"offsets\[-1\] must equal the number of packed tokens \(6\), got 5"),
-    (torch.tensor([0.0, 3.0]), {}, TypeError, r"offsets must be an int32 or int64 tensor, got torch.float32"),
-    ([0, 3], {}, TypeError, r"offsets must be a torch.Tensor, got list"),
-    (torch.zeros(0, dtype=torch.int32), {}, ValueError, r"offsets must be 1-D with at least one element"),
-    (torch.zeros(2, 2, dtype=torch.int32), {}, ValueError, r"offsets must be 1-D"),
-    (torch.tensor([0, 2**31], dtype=torch.int64), {}, ValueError, r"offsets\[-1\]=2147483648 does not fit in int32"),
-    (torch.tensor([0, 3, 5], dtype=torch.int32), {"max_len": 2}, ValueError,
-     r"max_len=2 is smaller than the longest segment \(3\)"),
-    (torch.tensor([0, 3, 5], dtype=torch.int32), {"max_len": -1}, ValueError, r"max_len must be non-negative"),
-    (torch.tensor([0, 3, 5], dtype=torch.int32), {"max_len": 3.0}, TypeError, r"max_len must be a Python int"),
-    (torch.tensor([0, 3, 5], dtype=torch.int32), {"max_len": True}, TypeError, r"max_len must be a Python int"),
-], ids=["decreasing", "nonzero-start", "last-vs-total", "float", "list", "empty", "2d", "int32-overflow",
-        "max_len-small", "max_len-negative", "max_len-float", "max_len-bool"])
+@pytest.mark.parametrize(
+    "offsets, kwargs, error, match",
+    [
+        (
+            torch.tensor([0, 3, 2, 5], dtype=torch.int32),
+            {},
+            ValueError,
+            r"offsets must be non-decreasing, but offsets\[2\]=2 < offsets\[1\]=3",
+        ),
+        (torch.tensor([1, 3, 5], dtype=torch.int32), {}, ValueError, r"offsets\[0\] must be 0, got 1"),
+        (
+            torch.tensor([0, 3, 5], dtype=torch.int32),
+            {"total": 6},
+            ValueError,
+            r"offsets\[-1\] must equal the number of packed tokens \(6\), got 5",
+        ),
+        (torch.tensor([0.0, 3.0]), {}, TypeError, r"offsets must be an int32 or int64 tensor, got torch.float32"),
+        ([0, 3], {}, TypeError, r"offsets must be a torch.Tensor, got list"),
+        (torch.zeros(0, dtype=torch.int32), {}, ValueError, r"offsets must be 1-D with at least one element"),
+        (torch.zeros(2, 2, dtype=torch.int32), {}, ValueError, r"offsets must be 1-D"),
+        (
+            torch.tensor([0, 2**31], dtype=torch.int64),
+            {},
+            ValueError,
+            r"offsets\[-1\]=2147483648 does not fit in int32",
+        ),
+        (
+            torch.tensor([0, 3, 5], dtype=torch.int32),
+            {"max_len": 2},
+            ValueError,
+            r"max_len=2 is smaller than the longest segment \(3\)",
+        ),
+        (torch.tensor([0, 3, 5], dtype=torch.int32), {"max_len": -1}, ValueError, r"max_len must be non-negative"),
+        (torch.tensor([0, 3, 5], dtype=torch.int32), {"max_len": 3.0}, TypeError, r"max_len must be a Python int"),
+        (torch.tensor([0, 3, 5], dtype=torch.int32), {"max_len": True}, TypeError, r"max_len must be a Python int"),
+    ],
+    ids=[
+        "decreasing",
+        "nonzero-start",
+        "last-vs-total",
+        "float",
+        "list",
+        "empty",
+        "2d",
+        "int32-overflow",
+        "max_len-small",
+        "max_len-negative",
+        "max_len-float",
+        "max_len-bool",
+    ],
+)
 def test_segments_constructor_errors(offsets, kwargs, error, match):
     with pytest.raises(error, match=match):
         Segments(offsets, **kwargs)

@@ -31,8 +31,8 @@ class Config:
     n: int
     tgt_len: int
     src_len: int
-    kpm_kind: str | None          # None | "prefix" | "scattered" | "float"
-    mask_kind: str | None         # None | "causal" | "random" | "float"
+    kpm_kind: str | None  # None | "prefix" | "scattered" | "float"
+    mask_kind: str | None  # None | "causal" | "random" | "float"
     mask_3d: bool
     bool_masks: bool
     is_causal: bool
@@ -49,20 +49,36 @@ def draw_config(seed: int) -> Config:
     kdim = vdim = None
     if not self_attention and rng.random() < 0.4:
         kdim, vdim = rng.choice([embed_dim, 3, 5]), rng.choice([None, 2, 7])
-    ctor = dict(embed_dim=embed_dim, num_heads=num_heads, bias=rng.random() < 0.75,
-                add_bias_kv=rng.random() < 0.1, add_zero_attn=rng.random() < 0.1, kdim=kdim, vdim=vdim,
-                batch_first=rng.random() < 0.5)
+    ctor = dict(
+        embed_dim=embed_dim,
+        num_heads=num_heads,
+        bias=rng.random() < 0.75,
+        add_bias_kv=rng.random() < 0.1,
+        add_zero_attn=rng.random() < 0.1,
+        kdim=kdim,
+        vdim=vdim,
+        batch_first=rng.random() < 0.5,
+    )
     tgt_len = rng.randint(1, 7)
     src_len = tgt_len if (self_attention or rng.random() < 0.3) else rng.randint(1, 7)
     # Weighted so that about half the calls qualify for the varlen path.
     mask_kind = rng.choice([None, None, None, None, "causal", "causal", "causal", "random", "float"])
     return Config(
-        ctor=ctor, self_attention=self_attention, batched=rng.random() < 0.8, n=rng.randint(1, 3),
-        tgt_len=tgt_len, src_len=src_len,
+        ctor=ctor,
+        self_attention=self_attention,
+        batched=rng.random() < 0.8,
+        n=rng.randint(1, 3),
+        tgt_len=tgt_len,
+        src_len=src_len,
         kpm_kind=rng.choice([None, "prefix", "prefix", "prefix", "scattered", "float"]),
-        mask_kind=mask_kind, mask_3d=rng.random() < 0.3, bool_masks=rng.random() < 0.6,
-        is_causal=mask_kind is not None and rng.random() < 0.5, need_weights=rng.random() < 0.2,
-        average_attn_weights=rng.random() < 0.5, training=rng.random() < 0.5)
+        mask_kind=mask_kind,
+        mask_3d=rng.random() < 0.3,
+        bool_masks=rng.random() < 0.6,
+        is_causal=mask_kind is not None and rng.random() < 0.5,
+        need_weights=rng.random() < 0.2,
+        average_attn_weights=rng.random() < 0.5,
+        training=rng.random() < 0.5,
+    )
 
 
 def make_pair(ctor: dict, seed: int) -> tuple[nn.MultiheadAttention, MultiheadAttention]:
@@ -122,8 +138,10 @@ def make_inputs(cfg: Config, gen: torch.Generator):
     # One mask type per call (torch deprecates mixing them): bool only if every mask given is bool.
     all_bool = cfg.bool_masks and all(m is None or m.dtype == torch.bool for m in (kpm, attn_mask))
     if not all_bool:
-        kpm, attn_mask = (m if (m is None or m.is_floating_point())
-                          else torch.zeros(m.shape).masked_fill(m, float("-inf")) for m in (kpm, attn_mask))
+        kpm, attn_mask = (
+            m if (m is None or m.is_floating_point()) else torch.zeros(m.shape).masked_fill(m, float("-inf"))
+            for m in (kpm, attn_mask)
+        )
     if kpm is not None and not cfg.batched:
         kpm = kpm[0]
     return query, key, value, kpm, attn_mask
@@ -162,7 +180,7 @@ def test_matches_torch_on_random_configs(seed):
 @pytest.fixture
 def masks_not_host_readable(monkeypatch):
     """Plan every call as for a CUDA mask or under torch.compile: without reading a mask's values."""
-    monkeypatch.setattr(hierkern.nn.mha, "_host_readable", lambda t: False)
+    monkeypatch.setattr(hierkern.nn.masks, "host_readable", lambda t: False)
 
 
 @pytest.mark.parametrize("seed", range(0, NUM_RANDOM_CONFIGS, 2))
@@ -194,8 +212,13 @@ def check_random_config(seed):
     query, key, value, kpm, attn_mask = make_inputs(cfg, gen)
     for t in {id(t): t for t in (query, key, value)}.values():
         t.requires_grad_(True)
-    kwargs = dict(key_padding_mask=kpm, need_weights=cfg.need_weights, attn_mask=attn_mask,
-                  average_attn_weights=cfg.average_attn_weights, is_causal=cfg.is_causal)
+    kwargs = dict(
+        key_padding_mask=kpm,
+        need_weights=cfg.need_weights,
+        attn_mask=attn_mask,
+        average_attn_weights=cfg.average_attn_weights,
+        is_causal=cfg.is_causal,
+    )
     reason = ours.why_not_fast_path(query, key, value, kpm, cfg.need_weights, attn_mask, cfg.is_causal)
 
     # The documented rule: varlen path + self-attention + key padding -> padded queries are zeros.
@@ -264,8 +287,17 @@ def test_same_parameters_and_initialisation(ctor):
     assert [n for n, _ in ours.named_parameters()] == [n for n, _ in ref.named_parameters()]
     for (name, a), b in zip(ours.state_dict().items(), ref.state_dict().values()):
         assert torch.equal(a, b), name
-    for attr in ("embed_dim", "kdim", "vdim", "num_heads", "head_dim", "dropout", "batch_first",
-                 "add_zero_attn", "_qkv_same_embed_dim"):
+    for attr in (
+        "embed_dim",
+        "kdim",
+        "vdim",
+        "num_heads",
+        "head_dim",
+        "dropout",
+        "batch_first",
+        "add_zero_attn",
+        "_qkv_same_embed_dim",
+    ):
         assert getattr(ours, attr) == getattr(ref, attr), attr
 
 
@@ -295,20 +327,24 @@ def test_constructor_errors_match_torch():
 
 # -- path selection and the documented semantics ------------------------------------------------------
 
+
 def _prefix_mask(lengths, total_len):
     return torch.arange(total_len)[None, :] >= torch.tensor(lengths)[:, None]
 
 
-@pytest.mark.parametrize("call, expected", [
-    (dict(need_weights=False), None),
-    (dict(need_weights=False, kpm=True), None),
-    (dict(need_weights=False, kpm=True, causal_mask=True), None),
-    (dict(need_weights=False, causal_mask=True, is_causal=True), None),
-    (dict(need_weights=True), "need_weights"),
-    (dict(need_weights=False, random_mask=True), "attn_mask"),
-    (dict(need_weights=False, scattered=True), "prefix"),
-    (dict(need_weights=False, kpm=True, causal_mask=True, cross=True), "cross-attention"),
-])
+@pytest.mark.parametrize(
+    "call, expected",
+    [
+        (dict(need_weights=False), None),
+        (dict(need_weights=False, kpm=True), None),
+        (dict(need_weights=False, kpm=True, causal_mask=True), None),
+        (dict(need_weights=False, causal_mask=True, is_causal=True), None),
+        (dict(need_weights=True), "need_weights"),
+        (dict(need_weights=False, random_mask=True), "attn_mask"),
+        (dict(need_weights=False, scattered=True), "prefix"),
+        (dict(need_weights=False, kpm=True, causal_mask=True, cross=True), "cross-attention"),
+    ],
+)
 def test_path_selection(call, expected):
     _, ours = make_pair(dict(embed_dim=8, num_heads=2, batch_first=True), seed=2)
     x = torch.randn(3, 5, 8)
@@ -319,8 +355,9 @@ def test_path_selection(call, expected):
     mask = torch.ones(5, 5, dtype=torch.bool).triu(1) if call.get("causal_mask") else None
     if call.get("random_mask"):
         mask = torch.rand(5, 5) < 0.3
-    kwargs = dict(key_padding_mask=kpm, need_weights=call["need_weights"], attn_mask=mask,
-                  is_causal=call.get("is_causal", False))
+    kwargs = dict(
+        key_padding_mask=kpm, need_weights=call["need_weights"], attn_mask=mask, is_causal=call.get("is_causal", False)
+    )
     reason = ours.why_not_fast_path(x, y, y, **kwargs)
     ours(x, y, y, **kwargs)
     assert ours.last_why_not_fast_path == reason
@@ -428,6 +465,7 @@ def test_mismatched_mask_types_warn_like_torch():
 
 # -- packed inputs ------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("ctor", [dict(), dict(bias=False), dict(add_bias_kv=True), dict(add_zero_attn=True)])
 def test_packed_self_attention_matches_padded(ctor, causal):
@@ -439,22 +477,29 @@ def test_packed_self_attention_matches_padded(ctor, causal):
     packed = seg.pack(padded).requires_grad_(True)
     out, weights = ours(packed, packed, packed, segments=seg, need_weights=False, is_causal=causal)
     assert weights is None and out.shape == (seg.total, 12)
-    expected = torch.cat([
-        _torch_math(ours, padded[i:i + 1, :n], padded[i:i + 1, :n], padded[i:i + 1, :n], causal)[0]
-        for i, n in enumerate(lengths)])
+    expected = torch.cat(
+        [
+            _torch_math(ours, padded[i : i + 1, :n], padded[i : i + 1, :n], padded[i : i + 1, :n], causal)[0]
+            for i, n in enumerate(lengths)
+        ]
+    )
     torch.testing.assert_close(out, expected, **TOL)
     if ours.last_path == "varlen":
         mask = torch.ones(seg.max_len, seg.max_len, dtype=torch.bool).triu(1) if causal else None
-        via_padding, _ = ours(padded, padded, padded, key_padding_mask=kpm, attn_mask=mask,
-                              need_weights=False)
+        via_padding, _ = ours(padded, padded, padded, key_padding_mask=kpm, attn_mask=mask, need_weights=False)
         torch.testing.assert_close(out, seg.pack(via_padding), **TOL)
     g = torch.randn_like(out)
     (out * g).sum().backward()
     grad_packed = packed.grad
     padded_leaf = padded.clone().requires_grad_(True)
-    expected = torch.cat([
-        _torch_math(ours, padded_leaf[i:i + 1, :n], padded_leaf[i:i + 1, :n], padded_leaf[i:i + 1, :n],
-                    causal)[0] for i, n in enumerate(lengths)])
+    expected = torch.cat(
+        [
+            _torch_math(
+                ours, padded_leaf[i : i + 1, :n], padded_leaf[i : i + 1, :n], padded_leaf[i : i + 1, :n], causal
+            )[0]
+            for i, n in enumerate(lengths)
+        ]
+    )
     ours_grads = {n: p.grad.clone() for n, p in ours.named_parameters()}
     ours.zero_grad()
     (expected * g).sum().backward()
@@ -466,8 +511,7 @@ def test_packed_self_attention_matches_padded(ctor, causal):
 def _torch_math(module, q, k, v, causal):
     """torch's MultiheadAttention on one unpadded (1, L, E) sequence (batch_first); causal is bottom-right
     aligned. need_weights=False: torch's SDPA gives a query that sees no key zero attention, as varlen does."""
-    mask = torch.ones(q.shape[1], k.shape[1], dtype=torch.bool).triu(k.shape[1] - q.shape[1] + 1) \
-        if causal else None
+    mask = torch.ones(q.shape[1], k.shape[1], dtype=torch.bool).triu(k.shape[1] - q.shape[1] + 1) if causal else None
     if q.shape[1] == 0:
         return q.new_zeros(0, module.embed_dim), None
     out, _ = nn.MultiheadAttention.forward(module, q, k, v, attn_mask=mask, need_weights=False)
@@ -483,9 +527,14 @@ def test_packed_cross_attention_with_key_segments():
         out, _ = ours(q, k, v, segments=seg_q, key_segments=seg_k, need_weights=False, is_causal=causal)
         assert ours.last_path == "varlen"
         oq, ok = seg_q.offsets.tolist(), seg_k.offsets.tolist()
-        expected = torch.cat([
-            _torch_math(ref, q[None, oq[i]:oq[i + 1]], k[None, ok[i]:ok[i + 1]], v[None, ok[i]:ok[i + 1]],
-                        causal)[0] for i in range(seg_q.num_segments)])
+        expected = torch.cat(
+            [
+                _torch_math(
+                    ref, q[None, oq[i] : oq[i + 1]], k[None, ok[i] : ok[i + 1]], v[None, ok[i] : ok[i + 1]], causal
+                )[0]
+                for i in range(seg_q.num_segments)
+            ]
+        )
         torch.testing.assert_close(out, expected, **TOL)
 
 
@@ -508,6 +557,7 @@ def test_varlen_path_projects_only_real_tokens(monkeypatch):
 
 
 # -- dropout ------------------------------------------------------------------------------------------
+
 
 def test_dropout_on_torch_path_is_seed_equivalent():
     ref, ours = make_pair(dict(embed_dim=8, num_heads=2, dropout=0.3), seed=11)
@@ -533,13 +583,18 @@ def test_dropout_on_varlen_path_is_unbiased_and_off_in_eval():
     ours.train()
     # 300 independent draws in one call: the same two sequences repeated along the batch.
     with torch.no_grad():
-        draws, _ = ours(x.repeat(150, 1, 1), x.repeat(150, 1, 1), x.repeat(150, 1, 1),
-                        key_padding_mask=kpm.repeat(150, 1), need_weights=False)
+        draws, _ = ours(
+            x.repeat(150, 1, 1),
+            x.repeat(150, 1, 1),
+            x.repeat(150, 1, 1),
+            key_padding_mask=kpm.repeat(150, 1),
+            need_weights=False,
+        )
     assert ours.last_path == "varlen"
     draws = draws.view(150, 2, 6, 8)
     assert not torch.equal(draws[0], draws[1])
     # Dropout on the weights is unbiased, and the output is linear in them: the mean converges to eval.
-    spread = draws.std(0) / 150 ** 0.5
+    spread = draws.std(0) / 150**0.5
     valid = ~kpm[..., None].expand_as(clean)
     assert bool(((draws.mean(0) - clean).abs() <= 5 * spread + 1e-6)[valid].all())
 
@@ -610,12 +665,21 @@ def test_mask_dtypes_accepted_exactly_where_torch_accepts_them(dtype):
     for kpm_dtype in MASK_DTYPES:
         for mask_dtype in MASK_DTYPES:
             for need_weights in (False, True):
-                for is_causal in ((False, True) if mask_dtype is not None else (False,)):
-                    kwargs = dict(need_weights=need_weights, is_causal=is_causal,
-                                  key_padding_mask=None if kpm_dtype is None else
-                                  pad if kpm_dtype is torch.bool else _additive(pad, kpm_dtype),
-                                  attn_mask=None if mask_dtype is None else
-                                  causal if mask_dtype is torch.bool else _additive(causal, mask_dtype))
+                for is_causal in (False, True) if mask_dtype is not None else (False,):
+                    kwargs = dict(
+                        need_weights=need_weights,
+                        is_causal=is_causal,
+                        key_padding_mask=None
+                        if kpm_dtype is None
+                        else pad
+                        if kpm_dtype is torch.bool
+                        else _additive(pad, kpm_dtype),
+                        attn_mask=None
+                        if mask_dtype is None
+                        else causal
+                        if mask_dtype is torch.bool
+                        else _additive(causal, mask_dtype),
+                    )
                     call = f"{dtype} query, key_padding_mask {kpm_dtype}, attn_mask {mask_dtype}, {kwargs}"
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")  # torch deprecates mixing mask types; both warn
@@ -628,7 +692,8 @@ def test_mask_dtypes_accepted_exactly_where_torch_accepts_them(dtype):
                             continue
                         out_o, w_o = ours(x, x, x, **kwargs)
                     foreign_on_varlen += ours.last_path == "varlen" and any(
-                        d not in (None, torch.bool, dtype) for d in (kpm_dtype, mask_dtype))
+                        d not in (None, torch.bool, dtype) for d in (kpm_dtype, mask_dtype)
+                    )
                     valid = ~pad if (ours.last_path == "varlen" and kpm_dtype is not None) else torch.ones_like(pad)
                     torch.testing.assert_close(out_o[valid], out_r[valid], **DTYPE_TOL[dtype], msg=call)
                     if need_weights:
@@ -693,8 +758,11 @@ def test_torchscript_of_a_model_holding_one(batch_first):
         src = src.transpose(0, 1)
     pad = _prefix_mask([5, 2, 4], 5)
     causal = nn.Transformer.generate_square_subsequent_mask(5)
-    for kwargs in (dict(src_key_padding_mask=pad), dict(src_mask=causal, is_causal=True),
-                   dict(src_mask=causal, src_key_padding_mask=_additive(pad, torch.float32))):
+    for kwargs in (
+        dict(src_key_padding_mask=pad),
+        dict(src_mask=causal, is_causal=True),
+        dict(src_mask=causal, src_key_padding_mask=_additive(pad, torch.float32)),
+    ):
         torch.testing.assert_close(scripted(src, **kwargs), ref(src, **kwargs), **TOL)
     # Documented: torch.jit.script puts the torch module it scripts into the eager model as well.
     assert type(model.self_attn) is nn.MultiheadAttention
@@ -704,25 +772,29 @@ def test_torchscript_of_a_model_holding_one(batch_first):
 
 # -- bad input ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("case, error, match", [
-    ("query_not_tensor", TypeError, "query"),
-    ("query_4d", ValueError, "query"),
-    ("key_features", ValueError, "key"),
-    ("value_dim", ValueError, "value"),
-    ("batch_mismatch", ValueError, "batch size"),
-    ("query_dtype", TypeError, "query"),
-    ("kpm_shape", ValueError, "key_padding_mask"),
-    ("kpm_dtype", TypeError, "key_padding_mask"),
-    ("mask_shape", ValueError, "attn_mask"),
-    ("mask_dtype", TypeError, "attn_mask"),
-    ("is_causal_type", TypeError, "is_causal"),
-    ("segments_type", TypeError, "segments"),
-    ("segments_total", ValueError, "query"),
-    ("segments_weights", ValueError, "need_weights"),
-    ("segments_mask", ValueError, "key_padding_mask"),
-    ("segments_cross_without_keys", ValueError, "key_segments"),
-    ("key_segments_count", ValueError, "same number of segments"),
-])
+
+@pytest.mark.parametrize(
+    "case, error, match",
+    [
+        ("query_not_tensor", TypeError, "query"),
+        ("query_4d", ValueError, "query"),
+        ("key_features", ValueError, "key"),
+        ("value_dim", ValueError, "value"),
+        ("batch_mismatch", ValueError, "batch size"),
+        ("query_dtype", TypeError, "query"),
+        ("kpm_shape", ValueError, "key_padding_mask"),
+        ("kpm_dtype", TypeError, "key_padding_mask"),
+        ("mask_shape", ValueError, "attn_mask"),
+        ("mask_dtype", TypeError, "attn_mask"),
+        ("is_causal_type", TypeError, "is_causal"),
+        ("segments_type", TypeError, "segments"),
+        ("segments_total", ValueError, "query"),
+        ("segments_weights", ValueError, "need_weights"),
+        ("segments_mask", ValueError, "key_padding_mask"),
+        ("segments_cross_without_keys", ValueError, "key_segments"),
+        ("key_segments_count", ValueError, "same number of segments"),
+    ],
+)
 def test_bad_input_raises(case, error, match):
     ours = MultiheadAttention(8, 2, kdim=6)
     plain = MultiheadAttention(8, 2)
@@ -744,11 +816,13 @@ def test_bad_input_raises(case, error, match):
         "segments_type": lambda: plain(x, x, x, segments=[1, 3], need_weights=False),
         "segments_total": lambda: plain(x[:3], x[:3], x[:3], segments=seg, need_weights=False),
         "segments_weights": lambda: plain(x, x, x, segments=seg),
-        "segments_mask": lambda: plain(x, x, x, segments=seg, need_weights=False,
-                                       key_padding_mask=torch.zeros(2, 3, dtype=torch.bool)),
+        "segments_mask": lambda: plain(
+            x, x, x, segments=seg, need_weights=False, key_padding_mask=torch.zeros(2, 3, dtype=torch.bool)
+        ),
         "segments_cross_without_keys": lambda: plain(x, y, y, segments=seg, need_weights=False),
-        "key_segments_count": lambda: plain(x, y, y, segments=seg, key_segments=Segments.from_lengths([4]),
-                                            need_weights=False),
+        "key_segments_count": lambda: plain(
+            x, y, y, segments=seg, key_segments=Segments.from_lengths([4]), need_weights=False
+        ),
     }
     with pytest.raises(error, match=match):
         calls[case]()
@@ -760,6 +834,7 @@ def test_exported_from_package():
 
 
 # -- torch.compile ----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("self_attention, backend", [(True, "inductor"), (False, "aot_eager")])
 def test_fullgraph_compile_of_the_varlen_path_reads_no_mask_on_the_host(self_attention, backend, monkeypatch):
@@ -786,8 +861,9 @@ def test_fullgraph_compile_of_the_varlen_path_reads_no_mask_on_the_host(self_att
             mha.last_path = None
             out = fn(q, kv, kpm)
             assert mha.last_path == "varlen"
-            grads = torch.autograd.grad(out.square().sum(), [q] + ([] if self_attention else [kv])
-                                        + list(mha.parameters()))
+            grads = torch.autograd.grad(
+                out.square().sum(), [q] + ([] if self_attention else [kv]) + list(mha.parameters())
+            )
             results.append((out.detach(), grads))
         (eager_out, eager_grads), (compiled_out, compiled_grads) = results
         torch.testing.assert_close(compiled_out, eager_out, **TOL)
@@ -803,8 +879,9 @@ def test_fullgraph_compile_with_dropout_draws_a_fresh_mask_every_call():
     mha = MultiheadAttention(16, 4, dropout=0.5, batch_first=True).train()
     x = torch.randn(2, 5, 16, requires_grad=True)
     kpm = torch.arange(5)[None, :] >= torch.tensor([5, 3])[:, None]
-    compiled = torch.compile(lambda t, m: mha(t, t, t, key_padding_mask=m, need_weights=False)[0],
-                             fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(
+        lambda t, m: mha(t, t, t, key_padding_mask=m, need_weights=False)[0], fullgraph=True, backend="aot_eager"
+    )
     first, second = compiled(x, kpm), compiled(x, kpm)
     assert mha.last_path == "varlen"
     valid = ~kpm

@@ -33,25 +33,26 @@ def _check_lse(lse, lse_ref, atol):
 # -- gradients ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", [
-    dict(lengths_q=(3, 1, 4), lengths_k=None, heads=(2, 2, 3), causal=False),
-    dict(lengths_q=(3, 1, 4), lengths_k=None, heads=(2, 2, 3), causal=True),
-    dict(lengths_q=(2, 3, 1), lengths_k=None, heads=(4, 2, 2), causal=True),           # GQA
-    dict(lengths_q=(2, 3), lengths_k=None, heads=(3, 1, 2), causal=False),             # MQA
-    dict(lengths_q=(2, 4, 1), lengths_k=(3, 2, 2), heads=(2, 1, 3), causal=True),      # cross, Lk < Lq
-    dict(lengths_q=(0, 2, 3, 0), lengths_k=(2, 0, 3, 0), heads=(2, 2, 2), causal=False),  # empty segments
-    dict(lengths_q=(2, 3), lengths_k=(0, 0), heads=(2, 1, 2), causal=True),            # no key anywhere
-], ids=["full", "causal", "gqa", "mqa", "cross", "empty-segments", "no-keys"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(lengths_q=(3, 1, 4), lengths_k=None, heads=(2, 2, 3), causal=False),
+        dict(lengths_q=(3, 1, 4), lengths_k=None, heads=(2, 2, 3), causal=True),
+        dict(lengths_q=(2, 3, 1), lengths_k=None, heads=(4, 2, 2), causal=True),  # GQA
+        dict(lengths_q=(2, 3), lengths_k=None, heads=(3, 1, 2), causal=False),  # MQA
+        dict(lengths_q=(2, 4, 1), lengths_k=(3, 2, 2), heads=(2, 1, 3), causal=True),  # cross, Lk < Lq
+        dict(lengths_q=(0, 2, 3, 0), lengths_k=(2, 0, 3, 0), heads=(2, 2, 2), causal=False),  # empty segments
+        dict(lengths_q=(2, 3), lengths_k=(0, 0), heads=(2, 1, 2), causal=True),  # no key anywhere
+    ],
+    ids=["full", "causal", "gqa", "mqa", "cross", "empty-segments", "no-keys"],
+)
 def test_gradcheck(case):
     layout = Layout("small", case["lengths_q"], case["lengths_k"])
     gen = torch.Generator().manual_seed(4)
     q, k, v = random_qkv(layout, *case["heads"], dtype=torch.float64, generator=gen, requires_grad=True)
     cu_q, cu_k = _offsets(layout)
-    fn = lambda q, k, v: varlen_attention_reference(q, k, v, cu_q, cu_k, softmax_scale=0.8,
-                                                    causal=case["causal"])[0]
+    fn = lambda q, k, v: varlen_attention_reference(q, k, v, cu_q, cu_k, softmax_scale=0.8, causal=case["causal"])[0]
     assert torch.autograd.gradcheck(fn, (q, k, v))
-
-
 
 
 def test_poisoned_causal_segment_runs_row_by_row_and_clean_ones_batched():
@@ -64,7 +65,7 @@ def test_poisoned_causal_segment_runs_row_by_row_and_clean_ones_batched():
     out, lse = varlen_attention_reference(q, k, v, cu, cu, causal=True)
     out_ref, lse_ref = oracle_attention(q, k, v, cu, cu, causal=True)
     assert torch.equal(torch.isfinite(out), torch.isfinite(out_ref))
-    assert torch.isfinite(out[:3 + 10]).all() and not torch.isfinite(out[3 + 10:3 + 40, :, 2]).any()
+    assert torch.isfinite(out[: 3 + 10]).all() and not torch.isfinite(out[3 + 10 : 3 + 40, :, 2]).any()
     finite = torch.isfinite(out_ref)
     torch.testing.assert_close(out[finite], out_ref[finite], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(lse.double(), lse_ref, rtol=1e-6, atol=1e-6)
@@ -135,7 +136,7 @@ def test_dropout_preserves_the_expectation():
     torch.manual_seed(9)
     dropped, _ = varlen_attention_reference(q, k, v, cu, cu, causal=True, dropout_p=p)
     assert rel_err(dropped.mean(1), out[:, 0]) < 0.06
-    assert rel_err(dropped[:, 0], out[:, 0]) > 0.1          # a single draw is far from the mean
+    assert rel_err(dropped[:, 0], out[:, 0]) > 0.1  # a single draw is far from the mean
 
 
 # -- scale ----------------------------------------------------------------------------------------------
@@ -178,8 +179,7 @@ def test_cuda_matches_cpu(layout):
     q, k, v = random_qkv(layout, 4, 2, 17, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
     cu_q, cu_k = _offsets(layout)
     out, lse = varlen_attention_reference(q, k, v, cu_q, cu_k, causal=True)
-    out_cuda, lse_cuda = varlen_attention_reference(q.cuda(), k.cuda(), v.cuda(), cu_q.cuda(), cu_k.cuda(),
-                                                    causal=True)
+    out_cuda, lse_cuda = varlen_attention_reference(q.cuda(), k.cuda(), v.cuda(), cu_q.cuda(), cu_k.cuda(), causal=True)
     assert out_cuda.device.type == "cuda" and lse_cuda.device.type == "cuda"
     assert rel_err(out_cuda, out) < 1e-12
     _check_lse(lse_cuda.cpu(), lse.double(), atol=1e-6)

@@ -5,9 +5,9 @@ import pickle
 
 import pytest
 import torch
+from conftest import requires_cuda
 from torch.utils.data import DataLoader
 
-from conftest import requires_cuda
 from hierkern import CharVocab, Segments, TextBatch, collate_fn
 from hierkern.corpus import default_corpus
 from hierkern.text import split_words
@@ -18,8 +18,7 @@ SENTENCES = ['"Hello, world!" she said.', "Don't panic: it's well-known...", "a 
 def test_split_words_punctuation_rule():
     assert split_words('"Hello, world!"') == ['"', "Hello", ",", "world", '!"']
     # Inner punctuation is part of the spelling; edge runs stay together.
-    assert split_words("Don't panic: e.g. well-known...") == ["Don't", "panic", ":", "e.g", ".", "well-known",
-                                                              "..."]
+    assert split_words("Don't panic: e.g. well-known...") == ["Don't", "panic", ":", "e.g", ".", "well-known", "..."]
     assert split_words("...") == ["..."]
     assert split_words('"Hello, world!"', split_punctuation=False) == ['"Hello,', 'world!"']
     assert split_words(" a\t b\n") == ["a", "b"]
@@ -28,7 +27,7 @@ def test_split_words_punctuation_rule():
 
 def test_split_words_truncation_keeps_head_and_tail():
     word = "antidisestablishmentarianism"  # 28 characters
-    assert split_words(word, max_word_len=7) == ["antiism"]      # 4 head + 3 tail
+    assert split_words(word, max_word_len=7) == ["antiism"]  # 4 head + 3 tail
     assert split_words(word, max_word_len=8) == ["antiism"[:4] + "nism"]
     assert split_words(word, max_word_len=1) == ["a"]
     assert split_words(word, max_word_len=28) == [word]

@@ -20,7 +20,7 @@ def _worst() -> dict | None:
 
 
 def pytest_sessionfinish(session):
-    workeroutput = getattr(session.config, "workeroutput", None)   # set on xdist workers only
+    workeroutput = getattr(session.config, "workeroutput", None)  # set on xdist workers only
     worst = _worst()
     if workeroutput is not None and worst:
         workeroutput["conformance_worst"] = [[*key, err] for key, err in worst.items()]

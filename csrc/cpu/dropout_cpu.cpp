@@ -10,7 +10,7 @@
 #include <string>
 
 #include "dropout_kernel.h"
-#include "../common/philox.h"  // dropout_threshold, shared with the attention kernels
+#include "../common/philox.h"         // dropout_threshold, shared with the attention kernels
 #include "../common/varlen_checks.h"  // read_rng_state
 
 namespace hierkern {
@@ -42,10 +42,14 @@ DropoutChunksFn kernel() {
 
 ScalarKind scalar_kind(const at::Tensor& t, const char* name) {
   switch (t.scalar_type()) {
-    case at::kFloat: return ScalarKind::kFloat;
-    case at::kDouble: return ScalarKind::kDouble;
-    case at::kBFloat16: return ScalarKind::kBFloat16;
-    case at::kHalf: return ScalarKind::kHalf;
+    case at::kFloat:
+      return ScalarKind::kFloat;
+    case at::kDouble:
+      return ScalarKind::kDouble;
+    case at::kBFloat16:
+      return ScalarKind::kBFloat16;
+    case at::kHalf:
+      return ScalarKind::kHalf;
     default:
       TORCH_CHECK_TYPE(false, kWho, name, " must be float32, float64, bfloat16 or float16, got ", t.scalar_type());
   }

@@ -86,7 +86,10 @@ template <typename T, bool kResidual>
 void dropout_chunks_typed(const DropoutParams& p, int64_t chunk_begin, int64_t chunk_end) {
   using Scale = std::conditional_t<std::is_same<T, double>::value, double, f32x8>;
   Scale scale;
-  if constexpr (std::is_same<T, double>::value) scale = p.scale; else scale = bcast8(static_cast<float>(p.scale));
+  if constexpr (std::is_same<T, double>::value)
+    scale = p.scale;
+  else
+    scale = bcast8(static_cast<float>(p.scale));
   const T* x = static_cast<const T*>(p.x);
   const T* residual = static_cast<const T*>(p.residual);
   T* out = static_cast<T*>(p.out);
@@ -129,9 +132,13 @@ void dropout_chunks_of(const DropoutParams& p, int64_t chunk_begin, int64_t chun
 
 void dropout_chunks(const DropoutParams& p, int64_t chunk_begin, int64_t chunk_end) {
   switch (p.kind) {
-    case ScalarKind::kFloat: return dropout_chunks_of<float>(p, chunk_begin, chunk_end);
-    case ScalarKind::kDouble: return dropout_chunks_of<double>(p, chunk_begin, chunk_end);
-    case ScalarKind::kBFloat16: return dropout_chunks_of<c10::BFloat16>(p, chunk_begin, chunk_end);
-    case ScalarKind::kHalf: return dropout_chunks_of<c10::Half>(p, chunk_begin, chunk_end);
+    case ScalarKind::kFloat:
+      return dropout_chunks_of<float>(p, chunk_begin, chunk_end);
+    case ScalarKind::kDouble:
+      return dropout_chunks_of<double>(p, chunk_begin, chunk_end);
+    case ScalarKind::kBFloat16:
+      return dropout_chunks_of<c10::BFloat16>(p, chunk_begin, chunk_end);
+    case ScalarKind::kHalf:
+      return dropout_chunks_of<c10::Half>(p, chunk_begin, chunk_end);
   }
 }

@@ -30,8 +30,8 @@ constexpr int64_t kDropoutChunk = 32;
 
 using DropoutChunksFn = void (*)(const DropoutParams&, int64_t chunk_begin, int64_t chunk_end);
 
-#define HIERKERN_DECLARE_DROPOUT(isa) \
-  namespace isa {                     \
+#define HIERKERN_DECLARE_DROPOUT(isa)                                                  \
+  namespace isa {                                                                      \
   void dropout_chunks(const DropoutParams& p, int64_t chunk_begin, int64_t chunk_end); \
   }
 

@@ -5,5 +5,12 @@
 
 from .workloads import SEED_MODEL_VOCAB, SEED_MODEL_WORDS, Workload, english_text, make_qkv, seed_model_batch, workloads
 
-__all__ = ["SEED_MODEL_VOCAB", "SEED_MODEL_WORDS", "Workload", "english_text", "make_qkv", "seed_model_batch",
-           "workloads"]
+__all__ = [
+    "SEED_MODEL_VOCAB",
+    "SEED_MODEL_WORDS",
+    "Workload",
+    "english_text",
+    "make_qkv",
+    "seed_model_batch",
+    "workloads",
+]

@@ -28,8 +28,17 @@ import torch
 from ..layout import Segments
 
 __all__ = [
-    "ENGLISH_WORD_LENGTH_PERCENT", "MAX_SENTENCE_WORDS", "SIZES", "SENTENCE_LENGTH_MEAN", "Workload",
-    "english_text", "make_qkv", "workloads", "SEED_MODEL_WORDS", "SEED_MODEL_VOCAB", "seed_model_batch",
+    "ENGLISH_WORD_LENGTH_PERCENT",
+    "MAX_SENTENCE_WORDS",
+    "SIZES",
+    "SENTENCE_LENGTH_MEAN",
+    "Workload",
+    "english_text",
+    "make_qkv",
+    "workloads",
+    "SEED_MODEL_WORDS",
+    "SEED_MODEL_VOCAB",
+    "seed_model_batch",
 ]
 
 # Token-weighted English word lengths, percent of word occurrences for lengths 1..20, from P. Norvig,
@@ -40,9 +49,26 @@ __all__ = [
 # from that page and cross-checked against its cumulative shares as quoted elsewhere (words of at most 4, 5
 # and 6 letters: ~56%, ~67% and ~75% of occurrences; this table gives 55.9%, 66.6% and 75.0%).
 ENGLISH_WORD_LENGTH_PERCENT: dict[int, float] = {
-    1: 2.998, 2: 17.651, 3: 20.511, 4: 14.787, 5: 10.629, 6: 8.401, 7: 7.987, 8: 6.050, 9: 4.151,
-    10: 2.799, 11: 1.536, 12: 0.829, 13: 0.445, 14: 0.166, 15: 0.058, 16: 0.028, 17: 0.012, 18: 0.005,
-    19: 0.002, 20: 0.001,
+    1: 2.998,
+    2: 17.651,
+    3: 20.511,
+    4: 14.787,
+    5: 10.629,
+    6: 8.401,
+    7: 7.987,
+    8: 6.050,
+    9: 4.151,
+    10: 2.799,
+    11: 1.536,
+    12: 0.829,
+    13: 0.445,
+    14: 0.166,
+    15: 0.058,
+    16: 0.028,
+    17: 0.012,
+    18: 0.005,
+    19: 0.002,
+    20: 0.001,
 }
 
 SENTENCE_LENGTH_MEAN = 15.0
@@ -53,7 +79,7 @@ MAX_SENTENCE_WORDS = 130
 SIZES: dict[str, dict[str, int]] = {
     "small": {"cpu": 512, "cuda": 4096},
     "default": {"cpu": 4096, "cuda": 65536},
-    "large": {"cpu": 16384, "cuda": 262144},   # cuda: ~1.2M characters
+    "large": {"cpu": 16384, "cuda": 262144},  # cuda: ~1.2M characters
 }
 
 # Words per seed-model batch: a training batch of the character-level model (~68 sentences at the default
@@ -94,7 +120,7 @@ class Workload:
     num_heads: int = 8
     head_dim: int = 32
     description: str = ""
-    dtypes: tuple[str, ...] | None = None     # benchmark only these dtypes (``"bfloat16"``, ...); None: all
+    dtypes: tuple[str, ...] | None = None  # benchmark only these dtypes (``"bfloat16"``, ...); None: all
 
     @property
     def embed_dim(self) -> int:
@@ -145,7 +171,7 @@ def english_text(num_words: int, seed: int = 0) -> tuple[tuple[int, ...], tuple[
     rng = random.Random(seed)
     sizes, weights = zip(*ENGLISH_WORD_LENGTH_PERCENT.items())
     words = tuple(rng.choices(sizes, weights=weights, k=num_words))
-    mu = math.log(SENTENCE_LENGTH_MEAN) - _SENTENCE_SIGMA ** 2 / 2   # so that the mean is 15 words
+    mu = math.log(SENTENCE_LENGTH_MEAN) - _SENTENCE_SIGMA**2 / 2  # so that the mean is 15 words
     sentences = []
     remaining = num_words
     while remaining > 0:
@@ -177,8 +203,9 @@ def _stress(name: str, target_tokens: int, seed: int, long_len: int) -> tuple[in
     return (length,) * max(1, round(target_tokens / length))
 
 
-def workloads(size: str = "default", device_type: str = "cpu", *, num_heads: int = 8, head_dim: int = 32,
-              seed: int = 0) -> list[Workload]:
+def workloads(
+    size: str = "default", device_type: str = "cpu", *, num_heads: int = 8, head_dim: int = 32, seed: int = 0
+) -> list[Workload]:
     """The benchmark workloads for one size and device type.
 
     Args:
@@ -201,31 +228,64 @@ def workloads(size: str = "default", device_type: str = "cpu", *, num_heads: int
     words, sentences = english_text(num_words, seed)
     shape = dict(num_heads=num_heads, head_dim=head_dim)
     out = [
-        Workload("chars-in-words", words, description=f"{num_words} English words, characters attend within "
-                 f"their word", **shape),
-        Workload("words-in-sentences", sentences, description=f"the same {num_words} words, words attend "
-                 f"within their sentence", **shape),
+        Workload(
+            "chars-in-words",
+            words,
+            description=f"{num_words} English words, characters attend within their word",
+            **shape,
+        ),
+        Workload(
+            "words-in-sentences",
+            sentences,
+            description=f"the same {num_words} words, words attend within their sentence",
+            **shape,
+        ),
     ]
     target = sum(words)
-    long_len = min(4096, max(64, 1 << (num_words.bit_length() - 3)))   # 1024 at 4096 words
+    long_len = min(4096, max(64, 1 << (num_words.bit_length() - 3)))  # 1024 at 4096 words
     for length in _UNIFORM_LENGTHS:
         name = f"uniform-{length}"
-        out.append(Workload(name, _stress(name, target, seed, long_len),
-                            description=f"every segment {length} tokens (tile boundaries)", **shape))
-    out.append(Workload("long-among-tiny", _stress("long-among-tiny", 4 * long_len, seed, long_len),
-                        description=f"one {long_len}-token segment among segments of 1-8 tokens", **shape))
-    out.append(Workload("zero-length", _stress("zero-length", target, seed, long_len),
-                        description="word-like lengths, a quarter of the segments empty", **shape))
+        out.append(
+            Workload(
+                name,
+                _stress(name, target, seed, long_len),
+                description=f"every segment {length} tokens (tile boundaries)",
+                **shape,
+            )
+        )
+    out.append(
+        Workload(
+            "long-among-tiny",
+            _stress("long-among-tiny", 4 * long_len, seed, long_len),
+            description=f"one {long_len}-token segment among segments of 1-8 tokens",
+            **shape,
+        )
+    )
+    out.append(
+        Workload(
+            "zero-length",
+            _stress("zero-length", target, seed, long_len),
+            description="word-like lengths, a quarter of the segments empty",
+            **shape,
+        )
+    )
     if device_type == "cuda" and size != "small":
-        out.append(Workload("chars-1M-d64", _english_chars(TARGET_CHARS, seed), num_heads=8, head_dim=64,
-                            dtypes=("bfloat16",), description="the GPU target: 2^20 characters of English "
-                            "words, H=8, D=64, bfloat16"))
+        out.append(
+            Workload(
+                "chars-1M-d64",
+                _english_chars(TARGET_CHARS, seed),
+                num_heads=8,
+                head_dim=64,
+                dtypes=("bfloat16",),
+                description="the GPU target: 2^20 characters of English words, H=8, D=64, bfloat16",
+            )
+        )
     return out
 
 
 def _english_chars(total: int, seed: int) -> tuple[int, ...]:
     """English word lengths summing to exactly ``total`` characters (the last word cut to fit)."""
-    words, _ = english_text(int(total / 4) + 1000, seed)    # mean ~4.7 characters: enough words
+    words, _ = english_text(int(total / 4) + 1000, seed)  # mean ~4.7 characters: enough words
     out, filled = [], 0
     for n in words:
         if filled + n >= total:
@@ -236,8 +296,9 @@ def _english_chars(total: int, seed: int) -> tuple[int, ...]:
     return tuple(out)
 
 
-def make_qkv(workload: Workload, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-             seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def make_qkv(
+    workload: Workload, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Seeded packed ``q, k, v``, each ``(total, num_heads, head_dim)`` in ``dtype`` on ``device``.
 
     Drawn in float32 on the CPU and then converted, so every device and dtype sees the same values (up to
@@ -248,8 +309,9 @@ def make_qkv(workload: Workload, dtype: torch.dtype = torch.float32, device: tor
     return tuple(torch.randn(shape, generator=gen).to(device=device, dtype=dtype) for _ in range(3))
 
 
-def seed_model_batch(size: str = "default", device_type: str = "cpu", seed: int = 0,
-                     device: torch.device | str | None = None):
+def seed_model_batch(
+    size: str = "default", device_type: str = "cpu", seed: int = 0, device: torch.device | str | None = None
+):
     """A ``hierkern.TextBatch`` of synthetic English for the seed-model benchmark.
 
     The layout is ``english_text(SEED_MODEL_WORDS[size][device_type], seed)`` (word lengths of English, mean
@@ -262,6 +324,7 @@ def seed_model_batch(size: str = "default", device_type: str = "cpu", seed: int 
         device: where the batch lives (default: the CPU).
     """
     from ..text import CharVocab, TextBatch
+
     if size not in SEED_MODEL_WORDS:
         raise ValueError(f"size must be one of {sorted(SEED_MODEL_WORDS)}, got {size!r}")
     if device_type not in SEED_MODEL_WORDS[size]:
@@ -271,5 +334,8 @@ def seed_model_batch(size: str = "default", device_type: str = "cpu", seed: int 
     first = CharVocab.CLS + 1
     ids = torch.randint(first, SEED_MODEL_VOCAB, (sum(words),), generator=gen)
     device = "cpu" if device is None else device
-    return TextBatch(ids.to(device), Segments.from_lengths(list(words), device=device),
-                     Segments.from_lengths(list(sentences), device=device))
+    return TextBatch(
+        ids.to(device),
+        Segments.from_lengths(list(words), device=device),
+        Segments.from_lengths(list(sentences), device=device),
+    )

@@ -26,8 +26,11 @@ def register_if_imported() -> bool:
     try:
         from . import transformers as hf
     except ImportError as exc:
-        warnings.warn(f"hierkern did not register attn_implementation='hierkern' with transformers: {exc}",
-                      RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"hierkern did not register attn_implementation='hierkern' with transformers: {exc}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return False
     hf.register()
     return True

@@ -24,52 +24,75 @@ Two functions are registered under the name, as transformers expects of an atten
     per forward (a sync on CUDA).
   - ``varlen-rows``: no padding (no mask, or a mask of all ones); each batch row is one segment, no gather.
 
-  Sliding windows (Mistral, ModernBERT's local layers, ...) run on these paths when no sequence is longer than
-  the window, which then hides nothing. Whatever varlen attention cannot compute exactly falls back to the
-  model's own ``sdpa`` path with the dense mask transformers would have built for it (a
-  ``HierkernFallbackWarning``, once per reason): a window narrower than a sequence, mask functions other than
-  causal or bidirectional (chunked or image-token masks, custom ``or``/``and`` masks), a precomputed 4-D mask,
-  an additive ``position_bias``, cache layouts whose queries are not the last keys (a static cache). Requests
-  it cannot honour at all raise ``ValueError``: attention weights (``output_attentions``), logit soft-capping
-  (``softcap``), attention sinks (``s_aux``/``sinks``), and ``cu_seq_lens_*`` combined with a padding mask or
-  with anything that needs the fallback (sdpa would attend across the packed sequences).
+  Sliding windows (Mistral, ModernBERT's local layers, ...) run on every path as ``varlen_attention``'s
+  ``window_size=(left, right)``: transformers' causal overlay (keys less than ``sliding_window`` tokens back) is
+  ``(sliding_window - 1, 0)``, its bidirectional overlay (distances up to ``sliding_window``) is
+  ``(sliding_window, sliding_window)``, and a module's ``sliding_window`` argument, when no mask was built, is
+  read as FlashAttention's path reads it, ``(sliding_window - 1, sliding_window - 1)`` (right 0 when causal).
+  A window that hides nothing in any segment of the batch is dropped, which keeps such calls on the kernels
+  that have no window. Whatever varlen attention cannot compute exactly falls back to the model's own ``sdpa``
+  path with the dense mask transformers would have built for it (a ``HierkernFallbackWarning``, once per
+  reason): a window over a padding mask with holes inside a row (the window counts the padding between real
+  tokens), mask functions other than causal or bidirectional (chunked or image-token masks, custom ``or``/
+  ``and`` masks), a precomputed 4-D mask, an additive ``position_bias``, cache layouts whose queries are not the
+  last keys (a static cache). Requests it cannot honour at all raise ``ValueError``: attention weights
+  (``output_attentions``), logit soft-capping (``softcap``), attention sinks (``s_aux``/``sinks``),
+  ``cu_seq_lens_*`` combined with a padding mask or with anything that needs the fallback (sdpa would attend
+  across the packed sequences), and a ``sliding_window`` argument with no mask built together with anything
+  that needs the fallback (sdpa would drop the window).
 
 ``module.hierkern_last_path`` on each attention module says which path its last call took.
 
-Semantics match the model's ``sdpa`` path on every query that is not padding. Causal layers give padding
-queries zeros (as ``flash_attention_2`` does); their outputs never reach a real token, nor a loss whose labels
-are -100 there. Dropout is applied to the attention probabilities with rescaling by ``1 / (1 - p)``, as sdpa
-and FlashAttention do, from hierkern's own random stream.
+Semantics match the model's ``sdpa`` path on every query that is not padding. Causal layers, and layers whose
+window hides keys, give padding queries zeros (as ``flash_attention_2`` does); their outputs never reach a real
+token, nor a loss whose labels are -100 there. Dropout is applied to the attention probabilities with
+rescaling by ``1 / (1 - p)``, as sdpa and FlashAttention do, from hierkern's own random stream.
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 
-MIN_TRANSFORMERS = (5, 4)   # masks described by q_length/q_offset (5.0-5.3 passed cache_position tensors)
+from ..functional import varlen_attention
+
+MIN_TRANSFORMERS = (5, 4)  # masks described by q_length/q_offset (5.0-5.3 passed cache_position tensors)
 
 try:
     import transformers
     from packaging.version import Version
+
     if Version(transformers.__version__).release < MIN_TRANSFORMERS:
         raise ImportError(f"found transformers {transformers.__version__}")
     from transformers import masking_utils
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import (AttentionMaskInterface, and_masks, bidirectional_mask_function,
-                                            causal_mask_function, packed_sequence_mask_function,
-                                            prepare_padding_mask)
+    from transformers.masking_utils import (
+        AttentionMaskInterface,
+        and_masks,
+        bidirectional_mask_function,
+        causal_mask_function,
+        packed_sequence_mask_function,
+        prepare_padding_mask,
+    )
     from transformers.modeling_utils import AttentionInterface
 except ImportError as exc:
-    raise ImportError(f"hierkern.integrations.transformers needs transformers>="
-                      f"{'.'.join(map(str, MIN_TRANSFORMERS))} (pip install 'hierkern[transformers]'): {exc}") from exc
+    raise ImportError(
+        f"hierkern.integrations.transformers needs transformers>="
+        f"{'.'.join(map(str, MIN_TRANSFORMERS))} (pip install 'hierkern[transformers]'): {exc}"
+    ) from exc
 
-from ..functional import varlen_attention
-
-__all__ = ["IMPLEMENTATION", "MIN_TRANSFORMERS", "HierkernFallbackWarning", "MaskRequest",
-           "hierkern_attention_forward", "hierkern_mask", "register"]
+__all__ = [
+    "IMPLEMENTATION",
+    "MIN_TRANSFORMERS",
+    "HierkernFallbackWarning",
+    "MaskRequest",
+    "hierkern_attention_forward",
+    "hierkern_mask",
+    "register",
+]
 
 IMPLEMENTATION = "hierkern"
 
@@ -104,23 +127,26 @@ _AND_CODE = and_masks(causal_mask_function).__code__
 _PACKED_CODE = packed_sequence_mask_function(torch.empty(0)).__code__
 _REMAP = getattr(masking_utils, "remap_positions_for_packed_sequence", None)
 _REMAP_CODE = _REMAP(causal_mask_function, torch.empty(0)).__code__ if _REMAP is not None else None
-# (overlay code, the base it is and-ed with, window_len - sliding_window): the causal overlay keeps keys less
-# than ``w`` tokens back, so it hides nothing in segments of at most ``w`` keys; the bidirectional one keeps
-# distances up to ``w``, so segments of ``w + 1``.
-_WINDOWS = [(factory(1).__code__, base, extra) for name, base, extra in (
-    ("sliding_window_overlay", causal_mask_function, 0),
-    ("sliding_window_bidirectional_overlay", bidirectional_mask_function, 1),
-) if (factory := getattr(masking_utils, name, None)) is not None]
+# (overlay code, the base it is and-ed with, sliding_window -> window_size): the causal overlay keeps
+# ``kv_idx > q_idx - w``, i.e. ``w - 1`` keys back; the bidirectional one keeps ``abs(q_idx - kv_idx) <= w``.
+_WINDOWS = [
+    (factory(1).__code__, base, to_window)
+    for name, base, to_window in (
+        ("sliding_window_overlay", causal_mask_function, lambda w: (w - 1, 0)),
+        ("sliding_window_bidirectional_overlay", bidirectional_mask_function, lambda w: (w, w)),
+    )
+    if (factory := getattr(masking_utils, name, None)) is not None
+]
 
 
 class _Pattern(NamedTuple):
     """A mask varlen attention computes: causal or not, within packed sequences (``packed_ids`` ``(B, L)``,
-    transformers' sequence index per token) or rows, under a sliding window that hides nothing in segments of
-    at most ``window_len`` keys (``None``: no window)."""
+    transformers' sequence index per token) or rows, under a sliding ``window`` (``varlen_attention``'s
+    ``window_size``; ``None``: no window)."""
 
     causal: bool
     packed_ids: torch.Tensor | None = None
-    window_len: int | None = None
+    window: tuple[int, int] | None = None
 
 
 def _cell(fn: Callable, name: str) -> Any:
@@ -133,7 +159,8 @@ def _classify(mask_function: Callable) -> _Pattern | None:
     Recognised: ``causal_mask_function``, ``bidirectional_mask_function``, either under transformers' sliding
     window (``and_masks(overlay(w), base)``), and any of those restricted to packed sequences
     (``and_masks([remap_positions(base, position_ids),] packed_sequence_mask_function(ids))``: within a packed
-    sequence positions rise by one, so remapped positions order and space tokens as their indices do).
+    sequence positions rise by one, so remapped positions order and space tokens as their indices do, and a
+    window measured in positions is the same window measured in tokens).
     """
     if mask_function is causal_mask_function:
         return _Pattern(True)
@@ -146,9 +173,9 @@ def _classify(mask_function: Callable) -> _Pattern | None:
         return None
     first, second = parts
     first_code = getattr(first, "__code__", None)
-    for overlay_code, base, extra in _WINDOWS:
+    for overlay_code, base, to_window in _WINDOWS:
         if first_code is overlay_code and second is base:
-            return _Pattern(base is causal_mask_function, window_len=_cell(first, "sliding_window") + extra)
+            return _Pattern(base is causal_mask_function, window=to_window(_cell(first, "sliding_window")))
     if getattr(second, "__code__", None) is not _PACKED_CODE:
         return None
     if _REMAP_CODE is not None and first_code is _REMAP_CODE:
@@ -182,6 +209,13 @@ def _offsets(lengths: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _hides_nothing(window: tuple[int, int], causal: bool, longest: int) -> bool:
+    """``window`` hides no key from any query in segments of at most ``longest`` queries and keys: the farthest
+    key is ``longest - 1`` tokens away (causal queries see only keys behind them)."""
+    left, right = window
+    return longest - 1 <= left and (causal or longest - 1 <= right)
+
+
 def _packed(starts: torch.Tensor, path: str) -> _Layout:
     """Offsets from ``starts`` ``(B, L)`` bool (modified), True where a packed sequence begins; column 0 is set
     True: a sequence never spans two rows. One device->host copy on CUDA, for the offsets' size and max length."""
@@ -193,16 +227,21 @@ def _packed(starts: torch.Tensor, path: str) -> _Layout:
     return _Layout(path, cu, cu, longest, longest)
 
 
-def _unmasked(batch: int, q_len: int, k_len: int, position_ids: torch.Tensor | None,
-              device: torch.device) -> _Layout:
+def _unmasked(batch: int, q_len: int, k_len: int, position_ids: torch.Tensor | None, device: torch.device) -> _Layout:
     """No padding mask: rows, or the packed sequences ``position_ids`` describe.
 
     As FlashAttention's path in transformers does, a row whose positions do not rise by one from token to
     token holds several sequences, each starting where the positions restart. That is what a padding-free
     batch without ``cu_seq_lens`` looks like, and transformers' own mask misses it when a cache is in use.
     """
-    if (position_ids is None or q_len != k_len or position_ids.dim() != 2 or position_ids.shape[1] != q_len
-            or position_ids.shape[0] not in (1, batch) or q_len < 2):
+    if (
+        position_ids is None
+        or q_len != k_len
+        or position_ids.dim() != 2
+        or position_ids.shape[1] != q_len
+        or position_ids.shape[0] not in (1, batch)
+        or q_len < 2
+    ):
         return _rows(batch, q_len, k_len, device)
     pos = position_ids.to(device).expand(batch, -1)
     starts = torch.zeros_like(pos, dtype=torch.bool)
@@ -218,21 +257,21 @@ class MaskRequest:
 
     Attributes:
         causal: the mask is causal (``None`` when the pattern is not one varlen attention computes).
-        window_len: the mask's sliding window hides nothing in segments of at most this many keys (``None``:
-            no window). Longer segments need the sdpa fallback.
-        unsupported: why varlen attention cannot compute this mask exactly, or ``None``.
+        window: the mask's sliding window as ``varlen_attention``'s ``window_size`` (``None``: no window).
+        unsupported: why varlen attention cannot compute this mask exactly, or ``None``; set by ``layout`` when
+            the padding mask shows it.
     """
 
     def __init__(self, args: dict):
         self.args = args
         pattern = None if args.get("use_vmap") else _classify(args["mask_function"])
         self.causal = None if pattern is None else pattern.causal
-        self.window_len = None if pattern is None else pattern.window_len
+        self.window = None if pattern is None else pattern.window
         self._packed_ids = None if pattern is None else pattern.packed_ids
         self._padding = prepare_padding_mask(args["attention_mask"], args["kv_length"], args["kv_offset"])
         self.unsupported = self._why_not(pattern)
         self._layout = None
-        self._layout_shape = None
+        self._layout_shape = None  # (batch, q_len, k_len) that _layout was built for
         self._dense = None
         self._dense_built = False
 
@@ -244,16 +283,22 @@ class MaskRequest:
     def _why_not(self, pattern) -> str | None:
         a = self.args
         if pattern is None:
-            return ("the model's mask is not causal or bidirectional attention (a chunked, image-token or custom "
-                    "mask function)")
+            return (
+                "the model's mask is not causal or bidirectional attention (a chunked, image-token or custom "
+                "mask function)"
+            )
         q_offset, kv_offset = a["q_offset"], a["kv_offset"]
         if not (isinstance(q_offset, int) and isinstance(kv_offset, int)):
             return "cache offsets given as tensors (a static cache)"
-        # Causal varlen attention aligns queries with the last keys (bottom-right). The model's mask does too
-        # exactly when the queries are the last kv_length positions: no cache, or a cache holding only the past.
-        if self.causal and q_offset + a["q_length"] != kv_offset + a["kv_length"]:
-            return (f"causal queries at positions {q_offset}..{q_offset + a['q_length'] - 1} are not the last of "
-                    f"the keys {kv_offset}..{kv_offset + a['kv_length'] - 1} (a static cache or prefix tuning)")
+        # Causal and windowed varlen attention align queries with the last keys (bottom-right). The model's mask
+        # does too exactly when the queries are the last kv_length positions: no cache, or a cache holding only
+        # the past (a sliding-window cache included: its kv_offset drops the keys it no longer holds).
+        if (self.causal or self.window is not None) and q_offset + a["q_length"] != kv_offset + a["kv_length"]:
+            kind = "causal" if self.causal else "windowed"
+            return (
+                f"{kind} queries at positions {q_offset}..{q_offset + a['q_length'] - 1} are not the last of "
+                f"the keys {kv_offset}..{kv_offset + a['kv_length'] - 1} (a static cache or prefix tuning)"
+            )
         return None
 
     def dense(self) -> torch.Tensor | None:
@@ -263,11 +308,13 @@ class MaskRequest:
             self._dense_built = True
         return self._dense
 
-    def layout(self, batch: int, q_len: int, k_len: int, position_ids: torch.Tensor | None,
-               device: torch.device) -> _Layout:
+    def layout(
+        self, batch: int, q_len: int, k_len: int, position_ids: torch.Tensor | None, device: torch.device
+    ) -> _Layout | None:
         """Offsets (and gather indices) for varlen attention: built by the first layer, reused by the next ones
-        while the shapes stay (rebuilt if a model shares one mask between layers of different key lengths)."""
-        if self._layout is None or self._layout_shape != (batch, q_len, k_len):
+        while the shapes stay (rebuilt if a model shares one mask between layers of different key lengths).
+        ``None`` when the padding mask is one varlen attention cannot compute; ``unsupported`` says why."""
+        if self._layout_shape != (batch, q_len, k_len):
             self._layout_shape = (batch, q_len, k_len)
             if self._padding is not None:
                 self._layout = self._unpad(q_len, k_len)
@@ -281,33 +328,55 @@ class MaskRequest:
                 self._layout = _unmasked(batch, q_len, k_len, position_ids, device)
         return self._layout
 
-    def _unpad(self, q_len: int, k_len: int) -> _Layout:
+    def _unpad(self, q_len: int, k_len: int) -> _Layout | None:
         a = self.args
-        valid_k = self._padding[:, a["kv_offset"]:a["kv_offset"] + k_len]
+        valid_k = self._padding[:, a["kv_offset"] : a["kv_offset"] + k_len]
         if valid_k.shape[1] != k_len:
             raise ValueError(f"the attention mask covers {valid_k.shape[1]} of the {k_len} key positions")
         len_k = valid_k.sum(1, dtype=torch.int32)
+        # The window counts columns, padding included; gathered, a row's real tokens keep their distances only
+        # when they are contiguous (padding on either side, not between them).
+        windowed = self.window is not None and not _hides_nothing(self.window, self.causal, max(q_len, k_len))
         # Causal: a padded query has no place in the causal order of its row; it is left out (zeros out).
+        # Windowed: bottom-right alignment places a row's real queries over its real keys; a padded one has no
+        # place among them either.
         # Bidirectional: every query row attends to its row's real keys, as sdpa's mask says.
-        valid_q = self._padding[:, a["q_offset"]:a["q_offset"] + q_len] if self.causal else None
-        len_q = valid_q.sum(1, dtype=torch.int32) if self.causal else None
-        host = (torch.stack([len_q, len_k]) if self.causal else len_k[None]).cpu()   # one copy for all lengths
-        if bool((host[-1] == k_len).all()) and (not self.causal or bool((host[0] == q_len).all())):
+        gather_q = self.causal or windowed
+        valid_q = self._padding[:, a["q_offset"] : a["q_offset"] + q_len] if gather_q else None
+        len_q = valid_q.sum(1, dtype=torch.int32) if gather_q else None
+        counts = [len_q, len_k] if gather_q else [len_k]
+        if windowed:
+            # Runs of real tokens per row: a run starts at column 0 or after a padding column.
+            counts.append(valid_k[:, 0].to(torch.int32) + (valid_k[:, 1:] & ~valid_k[:, :-1]).sum(1, dtype=torch.int32))
+        host = torch.stack(counts).cpu()  # one copy for all of them
+        if windowed and bool((host[-1] > 1).any()):
+            self.unsupported = "a sliding window over a padding mask with padding between the real tokens of a row"
+            return None
+        host_k = host[1 if gather_q else 0]
+        if bool((host_k == k_len).all()) and (not gather_q or bool((host[0] == q_len).all())):
             # A mask without padding (all ones): the rows as they are, no gather.
             return _rows(len_k.numel(), q_len, k_len, len_k.device)
-        max_k = int(host[-1].max())
-        if self.causal:
+        max_k = int(host_k.max())
+        if gather_q:
             cu_q, max_q, index_q = _offsets(len_q), int(host[0].max()), valid_q.reshape(-1).nonzero().squeeze(1)
         else:
             cu_q = torch.arange(len_k.numel() + 1, device=len_k.device, dtype=torch.int32) * q_len
             max_q, index_q = q_len, None
-        return _Layout("varlen-unpadded", cu_q, _offsets(len_k), max_q, max_k, index_q,
-                       valid_k.reshape(-1).nonzero().squeeze(1))
+        return _Layout(
+            "varlen-unpadded", cu_q, _offsets(len_k), max_q, max_k, index_q, valid_k.reshape(-1).nonzero().squeeze(1)
+        )
 
 
-def hierkern_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
-                  mask_function: Callable = causal_mask_function, attention_mask: torch.Tensor | None = None,
-                  **kwargs) -> MaskRequest:
+def hierkern_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    mask_function: Callable = causal_mask_function,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs,
+) -> MaskRequest:
     """The ``AttentionMaskInterface`` entry: record the mask request; nothing is computed here.
 
     Args:
@@ -319,9 +388,18 @@ def hierkern_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int 
     Returns:
         A ``MaskRequest`` that ``hierkern_attention_forward`` turns into offsets.
     """
-    return MaskRequest(dict(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
-                            kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
-                            **kwargs))
+    return MaskRequest(
+        dict(
+            batch_size=batch_size,
+            q_length=q_length,
+            kv_length=kv_length,
+            q_offset=q_offset,
+            kv_offset=kv_offset,
+            mask_function=mask_function,
+            attention_mask=attention_mask,
+            **kwargs,
+        )
+    )
 
 
 # -- the attention function --------------------------------------------------------------------------------
@@ -332,13 +410,19 @@ _VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_
 def _fallback(module, reason, query, key, value, mask, dropout, scaling, is_causal, kwargs, varlen):
     """Run the model's own sdpa attention, visibly; refuse when packed offsets would be ignored."""
     if varlen["cu_seq_lens_q"] is not None or varlen["cu_seq_lens_k"] is not None:
-        raise ValueError(f"attn_implementation='hierkern' cannot honour cu_seq_lens_q/cu_seq_lens_k (a padding-free "
-                         f"batch) together with {reason}; sdpa would attend across the packed sequences")
-    warnings.warn(f"attn_implementation='hierkern': {reason}; running the model's sdpa attention instead",
-                  HierkernFallbackWarning, stacklevel=3)
+        raise ValueError(
+            f"attn_implementation='hierkern' cannot honour cu_seq_lens_q/cu_seq_lens_k (a padding-free "
+            f"batch) together with {reason}; sdpa would attend across the packed sequences"
+        )
+    warnings.warn(
+        f"attn_implementation='hierkern': {reason}; running the model's sdpa attention instead",
+        HierkernFallbackWarning,
+        stacklevel=3,
+    )
     module.hierkern_last_path = f"sdpa: {reason}"
-    return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling,
-                                  is_causal=is_causal, **kwargs)
+    return sdpa_attention_forward(
+        module, query, key, value, mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+    )
 
 
 def hierkern_attention_forward(
@@ -365,8 +449,8 @@ def hierkern_attention_forward(
             (sdpa fallback).
         dropout: dropout probability on the attention probabilities (the model passes 0 in eval).
         scaling: softmax scale; ``None`` means ``1 / sqrt(D)``.
-        sliding_window: used where no mask was built; a built mask carries its own window. Exact on varlen
-            attention while no sequence is longer than the window, the sdpa fallback otherwise.
+        sliding_window: used where no mask was built (a built mask carries its own window), as FlashAttention's
+            path reads it: ``window_size=(sliding_window - 1, sliding_window - 1)``, right 0 when causal.
         position_bias (in kwargs): sdpa fallback (varlen attention adds no bias).
         softcap, s_aux, sinks (in kwargs), output_attentions (in kwargs or the config): ``ValueError``.
         is_causal: overrides ``module.is_causal`` when no mask was built; a built mask says it itself.
@@ -380,25 +464,38 @@ def hierkern_attention_forward(
     """
     config = getattr(module, "config", None)
     if kwargs.get("output_attentions", getattr(config, "output_attentions", False)):
-        raise ValueError("attn_implementation='hierkern' does not compute attention weights "
-                         "(output_attentions=True); load the model with attn_implementation='eager' for them")
+        raise ValueError(
+            "attn_implementation='hierkern' does not compute attention weights "
+            "(output_attentions=True); load the model with attn_implementation='eager' for them"
+        )
     if softcap is not None:
-        raise ValueError(f"attn_implementation='hierkern' does not implement logit soft-capping (softcap={softcap}); "
-                         "use attn_implementation='eager'")
+        raise ValueError(
+            f"attn_implementation='hierkern' does not implement logit soft-capping (softcap={softcap}); "
+            "use attn_implementation='eager'"
+        )
     if s_aux is not None or kwargs.get("sinks") is not None:
-        raise ValueError("attn_implementation='hierkern' does not implement attention sinks (s_aux/sinks); use "
-                         "attn_implementation='eager' or 'sdpa'")
+        raise ValueError(
+            "attn_implementation='hierkern' does not implement attention sinks (s_aux/sinks); use "
+            "attn_implementation='eager' or 'sdpa'"
+        )
     varlen = {name: kwargs.pop(name, None) for name in _VARLEN_KWARGS}
     causal_default = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     batch, heads, q_len, head_dim = query.shape
     k_len = key.shape[2]
 
     request = attention_mask if isinstance(attention_mask, MaskRequest) else None
+    if request is not None:
+        window = request.window
+    elif sliding_window is not None:
+        window = (sliding_window - 1, 0 if causal_default else sliding_window - 1)
+    else:
+        window = None
     reason = None
     if attention_mask is not None and request is None:
         if not isinstance(attention_mask, torch.Tensor):
-            raise TypeError(f"attention_mask must be a hierkern MaskRequest, a tensor or None, got "
-                            f"{type(attention_mask).__name__}")
+            raise TypeError(
+                f"attention_mask must be a hierkern MaskRequest, a tensor or None, got {type(attention_mask).__name__}"
+            )
         reason = f"a precomputed {attention_mask.dim()}-D attention mask"
     elif request is not None:
         reason = request.unsupported
@@ -409,27 +506,37 @@ def hierkern_attention_forward(
     if reason is None:
         if varlen["cu_seq_lens_q"] is not None or varlen["cu_seq_lens_k"] is not None:
             if request is not None and request.has_padding_mask:
-                raise ValueError("attn_implementation='hierkern' got both an attention_mask and cu_seq_lens_q/"
-                                 "cu_seq_lens_k; a padding-free batch passes only the offsets")
+                raise ValueError(
+                    "attn_implementation='hierkern' got both an attention_mask and cu_seq_lens_q/"
+                    "cu_seq_lens_k; a padding-free batch passes only the offsets"
+                )
             layout = _varlen_kwargs_layout(varlen, query.device)
         elif request is not None:
             layout = request.layout(batch, q_len, k_len, kwargs.get("position_ids"), query.device)
+            reason = request.unsupported
         else:
             layout = _unmasked(batch, q_len, k_len, kwargs.get("position_ids"), query.device)
-        # Varlen attention has no window; one that hides nothing in any segment changes nothing. The model's mask
-        # says what its window hides; without one, the module's sliding_window is read as FlashAttention reads
-        # it (keys less than sliding_window tokens apart), the narrower of the conventions models use.
-        window_len = request.window_len if request is not None else sliding_window
-        if window_len is not None:
-            longest = max(_longest(layout.max_q, layout.cu_q), _longest(layout.max_k, layout.cu_k))
-            if longest > window_len:
-                reason = (f"a sliding window (sequences of up to {window_len} tokens) that the longest sequence "
-                          f"({longest} tokens) exceeds")
+    causal = request.causal if request is not None else causal_default
+    if reason is None and window is not None:
+        # Backends without windows refuse any window; one that hides nothing changes nothing and keeps the call
+        # on them.
+        longest = max(_longest(layout.max_q, layout.cu_q), _longest(layout.max_k, layout.cu_k))
+        if _hides_nothing(window, causal, longest):
+            window = None
     if reason is not None:
+        if (
+            request is None
+            and attention_mask is None
+            and window is not None
+            and not _hides_nothing(window, causal, max(q_len, k_len))
+        ):
+            raise ValueError(
+                f"attn_implementation='hierkern' cannot honour sliding_window={sliding_window} "
+                f"together with {reason}; sdpa would attend outside the window"
+            )
         mask = request.dense() if request is not None else attention_mask
         return _fallback(module, reason, query, key, value, mask, dropout, scaling, is_causal, kwargs, varlen)
 
-    causal = request.causal if request is not None else causal_default
     # (B, L, H, D), the projections' memory layout: flattening is free, except where rotary embeddings left
     # q and k in (B, H, L, D) memory (one copy each, as FlashAttention's path makes).
     q = query.transpose(1, 2)
@@ -450,8 +557,19 @@ def hierkern_attention_forward(
     if layout.index_k is not None:
         k = k.index_select(0, layout.index_k)
         v = v.index_select(0, layout.index_k)
-    out = varlen_attention(q, k, v, layout.cu_q, layout.cu_k, layout.max_q, layout.max_k, softmax_scale=scaling,
-                           causal=causal, dropout_p=float(dropout))
+    out = varlen_attention(
+        q,
+        k,
+        v,
+        layout.cu_q,
+        layout.cu_k,
+        layout.max_q,
+        layout.max_k,
+        softmax_scale=scaling,
+        causal=causal,
+        window_size=window or (-1, -1),
+        dropout_p=float(dropout),
+    )
     if layout.index_q is not None:
         out = out.new_zeros(batch * q_len, heads, head_dim).index_copy(0, layout.index_q, out)
     module.hierkern_last_path = layout.path
@@ -474,8 +592,9 @@ def _varlen_kwargs_layout(varlen: dict, device: torch.device) -> _Layout:
         if not isinstance(cu, torch.Tensor):
             raise TypeError(f"{name} must be an int32 tensor, got {type(cu).__name__}")
         if cu.device != device:
-            raise ValueError(f"{name} is on {cu.device} but the model runs on {device}; move the batch to the "
-                             f"model's device")
+            raise ValueError(
+                f"{name} is on {cu.device} but the model runs on {device}; move the batch to the model's device"
+            )
     max_q, max_k = varlen["max_length_q"], varlen["max_length_k"]
     max_q = max_k if max_q is None else max_q
     max_k = max_q if max_k is None else max_k

@@ -1,14 +1,30 @@
 """Modules over packed ragged tokens."""
 
-from .layers import (AttentionPooling, HierarchicalEncoder, LearnedPositionalEncoding,
-                     PackedTransformerEncoder, PackedTransformerEncoderLayer, SegmentPooling,
-                     SinusoidalPositionalEncoding, segment_max, segment_mean)
 from .encoder import TransformerEncoder, TransformerEncoderLayer
+from .layers import (
+    AttentionPooling,
+    HierarchicalEncoder,
+    LearnedPositionalEncoding,
+    PackedTransformerEncoder,
+    PackedTransformerEncoderLayer,
+    SegmentPooling,
+    SinusoidalPositionalEncoding,
+    segment_max,
+    segment_mean,
+)
 from .mha import MultiheadAttention
 
 __all__ = [
-    "AttentionPooling", "HierarchicalEncoder", "LearnedPositionalEncoding",
-    "PackedTransformerEncoder", "PackedTransformerEncoderLayer", "SegmentPooling",
-    "SinusoidalPositionalEncoding", "segment_max", "segment_mean",
-    "MultiheadAttention", "TransformerEncoderLayer", "TransformerEncoder",
+    "AttentionPooling",
+    "HierarchicalEncoder",
+    "LearnedPositionalEncoding",
+    "PackedTransformerEncoder",
+    "PackedTransformerEncoderLayer",
+    "SegmentPooling",
+    "SinusoidalPositionalEncoding",
+    "segment_max",
+    "segment_mean",
+    "MultiheadAttention",
+    "TransformerEncoderLayer",
+    "TransformerEncoder",
 ]

@@ -28,7 +28,8 @@ from torch import Tensor, nn
 
 from ..layout import Segments
 from ..ops.dropout import apply_dropout, apply_dropout_add
-from .mha import MultiheadAttention, _canonical_mask, _check_mask, _is_causal_mask, _prefix_padding, uniform_segments
+from .masks import canonical_mask, check_mask, is_causal_mask, prefix_padding, uniform_segments
+from .mha import MultiheadAttention
 
 __all__ = ["TransformerEncoderLayer", "TransformerEncoder"]
 
@@ -90,7 +91,7 @@ def _plan_padded(src: Tensor, mask: Tensor | None, key_padding_mask: Tensor | No
     if is_causal is not None and not isinstance(is_causal, bool):
         raise TypeError(f"is_causal must be a bool or None, got {type(is_causal).__name__}")
     if key_padding_mask is not None:
-        _check_mask("src_key_padding_mask", key_padding_mask)
+        check_mask("src_key_padding_mask", key_padding_mask)
         expected = (n, length) if batched else (length,)
         if tuple(key_padding_mask.shape) != expected:
             raise ValueError(f"src_key_padding_mask must have shape {expected}, got "
@@ -98,7 +99,7 @@ def _plan_padded(src: Tensor, mask: Tensor | None, key_padding_mask: Tensor | No
         if key_padding_mask.device != src.device:
             raise ValueError(f"src_key_padding_mask is on {key_padding_mask.device} but src is on {src.device}")
     if mask is not None:
-        _check_mask(mask_name, mask)
+        check_mask(mask_name, mask)
         shapes = [(length, length), (n * num_heads, length, length)]
         if tuple(mask.shape) not in shapes:
             raise ValueError(f"{mask_name} must have shape {shapes[0]} or {shapes[1]}, got {tuple(mask.shape)}")
@@ -120,7 +121,7 @@ def _plan_padded(src: Tensor, mask: Tensor | None, key_padding_mask: Tensor | No
     elif compiling:
         return _Plan(f"under torch.compile, telling whether {mask_name} is the causal mask would read it on "
                      f"the host (pass is_causal=True if it is)")
-    elif _is_causal_mask(_canonical_mask(mask, src.dtype)):
+    elif is_causal_mask(canonical_mask(mask, src.dtype)):
         causal = True
     else:
         return _Plan(f"{mask_name} is neither None nor the causal mask")
@@ -132,7 +133,7 @@ def _plan_padded(src: Tensor, mask: Tensor | None, key_padding_mask: Tensor | No
                          "would read it on the host (pass a bool mask)")
         # Packing would need the token count on the host: the rows stay padded instead.
         return _Plan(None, None, causal, key_padding_mask=key_padding_mask, mask=mask if causal else None)
-    pad = _prefix_padding(_canonical_mask(key_padding_mask, src.dtype).reshape(n, length))
+    pad = prefix_padding(canonical_mask(key_padding_mask, src.dtype).reshape(n, length))
     if pad is None:
         return _Plan("src_key_padding_mask is not prefix padding (0/False for a prefix of each row, -inf/True "
                      "after it)")

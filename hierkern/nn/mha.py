@@ -16,115 +16,15 @@ with the padded width as ``max_seqlen``. That path has no device-to-host copy an
 
 from __future__ import annotations
 
-import functools
-import warnings
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..functional import varlen_attention
 from ..layout import Segments
+from .masks import Plan, check_tensor, plan_call
 
 __all__ = ["MultiheadAttention"]
-
-# The message torch raises for ``is_causal=True`` without ``attn_mask`` (kept verbatim for drop-in parity).
-_CAUSAL_NEEDS_MASK = ("Need attn_mask if specifying the is_causal hint. You may use the Transformer module "
-                      "method `generate_square_subsequent_mask` to create this mask.")
-
-
-@dataclass
-class _Plan:
-    """How one call runs: ``reason is None`` means the varlen path with these segments."""
-
-    reason: str | None
-    seg_q: Segments | None = None
-    seg_k: Segments | None = None
-    causal: bool = False
-    strip_queries: bool = False
-    # The sync-free layout (masks not host-readable): rows stay padded, ``order`` (N, S) puts each row's
-    # valid keys first (a stable sort, so any key padding mask works), and ``pad`` (N, L) marks the padded
-    # query rows to zero in self-attention.
-    order: Tensor | None = None
-    pad: Tensor | None = None
-
-
-def _check_tensor(name: str, t) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-
-
-def _check_mask(name: str, mask) -> None:
-    _check_tensor(name, mask)
-    if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
-        raise TypeError(f"{name} must be a bool or floating-point tensor, got {mask.dtype}")
-
-
-def _canonical_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    """A bool mask as an additive float mask of ``dtype`` (True -> -inf); a float mask, of any dtype,
-    unchanged. As torch's ``F._canonical_mask``."""
-    if mask is None or mask.dtype != torch.bool:
-        return mask
-    return torch.zeros_like(mask, dtype=dtype).masked_fill_(mask, float("-inf"))
-
-
-def _check_sdpa_mask_dtype(key_padding_mask: Tensor | None, attn_mask: Tensor | None, is_causal: bool,
-                           dtype: torch.dtype) -> None:
-    """Refuse, for a ``need_weights=False`` call, the masks torch refuses. torch adds them (a bool mask as
-    a float mask of the query's ``dtype``; ``attn_mask`` dropped for ``is_causal`` without padding) and
-    hands the sum to ``scaled_dot_product_attention``, which takes a float mask only as float32 or
-    ``dtype``."""
-    masks = {"key_padding_mask": key_padding_mask}
-    if key_padding_mask is not None or not is_causal:
-        masks["attn_mask"] = attn_mask
-    given = {name: mask.dtype for name, mask in masks.items() if mask is not None}
-    if not given:
-        return
-    merged = functools.reduce(torch.promote_types, (dtype if d == torch.bool else d for d in given.values()))
-    if merged not in (torch.float32, dtype):
-        described = " + ".join(f"{name} ({d})" for name, d in given.items())
-        raise TypeError(f"{described} gives a {merged} attention mask; torch's attention takes a "
-                        f"floating-point mask only as torch.float32 or the query's dtype ({dtype})")
-
-
-def _prefix_padding(kpm: Tensor) -> Tensor | None:
-    """The bool padding mask of an additive ``(N, S)`` mask that only holds 0 (keep) and -inf (pad), with
-    the kept tokens a prefix of every row; ``None`` for any other mask."""
-    pad = kpm == float("-inf")
-    if not bool(((kpm == 0) | pad).all()):
-        return None
-    if kpm.shape[1] > 1 and bool((pad[:, :-1] & ~pad[:, 1:]).any()):
-        return None
-    return pad
-
-
-def _host_readable(t: Tensor) -> bool:
-    """Whether reading ``t``'s values costs nothing: a CPU tensor in eager mode. A CUDA tensor would need
-    a device sync, and under ``torch.compile`` a host read breaks the graph."""
-    return t.device.type == "cpu" and not torch.compiler.is_compiling()
-
-
-def _offsets(lengths: Tensor) -> Tensor:
-    """int32 ``cu_seqlens`` ``(numel + 1,)`` of a tensor of segment lengths, computed on its device."""
-    return F.pad(lengths.flatten().cumsum(0), (1, 0)).to(torch.int32)
-
-
-def uniform_segments(num: int, length: int, device: torch.device) -> Segments:
-    """``num`` segments of ``length`` tokens each, built on ``device`` without host arithmetic on tensors
-    (so ``torch.compile`` traces it and CUDA needs no copy)."""
-    offsets = torch.arange(num + 1, dtype=torch.int32, device=device) * length
-    return Segments(offsets, length, num * length, validate=False)
-
-
-def _is_causal_mask(mask: Tensor) -> bool:
-    """Whether an additive ``(L, L)`` or ``(B, L, L)`` mask is exactly the causal mask (-inf above the
-    diagonal, 0 elsewhere)."""
-    length = mask.shape[-1]
-    if mask.shape[-2] != length:
-        return False
-    above = torch.ones(length, length, dtype=torch.bool, device=mask.device).triu_(1)
-    return bool(torch.where(above, mask == float("-inf"), mask == 0).all())
 
 
 class MultiheadAttention(nn.MultiheadAttention):
@@ -203,20 +103,43 @@ class MultiheadAttention(nn.MultiheadAttention):
     last_path: str | None = None
     last_why_not_fast_path: str | None = None
 
-    def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False, add_zero_attn=False,
-                 kdim=None, vdim=None, batch_first=False, device=None, dtype=None) -> None:
-        super().__init__(embed_dim, num_heads, dropout=dropout, bias=bias, add_bias_kv=add_bias_kv,
-                         add_zero_attn=add_zero_attn, kdim=kdim, vdim=vdim, batch_first=batch_first,
-                         device=device, dtype=dtype)
+    def __init__(
+        self,
+        embed_dim,
+        num_heads,
+        dropout=0.0,
+        bias=True,
+        add_bias_kv=False,
+        add_zero_attn=False,
+        kdim=None,
+        vdim=None,
+        batch_first=False,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(
+            embed_dim,
+            num_heads,
+            dropout=dropout,
+            bias=bias,
+            add_bias_kv=add_bias_kv,
+            add_zero_attn=add_zero_attn,
+            kdim=kdim,
+            vdim=vdim,
+            batch_first=batch_first,
+            device=device,
+            dtype=dtype,
+        )
 
     @classmethod
-    def adopt(cls, module: nn.MultiheadAttention) -> "MultiheadAttention":
+    def adopt(cls, module: nn.MultiheadAttention) -> MultiheadAttention:
         """Turn a ``torch.nn.MultiheadAttention`` (exactly that class) into this class in place: the same
         module object, parameter objects and state, so optimisers holding its parameters keep working and
         nothing is re-initialised. Returns ``module``."""
         if type(module) is not nn.MultiheadAttention:
-            raise TypeError(f"module must be a torch.nn.MultiheadAttention (not a subclass), got "
-                            f"{type(module).__name__}")
+            raise TypeError(
+                f"module must be a torch.nn.MultiheadAttention (not a subclass), got {type(module).__name__}"
+            )
         module.__class__ = cls
         return module
 
@@ -225,10 +148,18 @@ class MultiheadAttention(nn.MultiheadAttention):
         holding this module's parameter objects and ``out_proj``, in its train/eval mode. TorchScript
         cannot compile this ``forward`` (``hierkern.Segments`` arguments, planning in Python); torch's
         forward is its scriptable equivalent for every padded call."""
-        plain = nn.MultiheadAttention(self.embed_dim, self.num_heads, dropout=self.dropout,
-                                      bias=self.in_proj_bias is not None, add_bias_kv=self.bias_k is not None,
-                                      add_zero_attn=self.add_zero_attn, kdim=self.kdim, vdim=self.vdim,
-                                      batch_first=self.batch_first, device="meta")
+        plain = nn.MultiheadAttention(
+            self.embed_dim,
+            self.num_heads,
+            dropout=self.dropout,
+            bias=self.in_proj_bias is not None,
+            add_bias_kv=self.bias_k is not None,
+            add_zero_attn=self.add_zero_attn,
+            kdim=self.kdim,
+            vdim=self.vdim,
+            batch_first=self.batch_first,
+            device="meta",
+        )
         for name, param in self.named_parameters(recurse=False):
             setattr(plain, name, param)
         plain.out_proj = self.out_proj
@@ -236,10 +167,20 @@ class MultiheadAttention(nn.MultiheadAttention):
 
     # -- public API -----------------------------------------------------------------------------------
 
-    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
-                need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
-                is_causal: bool = False, *, segments: Segments | None = None,
-                key_segments: Segments | None = None) -> tuple[Tensor, Tensor | None]:
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+        *,
+        segments: Segments | None = None,
+        key_segments: Segments | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
         r"""Attention of ``query`` over ``key``/``value``; torch's signature plus packed inputs.
 
         Args:
@@ -267,31 +208,48 @@ class MultiheadAttention(nn.MultiheadAttention):
             ``None`` when ``need_weights=False``.
         """
         if segments is not None or key_segments is not None:
-            return self._forward_packed(query, key, value, key_padding_mask, need_weights, attn_mask,
-                                        is_causal, segments, key_segments)
+            return self._forward_packed(
+                query, key, value, key_padding_mask, need_weights, attn_mask, is_causal, segments, key_segments
+            )
         plan = self._plan(query, key, value, key_padding_mask, need_weights, attn_mask, is_causal)
         self.last_why_not_fast_path = plan.reason
         if plan.reason is not None:
             # torch gets the caller's masks untouched, so it picks its own paths (and warns) as it would.
             self.last_path = "torch"
-            return super().forward(query, key, value, key_padding_mask=key_padding_mask,
-                                   need_weights=need_weights, attn_mask=attn_mask,
-                                   average_attn_weights=average_attn_weights, is_causal=is_causal)
+            return super().forward(
+                query,
+                key,
+                value,
+                key_padding_mask=key_padding_mask,
+                need_weights=need_weights,
+                attn_mask=attn_mask,
+                average_attn_weights=average_attn_weights,
+                is_causal=is_causal,
+            )
         self.last_path = "varlen"
         return self._forward_varlen(query, key, value, plan), None
 
-    def why_not_fast_path(self, query: Tensor, key: Tensor, value: Tensor,
-                          key_padding_mask: Tensor | None = None, need_weights: bool = True,
-                          attn_mask: Tensor | None = None, is_causal: bool = False, *,
-                          segments: Segments | None = None, key_segments: Segments | None = None) -> str | None:
+    def why_not_fast_path(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: Tensor | None = None,
+        is_causal: bool = False,
+        *,
+        segments: Segments | None = None,
+        key_segments: Segments | None = None,
+    ) -> str | None:
         """Why ``forward`` with these arguments (in the current train/eval mode) would not run
         ``hierkern.varlen_attention``; ``None`` when it would. Raises what ``forward`` raises."""
         if segments is not None or key_segments is not None:
-            self._check_packed(query, key, value, key_padding_mask, need_weights, attn_mask, is_causal,
-                               segments, key_segments)
+            self._check_packed(
+                query, key, value, key_padding_mask, need_weights, attn_mask, is_causal, segments, key_segments
+            )
             return self._static_reason()
-        return self._plan(query, key, value, key_padding_mask, need_weights, attn_mask, is_causal,
-                          warn=False).reason
+        return self._plan(query, key, value, key_padding_mask, need_weights, attn_mask, is_causal, warn=False).reason
 
     # -- planning -------------------------------------------------------------------------------------
 
@@ -310,12 +268,16 @@ class MultiheadAttention(nn.MultiheadAttention):
 
     def _check_common(self, query: Tensor, key: Tensor, value: Tensor) -> None:
         for name, t in (("query", query), ("key", key), ("value", value)):
-            _check_tensor(name, t)
-        for name, t, features in (("query", query, self.embed_dim), ("key", key, self.kdim),
-                                  ("value", value, self.vdim)):
+            check_tensor(name, t)
+        for name, t, features in (
+            ("query", query, self.embed_dim),
+            ("key", key, self.kdim),
+            ("value", value, self.vdim),
+        ):
             if t.dim() == 0 or t.shape[-1] != features:
-                raise ValueError(f"{name} must have {features} features in its last dimension, got shape "
-                                 f"{tuple(t.shape)}")
+                raise ValueError(
+                    f"{name} must have {features} features in its last dimension, got shape {tuple(t.shape)}"
+                )
         weight = self.out_proj.weight
         for name, t in (("query", query), ("key", key), ("value", value)):
             if t.dtype != weight.dtype:
@@ -323,145 +285,8 @@ class MultiheadAttention(nn.MultiheadAttention):
             if t.device != weight.device:
                 raise ValueError(f"{name} is on {t.device} but the module's parameters are on {weight.device}")
 
-    def _plan(self, query, key, value, key_padding_mask, need_weights, attn_mask, is_causal,
-              warn: bool = True) -> _Plan:
-        """Validate a padded call and choose its path. Warns (with ``warn``) about mismatched mask types
-        as torch does, but only for the varlen path: torch's own forward warns on its path."""
-        if any(isinstance(t, torch.Tensor) and t.is_nested for t in (query, key, value)):
-            return _Plan("nested-tensor inputs run torch's own nested path (hierkern's packed form is "
-                         "segments=)")
-        self._check_common(query, key, value)
-        if query.dim() not in (2, 3):
-            raise ValueError(f"query must be (L, E) unbatched or 3-D batched, got shape {tuple(query.shape)}")
-        batched = query.dim() == 3
-        for name, t in (("key", key), ("value", value)):
-            if t.dim() != query.dim():
-                raise ValueError(f"{name} must be {query.dim()}-D like query, got shape {tuple(t.shape)}")
-        if key.shape[:-1] != value.shape[:-1]:
-            raise ValueError(f"key and value must agree in every dimension but the last, got "
-                             f"{tuple(key.shape)} and {tuple(value.shape)}")
-        if batched:
-            batch_dim, seq_dim = (0, 1) if self.batch_first else (1, 0)
-            n, tgt_len, src_len = query.shape[batch_dim], query.shape[seq_dim], key.shape[seq_dim]
-            if key.shape[batch_dim] != n:
-                raise ValueError(f"query has batch size {n} but key has {key.shape[batch_dim]} (batch_first="
-                                 f"{self.batch_first})")
-        else:
-            n, tgt_len, src_len = 1, query.shape[0], key.shape[0]
-        if not isinstance(is_causal, bool):
-            raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
-        if is_causal and attn_mask is None:
-            raise RuntimeError(_CAUSAL_NEEDS_MASK)
-
-        if key_padding_mask is not None:
-            _check_mask("key_padding_mask", key_padding_mask)
-            expected = (n, src_len) if batched else (src_len,)
-            if tuple(key_padding_mask.shape) != expected:
-                raise ValueError(f"key_padding_mask must have shape {expected}, got "
-                                 f"{tuple(key_padding_mask.shape)}")
-        if attn_mask is not None:
-            _check_mask("attn_mask", attn_mask)
-            shapes = [(tgt_len, src_len), (n * self.num_heads, tgt_len, src_len)]
-            if tuple(attn_mask.shape) not in shapes:
-                raise ValueError(f"attn_mask must have shape {shapes[0]} or {shapes[1]}, got "
-                                 f"{tuple(attn_mask.shape)}")
-        if not need_weights:
-            # With need_weights torch's own path runs, and raises its own error.
-            _check_sdpa_mask_dtype(key_padding_mask, attn_mask, is_causal, query.dtype)
-        mismatched = (key_padding_mask is not None and attn_mask is not None
-                      and key_padding_mask.dtype != attn_mask.dtype)
-        bool_padding = None
-        if key_padding_mask is not None and key_padding_mask.dtype == torch.bool:
-            bool_padding = key_padding_mask
-        key_padding_mask = _canonical_mask(key_padding_mask, query.dtype)
-        attn_mask = _canonical_mask(attn_mask, query.dtype)
-        for name, mask in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
-            if mask is not None and mask.device != query.device:
-                raise ValueError(f"{name} is on {mask.device} but query is on {query.device}")
-
-        if need_weights:
-            return _Plan("need_weights=True returns the attention weights, which only torch's path "
-                         "materialises")
-        reason = self._static_reason()
-        if reason is not None:
-            return _Plan(reason)
-
-        self_attention = query is key and key is value
-        # Masks on a GPU, or any mask under torch.compile, are planned without reading their values:
-        # reading them would sync the device (or break the graph).
-        readable = _host_readable(query)
-        # torch (multi_head_attention_forward): with is_causal and no key_padding_mask, attn_mask is
-        # replaced by SDPA's causal flag; otherwise attn_mask is what masks and is_causal is only a hint.
-        if is_causal and key_padding_mask is None:
-            causal = True
-        elif attn_mask is None:
-            causal = False
-        elif not readable:
-            if not is_causal:
-                return _Plan("attn_mask without is_causal=True on a GPU or under torch.compile: telling "
-                             "whether it is the causal mask would read it on the host")
-            # torch documents is_causal as the caller's promise that attn_mask is the causal mask.
-            causal = True
-        elif _is_causal_mask(attn_mask):
-            causal = True
-        else:
-            return _Plan("attn_mask is neither None nor the causal mask")
-        if causal and tgt_len != src_len:
-            return _Plan(f"causal masking with L={tgt_len} != S={src_len}: torch aligns it top-left, "
-                          f"varlen_attention bottom-right")
-        if key_padding_mask is not None and causal and not self_attention:
-            return _Plan("causal masking with key padding in cross-attention: the causal diagonal would "
-                         "move with each row's key length")
-        if key_padding_mask is not None and not readable:
-            if bool_padding is None:
-                return _Plan("a float key_padding_mask on a GPU or under torch.compile: telling whether it "
-                             "holds only 0 and -inf would read it on the host (pass a bool mask)")
-            plan = self._sync_free_plan(bool_padding.reshape(n, src_len), tgt_len, causal, self_attention)
-        elif key_padding_mask is not None:
-            pad = _prefix_padding(key_padding_mask.reshape(n, src_len))
-            if pad is None:
-                return _Plan("key_padding_mask is not prefix padding (0/False for a prefix of each row, "
-                              "-inf/True after it)")
-            seg_k = Segments.from_mask(pad)
-            if self_attention:
-                plan = _Plan(None, seg_k, seg_k, causal, strip_queries=True)
-            else:
-                plan = _Plan(None, uniform_segments(n, tgt_len, query.device), seg_k, causal)
-        else:
-            seg_k = uniform_segments(n, src_len, query.device)
-            seg_q = seg_k if tgt_len == src_len else uniform_segments(n, tgt_len, query.device)
-            plan = _Plan(None, seg_q, seg_k, causal)
-        if warn and mismatched:
-            warnings.warn("Support for mismatched key_padding_mask and attn_mask is deprecated. Use same type "
-                          "for both instead.", stacklevel=3)
-        return plan
-
-    @staticmethod
-    def _sync_free_plan(pad: Tensor, tgt_len: int, causal: bool, self_attention: bool) -> _Plan:
-        """Plan a bool ``(N, S)`` key padding mask without reading it on the host.
-
-        The rows stay padded (``N * L`` query and ``N * S`` key rows; the padded width bounds every
-        segment). A stable sort of each row puts its valid keys first in their order (the identity for a
-        prefix mask; any mask works, causal ones too, since ranks among the valid keys keep their order).
-        Row ``i`` then becomes three segments on each side, with offsets computed on the device:
-
-        * queries ``[a_i, L - a_i, 0]`` (``a_i`` = the valid count in self-attention, else ``L``),
-        * keys    ``[n_i, 0, S - n_i]`` (``n_i`` = the valid count),
-
-        so the valid queries attend to the valid keys, padded queries to no key (zeros, at no cost), and
-        the padded keys are nobody's.
-        """
-        n, src_len = pad.shape
-        valid = (~pad).sum(1)
-        zeros = torch.zeros_like(valid)
-        queries = valid if self_attention else torch.full_like(valid, tgt_len)
-        seg_q = Segments(_offsets(torch.stack([queries, tgt_len - queries, zeros], 1)), tgt_len, n * tgt_len,
-                         validate=False)
-        seg_k = Segments(_offsets(torch.stack([valid, zeros, src_len - valid], 1)), src_len, n * src_len,
-                         validate=False)
-        order = torch.sort(pad.to(torch.uint8), dim=1, stable=True).indices
-        return _Plan(None, seg_q, seg_k, causal, strip_queries=self_attention, order=order,
-                     pad=pad if self_attention else None)
+    def _plan(self, query, key, value, key_padding_mask, need_weights, attn_mask, is_causal, warn: bool = True) -> Plan:
+        return plan_call(self, query, key, value, key_padding_mask, need_weights, attn_mask, is_causal, warn)
 
     # -- the varlen path ------------------------------------------------------------------------------
 
@@ -472,24 +297,34 @@ class MultiheadAttention(nn.MultiheadAttention):
         if self.in_proj_bias is not None:
             b_q, b_k, b_v = self.in_proj_bias.chunk(3)
         if not self._qkv_same_embed_dim:
-            return (F.linear(q, self.q_proj_weight, b_q), F.linear(k, self.k_proj_weight, b_k),
-                    F.linear(v, self.v_proj_weight, b_v))
+            return (
+                F.linear(q, self.q_proj_weight, b_q),
+                F.linear(k, self.k_proj_weight, b_k),
+                F.linear(v, self.v_proj_weight, b_v),
+            )
         if self_attention:
             return F.linear(q, self.in_proj_weight, self.in_proj_bias).unflatten(-1, (3, e)).unbind(-2)
         w_q, w_k, w_v = self.in_proj_weight.chunk(3)
         return F.linear(q, w_q, b_q), F.linear(k, w_k, b_k), F.linear(v, w_v, b_v)
 
-    def _attend_packed(self, q: Tensor, k: Tensor, v: Tensor, seg_q: Segments, seg_k: Segments,
-                       causal: bool, self_attention: bool) -> Tensor:
+    def _attend_packed(
+        self, q: Tensor, k: Tensor, v: Tensor, seg_q: Segments, seg_k: Segments, causal: bool, self_attention: bool
+    ) -> Tensor:
         """Packed ``(total_q, E)``/``(total_k, kdim|vdim)`` rows -> packed ``(total_q, E)`` output."""
         heads, head_dim = self.num_heads, self.head_dim
         q, k, v = self._project(q, k, v, self_attention)
-        out = varlen_attention(q.reshape(-1, heads, head_dim), k.reshape(-1, heads, head_dim),
-                               v.reshape(-1, heads, head_dim), seg_q, seg_k, causal=causal,
-                               dropout_p=self._dropout_p())
+        out = varlen_attention(
+            q.reshape(-1, heads, head_dim),
+            k.reshape(-1, heads, head_dim),
+            v.reshape(-1, heads, head_dim),
+            seg_q,
+            seg_k,
+            causal=causal,
+            dropout_p=self._dropout_p(),
+        )
         return F.linear(out.reshape(-1, self.embed_dim), self.out_proj.weight, self.out_proj.bias)
 
-    def _forward_varlen(self, query: Tensor, key: Tensor, value: Tensor, plan: _Plan) -> Tensor:
+    def _forward_varlen(self, query: Tensor, key: Tensor, value: Tensor, plan: Plan) -> Tensor:
         batched = query.dim() == 3
         self_attention = query is key and key is value
 
@@ -506,8 +341,9 @@ class MultiheadAttention(nn.MultiheadAttention):
 
         tgt_len = query.shape[1 if (batched and self.batch_first) else 0]
         if plan.order is not None:
-            return self._forward_sync_free(batch_major(query), batch_major(key), batch_major(value), plan,
-                                           self_attention, key is value, batched)
+            return self._forward_sync_free(
+                batch_major(query), batch_major(key), batch_major(value), plan, self_attention, key is value, batched
+            )
         q = pack(batch_major(query), plan.seg_q)
         if self_attention:
             k = v = q
@@ -523,8 +359,16 @@ class MultiheadAttention(nn.MultiheadAttention):
             return out.squeeze(0)
         return out if self.batch_first else out.transpose(0, 1)
 
-    def _forward_sync_free(self, query: Tensor, key: Tensor, value: Tensor, plan: _Plan, self_attention: bool,
-                           key_is_value: bool, batched: bool) -> Tensor:
+    def _forward_sync_free(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        plan: Plan,
+        self_attention: bool,
+        key_is_value: bool,
+        batched: bool,
+    ) -> Tensor:
         """The varlen path on batch-major ``(N, L, E)`` / ``(N, S, kdim|vdim)`` rows laid out by
         ``_sync_free_plan``: keys sorted valid-first by a device gather, no host read anywhere."""
         n, tgt_len = query.shape[0], query.shape[1]
@@ -551,8 +395,9 @@ class MultiheadAttention(nn.MultiheadAttention):
 
     # -- packed inputs --------------------------------------------------------------------------------
 
-    def _check_packed(self, query, key, value, key_padding_mask, need_weights, attn_mask, is_causal,
-                      segments, key_segments) -> tuple[Segments, Segments]:
+    def _check_packed(
+        self, query, key, value, key_padding_mask, need_weights, attn_mask, is_causal, segments, key_segments
+    ) -> tuple[Segments, Segments]:
         if segments is None:
             raise ValueError("key_segments needs segments (the query segments) as well")
         for name, seg in (("segments", segments), ("key_segments", key_segments)):
@@ -560,32 +405,45 @@ class MultiheadAttention(nn.MultiheadAttention):
                 raise TypeError(f"{name} must be a hierkern.Segments, got {type(seg).__name__}")
         self._check_common(query, key, value)
         seg_k = segments if key_segments is None else key_segments
-        for name, t, seg, seg_name in (("query", query, segments, "segments"), ("key", key, seg_k, "key_segments"),
-                                       ("value", value, seg_k, "key_segments")):
+        for name, t, seg, seg_name in (
+            ("query", query, segments, "segments"),
+            ("key", key, seg_k, "key_segments"),
+            ("value", value, seg_k, "key_segments"),
+        ):
             if t.dim() != 2 or t.shape[0] != seg.total:
-                raise ValueError(f"with segments=, {name} must be packed ({seg_name}.total={seg.total}, "
-                                 f"features), got shape {tuple(t.shape)}")
+                raise ValueError(
+                    f"with segments=, {name} must be packed ({seg_name}.total={seg.total}, "
+                    f"features), got shape {tuple(t.shape)}"
+                )
             if seg.device != t.device:
                 raise ValueError(f"{seg_name} is on {seg.device} but {name} is on {t.device}")
         if seg_k.num_segments != segments.num_segments:
-            raise ValueError(f"segments and key_segments must have the same number of segments, got "
-                             f"{segments.num_segments} and {seg_k.num_segments}")
+            raise ValueError(
+                f"segments and key_segments must have the same number of segments, got "
+                f"{segments.num_segments} and {seg_k.num_segments}"
+            )
         if key_segments is None and not (query is key and key is value):
-            raise ValueError("segments= without key_segments= is self-attention: pass the same tensor as "
-                             "query, key and value, or give key_segments")
+            raise ValueError(
+                "segments= without key_segments= is self-attention: pass the same tensor as "
+                "query, key and value, or give key_segments"
+            )
         if key_padding_mask is not None or attn_mask is not None:
-            raise ValueError("with segments=, key_padding_mask and attn_mask must be None (the segments "
-                             "already say which tokens attend to which)")
+            raise ValueError(
+                "with segments=, key_padding_mask and attn_mask must be None (the segments "
+                "already say which tokens attend to which)"
+            )
         if need_weights:
             raise ValueError("with segments=, pass need_weights=False: packed calls do not return weights")
         if not isinstance(is_causal, bool):
             raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
         return segments, seg_k
 
-    def _forward_packed(self, query, key, value, key_padding_mask, need_weights, attn_mask, is_causal,
-                        segments, key_segments) -> tuple[Tensor, None]:
-        seg_q, seg_k = self._check_packed(query, key, value, key_padding_mask, need_weights, attn_mask,
-                                          is_causal, segments, key_segments)
+    def _forward_packed(
+        self, query, key, value, key_padding_mask, need_weights, attn_mask, is_causal, segments, key_segments
+    ) -> tuple[Tensor, None]:
+        seg_q, seg_k = self._check_packed(
+            query, key, value, key_padding_mask, need_weights, attn_mask, is_causal, segments, key_segments
+        )
         reason = self._static_reason()
         self.last_why_not_fast_path = reason
         self_attention = query is key and key is value and key_segments is None
@@ -595,8 +453,9 @@ class MultiheadAttention(nn.MultiheadAttention):
         self.last_path = "torch"
         return self._packed_torch_math(query, key, value, seg_q, seg_k, is_causal, self_attention), None
 
-    def _packed_torch_math(self, query, key, value, seg_q: Segments, seg_k: Segments, causal: bool,
-                           self_attention: bool) -> Tensor:
+    def _packed_torch_math(
+        self, query, key, value, seg_q: Segments, seg_k: Segments, causal: bool, self_attention: bool
+    ) -> Tensor:
         """Packed call through torch's math (for ``add_bias_kv``/``add_zero_attn``): pad every segment,
         block the padded keys (and the causal upper triangle, bottom-right aligned) with ``attn_mask``,
         and keep the valid query rows. The appended bias/zero key stays visible to every query, as in
@@ -620,9 +479,25 @@ class MultiheadAttention(nn.MultiheadAttention):
             k = seg_k.unpack(key, len_k).transpose(0, 1)
             v = k if key is value else seg_k.unpack(value, len_k).transpose(0, 1)
         out, _ = F.multi_head_attention_forward(
-            q, k, v, self.embed_dim, self.num_heads, self.in_proj_weight, self.in_proj_bias, self.bias_k,
-            self.bias_v, self.add_zero_attn, self.dropout, self.out_proj.weight, self.out_proj.bias,
-            training=self.training, need_weights=False, attn_mask=blocked,
-            use_separate_proj_weight=not self._qkv_same_embed_dim, q_proj_weight=self.q_proj_weight,
-            k_proj_weight=self.k_proj_weight, v_proj_weight=self.v_proj_weight)
+            q,
+            k,
+            v,
+            self.embed_dim,
+            self.num_heads,
+            self.in_proj_weight,
+            self.in_proj_bias,
+            self.bias_k,
+            self.bias_v,
+            self.add_zero_attn,
+            self.dropout,
+            self.out_proj.weight,
+            self.out_proj.bias,
+            training=self.training,
+            need_weights=False,
+            attn_mask=blocked,
+            use_separate_proj_weight=not self._qkv_same_embed_dim,
+            q_proj_weight=self.q_proj_weight,
+            k_proj_weight=self.k_proj_weight,
+            v_proj_weight=self.v_proj_weight,
+        )
         return seg_q.pack(out.transpose(0, 1))

@@ -4,6 +4,8 @@ Importing a backend module registers it with ``hierkern.backends``; a module who
 is missing registers an unavailable backend that says why, so importing never fails.
 """
 
-from . import cpu_attention  # noqa: F401
-from . import triton_attention  # noqa: F401
-from . import cuda_attention  # noqa: F401
+from . import (
+    cpu_attention,  # noqa: F401
+    cuda_attention,  # noqa: F401
+    triton_attention,  # noqa: F401
+)

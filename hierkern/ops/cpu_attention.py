@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..backends import AttentionCall, register_backend
+from ..backends import Backend, Capabilities, VarlenArgs, register_backend
 from . import extension
 
 __all__ = ["CpuBackend"]
@@ -23,12 +23,14 @@ def _prepare() -> str | None:
     return extension.ensure_loaded()
 
 
-class CpuBackend:
-    """Backend protocol of ``hierkern.backends`` for the C++ CPU kernel."""
+class CpuBackend(Backend):
+    """The C++ CPU kernel as a backend."""
 
     name = "cpu"
     priority = 10
-    device_types = ("cpu",)
+    capabilities = Capabilities(devices=("cpu",),
+                                dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
+                                windows=("none", "causal"))
 
     def unavailable_reason(self) -> str | None:
         return extension.kernel_unavailable_reason("CPU")
@@ -36,16 +38,10 @@ class CpuBackend:
     def prepare(self) -> str | None:
         return _prepare()
 
-    def why_not(self, call: AttentionCall) -> str | None:
-        if call.device_type != "cpu":
-            return f"the CPU kernel runs on CPU tensors, and these are on {call.device_type}."
-        return None
-
-    def __call__(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                 causal, dropout_p):
-        return torch.ops.hierkern.varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                             softmax_scale, causal, dropout_p,
-                                             extension.dropout_rng_state(dropout_p))
+    def __call__(self, args: VarlenArgs):
+        return torch.ops.hierkern.varlen_fwd(args.q, args.k, args.v, args.cu_seqlens_q, args.cu_seqlens_k,
+                                             args.max_seqlen_q, args.max_seqlen_k, args.softmax_scale,
+                                             args.window_size == (-1, 0), args.dropout_p, args.rng_state)
 
 
 register_backend(CpuBackend())

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from ..backends import AttentionCall, register_backend
+from ..backends import Backend, Capabilities, VarlenArgs, register_backend
 from . import cuda_flags, extension, toolchain
 
 __all__ = ["CudaBackend", "SUPPORTED_HEAD_DIMS", "load_jit", "jit_build_flags"]
@@ -98,7 +98,7 @@ def _prepare() -> str | None:
     return _jit_error
 
 
-# Both checks run once per trace under torch.compile (assume_constant_result), so a compiled graph calling
+# Runs once per trace under torch.compile (assume_constant_result), so a compiled graph calling
 # backend="cuda" neither traces the dispatcher queries nor breaks on them.
 @torch.compiler.assume_constant_result
 def _unavailable_reason() -> str | None:
@@ -107,18 +107,14 @@ def _unavailable_reason() -> str | None:
     return _kernels_unavailable()
 
 
-@torch.compiler.assume_constant_result
-def _device_too_old() -> bool:
-    return torch.cuda.get_device_capability() < (8, 0)
-
-
-class CudaBackend:
-    """Backend protocol of ``hierkern.backends`` for the CUDA C++ kernels."""
+class CudaBackend(Backend):
+    """The CUDA C++ kernels as a backend."""
 
     name = "cuda"
     # Below "triton" (20) until GPU benchmarks say otherwise; above "reference" (0).
     priority = 15
-    device_types = ("cuda",)
+    capabilities = Capabilities(devices=("cuda",), dtypes=SUPPORTED_DTYPES, head_dims=SUPPORTED_HEAD_DIMS,
+                                windows=("none", "causal"), min_cuda_capability=(8, 0))
 
     def unavailable_reason(self) -> str | None:
         return _unavailable_reason()
@@ -126,24 +122,10 @@ class CudaBackend:
     def prepare(self) -> str | None:
         return _prepare()
 
-    def why_not(self, call: AttentionCall) -> str | None:
-        if call.device_type != "cuda":
-            return f"the CUDA kernels run on CUDA tensors, and these are on {call.device_type}"
-        if call.dtype not in SUPPORTED_DTYPES:
-            return (f"the CUDA kernels take float16, bfloat16 or float32, not {call.dtype}; use the reference "
-                    f"backend")
-        if call.head_dim not in SUPPORTED_HEAD_DIMS:
-            return (f"the CUDA kernels are compiled for head_dim 32, 64 and 128, not {call.head_dim}; use the "
-                    f"triton or reference backend")
-        if _device_too_old():
-            return "the CUDA kernels are built for sm_80 and sm_90a and need an Ampere or newer GPU"
-        return None
-
-    def __call__(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                 causal, dropout_p):
-        return torch.ops.hierkern.varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                             softmax_scale, causal, dropout_p,
-                                             extension.dropout_rng_state(dropout_p))
+    def __call__(self, args: VarlenArgs):
+        return torch.ops.hierkern.varlen_fwd(args.q, args.k, args.v, args.cu_seqlens_q, args.cu_seqlens_k,
+                                             args.max_seqlen_q, args.max_seqlen_k, args.softmax_scale,
+                                             args.window_size == (-1, 0), args.dropout_p, args.rng_state)
 
 
 register_backend(CudaBackend())

@@ -21,8 +21,9 @@ def _parse(archs: str) -> list[str]:
     parsed = [a.strip() for a in archs.split(";") if a.strip()]
     bad = [a for a in parsed if not _ARCH.fullmatch(a)]
     if not parsed or bad:
-        raise ValueError(f"HIERKERN_CUDA_ARCHS must be a ';'-separated list of SM versions such as "
-                         f"\"80;90a\", got {archs!r}")
+        raise ValueError(
+            f"HIERKERN_CUDA_ARCHS must be a ';'-separated list of SM versions such as \"80;90a\", got {archs!r}"
+        )
     return parsed
 
 

@@ -49,12 +49,12 @@ def _setup_context(ctx, inputs, output):
 
 
 def _dropout_backward(ctx, grad):
-    rng_state, = ctx.saved_tensors
+    (rng_state,) = ctx.saved_tensors
     return torch.ops.hierkern.dropout(grad, ctx.p, rng_state), None, None
 
 
 def _dropout_add_backward(ctx, grad):
-    rng_state, = ctx.saved_tensors
+    (rng_state,) = ctx.saved_tensors
     return grad, torch.ops.hierkern.dropout(grad, ctx.p, rng_state), None, None
 
 
@@ -91,8 +91,13 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
 def dropout_add(residual: torch.Tensor, x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """``residual + F.dropout(x, p, training)`` in one pass where hierkern's kernel applies (same shape and
     dtype), else torch's ops."""
-    if (training and _use_kernel(x, p) and residual.shape == x.shape and residual.dtype == x.dtype
-            and residual.device == x.device):
+    if (
+        training
+        and _use_kernel(x, p)
+        and residual.shape == x.shape
+        and residual.dtype == x.dtype
+        and residual.device == x.device
+    ):
         return torch.ops.hierkern.dropout_add(residual, x, p, extension.dropout_rng_state(p))
     return residual + F.dropout(x, p, training)
 

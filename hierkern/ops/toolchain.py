@@ -29,13 +29,29 @@ import torch
 
 from . import cuda_flags
 
-__all__ = ["CSRC", "cpu_sources", "cuda_sources", "cxx_problem", "cuda_toolchain_problem", "build_cpu_kernels",
-           "build_cuda_kernels", "extension_cache_dir", "cxx_compiler", "compiler_version"]
+__all__ = [
+    "CSRC",
+    "cpu_sources",
+    "cuda_sources",
+    "cxx_problem",
+    "cuda_toolchain_problem",
+    "build_cpu_kernels",
+    "build_cuda_kernels",
+    "extension_cache_dir",
+    "cxx_compiler",
+    "compiler_version",
+]
 
 _PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Shipped in the package by setup.py (hierkern/csrc), or the checkout's for an editable install.
-CSRC = next((path for path in (os.path.join(_PACKAGE, "csrc"), os.path.join(os.path.dirname(_PACKAGE), "csrc"))
-             if os.path.isfile(os.path.join(path, "hierkern.cpp"))), os.path.join(_PACKAGE, "csrc"))
+CSRC = next(
+    (
+        path
+        for path in (os.path.join(_PACKAGE, "csrc"), os.path.join(os.path.dirname(_PACKAGE), "csrc"))
+        if os.path.isfile(os.path.join(path, "hierkern.cpp"))
+    ),
+    os.path.join(_PACKAGE, "csrc"),
+)
 CXX_FLAGS = ["-O3", "-fopenmp"]
 LD_FLAGS = ["-fopenmp"]
 
@@ -67,33 +83,39 @@ def extension_cache_dir() -> str:
     """Where torch's JIT builds (and so hierkern's) are cached: ``TORCH_EXTENSIONS_DIR``, or torch's default root
     (which torch subdivides per Python and CUDA version). Creates nothing."""
     from torch.utils.cpp_extension import get_default_build_root
+
     return os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cxx_compiler() -> str | None:
     """The C++ compiler torch's builds use (``$CXX`` or ``c++``), as a path, or ``None`` if absent."""
     return shutil.which(os.environ.get("CXX", "c++"))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cxx_problem() -> str | None:
     """Why the CPU kernels cannot be compiled here, in one sentence, or ``None`` if they can."""
     from torch.utils.cpp_extension import is_ninja_available
+
     if os.environ.get("HIERKERN_NO_JIT") == "1":
         return "HIERKERN_NO_JIT=1 forbids compiling kernels on first use"
     if not cpu_sources():
-        return (f"the C++ sources are not at {CSRC} (a package built without them): reinstall hierkern with "
-                f"`pip install hierkern` from a source distribution or a checkout")
+        return (
+            f"the C++ sources are not at {CSRC} (a package built without them): reinstall hierkern with "
+            f"`pip install hierkern` from a source distribution or a checkout"
+        )
     if cxx_compiler() is None:
-        return (f"no C++ compiler ({os.environ.get('CXX', 'c++')!r} is not on PATH): install one (e.g. "
-                f"`apt install g++`), and hierkern compiles its kernels on first use")
+        return (
+            f"no C++ compiler ({os.environ.get('CXX', 'c++')!r} is not on PATH): install one (e.g. "
+            f"`apt install g++`), and hierkern compiles its kernels on first use"
+        )
     if not is_ninja_available():
         return "ninja is not installed: `pip install ninja`, and hierkern compiles its kernels on first use"
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cuda_toolchain_problem() -> str | None:
     """Why the CUDA kernels cannot be compiled here, in one sentence, or ``None`` if they can.
 
@@ -101,6 +123,7 @@ def cuda_toolchain_problem() -> str | None:
     without the developer files) is a one-line reason instead of a failed build.
     """
     from torch.utils.cpp_extension import CUDA_HOME
+
     if torch.version.cuda is None:
         return f"this torch ({torch.__version__}) is a CPU-only build"
     if not cuda_sources():
@@ -111,8 +134,10 @@ def cuda_toolchain_problem() -> str | None:
     if not os.path.isfile(nvcc):
         return f"CUDA_HOME={CUDA_HOME} has no bin/nvcc"
     if not os.path.isfile(os.path.join(CUDA_HOME, "include", "cuda_runtime.h")):
-        return (f"CUDA_HOME={CUDA_HOME} has no include/cuda_runtime.h (a CUDA toolkit without its headers): "
-                f"install the CUDA developer files or point CUDA_HOME at a full toolkit")
+        return (
+            f"CUDA_HOME={CUDA_HOME} has no include/cuda_runtime.h (a CUDA toolkit without its headers): "
+            f"install the CUDA developer files or point CUDA_HOME at a full toolkit"
+        )
     return cxx_problem()
 
 
@@ -120,9 +145,14 @@ def _announce(name: str, what: str) -> None:
     """One line before minutes of silence, so the user knows why the first call is slow; nothing on a cache hit
     (torch's ``load`` then only checks the sources' hash and loads the library)."""
     from torch.utils.cpp_extension import _get_build_directory
+
     if not os.path.isfile(os.path.join(_get_build_directory(name, verbose=False), f"{name}.so")):
-        print(f"hierkern: compiling {what} for torch {torch.__version__} (first use only; cached in "
-              f"{extension_cache_dir()})", file=sys.stderr, flush=True)
+        print(
+            f"hierkern: compiling {what} for torch {torch.__version__} (first use only; cached in "
+            f"{extension_cache_dir()})",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def build_cpu_kernels(verbose: bool = False) -> None:
@@ -135,10 +165,17 @@ def build_cpu_kernels(verbose: bool = False) -> None:
     if problem is not None:
         raise RuntimeError(problem)
     from torch.utils.cpp_extension import load
+
     name = f"hierkern_cpu_{_torch_tag()}"
     _announce(name, "the C++ CPU kernels")
-    load(name=name, sources=cpu_sources(), extra_cflags=CXX_FLAGS,
-         extra_ldflags=LD_FLAGS, is_python_module=False, verbose=verbose)
+    load(
+        name=name,
+        sources=cpu_sources(),
+        extra_cflags=CXX_FLAGS,
+        extra_ldflags=LD_FLAGS,
+        is_python_module=False,
+        verbose=verbose,
+    )
 
 
 def build_cuda_kernels(verbose: bool = False) -> None:
@@ -151,11 +188,18 @@ def build_cuda_kernels(verbose: bool = False) -> None:
     if problem is not None:
         raise RuntimeError(problem)
     from torch.utils.cpp_extension import load
+
     name = f"hierkern_cuda_{_torch_tag()}"
     _announce(name, "the CUDA kernels")
-    load(name=name, sources=cuda_sources(), extra_cflags=["-O3"],
-         extra_cuda_cflags=cuda_flags.nvcc_flags(), extra_include_paths=[os.path.join(CSRC, "cuda")],
-         is_python_module=False, verbose=verbose)
+    load(
+        name=name,
+        sources=cuda_sources(),
+        extra_cflags=["-O3"],
+        extra_cuda_cflags=cuda_flags.nvcc_flags(),
+        extra_include_paths=[os.path.join(CSRC, "cuda")],
+        is_python_module=False,
+        verbose=verbose,
+    )
 
 
 def compiler_version(path: str | None) -> str | None:

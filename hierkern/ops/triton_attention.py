@@ -57,7 +57,7 @@ from __future__ import annotations
 
 import torch
 
-from ..backends import AttentionCall, register_backend
+from ..backends import Backend, Capabilities, VarlenArgs, register_backend
 
 __all__ = ["TritonBackend", "triton_varlen_fwd", "triton_varlen_bwd"]
 
@@ -804,7 +804,7 @@ if triton is not None:
 # Backend
 # ---------------------------------------------------------------------------------------------------------
 
-class TritonBackend:
+class TritonBackend(Backend):
     """The Triton kernels as a ``hierkern`` backend: CUDA tensors (and CPU tensors under the interpreter).
 
     ``"auto"`` picks it for CUDA calls only: on CPU tensors it runs in Triton's numpy interpreter, which is
@@ -813,8 +813,15 @@ class TritonBackend:
 
     name = "triton"
     priority = 20
-    device_types = ("cuda", "cpu") if triton is not None and INTERPRET else ("cuda",)
-    auto_device_types = ("cuda",)
+    capabilities = Capabilities(
+        devices=("cuda", "cpu") if triton is not None and INTERPRET else ("cuda",),
+        dtypes=SUPPORTED_DTYPES, max_head_dim=MAX_HEAD_DIM, windows=("none", "causal"),
+        min_cuda_capability=(8, 0),  # bfloat16 tensor cores
+        auto_devices=("cuda",),
+        device_notes={"cpu": "the Triton kernels run CPU tensors only in Triton's interpreter (TRITON_INTERPRET=1 "
+                             "set before importing hierkern)"},
+        # Drawn on the device: no host sync, and safe to capture in a CUDA graph.
+        rng_on_device=True)
 
     def unavailable_reason(self) -> str | None:
         if _IMPORT_ERROR is not None:
@@ -824,30 +831,10 @@ class TritonBackend:
                     "so the Triton kernels cannot run here")
         return None
 
-    def why_not(self, call: AttentionCall) -> str | None:
-        if call.device_type not in self.device_types:
-            if call.device_type == "cpu":
-                return ("the Triton kernels run CPU tensors only in Triton's interpreter (TRITON_INTERPRET=1 "
-                        "set before importing hierkern); use the cpu or reference backend")
-            return f"the Triton kernels run on CUDA tensors, not {call.device_type}"
-        if call.dtype not in SUPPORTED_DTYPES:
-            return (f"the Triton kernels take float16, bfloat16 or float32, not {call.dtype}; use the cpu or "
-                    f"reference backend")
-        if call.head_dim > MAX_HEAD_DIM:
-            return f"the Triton kernels support head_dim up to {MAX_HEAD_DIM}, got {call.head_dim}"
-        if call.device_type == "cuda" and torch.cuda.get_device_capability() < (8, 0):
-            return "the Triton kernels need an Ampere or newer GPU (sm_80+) for bfloat16 tensor cores"
-        return None
-
-    def __call__(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                 dropout_p):
-        rng_state = None
-        if dropout_p > 0.0:
-            # Drawn from torch's generator on q's device (no host sync); the 62 random bits become Philox's
-            # seed and counter offset, and the backward reuses them to regenerate the same mask.
-            rng_state = torch.randint(0, _INT32_MAX, (2,), dtype=torch.int64, device=q.device)
-        return torch.ops.hierkern.triton_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                                    max_seqlen_k, softmax_scale, causal, dropout_p, rng_state)
+    def __call__(self, args: VarlenArgs):
+        return torch.ops.hierkern.triton_varlen_fwd(args.q, args.k, args.v, args.cu_seqlens_q, args.cu_seqlens_k,
+                                                    args.max_seqlen_q, args.max_seqlen_k, args.softmax_scale,
+                                                    args.window_size == (-1, 0), args.dropout_p, args.rng_state)
 
 
 register_backend(TritonBackend())

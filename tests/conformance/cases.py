@@ -12,8 +12,8 @@ import torch
 import hierkern
 from hierkern.backends import AttentionCall, backend_names, get_backend
 
-from helpers import Layout, adversarial_layouts, offsets_of, rel_err
 from . import oracle
+from helpers import Layout, adversarial_layouts, offsets_of, rel_err
 
 # The Triton interpreter runs 16x16 tiles (hierkern.ops.triton_attention.INTERPRET_CONFIGS); the CPU kernel
 # switches paths at 16 and 32 keys and blocks its backward by 64 rows. The layouts straddle all of them.
@@ -115,20 +115,54 @@ def make_problem(layout: Layout, config: HeadConfig, device: str, seed: int = 0)
     return Problem(layout, q, k, v, dout, offsets_of(layout.lengths_q, device), offsets_of(layout.keys, device))
 
 
-def skip_if_refused(name: str, problem: Problem, causal: bool = False, dropout_p: float = 0.0) -> None:
-    """Skip the test, in the backend's own words, when it does not take this call."""
-    call = AttentionCall.of(problem.q, problem.k, problem.v, max(problem.layout.lengths_q, default=0),
-                            max(problem.layout.keys, default=0), causal, dropout_p)
+# The masks every numerics test runs, as window_size (left, right): FlashAttention's meaning, -1 unbounded.
+MASKS = {"full": (-1, -1), "causal": (-1, 0), "window-2-1": (2, 1)}
+# More window shapes, run on fewer head configurations: the diagonal only, left-bounded (local causal-like but
+# seeing the future), right-bounded, and bounds wider than any segment.
+MORE_WINDOWS = {
+    "band-0-0": (0, 0),
+    "left-3": (3, -1),
+    "right-2": (-1, 2),
+    "causal-left-4": (4, 0),
+    "wide-200-300": (200, 300),
+}
+
+
+def mask_params(masks: dict[str, tuple[int, int]]):
+    return pytest.mark.parametrize("window", list(masks.values()), ids=list(masks))
+
+
+def _window(causal) -> tuple[int, int]:
+    """Tests pass a window ``(left, right)``, or a bool for causal/full."""
+    if isinstance(causal, bool):
+        return (-1, 0) if causal else (-1, -1)
+    return tuple(causal)
+
+
+def skip_if_refused(name: str, problem: Problem, causal=False, dropout_p: float = 0.0) -> None:
+    """Skip the test, in the backend's own words, when it does not take this call (``causal``: a bool or a
+    window)."""
+    call = AttentionCall.of(
+        problem.q,
+        problem.k,
+        problem.v,
+        max(problem.layout.lengths_q, default=0),
+        max(problem.layout.keys, default=0),
+        window_size=_window(causal),
+        dropout_p=dropout_p,
+    )
     reason = get_backend(name).why_not(call)
     if reason is not None:
         pytest.skip(f"{name} refuses: {reason}")
 
 
-def run(name: str, problem: Problem, causal: bool = False, grads: bool = True, **kwargs):
-    """``varlen_attention`` through backend ``name``: ``(out, lse, (dq, dk, dv) or None)``."""
+def run(name: str, problem: Problem, causal=False, grads: bool = True, **kwargs):
+    """``varlen_attention`` through backend ``name`` (``causal``: a bool or a window):
+    ``(out, lse, (dq, dk, dv) or None)``."""
     q, k, v = problem.leaves
-    out, lse = hierkern.varlen_attention(q, k, v, problem.cu_q, problem.cu_k, causal=causal, return_lse=True,
-                                         backend=name, **kwargs)
+    out, lse = hierkern.varlen_attention(
+        q, k, v, problem.cu_q, problem.cu_k, window_size=_window(causal), return_lse=True, backend=name, **kwargs
+    )
     if not grads:
         return out, lse, None
     return out, lse, grad(out, problem.leaves, problem.dout)
@@ -136,13 +170,16 @@ def run(name: str, problem: Problem, causal: bool = False, grads: bool = True, *
 
 def grad(out, leaves, dout, create_graph=False):
     """``d(sum(out * dout)) / d(leaves)``, zeros for leaves that do not reach ``out``."""
-    return torch.autograd.grad(out, leaves, dout.to(out.dtype), allow_unused=True, materialize_grads=True,
-                               create_graph=create_graph)
+    return torch.autograd.grad(
+        out, leaves, dout.to(out.dtype), allow_unused=True, materialize_grads=True, create_graph=create_graph
+    )
 
 
-def run_oracle(problem: Problem, causal: bool = False, softmax_scale=None, grads: bool = True):
+def run_oracle(problem: Problem, causal=False, softmax_scale=None, grads: bool = True):
     leaves = tuple(t.detach().to("cpu", torch.float64).requires_grad_(True) for t in problem.leaves)
-    out, lse = oracle.attention(*leaves, problem.cu_q.cpu(), problem.cu_k.cpu(), softmax_scale, causal)
+    out, lse = oracle.attention(
+        *leaves, problem.cu_q.cpu(), problem.cu_k.cpu(), softmax_scale, window_size=_window(causal)
+    )
     if not grads:
         return out.detach(), lse.detach(), None
     if not out.requires_grad:  # no row sees a key

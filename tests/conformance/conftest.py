@@ -8,8 +8,11 @@ from .cases import BACKENDS, WORST
 def nan_poisoned_allocations():
     """Every tensor a backend allocates without writing starts as NaN (torch fills uninitialised memory in
     deterministic mode), so an output element that a kernel forgets to write fails the comparison."""
-    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-                torch.utils.deterministic.fill_uninitialized_memory)
+    previous = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.utils.deterministic.fill_uninitialized_memory,
+    )
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.utils.deterministic.fill_uninitialized_memory = True
     yield

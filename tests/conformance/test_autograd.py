@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import hierkern
+from hierkern.backends import get_backend
 
-from .cases import HEAD_CONFIGS, grad, named_layout, make_problem, rel_err, skip_if_refused
+from .cases import HEAD_CONFIGS, grad, make_problem, named_layout, rel_err, skip_if_refused
 from .oracle import attention as oracle_attention
 from helpers import Layout
 
@@ -25,18 +26,23 @@ def test_double_backward_is_right_or_refused_in_words(backend):
     def second_order(q, k, v, attend):
         out = attend(q, k, v)
         dq, _, _ = grad(out, (q, k, v), problem.dout.to(out.device, out.dtype), create_graph=True)
-        return grad((dq * weights.to(dq.device, dq.dtype)).sum(), (q, k, v), torch.ones((), dtype=dq.dtype,
-                                                                                              device=dq.device))
+        return grad(
+            (dq * weights.to(dq.device, dq.dtype)).sum(), (q, k, v), torch.ones((), dtype=dq.dtype, device=dq.device)
+        )
 
     try:
-        got = second_order(*problem.leaves, lambda q, k, v: hierkern.varlen_attention(
-            q, k, v, problem.cu_q, problem.cu_k, causal=True, backend=name))
+        got = second_order(
+            *problem.leaves,
+            lambda q, k, v: hierkern.varlen_attention(q, k, v, problem.cu_q, problem.cu_k, causal=True, backend=name),
+        )
     except (NotImplementedError, RuntimeError) as exc:
+        assert not get_backend(name).capabilities.double_backward, f"{name} declares double backward: {exc}"
         assert re.search(r"backend=[\"']reference[\"']", str(exc)), f"a refusal must name the backend to use: {exc}"
         return
     leaves = tuple(t.detach().cpu().double().requires_grad_(True) for t in problem.leaves)
-    expected = second_order(*leaves, lambda q, k, v: oracle_attention(
-        q, k, v, problem.cu_q.cpu(), problem.cu_k.cpu(), causal=True)[0])
+    expected = second_order(
+        *leaves, lambda q, k, v: oracle_attention(q, k, v, problem.cu_q.cpu(), problem.cu_k.cpu(), causal=True)[0]
+    )
     for got_grad, expected_grad in zip(got, expected):
         assert expected_grad.norm() > 1.0
         assert rel_err(got_grad, expected_grad) < 1e-4
@@ -50,8 +56,9 @@ def test_bitwise_deterministic(backend, causal):
     for _ in range(2):
         problem = make_problem(named_layout("long-among-tiny"), HEAD_CONFIGS[0], device)
         skip_if_refused(name, problem, causal)
-        out, lse = hierkern.varlen_attention(*problem.leaves, problem.cu_q, problem.cu_k, causal=causal,
-                                             return_lse=True, backend=name)
+        out, lse = hierkern.varlen_attention(
+            *problem.leaves, problem.cu_q, problem.cu_k, causal=causal, return_lse=True, backend=name
+        )
         assert not lse.requires_grad
         results.append((out, lse) + grad(out, problem.leaves, problem.dout))
     for first, second in zip(*results):

@@ -14,7 +14,8 @@ import torch
 import hierkern
 
 from .cases import HeadConfig, Problem, grad, make_problem, skip_if_refused
-from .oracle import attention as oracle_attention, visible_keys
+from .oracle import attention as oracle_attention
+from .oracle import visible_keys, window_of
 from helpers import Layout
 
 # Short words that share a 16-row tile, and a 40-token segment: the CPU kernel's blocked path (>= 32 keys),
@@ -32,11 +33,16 @@ def _start(lengths, segment):
     return sum(lengths[:segment])
 
 
+def _window(causal):
+    return window_of(causal) if isinstance(causal, bool) else tuple(causal)
+
+
 def _rows_seeing(segment, position, causal):
     """Packed query rows of ``segment`` that attend to its key at ``position``."""
     length = MIXED.lengths_q[segment]
     start = _start(MIXED.lengths_q, segment)
-    return [start + row for row in range(length) if visible_keys(row, length, length, causal) > position]
+    ranges = [visible_keys(row, length, length, _window(causal)) for row in range(length)]
+    return [start + row for row, (lo, hi) in enumerate(ranges) if lo <= position < hi]
 
 
 def _poisoned(problem: Problem, tensor: str, token: int, value: float) -> Problem:
@@ -49,17 +55,21 @@ def _poisoned(problem: Problem, tensor: str, token: int, value: float) -> Proble
 
 
 def _run(name, problem, causal):
-    out, lse = hierkern.varlen_attention(*problem.leaves, problem.cu_q, problem.cu_k, causal=causal,
-                                         return_lse=True, backend=name)
+    out, lse = hierkern.varlen_attention(
+        *problem.leaves, problem.cu_q, problem.cu_k, window_size=_window(causal), return_lse=True, backend=name
+    )
     return dict(zip(("out", "lse", "dq", "dk", "dv"), (out, lse.t()) + grad(out, problem.leaves, problem.dout)))
 
 
 def _check_untouched(clean, dirty, rows, keys, dtype):
     """``rows``/``keys``: bool masks of the query rows and key tokens that must be as in the clean run."""
     for key, mask in (("out", rows), ("lse", rows), ("dq", rows), ("dk", keys), ("dv", keys)):
-        torch.testing.assert_close(dirty[key][mask], clean[key][mask], **TOL[dtype],
-                                   msg=lambda m, key=key: f"{key} of a row/key that never meets the poisoned "
-                                                          f"token changed: {m}")
+        torch.testing.assert_close(
+            dirty[key][mask],
+            clean[key][mask],
+            **TOL[dtype],
+            msg=lambda m, key=key: f"{key} of a row/key that never meets the poisoned token changed: {m}",
+        )
 
 
 def _case(backend, tensor, value, where, causal, config):
@@ -83,24 +93,28 @@ def _case(backend, tensor, value, where, causal, config):
     keys = ~in_segment
     if tensor == "q":
         # Keys the poisoned query does not see take no part in its row.
-        seen = visible_keys(position, end - start, end - start, causal)
-        keys[start + seen:end] = True
+        lo, hi = visible_keys(position, end - start, end - start, _window(causal))
+        keys[start : start + lo] = True
+        keys[start + hi : end] = True
     device_rows, device_keys = rows.to(device), keys.to(device)
     _check_untouched(clean, dirty, device_rows, device_keys, config.dtype)
     if tensor == "dout":
         return
 
     # The rows that see the poisoned token: IEEE, like the oracle.
-    expected, _ = oracle_attention(*dirty_problem.leaves, problem.cu_q.cpu(), problem.cu_k.cpu(), causal=causal)
+    expected, _ = oracle_attention(
+        *dirty_problem.leaves, problem.cu_q.cpu(), problem.cu_k.cpu(), window_size=_window(causal)
+    )
     got = dirty["out"].detach().cpu().double()
     seeing = ~rows
     assert torch.equal(torch.isfinite(got[seeing]), torch.isfinite(expected[seeing])), (
-        "the rows that see the poisoned token must be non-finite exactly where the float64 oracle is")
+        "the rows that see the poisoned token must be non-finite exactly where the float64 oracle is"
+    )
     finite = torch.isfinite(expected[seeing])
     torch.testing.assert_close(got[seeing][finite], expected[seeing][finite], **TOL[config.dtype])
 
 
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("causal", [False, True, (2, 1)], ids=["full", "causal", "window-2-1"])
 @pytest.mark.parametrize("where", list(WHERE))
 @pytest.mark.parametrize("value", [math.inf, math.nan], ids=["inf", "nan"])
 @pytest.mark.parametrize("tensor", ["q", "k", "v", "dout"])
@@ -133,8 +147,7 @@ def test_short_row_whose_only_visible_score_is_minus_inf(backend):
     q = problem.q.detach().abs() + 0.1
     k = problem.k.detach().clone()
     k[0, 0, 3] = -math.inf
-    out = hierkern.varlen_attention(q, k, problem.v.detach(), problem.cu_q, problem.cu_k, causal=True,
-                                    backend=name)
+    out = hierkern.varlen_attention(q, k, problem.v.detach(), problem.cu_q, problem.cu_k, causal=True, backend=name)
     expected, _ = oracle_attention(q, k, problem.v.detach(), problem.cu_q.cpu(), problem.cu_k.cpu(), causal=True)
     assert torch.isnan(expected[0]).all()
     got = out.detach().cpu()
