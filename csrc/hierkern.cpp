@@ -25,4 +25,10 @@ TORCH_LIBRARY(hierkern, m) {
       "varlen_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cu_seqlens_q, "
       "Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float softmax_scale, int window_left, "
       "int window_right, float dropout_p, Tensor? rng_state) -> (Tensor dq, Tensor dk, Tensor dv)");
+
+  // Dropout on a tensor, the mask a pure function of rng_state = int64 CPU [seed, offset] (csrc/common/philox.h,
+  // the element layout), so the backward is the same op on the gradient: x * mask / (1 - p), p in [0, 1), and
+  // residual + that. Outputs are contiguous, in x's shape and dtype.
+  m.def("dropout(Tensor x, float p, Tensor rng_state) -> Tensor");
+  m.def("dropout_add(Tensor residual, Tensor x, float p, Tensor rng_state) -> Tensor");
 }

@@ -1,4 +1,4 @@
-"""hierkern's one dropout specification: Philox4x32-10 and the attention-weight counter layout.
+"""hierkern's one dropout specification: Philox4x32-10, the attention-weight and the element counter layouts.
 
 Every backend drops the same attention weights for the same ``rng_state``: the C++ kernels
 (``csrc/common/philox.h``, vectorised in ``csrc/cpu/impl_dropout.h``), the Triton kernels, and the reference
@@ -10,6 +10,12 @@ this module.
   ``(i, j, h, offset mod 2^32)`` and key ``(seed mod 2^32, (seed >> 32) ^ (offset >> 32))`` (all 32-bit).
 * It is kept iff the first output word is ``>= dropout_threshold(p)``, ``floor(float32(p) * 2^32)``; kept weights
   are scaled by ``1 / (1 - p)``. The softmax normaliser and ``lse`` are the undropped ones.
+* Element ``i`` (row-major) of a tensor under ``hierkern::dropout`` / ``dropout_add`` (``csrc/cpu/dropout_impl.h``,
+  :func:`element_keep`) is decided by output word ``(i mod 32) // 8`` of the draw with counter
+  ``(b mod 2^32, b >> 32, 0xFFFFFFFF, offset mod 2^32)``, ``b = 8 * (i // 32) + i mod 8``, and the same key, kept
+  iff that word is ``>=`` the same threshold: one draw decides four elements, and eight draws 32 consecutive
+  ones in eight-lane vector code. The tag ``0xFFFFFFFF`` is never a head, so element draws never repeat
+  attention draws.
 
 Philox (Salmon et al., SC'11) is counter-based: a draw is a pure function of its counter and key, so forward and
 backward regenerate the mask without storing it, whatever tile, thread or lane visits the weight.
@@ -19,7 +25,15 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["philox4x32_10", "philox4x32_10_words", "dropout_threshold", "attention_keep", "keep_mask", "rng_state"]
+__all__ = [
+    "philox4x32_10",
+    "philox4x32_10_words",
+    "dropout_threshold",
+    "attention_keep",
+    "keep_mask",
+    "element_keep",
+    "rng_state",
+]
 
 M0, M1 = 0xD2511F53, 0xCD9E8D57  # round multipliers
 W0, W1 = 0x9E3779B9, 0xBB67AE85  # Weyl increments of the key
@@ -105,6 +119,26 @@ def keep_mask(seed: int, offset: int, num_heads: int, total_q: int, total_k: int
         arange(total_k)[None, None, :],
         p,
     )
+
+
+ELEMENT_TAG = 0xFFFFFFFF  # counter word 2 of element draws; attention draws put a head (< 2^31) there
+
+
+def element_keep(state, numel: int, p: float) -> torch.Tensor:
+    """Bool ``(numel,)``: whether element dropout keeps element ``i`` (row-major) under ``state`` (an rng_state
+    tensor or ``(seed, offset)``) at probability ``p``."""
+    seed, offset = _seed_offset(state)
+    i = torch.arange(numel, dtype=torch.int64)
+    block = 8 * (i // 32) + i % 8
+    words = philox4x32_10_words(
+        block,
+        block >> 32,
+        torch.tensor(ELEMENT_TAG),
+        torch.tensor(offset & _MASK32),
+        seed & _MASK32,
+        (seed >> 32) ^ (offset >> 32),
+    )
+    return torch.stack(words).gather(0, ((i % 32) // 8)[None])[0] >= dropout_threshold(p)
 
 
 def rng_state(device: torch.device | str = "cpu") -> torch.Tensor:

@@ -75,4 +75,13 @@ HK_HOST_DEVICE bool dropout_keep(uint64_t seed, uint64_t offset, int head, int q
   return r.x[0] >= threshold;
 }
 
+// The element layout, for dropout on a tensor (csrc/cpu/dropout_impl.h): element i, in row-major order, is
+// decided by word (i % 32) / 8 of the draw at counter (b_lo, b_hi, kElementDropoutTag, offset_lo), block
+// b = 8 * (i / 32) + i % 8, under dropout_key(seed, offset); kept iff that word is >= the threshold. Each draw
+// decides four elements eight apart, so eight consecutive draws cover 32 consecutive elements and an
+// eight-lane generator's word w is elements 8w..8w+7 of the chunk, in order. The tag sits where the
+// attention layout puts a head, which is below 2^31: an element draw never repeats an attention draw of the
+// same rng_state.
+constexpr uint32_t kElementDropoutTag = 0xFFFFFFFFu;
+
 }  // namespace hierkern

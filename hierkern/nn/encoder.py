@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layout import Segments
+from ..ops.dropout import apply_dropout, apply_dropout_add
 from .masks import canonical_mask, check_mask, is_causal_mask, prefix_padding, uniform_segments
 from .mha import MultiheadAttention
 
@@ -298,12 +299,17 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
 
     def _block(self, x: Tensor, attend: Callable[[Tensor], Tensor]) -> Tensor:
         """torch's layer with ``attend`` as the self-attention: on packed ``(total, E)`` rows, or on padded
-        rows (everything but the attention works token by token)."""
+        rows (everything but the attention works token by token). Its three dropouts run hierkern's kernel
+        (``hierkern.ops.dropout``), the two on the residual branches fused with the residual add."""
         if self.norm_first:
-            x = x + self.dropout1(attend(self.norm1(x)))
-            return x + self._ff_block(self.norm2(x))
-        x = self.norm1(x + self.dropout1(attend(x)))
-        return self.norm2(x + self._ff_block(x))
+            x = apply_dropout_add(x, self.dropout1, attend(self.norm1(x)))
+            return apply_dropout_add(x, self.dropout2, self._feed_forward(self.norm2(x)))
+        x = self.norm1(apply_dropout_add(x, self.dropout1, attend(x)))
+        return self.norm2(apply_dropout_add(x, self.dropout2, self._feed_forward(x)))
+
+    def _feed_forward(self, x: Tensor) -> Tensor:
+        """torch's ``_ff_block`` up to its last dropout, which ``_block`` fuses with the residual add."""
+        return self.linear2(apply_dropout(self.dropout, self.activation(self.linear1(x))))
 
 
 class TransformerEncoder(nn.TransformerEncoder):

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..functional import varlen_attention
 from ..layout import Segments
+from ..ops.dropout import apply_dropout
 from .encoder import TransformerEncoder, TransformerEncoderLayer
 
 __all__ = [
@@ -371,7 +372,7 @@ class HierarchicalEncoder(nn.Module):
         else:
             ids, segs = batch.char_ids, words
         x = self.char_embed(ids)
-        x = self.embed_dropout(x + self._positions(self.char_pos, segs, x.dtype))
+        x = apply_dropout(self.embed_dropout, x + self._positions(self.char_pos, segs, x.dtype))
         x = self.char_encoder(x, segs)
         if self.pooling == "cls":
             return x[_shifted_index(words)], x[segs.offsets[:-1].long()]
@@ -383,7 +384,8 @@ class HierarchicalEncoder(nn.Module):
 
     def contextualize(self, word_vectors: torch.Tensor, sentences: Segments) -> torch.Tensor:
         """The word stage: ``(total_words, dim)`` packed by ``sentences`` -> ``(total_words, dim)``."""
-        x = self.embed_dropout(word_vectors + self._positions(self.word_pos, sentences, word_vectors.dtype))
+        positions = self._positions(self.word_pos, sentences, word_vectors.dtype)
+        x = apply_dropout(self.embed_dropout, word_vectors + positions)
         return self.word_encoder(x, sentences)
 
     def forward(self, batch) -> torch.Tensor:
