@@ -39,7 +39,7 @@ class PaddedBatch:
     word_pad: torch.Tensor
 
     @classmethod
-    def of(cls, batch: hierkern.TextBatch) -> "PaddedBatch":
+    def of(cls, batch: hierkern.TextBatch) -> PaddedBatch:
         words, sentences = batch.words, batch.sentences
         char_ids = words.unpack(batch.char_ids)
         slot = sentences.segment_ids() * sentences.max_len + sentences.positions()
@@ -65,9 +65,19 @@ class PaddedHierarchicalEncoder(nn.Module):
     every word and sentence, pre-norm stacks ending in a LayerNorm, post-norm stacks without one).
     """
 
-    def __init__(self, vocab_size: int, dim: int, num_heads: int, char_layers: int, word_layers: int, *,
-                 dim_feedforward: int | None = None, dropout: float = 0.1, activation: str = "gelu",
-                 norm_first: bool = True):
+    def __init__(
+        self,
+        vocab_size: int,
+        dim: int,
+        num_heads: int,
+        char_layers: int,
+        word_layers: int,
+        *,
+        dim_feedforward: int | None = None,
+        dropout: float = 0.1,
+        activation: str = "gelu",
+        norm_first: bool = True,
+    ):
         super().__init__()
         self.dim = dim
         ff = 4 * dim if dim_feedforward is None else dim_feedforward
@@ -75,8 +85,9 @@ class PaddedHierarchicalEncoder(nn.Module):
         self.embed_dropout = nn.Dropout(dropout)
 
         def stack(num_layers: int) -> nn.TransformerEncoder:
-            layer = nn.TransformerEncoderLayer(dim, num_heads, ff, dropout, activation, batch_first=True,
-                                               norm_first=norm_first)
+            layer = nn.TransformerEncoderLayer(
+                dim, num_heads, ff, dropout, activation, batch_first=True, norm_first=norm_first
+            )
             norm = nn.LayerNorm(dim) if norm_first and num_layers > 0 else None
             # enable_nested_tensor (the default) lets eval + no_grad post-norm stacks run torch's nested
             # fast path; torch turns it off by itself for pre-norm layers.

@@ -26,11 +26,12 @@ from __future__ import annotations
 import torch
 
 import hierkern
-from harness import DTYPES, TOLERANCE, Prepared, devices, rel_err, run_benchmark
 from hierkern.bench import SEED_MODEL_VOCAB, seed_model_batch
+
+from harness import DTYPES, TOLERANCE, Prepared, devices, rel_err, run_benchmark
 from seed_model import PaddedBatch, PaddedHierarchicalEncoder
 
-MODES = {"train": True, "infer": False}      # mode -> pre-norm (training recipe) or post-norm (fast path)
+MODES = {"train": True, "infer": False}  # mode -> pre-norm (training recipe) or post-norm (fast path)
 SHAPE = dict(dim=256, num_heads=8, char_layers=2, word_layers=2)
 DROPOUT = 0.1
 IMPLS = ("hierkern-encoder", "torch-encoder-padded")
@@ -57,10 +58,18 @@ def models(mode: str, dtype: torch.dtype, device: str):
     """The two models with one set of weights (hierkern's initialisation, seeded)."""
     torch.manual_seed(0)
     norm_first = MODES[mode]
-    ours = hierkern.HierarchicalEncoder(SEED_MODEL_VOCAB, pooling="mean", dropout=DROPOUT, norm_first=norm_first,
-                                        **SHAPE)
-    twin = PaddedHierarchicalEncoder(SEED_MODEL_VOCAB, SHAPE["dim"], SHAPE["num_heads"], SHAPE["char_layers"],
-                                     SHAPE["word_layers"], dropout=DROPOUT, norm_first=norm_first)
+    ours = hierkern.HierarchicalEncoder(
+        SEED_MODEL_VOCAB, pooling="mean", dropout=DROPOUT, norm_first=norm_first, **SHAPE
+    )
+    twin = PaddedHierarchicalEncoder(
+        SEED_MODEL_VOCAB,
+        SHAPE["dim"],
+        SHAPE["num_heads"],
+        SHAPE["char_layers"],
+        SHAPE["word_layers"],
+        dropout=DROPOUT,
+        norm_first=norm_first,
+    )
     twin.load_state_dict(ours.state_dict())
     return ours.to(device, dtype), twin.to(device, dtype)
 
@@ -96,17 +105,20 @@ def agreement(ours, twin, batch, padded, dout, train: bool) -> dict:
     errors = {"rel_err_out": rel_err(out_a, out_b.double().cpu())}
     assert errors["rel_err_out"] <= tol_out, (
         f"hierkern.HierarchicalEncoder and the padded twin disagree (rel. error {errors['rel_err_out']:.3g} > "
-        f"{tol_out:g}); not timing different functions")
+        f"{tol_out:g}); not timing different functions"
+    )
     if train:
         errors["rel_err_grad"] = rel_err(torch.cat(grads_a), torch.cat(grads_b).double().cpu())
         assert errors["rel_err_grad"] <= tol_grad, (
-            f"parameter gradients disagree (rel. error {errors['rel_err_grad']:.3g} > {tol_grad:g})")
+            f"parameter gradients disagree (rel. error {errors['rel_err_grad']:.3g} > {tol_grad:g})"
+        )
     return errors
 
 
 def uses_fast_path(twin, padded) -> bool:
     """Whether torch's encoder ran its fused nested-tensor kernel on this call (seen in a profile)."""
     from torch.profiler import ProfilerActivity, profile
+
     with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
         twin(padded)
     return any(e.name == "aten::_transformer_encoder_layer_fwd" for e in prof.events())
@@ -126,8 +138,10 @@ def prepare(model, batch, padded, dout, train: bool) -> Prepared:
 
         def forward():
             return model(batch)
+
     model.train(train)
     if train:
+
         def run():
             for p in params:
                 p.grad = None
@@ -135,9 +149,11 @@ def prepare(model, batch, padded, dout, train: bool) -> Prepared:
             out.backward(grad)
             return out.detach()
     else:
+
         def run():
             with torch.inference_mode():
                 return forward()
+
     return Prepared(run, lambda out: out)
 
 
@@ -167,16 +183,40 @@ def test_seed_model(benchmark, request, skip_without_device, device, mode, dtype
     element = torch.empty(0, dtype=dtype).element_size()
     out_bytes = sentences.total * SHAPE["dim"] * element
     ids_bytes = words.total * batch.char_ids.element_size()
-    floor = (ids_bytes + num_params * element + out_bytes if not train
-             else ids_bytes + 3 * num_params * element + 2 * out_bytes)
-    info = dict(workload="seed-model", mode=mode, tokens=words.total, segments=words.num_segments,
-                mean_len=words.total / words.num_segments, max_len=words.max_len,
-                sentences=sentences.num_segments, mean_sentence_len=sentences.total / sentences.num_segments,
-                max_sentence_len=sentences.max_len, padded_chars=words.num_segments * words.max_len,
-                padded_words=sentences.num_segments * sentences.max_len, num_parameters=num_params,
-                num_heads=SHAPE["num_heads"], head_dim=SHAPE["dim"] // SHAPE["num_heads"],
-                norm_first=MODES[mode], dropout=DROPOUT if train else 0.0, size=size,
-                bytes_definition=BYTES_DEFINITION[mode])
-    run_benchmark(benchmark, group=f"seed-model/{mode}/{str(dtype).replace('torch.', '')}", impl=impl,
-                  prepared=prepared, reference=check, dtype=dtype, device=torch.device(device),
-                  floor_bytes=floor, info=info, family="seed model")
+    floor = (
+        ids_bytes + num_params * element + out_bytes
+        if not train
+        else ids_bytes + 3 * num_params * element + 2 * out_bytes
+    )
+    info = dict(
+        workload="seed-model",
+        mode=mode,
+        tokens=words.total,
+        segments=words.num_segments,
+        mean_len=words.total / words.num_segments,
+        max_len=words.max_len,
+        sentences=sentences.num_segments,
+        mean_sentence_len=sentences.total / sentences.num_segments,
+        max_sentence_len=sentences.max_len,
+        padded_chars=words.num_segments * words.max_len,
+        padded_words=sentences.num_segments * sentences.max_len,
+        num_parameters=num_params,
+        num_heads=SHAPE["num_heads"],
+        head_dim=SHAPE["dim"] // SHAPE["num_heads"],
+        norm_first=MODES[mode],
+        dropout=DROPOUT if train else 0.0,
+        size=size,
+        bytes_definition=BYTES_DEFINITION[mode],
+    )
+    run_benchmark(
+        benchmark,
+        group=f"seed-model/{mode}/{str(dtype).replace('torch.', '')}",
+        impl=impl,
+        prepared=prepared,
+        reference=check,
+        dtype=dtype,
+        device=torch.device(device),
+        floor_bytes=floor,
+        info=info,
+        family="seed model",
+    )

@@ -41,8 +41,8 @@ struct EmuBwd {
 // tensor's own strides; outputs are dense.
 void fill(VarlenArgs& a, int dtype, int head_dim, int num_heads, int num_kv_heads, int total_q, int total_k,
           int num_segments, const void* q, const void* k, const void* v, const long long* strides, const int* cu_q,
-          const int* cu_k, float scale, int window_left, int window_right, float dropout_p,
-          unsigned long long seed, unsigned long long offset) {
+          const int* cu_k, float scale, int window_left, int window_right, float dropout_p, unsigned long long seed,
+          unsigned long long offset) {
   a.dtype = static_cast<DType>(dtype);
   a.head_dim = head_dim;
   a.num_heads = num_heads;
@@ -72,27 +72,27 @@ void fill(VarlenArgs& a, int dtype, int head_dim, int num_heads, int num_kv_head
 
 extern "C" {
 
-int emu_varlen_fwd(int dtype, int head_dim, int num_heads, int num_kv_heads, int total_q, int total_k,
-                   int num_segments, const void* q, const void* k, const void* v, const long long* strides,
-                   const int* cu_q, const int* cu_k, float scale, int window_left, int window_right,
-                   float dropout_p, unsigned long long seed, unsigned long long offset, void* out, float* lse) {
+int emu_varlen_fwd(int dtype, int head_dim, int num_heads, int num_kv_heads, int total_q, int total_k, int num_segments,
+                   const void* q, const void* k, const void* v, const long long* strides, const int* cu_q,
+                   const int* cu_k, float scale, int window_left, int window_right, float dropout_p,
+                   unsigned long long seed, unsigned long long offset, void* out, float* lse) {
   FwdArgs a{};
-  fill(a, dtype, head_dim, num_heads, num_kv_heads, total_q, total_k, num_segments, q, k, v, strides, cu_q, cu_k,
-       scale, window_left, window_right, dropout_p, seed, offset);
+  fill(a, dtype, head_dim, num_heads, num_kv_heads, total_q, total_k, num_segments, q, k, v, strides, cu_q, cu_k, scale,
+       window_left, window_right, dropout_p, seed, offset);
   a.out = out;
   a.lse = lse;
   if (total_q == 0) return cudaSuccess;
   return static_cast<int>(dispatch<EmuFwd>(a, nullptr));
 }
 
-int emu_varlen_bwd(int dtype, int head_dim, int num_heads, int num_kv_heads, int total_q, int total_k,
-                   int num_segments, const void* q, const void* k, const void* v, const long long* strides,
-                   const int* cu_q, const int* cu_k, float scale, int window_left, int window_right,
-                   float dropout_p, unsigned long long seed, unsigned long long offset, const void* dout,
-                   const float* lse, float* delta, void* dq, void* dk, void* dv) {
+int emu_varlen_bwd(int dtype, int head_dim, int num_heads, int num_kv_heads, int total_q, int total_k, int num_segments,
+                   const void* q, const void* k, const void* v, const long long* strides, const int* cu_q,
+                   const int* cu_k, float scale, int window_left, int window_right, float dropout_p,
+                   unsigned long long seed, unsigned long long offset, const void* dout, const float* lse, float* delta,
+                   void* dq, void* dk, void* dv) {
   BwdArgs a{};
-  fill(a, dtype, head_dim, num_heads, num_kv_heads, total_q, total_k, num_segments, q, k, v, strides, cu_q, cu_k,
-       scale, window_left, window_right, dropout_p, seed, offset);
+  fill(a, dtype, head_dim, num_heads, num_kv_heads, total_q, total_k, num_segments, q, k, v, strides, cu_q, cu_k, scale,
+       window_left, window_right, dropout_p, seed, offset);
   a.dout = dout;
   a.dout_token_stride = strides[6];
   a.dout_head_stride = strides[7];
@@ -103,5 +103,4 @@ int emu_varlen_bwd(int dtype, int head_dim, int num_heads, int num_kv_heads, int
   a.dv = dv;
   return static_cast<int>(dispatch<EmuBwd>(a, nullptr));
 }
-
 }

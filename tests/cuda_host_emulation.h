@@ -1,7 +1,7 @@
 // Host emulation of the CUDA execution model, enough to run csrc/cuda's kernels on the CPU for tests: each
 // CUDA thread of a CTA is a fiber, __syncthreads is a CTA-wide barrier, and the warp collectives the
-// kernels use (__shfl_xor_sync, __shfl_up_sync, __reduce_max_sync, full mask) exchange values through per-warp barriers.
-// Every lane must therefore reach every barrier and collective the same number of times, exactly what the
+// kernels use (__shfl_xor_sync, __shfl_up_sync, __reduce_max_sync, full mask) exchange values through per-warp
+// barriers. Every lane must therefore reach every barrier and collective the same number of times, exactly what the
 // hardware demands: a divergent collective never completes here (the test's timeout turns that into a
 // failure), and a fiber that finishes while others wait at a barrier hangs likewise.
 // __shared__ variables become function statics, shared by the threads of the one CTA running at a time.
@@ -51,7 +51,7 @@ struct Fiber {
   std::vector<char> stack;
   bool started = false;
   bool done = false;
-  long collectives = 0;  // warp collectives this thread has entered
+  long collectives = 0;                 // warp collectives this thread has entered
   const Barrier* waiting_on = nullptr;  // blocked until waiting_on->generation != waiting_generation
   long waiting_generation = 0;
 };
@@ -149,14 +149,18 @@ inline bool launch(dim3 grid, int threads, const std::function<void()>& body) {
   return true;
 }
 
-inline Warp& my_warp() { return warps[thread_idx.x / 32]; }
+inline Warp& my_warp() {
+  return warps[thread_idx.x / 32];
+}
 
 }  // namespace hk_emu
 
 #define threadIdx (::hk_emu::thread_idx)
 #define blockIdx (::hk_emu::block_idx)
 
-inline void __syncthreads() { hk_emu::wait(hk_emu::cta_barrier); }
+inline void __syncthreads() {
+  hk_emu::wait(hk_emu::cta_barrier);
+}
 
 inline float __shfl_xor_sync(unsigned, float x, int lane_mask) {
   hk_emu::Warp& w = hk_emu::my_warp();

@@ -11,8 +11,9 @@ import math
 
 import torch
 
-from helpers import Layout, offsets_of
 from hierkern.philox import dropout_threshold, keep_mask, philox4x32_10  # noqa: F401  (the tests' model)
+
+from helpers import Layout, offsets_of
 
 
 def window_of(mask: bool | tuple[int, int]) -> tuple[int, int]:
@@ -42,8 +43,16 @@ def visibility(layout: Layout, mask: bool | tuple[int, int]) -> torch.Tensor:
     return allowed
 
 
-def dense_attention(q, k, v, layout: Layout, mask: bool | tuple[int, int], softmax_scale: float,
-                    keep: torch.Tensor | None = None, p: float = 0.0) -> torch.Tensor:
+def dense_attention(
+    q,
+    k,
+    v,
+    layout: Layout,
+    mask: bool | tuple[int, int],
+    softmax_scale: float,
+    keep: torch.Tensor | None = None,
+    p: float = 0.0,
+) -> torch.Tensor:
     """Differentiable attention over all packed tokens at once with the block-diagonal and window (or
     causal) mask (``visibility``), and dropout given as an explicit keep mask ``(H, total_q, total_k)``:
     ``out = (P * keep / (1 - p)) v``. Rows with no visible key give zeros."""
@@ -68,8 +77,8 @@ def rowwise_attention(q, k, v, dout, layout: Layout, mask: bool | tuple[int, int
     lse = -inf."""
     q, k, v, dout = (t.detach().double() for t in (q, k, v, dout))
     group = q.shape[1] // k.shape[1]
-    kh, vh = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)   # (total_k, H, D)
-    seen = visibility(layout, mask)[None]                                  # (1, total_q, total_k)
+    kh, vh = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)  # (total_k, H, D)
+    seen = visibility(layout, mask)[None]  # (1, total_q, total_k)
 
     def visible_sum(terms, dim):  # terms (H, total_q, total_k, D)
         return torch.where(seen[..., None], terms, 0.0).sum(dim)
@@ -77,7 +86,7 @@ def rowwise_attention(q, k, v, dout, layout: Layout, mask: bool | tuple[int, int
     scores = torch.einsum("qhd,khd->hqk", q, kh) * softmax_scale
     lse = torch.logsumexp(torch.where(seen, scores, -math.inf), -1)
     probs = torch.where(seen, torch.exp(scores - lse[..., None]), 0.0)
-    out = visible_sum(probs[..., None] * vh.transpose(0, 1)[:, None], 2).transpose(0, 1)   # (total_q, H, D)
+    out = visible_sum(probs[..., None] * vh.transpose(0, 1)[:, None], 2).transpose(0, 1)  # (total_q, H, D)
 
     dprobs = torch.einsum("qhd,khd->hqk", dout, vh)
     delta = torch.where(seen, probs * dprobs, 0.0).sum(-1, keepdim=True)
@@ -85,5 +94,5 @@ def rowwise_attention(q, k, v, dout, layout: Layout, mask: bool | tuple[int, int
     dq = visible_sum(dscores[..., None] * kh.transpose(0, 1)[:, None], 2).transpose(0, 1) * softmax_scale
     dk = visible_sum(dscores[..., None] * q.transpose(0, 1)[:, :, None], 1).transpose(0, 1) * softmax_scale
     dv = visible_sum(probs[..., None] * dout.transpose(0, 1)[:, :, None], 1).transpose(0, 1)
-    fold = lambda g: g.unflatten(1, (k.shape[1], group)).sum(2)             # GQA: sum a group's query heads
+    fold = lambda g: g.unflatten(1, (k.shape[1], group)).sum(2)  # GQA: sum a group's query heads
     return out, lse, dq, fold(dk), fold(dv)

@@ -17,12 +17,14 @@ import torch
 import hierkern
 from hierkern.backends import AttentionCall, get_backend, select_backend
 from hierkern.reference import varlen_attention_reference
+
 from cuda_oracles import dense_attention, keep_mask
 from helpers import Layout, adversarial_layouts, offsets_of, oracle_attention, random_qkv, rel_err
 
 CPU = get_backend("cpu")
-needs_kernel = pytest.mark.skipif(CPU.unavailable_reason() is not None,
-                                  reason=f"CPU kernel unavailable: {CPU.unavailable_reason()}")
+needs_kernel = pytest.mark.skipif(
+    CPU.unavailable_reason() is not None, reason=f"CPU kernel unavailable: {CPU.unavailable_reason()}"
+)
 
 LAYOUTS = adversarial_layouts() + [
     Layout("long-500+", (3, 517, 0, 2, 640)),
@@ -35,15 +37,30 @@ LAYOUTS = adversarial_layouts() + [
 # (heads, kv heads, head dim): MHA and GQA on unrolled head dims, MQA with an odd head dim (generic path).
 MHA, GQA, MQA = (4, 4, 32), (4, 2, 64), (3, 1, 7)
 # Every head layout in float32; each other dtype on the layouts that stress it, to keep the suite quick.
-FORWARD_CASES = [(torch.float32, MHA), (torch.float32, GQA), (torch.float32, MQA), (torch.float64, GQA),
-                 (torch.bfloat16, MHA), (torch.bfloat16, MQA), (torch.float16, GQA)]
-GRADIENT_CASES = [(torch.float32, MHA), (torch.float32, GQA), (torch.float32, MQA), (torch.float64, GQA),
-                  (torch.bfloat16, MHA), (torch.bfloat16, MQA), (torch.float16, GQA)]
+FORWARD_CASES = [
+    (torch.float32, MHA),
+    (torch.float32, GQA),
+    (torch.float32, MQA),
+    (torch.float64, GQA),
+    (torch.bfloat16, MHA),
+    (torch.bfloat16, MQA),
+    (torch.float16, GQA),
+]
+GRADIENT_CASES = [
+    (torch.float32, MHA),
+    (torch.float32, GQA),
+    (torch.float32, MQA),
+    (torch.float64, GQA),
+    (torch.bfloat16, MHA),
+    (torch.bfloat16, MQA),
+    (torch.float16, GQA),
+]
 
 
 def _case_id(case):
     dtype, (heads, kv_heads, head_dim) = case
     return f"{str(dtype).split('.')[1]}-h{heads}-kv{kv_heads}-d{head_dim}"
+
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
@@ -66,8 +83,9 @@ def _window(causal):
 
 
 def _call(q, k, v, layout, causal, **kw):
-    return hierkern.varlen_attention(q, k, v, offsets_of(layout.lengths_q), offsets_of(layout.keys),
-                                     causal=causal, backend="cpu", **kw)
+    return hierkern.varlen_attention(
+        q, k, v, offsets_of(layout.lengths_q), offsets_of(layout.keys), causal=causal, backend="cpu", **kw
+    )
 
 
 def _grad_err(x, ref):
@@ -121,8 +139,7 @@ def test_gradients_match_reference(layout, causal, case):
     dtype, heads = case
     num_heads, num_kv_heads, head_dim = heads
     g = torch.Generator().manual_seed(2)
-    q, k, v = random_qkv(layout, num_heads, num_kv_heads, head_dim, dtype=dtype, generator=g,
-                         requires_grad=True)
+    q, k, v = random_qkv(layout, num_heads, num_kv_heads, head_dim, dtype=dtype, generator=g, requires_grad=True)
     cu_q, cu_k = offsets_of(layout.lengths_q), offsets_of(layout.keys)
     dout = torch.randn(q.shape, generator=g, dtype=torch.float64)
     out = _call(q, k, v, layout, causal)
@@ -134,8 +151,7 @@ def test_gradients_match_reference(layout, causal, case):
     if dtype in LOW_PRECISION:
         own = [t.detach().requires_grad_() for t in (q, k, v)]
         own_out, _ = varlen_attention_reference(*own, cu_q, cu_k, causal=causal)
-        own_grads = torch.autograd.grad(own_out, own, dout.to(dtype), allow_unused=True,
-                                        materialize_grads=True)
+        own_grads = torch.autograd.grad(own_out, own, dout.to(dtype), allow_unused=True, materialize_grads=True)
     for i, name in enumerate("qkv"):
         assert grads[i].dtype == dtype and grads[i].shape == (q, k, v)[i].shape
         err = _grad_err(grads[i], ref_grads[i])
@@ -163,8 +179,9 @@ def test_every_output_element_is_written(head_dim):
         assert torch.empty(q.shape).isnan().all()  # the poisoning this test relies on is active
         for causal in (False, True):
             out, lse = torch.ops.hierkern.varlen_fwd(q, k, v, cu_q, cu_k, 70, 66, 0.3, *_window(causal), 0.0, None)
-            dq, dk, dv = torch.ops.hierkern.varlen_bwd(dout, q, k, v, out, lse, cu_q, cu_k, 70, 66, 0.3,
-                                                       *_window(causal), 0.0, None)
+            dq, dk, dv = torch.ops.hierkern.varlen_bwd(
+                dout, q, k, v, out, lse, cu_q, cu_k, 70, 66, 0.3, *_window(causal), 0.0, None
+            )
             for t in (out, dq, dk, dv):
                 assert not t.isnan().any()
             assert not lse.isnan().any()
@@ -260,7 +277,7 @@ def _interacting(layout, window, tensor, segment, index):
     key_mask = torch.zeros(cu_k[-1], dtype=torch.bool)
     row_mask[[cu_q[segment] + i for i in rows]] = True
     for i in rows:
-        key_mask[cu_k[segment] + seen[i][0]:cu_k[segment] + seen[i][1]] = True
+        key_mask[cu_k[segment] + seen[i][0] : cu_k[segment] + seen[i][1]] = True
     return row_mask, key_mask
 
 
@@ -269,8 +286,14 @@ def _interacting(layout, window, tensor, segment, index):
 # causal, and sliding windows, whose rows leave keys unseen on both sides (the poisoned keys are seen by some
 # rows and not by others).
 POISON_LAYOUTS = [Layout("poison-self", (6, 20, 40, 3)), Layout("poison-cross", (6, 20, 45, 3), (9, 18, 40, 2))]
-POISON_CASES = [(torch.float32, MHA), (torch.float32, GQA), (torch.float32, MQA), (torch.float64, GQA),
-                (torch.bfloat16, MHA), (torch.float16, GQA)]
+POISON_CASES = [
+    (torch.float32, MHA),
+    (torch.float32, GQA),
+    (torch.float32, MQA),
+    (torch.float64, GQA),
+    (torch.bfloat16, MHA),
+    (torch.float16, GQA),
+]
 # (segment, row) of a poisoned query or dout row, (segment, key) of a poisoned key or value: rows and keys of
 # the lane-parallel and blocked segments that causal rows before them do not see.
 POISON_ROWS, POISON_KEYS = ((0, 2), (1, 4), (2, 7)), ((0, 2), (1, 4), (2, 5))
@@ -306,8 +329,12 @@ def test_non_finite_values_reach_only_the_rows_that_see_them(layout, window, cas
                 out, lse, dq, dk, dv = run(poisoned)
                 rows, keys = _interacting(layout, window, tensor, segment, index)
                 where = f"{value} in {tensor}[{int(offsets[segment]) + index}]"
-                for name, got, ref, mask in (("out", out, want[0], rows), ("dq", dq, want[2], rows),
-                                             ("dk", dk, want[3], keys), ("dv", dv, want[4], keys)):
+                for name, got, ref, mask in (
+                    ("out", out, want[0], rows),
+                    ("dq", dq, want[2], rows),
+                    ("dk", dk, want[3], keys),
+                    ("dv", dv, want[4], keys),
+                ):
                     assert torch.isfinite(got[~mask]).all(), f"{where} leaks into {name}"
                     assert torch.equal(got[~mask], ref[~mask]), f"{where} changes {name} of other rows"
                 assert torch.equal(lse[:, ~rows], want[1][:, ~rows]), f"{where} changes lse of other rows"
@@ -438,8 +465,9 @@ def test_softmax_scale_and_head_dims():
     for head_dim in (1, 33, 128):
         q, k, v = random_qkv(layout, 2, 2, head_dim, generator=g)
         out = _call(q, k, v, layout, causal=True, softmax_scale=0.7)
-        ref, _ = oracle_attention(q, k, v, offsets_of(layout.lengths_q), offsets_of(layout.keys),
-                                  softmax_scale=0.7, causal=True)
+        ref, _ = oracle_attention(
+            q, k, v, offsets_of(layout.lengths_q), offsets_of(layout.keys), softmax_scale=0.7, causal=True
+        )
         assert rel_err(out, ref) <= TOL[torch.float32], head_dim
 
 
@@ -450,13 +478,15 @@ def test_opcheck():
     q, k, v = random_qkv(layout, 4, 2, 16, generator=g, requires_grad=True)
     cu_q, cu_k = offsets_of(layout.lengths_q), offsets_of(layout.keys)
     for window in ((-1, -1), (-1, 0), (1, 2)):
-        torch.library.opcheck(torch.ops.hierkern.varlen_fwd.default,
-                              (q, k, v, cu_q, cu_k, 5, 5, 0.25, *window, 0.0, None))
+        torch.library.opcheck(
+            torch.ops.hierkern.varlen_fwd.default, (q, k, v, cu_q, cu_k, 5, 5, 0.25, *window, 0.0, None)
+        )
     out, lse = torch.ops.hierkern.varlen_fwd(q, k, v, cu_q, cu_k, 5, 5, 0.25, 1, 2, 0.0, None)
     dout = torch.randn(q.shape, generator=g)
-    torch.library.opcheck(torch.ops.hierkern.varlen_bwd.default,
-                          (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse, cu_q, cu_k, 5, 5,
-                           0.25, 1, 2, 0.0, None))
+    torch.library.opcheck(
+        torch.ops.hierkern.varlen_bwd.default,
+        (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse, cu_q, cu_k, 5, 5, 0.25, 1, 2, 0.0, None),
+    )
 
 
 @needs_kernel
@@ -486,16 +516,27 @@ def test_auto_selects_cpu_with_and_without_dropout():
     q = torch.randn(5, 2, 8)
     for dropout_p in (0.0, 0.1):
         assert select_backend(AttentionCall.of(q, q, q, 5, 5, causal=False, dropout_p=dropout_p)).name == "cpu"
-    cuda_call = AttentionCall(device_type="cuda", dtype=torch.float32, head_dim=8, num_heads=2, num_kv_heads=2,
-                              max_seqlen_q=5, max_seqlen_k=5, dropout=False, requires_grad=False)
+    cuda_call = AttentionCall(
+        device_type="cuda",
+        dtype=torch.float32,
+        head_dim=8,
+        num_heads=2,
+        num_kv_heads=2,
+        max_seqlen_q=5,
+        max_seqlen_k=5,
+        dropout=False,
+        requires_grad=False,
+    )
     assert "runs on cpu tensors, not cuda" in CPU.why_not(cuda_call)
 
 
 # Every kernel path under dropout: lane-parallel (words), blocked (forward from 32 keys, backward from 16) and
 # the generic row kernel (head dim 7, float64).
-DROPOUT_LAYOUTS = [Layout("words", (1, 5, 3, 0, 8, 2, 11, 4, 7)),
-                   Layout("boundaries-cross", (15, 16, 33, 40, 2), (15, 17, 31, 34, 0)),
-                   Layout("long", (70, 1, 3))]
+DROPOUT_LAYOUTS = [
+    Layout("words", (1, 5, 3, 0, 8, 2, 11, 4, 7)),
+    Layout("boundaries-cross", (15, 16, 33, 40, 2), (15, 17, 31, 34, 0)),
+    Layout("long", (70, 1, 3)),
+]
 DROPOUT_CASES = [(torch.float32, MHA), (torch.float32, GQA), (torch.float64, MQA), (torch.bfloat16, MHA)]
 
 
@@ -514,8 +555,9 @@ def test_dropout_matches_the_philox_mask_model(layout, causal, case):
     cu_q, cu_k = offsets_of(layout.lengths_q), offsets_of(layout.keys)
     scale = 1 / math.sqrt(head_dim)
     rng_state = torch.tensor([seed, offset], dtype=torch.int64)
-    out, _ = torch.ops.hierkern.varlen_fwd(q, k, v, cu_q, cu_k, max(layout.lengths_q), max(layout.keys), scale,
-                                           *_window(causal), p, rng_state)
+    out, _ = torch.ops.hierkern.varlen_fwd(
+        q, k, v, cu_q, cu_k, max(layout.lengths_q), max(layout.keys), scale, *_window(causal), p, rng_state
+    )
     dout = torch.randn(q.shape, generator=g, dtype=torch.float64)
     grads = torch.autograd.grad(out, (q, k, v), dout.to(dtype))
 
@@ -528,8 +570,9 @@ def test_dropout_matches_the_philox_mask_model(layout, causal, case):
     assert rel_err(out, ref) < tol
     for name, grad, ref_grad in zip("qkv", grads, ref_grads):
         assert _grad_err(grad, ref_grad) < 5 * tol, f"d{name}"
-    again, _ = torch.ops.hierkern.varlen_fwd(q, k, v, cu_q, cu_k, max(layout.lengths_q), max(layout.keys), scale,
-                                             *_window(causal), p, rng_state)
+    again, _ = torch.ops.hierkern.varlen_fwd(
+        q, k, v, cu_q, cu_k, max(layout.lengths_q), max(layout.keys), scale, *_window(causal), p, rng_state
+    )
     assert torch.equal(out, again)
 
 
@@ -552,22 +595,25 @@ def test_dropout_through_the_api_is_seeded_by_torch():
 
 
 @needs_kernel
-@pytest.mark.parametrize("case, error, match", [
-    ("offsets dtype", TypeError, "cu_seqlens_q must be int32"),
-    ("decreasing", ValueError, "non-decreasing"),
-    ("overrun", ValueError, r"cu_seqlens_k\[-1\] must equal"),
-    ("first offset", ValueError, r"cu_seqlens_q\[0\] must be 0"),
-    ("segment count", ValueError, "same number of segments"),
-    ("max_seqlen", ValueError, "max_seqlen_q=2 is smaller"),
-    ("dtype mix", TypeError, "share a dtype"),
-    ("int inputs", TypeError, "q must be float32"),
-    ("heads", ValueError, "multiple of the number of key/value heads"),
-    ("head dim", ValueError, "same head_dim"),
-    ("rank", ValueError, "q must have shape"),
-    ("dropout without rng_state", ValueError, "needs rng_state"),
-    ("dropout_p of 1", ValueError, r"dropout_p must be in \[0, 1\)"),
-    ("scale", ValueError, "softmax_scale must be finite"),
-])
+@pytest.mark.parametrize(
+    "case, error, match",
+    [
+        ("offsets dtype", TypeError, "cu_seqlens_q must be int32"),
+        ("decreasing", ValueError, "non-decreasing"),
+        ("overrun", ValueError, r"cu_seqlens_k\[-1\] must equal"),
+        ("first offset", ValueError, r"cu_seqlens_q\[0\] must be 0"),
+        ("segment count", ValueError, "same number of segments"),
+        ("max_seqlen", ValueError, "max_seqlen_q=2 is smaller"),
+        ("dtype mix", TypeError, "share a dtype"),
+        ("int inputs", TypeError, "q must be float32"),
+        ("heads", ValueError, "multiple of the number of key/value heads"),
+        ("head dim", ValueError, "same head_dim"),
+        ("rank", ValueError, "q must have shape"),
+        ("dropout without rng_state", ValueError, "needs rng_state"),
+        ("dropout_p of 1", ValueError, r"dropout_p must be in \[0, 1\)"),
+        ("scale", ValueError, "softmax_scale must be finite"),
+    ],
+)
 def test_op_rejects_bad_input(case, error, match):
     q = torch.randn(6, 4, 8)
     kv = torch.randn(6, 2, 8)
@@ -603,9 +649,20 @@ def test_op_rejects_bad_input(case, error, match):
     elif case == "scale":
         args["scale"] = math.inf
     with pytest.raises(error, match=match):
-        torch.ops.hierkern.varlen_fwd(args["q"], args["k"], args["v"], args["cu_q"], args["cu_k"],
-                                      args["max_q"], args["max_k"], args["scale"], -1, -1, args["dropout"],
-                                      None)
+        torch.ops.hierkern.varlen_fwd(
+            args["q"],
+            args["k"],
+            args["v"],
+            args["cu_q"],
+            args["cu_k"],
+            args["max_q"],
+            args["max_k"],
+            args["scale"],
+            -1,
+            -1,
+            args["dropout"],
+            None,
+        )
 
 
 @needs_kernel
@@ -626,7 +683,7 @@ def check_every_finite_value_read_exactly(dtype):
     the baseline build's own bit arithmetic). Each query selects one key with a one-hot softmax (keys are +-10
     codes of their index, so the scores of other keys are at least 200 below: P is exactly 1 and 0) and must
     return that key's value row unchanged, for every finite value of dtype, subnormals included."""
-    values = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    values = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
     values = values[torch.isfinite(values)]
     keys, head_dim, bits = 4096, 128, 12
     codes = (torch.arange(keys)[:, None] >> torch.arange(bits)) & 1
@@ -635,8 +692,9 @@ def check_every_finite_value_read_exactly(dtype):
     k = k.to(dtype)
     v = torch.cat([values, values.new_zeros(keys * head_dim - values.numel())]).reshape(keys, 1, head_dim)
     rows = -(-values.numel() // head_dim)  # the queries of the keys whose values hold the test values
-    out = hierkern.varlen_attention(k[:rows], k, v, offsets_of([rows]), offsets_of([keys]), softmax_scale=1.0,
-                                    backend="cpu")
+    out = hierkern.varlen_attention(
+        k[:rows], k, v, offsets_of([rows]), offsets_of([keys]), softmax_scale=1.0, backend="cpu"
+    )
     assert torch.equal(out, v[:rows])
 
 
@@ -689,8 +747,9 @@ for dtype in (torch.bfloat16, torch.float16):
 print("ok")
 """
     env = dict(os.environ, HIERKERN_CPU_KERNELS="generic", OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-c", script, os.path.dirname(__file__)], capture_output=True,
-                            text=True, timeout=300, env=env)
+    result = subprocess.run(
+        [sys.executable, "-c", script, os.path.dirname(__file__)], capture_output=True, text=True, timeout=300, env=env
+    )
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr
 
 

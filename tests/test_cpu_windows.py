@@ -14,12 +14,14 @@ import torch
 
 from hierkern.backends import get_backend
 from hierkern.ops import extension
+
 from cuda_oracles import keep_mask
 from helpers import Layout, adversarial_layouts, offsets_of, random_qkv, rel_err
 
 CPU = get_backend("cpu")
-pytestmark = pytest.mark.skipif(CPU.unavailable_reason() is not None,
-                                reason=f"CPU kernel unavailable: {CPU.unavailable_reason()}")
+pytestmark = pytest.mark.skipif(
+    CPU.unavailable_reason() is not None, reason=f"CPU kernel unavailable: {CPU.unavailable_reason()}"
+)
 
 LARGE = 10_000
 LAYOUTS = [
@@ -30,12 +32,30 @@ LAYOUTS = [
     adversarial_layouts()[2],  # one long segment among tiny ones
     adversarial_layouts()[7],  # words
 ]
-WINDOWS = [(-1, -1), (-1, 0), (0, 0), (0, -1), (1, 1), (2, 0), (5, 2), (0, 5), (-1, 2), (2, -1), (1, 5),
-           (LARGE, LARGE), (LARGE, 0)]
+WINDOWS = [
+    (-1, -1),
+    (-1, 0),
+    (0, 0),
+    (0, -1),
+    (1, 1),
+    (2, 0),
+    (5, 2),
+    (0, 5),
+    (-1, 2),
+    (2, -1),
+    (1, 5),
+    (LARGE, LARGE),
+    (LARGE, 0),
+]
 # (dtype, (heads, kv heads, head dim)): float32 lanes/blocked on unrolled head dims, MQA with head dim 7 and
 # float64 on the row kernel, bfloat16 converted into scratch.
-CASES = [(torch.float32, (4, 4, 32)), (torch.float32, (4, 2, 64)), (torch.float32, (3, 1, 7)),
-         (torch.float64, (4, 2, 64)), (torch.bfloat16, (4, 2, 32))]
+CASES = [
+    (torch.float32, (4, 4, 32)),
+    (torch.float32, (4, 2, 64)),
+    (torch.float32, (3, 1, 7)),
+    (torch.float64, (4, 2, 64)),
+    (torch.bfloat16, (4, 2, 32)),
+]
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 2e-2}
 
 
@@ -62,8 +82,9 @@ def window_visibility(layout: Layout, window_left: int, window_right: int) -> to
         for i in range(lq):
             for j in range(lk):
                 diag = i + lk - lq
-                allowed[q0 + i, k0 + j] = ((window_left < 0 or j >= diag - window_left)
-                                           and (window_right < 0 or j <= diag + window_right))
+                allowed[q0 + i, k0 + j] = (window_left < 0 or j >= diag - window_left) and (
+                    window_right < 0 or j <= diag + window_right
+                )
         q0, k0 = q0 + lq, k0 + lk
     return allowed
 
@@ -86,8 +107,19 @@ def dense_oracle(q, k, v, allowed, scale, keep=None, p=0.0):
 def _run(q, k, v, layout, window, p=0.0, rng_state=None, scale=None):
     extension.ensure_loaded()
     scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
-    return torch.ops.hierkern.varlen_fwd(q, k, v, offsets_of(layout.lengths_q), offsets_of(layout.keys),
-                                         max(layout.lengths_q), max(layout.keys), scale, *window, p, rng_state)
+    return torch.ops.hierkern.varlen_fwd(
+        q,
+        k,
+        v,
+        offsets_of(layout.lengths_q),
+        offsets_of(layout.keys),
+        max(layout.lengths_q),
+        max(layout.keys),
+        scale,
+        *window,
+        p,
+        rng_state,
+    )
 
 
 def _grad_err(x, ref):

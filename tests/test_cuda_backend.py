@@ -2,8 +2,9 @@
 the kernel's Philox mask, strided and misaligned inputs, offsets of any stride through the raw ops, inf/NaN
 isolation per head against the emulation suite's oracle, a 20k-word run, opcheck, torch.compile, refusals, and
 a compute-sanitizer run. The contract every backend shares (layouts, dtypes, lse, gradients, determinism,
-NaN-filled outputs, peaky half-precision gradients) is tests/conformance, which runs this backend on a GPU. Skipped without a CUDA GPU; when the GPU is there but
-hierkern._C lacks CUDA kernels, the fixture JIT-builds csrc/cuda (a build failure is an error, not a skip).
+NaN-filled outputs, peaky half-precision gradients) is tests/conformance, which runs this backend on a GPU.
+Skipped without a CUDA GPU; when the GPU is there but hierkern._C lacks CUDA kernels, the fixture JIT-builds
+csrc/cuda (a build failure is an error, not a skip).
 
 Run on a GPU machine: ``pytest tests/test_cuda_backend.py -q`` (add ``-m slow`` runs for the sanitizer).
 """
@@ -18,18 +19,27 @@ import sys
 
 import pytest
 import torch
+from test_cuda_emulation import (
+    FLOOR as EMULATION_FLOOR,
+)
+from test_cuda_emulation import (
+    ISOLATION_CONFIG,
+    ISOLATION_LAYOUTS,
+    POISONS,
+    WINDOW_LAYOUT,
+    _poison_sites,
+    _reach,
+    _same_class,
+)
 
 import hierkern
 from hierkern.backends import AttentionCall, explain, get_backend
 from hierkern.reference import varlen_attention_reference
 
-from helpers import Layout, adversarial_layouts, offsets_of, random_qkv, rel_err
 from cuda_oracles import dense_attention, keep_mask, rowwise_attention, window_of
-from test_cuda_emulation import (FLOOR as EMULATION_FLOOR, ISOLATION_CONFIG, ISOLATION_LAYOUTS, POISONS,
-                                 WINDOW_LAYOUT, _poison_sites, _reach, _same_class)
+from helpers import Layout, adversarial_layouts, offsets_of, random_qkv, rel_err
 
-pytestmark = [pytest.mark.cuda,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 LAYOUTS = adversarial_layouts(tile=64) + [
     Layout("row-tile-boundaries", (15, 16, 17, 31, 32, 33, 1, 65)),
@@ -44,6 +54,7 @@ def cuda_kernels():
     backend = get_backend("cuda")
     if backend.unavailable_reason() is not None:
         from hierkern.ops.cuda_attention import load_jit
+
         load_jit()
     assert backend.unavailable_reason() is None, backend.unavailable_reason()
 
@@ -51,8 +62,7 @@ def cuda_kernels():
 def _inputs(layout, heads, dtype, requires_grad=False, seed=0):
     h, hk, d = heads
     gen = torch.Generator().manual_seed(seed)
-    q, k, v = random_qkv(layout, h, hk, d, dtype=dtype, device="cuda", generator=gen,
-                         requires_grad=requires_grad)
+    q, k, v = random_qkv(layout, h, hk, d, dtype=dtype, device="cuda", generator=gen, requires_grad=requires_grad)
     return q, k, v, offsets_of(layout.lengths_q, "cuda"), offsets_of(layout.keys, "cuda")
 
 
@@ -64,8 +74,19 @@ def test_dropout_matches_philox_model_exactly(layout, causal):
     heads, p, seed, offset = (4, 2, 64), 0.3, 123456789, 42
     q, k, v, cu_q, cu_k = _inputs(layout, heads, torch.float32, requires_grad=True)
     rng_state = torch.tensor([seed, offset], dtype=torch.int64)
-    out, lse = torch.ops.hierkern.varlen_fwd(q, k, v, cu_q, cu_k, max(layout.lengths_q), max(layout.keys),
-                                             1 / math.sqrt(64), *window_of(causal), p, rng_state)
+    out, lse = torch.ops.hierkern.varlen_fwd(
+        q,
+        k,
+        v,
+        cu_q,
+        cu_k,
+        max(layout.lengths_q),
+        max(layout.keys),
+        1 / math.sqrt(64),
+        *window_of(causal),
+        p,
+        rng_state,
+    )
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     grads = torch.autograd.grad(out, (q, k, v), dout.to("cuda", torch.float32))
 
@@ -77,8 +98,19 @@ def test_dropout_matches_philox_model_exactly(layout, causal):
     for name, g, r in zip("qkv", grads, ref_grads):
         assert rel_err(g, r) < 1e-5, f"d{name}"
     # The same rng_state draws the same mask; another offset draws another.
-    again, _ = torch.ops.hierkern.varlen_fwd(q, k, v, cu_q, cu_k, max(layout.lengths_q), max(layout.keys),
-                                             1 / math.sqrt(64), *window_of(causal), p, rng_state)
+    again, _ = torch.ops.hierkern.varlen_fwd(
+        q,
+        k,
+        v,
+        cu_q,
+        cu_k,
+        max(layout.lengths_q),
+        max(layout.keys),
+        1 / math.sqrt(64),
+        *window_of(causal),
+        p,
+        rng_state,
+    )
     assert torch.equal(out, again)
 
 
@@ -88,8 +120,9 @@ def test_dropout_through_the_api_is_seeded_by_torch():
 
     def run():
         torch.manual_seed(7)
-        out = hierkern.varlen_attention(q, k, v, cu_q, cu_k, max(layout.lengths_q), max(layout.keys),
-                                        dropout_p=0.2, backend="cuda")
+        out = hierkern.varlen_attention(
+            q, k, v, cu_q, cu_k, max(layout.lengths_q), max(layout.keys), dropout_p=0.2, backend="cuda"
+        )
         return out, torch.autograd.grad(out.float().square().sum(), (q, k, v))
 
     (out1, grads1), (out2, grads2) = run(), run()
@@ -133,11 +166,15 @@ def test_offsets_of_any_stride():
             runs.append((out, *torch.autograd.grad(out, (q, k, v), dout)))
         assert all(torch.equal(a, b) for a, b in zip(*runs))
         args = (q.detach(), k.detach(), v.detach())
-        fwd = [torch.ops.hierkern.varlen_fwd(*args, cu, cu, 5, 5, 0.125, *window_of(causal), 0.0, None)
-               for cu in (strided, dense)]
+        fwd = [
+            torch.ops.hierkern.varlen_fwd(*args, cu, cu, 5, 5, 0.125, *window_of(causal), 0.0, None)
+            for cu in (strided, dense)
+        ]
         assert all(torch.equal(a, b) for a, b in zip(*fwd))
-        bwd = [torch.ops.hierkern.varlen_bwd(dout, *args, *fwd[1], cu, cu, 5, 5, 0.125, *window_of(causal), 0.0, None)
-               for cu in (strided, dense)]
+        bwd = [
+            torch.ops.hierkern.varlen_bwd(dout, *args, *fwd[1], cu, cu, 5, 5, 0.125, *window_of(causal), 0.0, None)
+            for cu in (strided, dense)
+        ]
         assert all(torch.equal(a, b) for a, b in zip(*bwd))
 
 
@@ -160,8 +197,9 @@ def test_nonfinite_token_reaches_only_the_rows_that_attend_to_it(tensor, value, 
     def run(q, k, v, dout):
         window = window_of(causal)
         out, lse = torch.ops.hierkern.varlen_fwd(q, k, v, cu_q, cu_k, max_q, max_k, scale, *window, 0.0, None)
-        grads = torch.ops.hierkern.varlen_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, *window,
-                                              0.0, None)
+        grads = torch.ops.hierkern.varlen_bwd(
+            dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, *window, 0.0, None
+        )
         return [t.cpu() for t in (out, lse, *grads)]
 
     clean = run(q, k, v, dout)
@@ -175,8 +213,13 @@ def test_nonfinite_token_reaches_only_the_rows_that_attend_to_it(tensor, value, 
     poisoned = run(**inputs)
     oracle = rowwise_attention(*(t.cpu() for t in inputs.values()), layout, causal, scale)
     rows, keys = _reach(layout, causal, tensor, tokens, head, h, h // hk)
-    reach = {"out": rows.t()[..., None], "lse": rows, "dq": rows.t()[..., None], "dk": keys.t()[..., None],
-             "dv": keys.t()[..., None]}
+    reach = {
+        "out": rows.t()[..., None],
+        "lse": rows,
+        "dq": rows.t()[..., None],
+        "dk": keys.t()[..., None],
+        "dv": keys.t()[..., None],
+    }
     for (name, where), got, before, want in zip(reach.items(), poisoned, clean, oracle):
         where = where.expand_as(got)
         assert torch.equal(got[~where], before[~where]), f"{name}: changed where it cannot depend on the token"
@@ -196,10 +239,10 @@ def test_windows_against_the_rowwise_oracle(dtype, window):
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to("cuda", dtype)
     max_q, max_k = max(WINDOW_LAYOUT.lengths_q), max(WINDOW_LAYOUT.keys)
     out, lse = torch.ops.hierkern.varlen_fwd(q, k, v, cu_q, cu_k, max_q, max_k, scale, *window, 0.0, None)
-    grads = torch.ops.hierkern.varlen_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, *window, 0.0,
-                                          None)
-    ref_out, ref_lse, *ref_grads = rowwise_attention(q.cpu(), k.cpu(), v.cpu(), dout.cpu(), WINDOW_LAYOUT, window,
-                                                     scale)
+    grads = torch.ops.hierkern.varlen_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, *window, 0.0, None)
+    ref_out, ref_lse, *ref_grads = rowwise_attention(
+        q.cpu(), k.cpu(), v.cpu(), dout.cpu(), WINDOW_LAYOUT, window, scale
+    )
     finite = torch.isfinite(ref_lse)
     assert torch.equal(torch.isfinite(lse.cpu()), finite) and (lse.cpu()[~finite] == -math.inf).all()
     assert (lse.cpu().double()[finite] - ref_lse[finite]).abs().max().item() < 1e-4
@@ -214,11 +257,9 @@ def test_many_words_and_one_long_segment_against_reference():
     lengths = torch.randint(1, 12, (20000,), generator=gen).tolist() + [1500]
     cu = offsets_of(lengths, "cuda")
     cuda_gen = torch.Generator(device="cuda").manual_seed(5)
-    q, k, v = (torch.randn(sum(lengths), 8, 64, device="cuda", generator=cuda_gen).to(torch.bfloat16)
-               for _ in range(3))
+    q, k, v = (torch.randn(sum(lengths), 8, 64, device="cuda", generator=cuda_gen).to(torch.bfloat16) for _ in range(3))
     for causal in (False, True):
-        out = hierkern.varlen_attention(q, k, v, cu, cu, max(lengths), max(lengths), causal=causal,
-                                        backend="cuda")
+        out = hierkern.varlen_attention(q, k, v, cu, cu, max(lengths), max(lengths), causal=causal, backend="cuda")
         hi, _ = varlen_attention_reference(q.float(), k.float(), v.float(), cu, cu, causal=causal)
         own, _ = varlen_attention_reference(q, k, v, cu, cu, causal=causal)
         assert rel_err(out, hi) <= 2 * rel_err(own, hi) + FLOOR[torch.bfloat16]
@@ -232,8 +273,22 @@ def test_opcheck(causal):
         torch.library.opcheck(torch.ops.hierkern.varlen_fwd.default, args)
         out, lse = torch.ops.hierkern.varlen_fwd(*args)
         dout = torch.randn_like(out)
-        bwd_args = (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse, cu_q, cu_k,
-                    max(layout.lengths_q), max(layout.keys), 0.2, *window_of(causal), 0.0, None)
+        bwd_args = (
+            dout,
+            q.detach(),
+            k.detach(),
+            v.detach(),
+            out.detach(),
+            lse,
+            cu_q,
+            cu_k,
+            max(layout.lengths_q),
+            max(layout.keys),
+            0.2,
+            *window_of(causal),
+            0.0,
+            None,
+        )
         torch.library.opcheck(torch.ops.hierkern.varlen_bwd.default, bwd_args)
 
 
@@ -249,16 +304,28 @@ def test_torch_compile_fullgraph_matches_eager():
     compiled = torch.compile(f, fullgraph=True)(q, k, v)
     assert torch.equal(eager, compiled)
     g = torch.randn_like(eager)
-    assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(eager, (q, k, v), g),
-                                                 torch.autograd.grad(compiled, (q, k, v), g)))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(torch.autograd.grad(eager, (q, k, v), g), torch.autograd.grad(compiled, (q, k, v), g))
+    )
 
 
 def test_refusals_and_priority():
     backend = get_backend("cuda")
 
     def call(**changes):
-        fields = dict(device_type="cuda", dtype=torch.bfloat16, head_dim=64, num_heads=8, num_kv_heads=8,
-                      max_seqlen_q=8, max_seqlen_k=8, causal=False, dropout=False, requires_grad=True)
+        fields = dict(
+            device_type="cuda",
+            dtype=torch.bfloat16,
+            head_dim=64,
+            num_heads=8,
+            num_kv_heads=8,
+            max_seqlen_q=8,
+            max_seqlen_k=8,
+            causal=False,
+            dropout=False,
+            requires_grad=True,
+        )
         fields.update(changes)
         return AttentionCall(**fields)
 
@@ -325,11 +392,20 @@ torch.cuda.synchronize()
 @pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
 def test_compute_sanitizer(tool):
     sanitizer = shutil.which("compute-sanitizer") or next(
-        (p for p in ("/usr/local/cuda/bin/compute-sanitizer", "/usr/local/cuda-13.0/bin/compute-sanitizer")
-         if os.path.exists(p)), None)
+        (
+            p
+            for p in ("/usr/local/cuda/bin/compute-sanitizer", "/usr/local/cuda-13.0/bin/compute-sanitizer")
+            if os.path.exists(p)
+        ),
+        None,
+    )
     if sanitizer is None:
         pytest.skip("compute-sanitizer not found")
-    result = subprocess.run([sanitizer, "--tool", tool, "--error-exitcode", "1", sys.executable, "-c",
-                             _SANITIZER_CASE], capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [sanitizer, "--tool", tool, "--error-exitcode", "1", sys.executable, "-c", _SANITIZER_CASE],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
     assert "ERROR SUMMARY: 0 errors" in result.stdout

@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import Layout, adversarial_layouts, offsets_of
 from cuda_oracles import dropout_threshold, keep_mask, philox4x32_10, visibility
+from helpers import Layout, adversarial_layouts, offsets_of
 
 ROOT = Path(__file__).resolve().parent.parent
 CSRC_CUDA = ROOT / "csrc" / "cuda"
@@ -44,14 +44,22 @@ MAX_REGISTERS = 128
 MAX_STATIC_SMEM = 48 * 1024
 # What torch's CUDAExtension adds to every nvcc command (the C++ standard too: our flags leave it to torch):
 # the kernels must compile under it.
-TORCH_NVCC_FLAGS = ["-std=c++20", "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
-                    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"]
+TORCH_NVCC_FLAGS = [
+    "-std=c++20",
+    "-D__CUDA_NO_HALF_OPERATORS__",
+    "-D__CUDA_NO_HALF_CONVERSIONS__",
+    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+    "-D__CUDA_NO_HALF2_OPERATORS__",
+]
 
 
 def _find_nvcc() -> str | None:
-    for candidate in (os.environ.get("HIERKERN_NVCC"), shutil.which("nvcc"),
-                      os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc"),
-                      "/usr/local/cuda-13.0/bin/nvcc"):
+    for candidate in (
+        os.environ.get("HIERKERN_NVCC"),
+        shutil.which("nvcc"),
+        os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc"),
+        "/usr/local/cuda-13.0/bin/nvcc",
+    ):
         if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
             return candidate
     return None
@@ -63,8 +71,10 @@ NVCC = _find_nvcc()
 def _cuda_include() -> Path | None:
     """The CUDA runtime headers' directory (nvcc may be a wrapper script outside the toolkit)."""
     candidates = [Path(NVCC).resolve().parent.parent / "include"] if NVCC else []
-    candidates += [Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include",
-                   Path("/usr/local/cuda-13.0/include")]
+    candidates += [
+        Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include",
+        Path("/usr/local/cuda-13.0/include"),
+    ]
     return next((c for c in candidates if (c / "cuda_runtime.h").is_file()), None)
 
 
@@ -76,8 +86,8 @@ requires_cxx = pytest.mark.skipif(CXX is None, reason="no host C++ compiler (g++
 def _nvcc_command(source: Path, obj: Path) -> list[str]:
     # The flags setup.py and the JIT build use, plus ptxas' per-kernel report.
     from hierkern.ops.cuda_attention import jit_build_flags
-    return [NVCC, "-c", str(source), "-o", str(obj), *jit_build_flags("80;90a"), *TORCH_NVCC_FLAGS,
-            "-Xptxas", "-v"]
+
+    return [NVCC, "-c", str(source), "-o", str(obj), *jit_build_flags("80;90a"), *TORCH_NVCC_FLAGS, "-Xptxas", "-v"]
 
 
 def _digest(parts: list[str]) -> str:
@@ -106,9 +116,12 @@ class KernelReport:
 _ENTRY = re.compile(
     r"Compiling entry function '(?P<name>\S+)' for '(?P<arch>sm_\w+)'.*?"
     r"(?P<stack>\d+) bytes stack frame, (?P<stores>\d+) bytes spill stores, (?P<loads>\d+) bytes spill loads.*?"
-    r"Used (?P<regs>\d+) registers.*?(?P<smem>\d+) bytes smem", re.S)
+    r"Used (?P<regs>\d+) registers.*?(?P<smem>\d+) bytes smem",
+    re.S,
+)
 _MANGLED = re.compile(
-    r"(?P<kernel>varlen_(?:fwd|bwd_dq|bwd_dkdv)_kernel)I(?P<dtype>f|6__half|13__nv_bfloat16)Li(?P<d>\d+)E")
+    r"(?P<kernel>varlen_(?:fwd|bwd_dq|bwd_dkdv)_kernel)I(?P<dtype>f|6__half|13__nv_bfloat16)Li(?P<d>\d+)E"
+)
 
 
 def parse_ptxas(log: str) -> list[KernelReport]:
@@ -117,9 +130,19 @@ def parse_ptxas(log: str) -> list[KernelReport]:
     for entry in _ENTRY.finditer(log):
         name = _MANGLED.search(entry["name"])
         assert name is not None, f"unexpected kernel {entry['name']}"
-        reports.append(KernelReport(name["kernel"], DTYPES[name["dtype"]], int(name["d"]), entry["arch"],
-                                    int(entry["regs"]), int(entry["stores"]), int(entry["loads"]),
-                                    int(entry["stack"]), int(entry["smem"])))
+        reports.append(
+            KernelReport(
+                name["kernel"],
+                DTYPES[name["dtype"]],
+                int(name["d"]),
+                entry["arch"],
+                int(entry["regs"]),
+                int(entry["stores"]),
+                int(entry["loads"]),
+                int(entry["stack"]),
+                int(entry["smem"]),
+            )
+        )
     return reports
 
 
@@ -131,8 +154,10 @@ class Result:
 
 def _run_parallel(jobs: dict[str, list[str]]) -> dict[str, Result]:
     """Run the commands at once (nvcc and g++ are single-threaded, so this is the speed-up)."""
-    procs = {name: subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for name, cmd in jobs.items()}
+    procs = {
+        name: subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for name, cmd in jobs.items()
+    }
     results = {}
     for name, proc in procs.items():
         output, _ = proc.communicate()
@@ -153,9 +178,23 @@ def _binding_command(build: Path) -> list[str] | None:
     stub = build / "stub" / "c10" / "cuda" / "impl"
     stub.mkdir(parents=True, exist_ok=True)
     (stub / "cuda_cmake_macros.h").write_text("#pragma once\n")
-    return [CXX, "-std=c++20", "-fsyntax-only", "-Wall", "-Wextra", "-Werror", "-isystem", str(build / "stub"),
-            "-isystem", str(include), "-isystem", str(include / "torch" / "csrc" / "api" / "include"),
-            "-isystem", str(_cuda_include()), str(CSRC_CUDA / "binding.cpp")]
+    return [
+        CXX,
+        "-std=c++20",
+        "-fsyntax-only",
+        "-Wall",
+        "-Wextra",
+        "-Werror",
+        "-isystem",
+        str(build / "stub"),
+        "-isystem",
+        str(include),
+        "-isystem",
+        str(include / "torch" / "csrc" / "api" / "include"),
+        "-isystem",
+        str(_cuda_include()),
+        str(CSRC_CUDA / "binding.cpp"),
+    ]
 
 
 def _build_dir() -> Path:
@@ -165,11 +204,11 @@ def _build_dir() -> Path:
 @pytest.fixture(scope="session")
 def builds() -> dict[str, Result]:
     """nvcc of every .cu (sm_80 + sm_90a) and the binding's syntax check, all in parallel. A successful
-    build is kept under build/cuda_check/<hash of csrc/cuda and csrc/common, flags, torch version>: it is built in a private
-    directory and renamed into place, so concurrent test runs never see half-written files."""
+    build is kept under build/cuda_check/<hash of csrc/cuda and csrc/common, flags, torch version>: it is built
+    in a private directory and renamed into place, so concurrent test runs never see half-written files."""
     final = _build_dir()
     if final.is_dir():
-        return {log.name[:-len(".log")]: Result(True, log.read_text()) for log in final.glob("*.log")}
+        return {log.name[: -len(".log")]: Result(True, log.read_text()) for log in final.glob("*.log")}
     build = Path(f"{final}.tmp{os.getpid()}")
     build.mkdir(parents=True, exist_ok=True)
     jobs = {}
@@ -226,6 +265,7 @@ def _cuobjdump() -> str | None:
         candidates.append(str(Path(NVCC).resolve().parent / "cuobjdump"))
     try:
         import triton
+
         candidates.append(str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"))
     except ImportError:
         pass
@@ -248,14 +288,17 @@ def test_ptx_fallback_for_newer_gpus(ptxas_reports, tmp_path, arch):
         subprocess.run([cuobjdump, "-xptx", "all", str(obj)], cwd=tmp_path, capture_output=True, check=True)
         ptx = tmp_path / f"{obj.stem}.sm_80.ptx"
         assert re.search(r"^\.target sm_80$", ptx.read_text(), re.M)
-        result = subprocess.run([str(ptxas), f"-arch={arch}", "-v", str(ptx), "-o", os.devnull],
-                                capture_output=True, text=True)
+        result = subprocess.run(
+            [str(ptxas), f"-arch={arch}", "-v", str(ptx), "-o", os.devnull], capture_output=True, text=True
+        )
         assert result.returncode == 0, result.stderr[-4000:]
         reports += parse_ptxas(result.stdout + result.stderr)
     assert {(r.kernel, r.dtype, r.head_dim, r.arch) for r in reports} == {
-        (k, t, d, arch) for k in KERNELS for t in DTYPES.values() for d in HEAD_DIMS}
-    assert not [r for r in reports if r.spill_stores or r.spill_loads or r.registers > MAX_REGISTERS
-                or r.smem > MAX_STATIC_SMEM]
+        (k, t, d, arch) for k in KERNELS for t in DTYPES.values() for d in HEAD_DIMS
+    }
+    assert not [
+        r for r in reports if r.spill_stores or r.spill_loads or r.registers > MAX_REGISTERS or r.smem > MAX_STATIC_SMEM
+    ]
 
 
 _LINK_MAIN = r"""
@@ -279,8 +322,19 @@ def test_launchers_link_with_only_cudart(ptxas_reports, tmp_path):
     objects = sorted(_build_dir().glob("*.o"))
     assert len(objects) == len(ptxas_reports)
     (tmp_path / "main.cpp").write_text(_LINK_MAIN)
-    cmd = [NVCC, "-I", str(CSRC_CUDA), str(tmp_path / "main.cpp"), *map(str, objects), "-o", str(tmp_path / "main"),
-           "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90a,code=sm_90a"]
+    cmd = [
+        NVCC,
+        "-I",
+        str(CSRC_CUDA),
+        str(tmp_path / "main.cpp"),
+        *map(str, objects),
+        "-o",
+        str(tmp_path / "main"),
+        "-gencode",
+        "arch=compute_80,code=sm_80",
+        "-gencode",
+        "arch=compute_90a,code=sm_90a",
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert subprocess.run([str(tmp_path / "main")]).returncode == 0
@@ -300,21 +354,25 @@ def test_binding_compiles_against_torch_headers(builds):
 
 def test_nvcc_flags_load_without_torch():
     """setup.py runs before hierkern is installed, possibly before torch is importable."""
-    code = ("import importlib.util, sys\n"
-            "sys.modules['torch'] = None  # any import of torch now raises\n"
-            f"path = {str(ROOT / 'hierkern' / 'ops' / 'cuda_flags.py')!r}\n"
-            "spec = importlib.util.spec_from_file_location('flags', path)\n"
-            "module = importlib.util.module_from_spec(spec)\n"
-            "spec.loader.exec_module(module)\n"
-            "print(' '.join(module.nvcc_flags('80;90a')))\n")
+    code = (
+        "import importlib.util, sys\n"
+        "sys.modules['torch'] = None  # any import of torch now raises\n"
+        f"path = {str(ROOT / 'hierkern' / 'ops' / 'cuda_flags.py')!r}\n"
+        "spec = importlib.util.spec_from_file_location('flags', path)\n"
+        "module = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(module)\n"
+        "print(' '.join(module.nvcc_flags('80;90a')))\n"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     from hierkern.ops.cuda_attention import jit_build_flags
+
     assert result.stdout.split() == jit_build_flags("80;90a")
 
 
 def test_nvcc_flags_archs(monkeypatch):
     from hierkern.ops.cuda_flags import nvcc_flags, ptx_arch
+
     monkeypatch.delenv("HIERKERN_CUDA_ARCHS", raising=False)
     assert nvcc_flags() == nvcc_flags("80;90a")
     monkeypatch.setenv("HIERKERN_CUDA_ARCHS", "90a")
@@ -343,6 +401,7 @@ def _fake_load(registers: tuple[str, ...], libraries: list, calls: list | None =
         libraries.append(lib)
         for op in registers:
             lib.impl(op, lambda *args: None, "CUDA")
+
     return load
 
 
@@ -351,6 +410,7 @@ def jit_module(monkeypatch):
     """hierkern.ops.cuda_attention as a process without CUDA kernels sees it, on a machine whose CUDA toolchain
     could build them; reset after the test."""
     from hierkern.ops import cuda_attention, extension, toolchain
+
     if extension.loaded_from() is None:
         pytest.skip(f"hierkern's extension is not loaded: {extension.load_error()}")
     if extension.kernel_unavailable_reason("CUDA") is None:
@@ -369,9 +429,9 @@ def test_jit_kernels_count_once_registered(jit_module):
     later must still make the backend available. Asking builds nothing; preparing builds once."""
     cuda_attention, monkeypatch, libraries = jit_module
     import torch.utils.cpp_extension
+
     calls = []
-    monkeypatch.setattr(torch.utils.cpp_extension, "load",
-                        _fake_load(("varlen_fwd", "varlen_bwd"), libraries, calls))
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", _fake_load(("varlen_fwd", "varlen_bwd"), libraries, calls))
     assert cuda_attention._kernels_unavailable() is None  # buildable: available, and nothing compiled
     assert calls == []
     assert cuda_attention._prepare() is None
@@ -386,10 +446,13 @@ def test_jit_kernels_count_once_registered(jit_module):
 def test_jit_build_that_registers_nothing_is_refused(jit_module):
     cuda_attention, monkeypatch, libraries = jit_module
     import torch.utils.cpp_extension
+
     monkeypatch.setattr(torch.utils.cpp_extension, "load", _fake_load(("varlen_fwd",), libraries))
     reason = cuda_attention._prepare()
-    assert reason == ("the JIT build of csrc/cuda failed (RuntimeError: the JIT build of csrc/cuda loaded but "
-                      "registered no CUDA kernel for hierkern::varlen_bwd)")
+    assert reason == (
+        "the JIT build of csrc/cuda failed (RuntimeError: the JIT build of csrc/cuda loaded but "
+        "registered no CUDA kernel for hierkern::varlen_bwd)"
+    )
     assert cuda_attention._prepare() == reason
     assert cuda_attention._kernels_unavailable() == reason
     assert len(libraries) == 1  # a failed build is not retried on every call
@@ -398,7 +461,9 @@ def test_jit_build_that_registers_nothing_is_refused(jit_module):
 def test_cuda_toolchain_without_headers_is_one_line(monkeypatch, tmp_path):
     """An nvcc on PATH without the toolkit's headers is found before any compiler runs, in one line."""
     import torch.utils.cpp_extension
+
     from hierkern.ops import toolchain
+
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "nvcc").write_text("#!/bin/sh\n")
     monkeypatch.setattr(torch.version, "cuda", "12.8")
@@ -408,8 +473,10 @@ def test_cuda_toolchain_without_headers_is_one_line(monkeypatch, tmp_path):
         problem = toolchain.cuda_toolchain_problem()
     finally:
         toolchain.cuda_toolchain_problem.cache_clear()
-    assert problem == (f"CUDA_HOME={tmp_path} has no include/cuda_runtime.h (a CUDA toolkit without its headers): "
-                       f"install the CUDA developer files or point CUDA_HOME at a full toolkit")
+    assert problem == (
+        f"CUDA_HOME={tmp_path} has no include/cuda_runtime.h (a CUDA toolkit without its headers): "
+        f"install the CUDA developer files or point CUDA_HOME at a full toolkit"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -444,13 +511,35 @@ def host_lib(tmp_path_factory):
     build = tmp_path_factory.mktemp("cuda_host")
     (build / "shim.cpp").write_text(_HOST_SHIM)
     lib = build / "libhkhost.so"
-    subprocess.run([CXX, "-std=c++17", "-O1", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC",
-                    "-I", str(CSRC_CUDA), str(build / "shim.cpp"), "-o", str(lib)], check=True)
+    subprocess.run(
+        [
+            CXX,
+            "-std=c++17",
+            "-O1",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            "-shared",
+            "-fPIC",
+            "-I",
+            str(CSRC_CUDA),
+            str(build / "shim.cpp"),
+            "-o",
+            str(lib),
+        ],
+        check=True,
+    )
     handle = ctypes.CDLL(str(lib))
     handle.hk_threshold.argtypes = [ctypes.c_float]
     handle.hk_threshold.restype = ctypes.c_uint
-    handle.hk_keep.argtypes = [ctypes.c_ulonglong, ctypes.c_ulonglong, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                               ctypes.c_uint]
+    handle.hk_keep.argtypes = [
+        ctypes.c_ulonglong,
+        ctypes.c_ulonglong,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_uint,
+    ]
     return handle
 
 
@@ -478,15 +567,18 @@ def _schedule_layouts():
     rng = random.Random(6)
     for _ in range(6):  # random cross-attention layouts, zeros on either side
         n = rng.randint(1, 30)
-        layouts.append((tuple(rng.choice((0, 0, 1, 2, 3, 5, 9, 17)) for _ in range(n)),
-                        tuple(rng.choice((0, 1, 2, 4, 6, 16, 33)) for _ in range(n))))
+        layouts.append(
+            (
+                tuple(rng.choice((0, 0, 1, 2, 3, 5, 9, 17)) for _ in range(n)),
+                tuple(rng.choice((0, 1, 2, 4, 6, 16, 33)) for _ in range(n)),
+            )
+        )
     return layouts
 
 
 # FlashAttention's window_size (left, right): none, causal, sliding windows on one side, both or neither, and
 # sides of 2^31 - 1 that overflow int when added to a position.
-SCHEDULE_WINDOWS = [(-1, -1), (-1, 0), (0, 0), (2, 1), (0, -1), (5, 2), (1, 5), (-1, 3), (2**31 - 1, 3),
-                    (3, 2**31 - 1)]
+SCHEDULE_WINDOWS = [(-1, -1), (-1, 0), (0, 0), (2, 1), (0, -1), (5, 2), (1, 5), (-1, 3), (2**31 - 1, 3), (3, 2**31 - 1)]
 
 
 @requires_cxx
@@ -496,8 +588,10 @@ def test_schedule_matches_the_semantics(host_lib, lengths, window):
     """Each row's interval is exactly what it sees, both ends non-decreasing in the row (what
     csrc/cuda/tile_union.cuh's prefix sum relies on); likewise for key rows."""
     lay = _Layout(*lengths, window)
-    for rows, other, fn, visible in ((lay.total_q, lay.total_k, host_lib.hk_keys_of_query, lay.visible),
-                                     (lay.total_k, lay.total_q, host_lib.hk_queries_of_key, lay.visible.t())):
+    for rows, other, fn, visible in (
+        (lay.total_q, lay.total_k, host_lib.hk_keys_of_query, lay.visible),
+        (lay.total_k, lay.total_q, host_lib.hk_queries_of_key, lay.visible.t()),
+    ):
         last = (0, 0)
         for row in range(rows):
             begin, end = lay.call(fn, row)
@@ -515,8 +609,11 @@ def test_schedule_matches_the_semantics(host_lib, lengths, window):
 PHILOX_KAT = [
     ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
     ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
-     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+    (
+        (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+        (0xA4093822, 0x299F31D0),
+        (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+    ),
 ]
 
 
@@ -537,8 +634,13 @@ def test_dropout_mask_matches_the_python_model(host_lib):
         assert host_lib.hk_threshold(p) == threshold
         heads, total_q, total_k = 2, 13, 11
         mask = keep_mask(seed, offset, heads, total_q, total_k, p)
-        native = torch.tensor([[[host_lib.hk_keep(seed, offset, h, i, j, threshold) for j in range(total_k)]
-                                for i in range(total_q)] for h in range(heads)], dtype=torch.bool)
+        native = torch.tensor(
+            [
+                [[host_lib.hk_keep(seed, offset, h, i, j, threshold) for j in range(total_k)] for i in range(total_q)]
+                for h in range(heads)
+            ],
+            dtype=torch.bool,
+        )
         assert torch.equal(mask, native)
     big = keep_mask(2024, 7, 4, 64, 64, 0.3)
     assert abs(big.float().mean().item() - 0.7) < 0.02

@@ -23,39 +23,65 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_cuda_build import CACHE, CSRC_COMMON, CSRC_CUDA, _cuda_include
+
+from hierkern.reference import varlen_attention_reference
 
 from cuda_oracles import dense_attention, keep_mask, rowwise_attention, visibility, window_of
 from helpers import Layout, adversarial_layouts, offsets_of, random_qkv, rel_err
-from hierkern.reference import varlen_attention_reference
-from test_cuda_build import CACHE, CSRC_COMMON, CSRC_CUDA, _cuda_include
 
 TESTS = Path(__file__).resolve().parent
 CXX = shutil.which("g++") or shutil.which("c++")
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # hierkern::cuda::DType
 _MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)  # Linux's value; the mmap module names it from 3.13
 
-pytestmark = pytest.mark.skipif(CXX is None or _cuda_include() is None,
-                                reason="needs g++ and the CUDA headers (cuda_fp16.h, cuda_bf16.h)")
+pytestmark = pytest.mark.skipif(
+    CXX is None or _cuda_include() is None, reason="needs g++ and the CUDA headers (cuda_fp16.h, cuda_bf16.h)"
+)
 
 
 @pytest.fixture(scope="module")
 def emu():
-    sources = [TESTS / "cuda_emulation_harness.cpp", TESTS / "cuda_host_emulation.h",
-               *sorted(CSRC_CUDA.iterdir()), *sorted(CSRC_COMMON.iterdir())]
+    sources = [
+        TESTS / "cuda_emulation_harness.cpp",
+        TESTS / "cuda_host_emulation.h",
+        *sorted(CSRC_CUDA.iterdir()),
+        *sorted(CSRC_COMMON.iterdir()),
+    ]
     digest = hashlib.sha256(b"".join(p.name.encode() + p.read_bytes() for p in sources)).hexdigest()[:16]
     lib = CACHE / f"emulation-{digest}" / "libhkemu.so"
     if not lib.exists():
         lib.parent.mkdir(parents=True, exist_ok=True)
         private = lib.with_suffix(f".{os.getpid()}.so")  # renamed into place: concurrent runs never load half a file
         # No _FORTIFY_SOURCE: its longjmp check rejects the switches between fiber stacks.
-        subprocess.run([CXX, "-std=c++17", "-O2", "-U_FORTIFY_SOURCE", "-shared", "-fPIC", "-Wall", "-Wextra",
-                        "-Werror", "-Wno-unknown-pragmas", "-I", str(TESTS), "-I", str(CSRC_CUDA), "-isystem",
-                        str(_cuda_include()), str(sources[0]), "-o", str(private)], check=True)
+        subprocess.run(
+            [
+                CXX,
+                "-std=c++17",
+                "-O2",
+                "-U_FORTIFY_SOURCE",
+                "-shared",
+                "-fPIC",
+                "-Wall",
+                "-Wextra",
+                "-Werror",
+                "-Wno-unknown-pragmas",
+                "-I",
+                str(TESTS),
+                "-I",
+                str(CSRC_CUDA),
+                "-isystem",
+                str(_cuda_include()),
+                str(sources[0]),
+                "-o",
+                str(private),
+            ],
+            check=True,
+        )
         os.replace(private, lib)
     handle = ctypes.CDLL(str(lib))
     ptr, i32 = ctypes.c_void_p, ctypes.c_int
-    common = [i32] * 7 + [ptr] * 6 + [ctypes.c_float, i32, i32, ctypes.c_float, ctypes.c_ulonglong,
-                                      ctypes.c_ulonglong]
+    common = [i32] * 7 + [ptr] * 6 + [ctypes.c_float, i32, i32, ctypes.c_float, ctypes.c_ulonglong, ctypes.c_ulonglong]
     handle.emu_varlen_fwd.argtypes = common + [ptr, ptr]
     handle.emu_varlen_bwd.argtypes = common + [ptr] * 6
     return handle
@@ -66,17 +92,35 @@ def _common(q, k, v, cu_q, cu_k, mask, scale, p, seed, offset, dout=None):
     inputs = (q, k, v) if dout is None else (q, k, v, dout)
     assert all(t.stride(2) == 1 for t in inputs)
     strides = (ctypes.c_longlong * 8)(*[s for t in inputs for s in t.stride()[:2]])
-    return (DTYPE_CODES[q.dtype], q.shape[2], q.shape[1], k.shape[1], q.shape[0], k.shape[0], cu_q.numel() - 1,
-            q.data_ptr(), k.data_ptr(), v.data_ptr(), strides, cu_q.data_ptr(), cu_k.data_ptr(), scale,
-            *window_of(mask), p, seed, offset)
+    return (
+        DTYPE_CODES[q.dtype],
+        q.shape[2],
+        q.shape[1],
+        k.shape[1],
+        q.shape[0],
+        k.shape[0],
+        cu_q.numel() - 1,
+        q.data_ptr(),
+        k.data_ptr(),
+        v.data_ptr(),
+        strides,
+        cu_q.data_ptr(),
+        cu_k.data_ptr(),
+        scale,
+        *window_of(mask),
+        p,
+        seed,
+        offset,
+    )
 
 
 def emu_fwd(lib, q, k, v, cu_q, cu_k, mask, scale, p=0.0, seed=0, offset=0):
     """``mask``: a causal flag or a window (left, right)."""
     out = torch.full(q.shape, math.nan, dtype=q.dtype)
     lse = torch.full((q.shape[1], q.shape[0]), math.nan)
-    err = lib.emu_varlen_fwd(*_common(q, k, v, cu_q, cu_k, mask, scale, p, seed, offset), out.data_ptr(),
-                             lse.data_ptr())
+    err = lib.emu_varlen_fwd(
+        *_common(q, k, v, cu_q, cu_k, mask, scale, p, seed, offset), out.data_ptr(), lse.data_ptr()
+    )
     assert err == 0, f"emulated forward failed (cudaError {err}: 719 is a deadlock)"
     return out, lse
 
@@ -84,16 +128,26 @@ def emu_fwd(lib, q, k, v, cu_q, cu_k, mask, scale, p=0.0, seed=0, offset=0):
 def emu_bwd(lib, dout, q, k, v, lse, cu_q, cu_k, mask, scale, p=0.0, seed=0, offset=0):
     dq, dk, dv = (torch.full(t.shape, math.nan, dtype=t.dtype) for t in (q, k, v))
     delta = torch.full((q.shape[1], q.shape[0]), math.nan)
-    err = lib.emu_varlen_bwd(*_common(q, k, v, cu_q, cu_k, mask, scale, p, seed, offset, dout), dout.data_ptr(),
-                             lse.data_ptr(), delta.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr())
+    err = lib.emu_varlen_bwd(
+        *_common(q, k, v, cu_q, cu_k, mask, scale, p, seed, offset, dout),
+        dout.data_ptr(),
+        lse.data_ptr(),
+        delta.data_ptr(),
+        dq.data_ptr(),
+        dk.data_ptr(),
+        dv.data_ptr(),
+    )
     assert err == 0, f"emulated backward failed (cudaError {err}: 719 is a deadlock)"
     return dq, dk, dv
 
 
 _ADVERSARIAL = {lay.name: lay for lay in adversarial_layouts(tile=64)}
 LAYOUTS = [
-    _ADVERSARIAL["empty-and-one"], _ADVERSARIAL["tile-boundaries"], _ADVERSARIAL["cross-unequal"],
-    _ADVERSARIAL["words"], _ADVERSARIAL["all-empty"],
+    _ADVERSARIAL["empty-and-one"],
+    _ADVERSARIAL["tile-boundaries"],
+    _ADVERSARIAL["cross-unequal"],
+    _ADVERSARIAL["words"],
+    _ADVERSARIAL["all-empty"],
     Layout("row-tiles", (15, 16, 17, 31, 33, 1, 0, 2)),
     Layout("keys-shorter", (9, 40, 3), (2, 70, 0)),
 ]
@@ -107,8 +161,9 @@ FLOOR = {torch.float32: 1e-6, torch.float16: 2e-4, torch.bfloat16: 2e-3}
 
 def _case(layout, config, requires_grad=False):
     dtype, h, hk, d = config
-    q, k, v = random_qkv(layout, h, hk, d, dtype=dtype, generator=torch.Generator().manual_seed(0),
-                         requires_grad=requires_grad)
+    q, k, v = random_qkv(
+        layout, h, hk, d, dtype=dtype, generator=torch.Generator().manual_seed(0), requires_grad=requires_grad
+    )
     return q, k, v, offsets_of(layout.lengths_q), offsets_of(layout.keys), 0.7 / math.sqrt(d)
 
 
@@ -200,7 +255,7 @@ def _reach(layout, causal, tensor, tokens, head, num_heads, group):
     if tensor in ("q", "dout"):
         rows[head, tokens] = True
     else:
-        rows[head * group:(head + 1) * group] = seen[:, tokens].any(1)
+        rows[head * group : (head + 1) * group] = seen[:, tokens].any(1)
     keys = (rows[:, :, None] & seen[None]).any(1).unflatten(0, (-1, group)).any(1)
     if tensor in ("k", "v"):
         keys[head, tokens] = True
@@ -228,7 +283,8 @@ def _same_class(got, want):
 # that overflows gives, so a key weighs 0 in its rows even when a row meets it first, and a query whose
 # scores are all -inf gets 0/0 = NaN and lse = -inf.
 POISONS = [(t, v) for t in ("q", "k", "v", "dout") for v in (math.inf, math.nan)] + [
-    (t, v) for t in ("q", "k") for v in ("+inf element", "-inf element")]
+    (t, v) for t in ("q", "k") for v in ("+inf element", "-inf element")
+]
 
 
 @pytest.mark.parametrize("causal", [False, True, (3, 1)], ids=str)
@@ -237,8 +293,9 @@ POISONS = [(t, v) for t in ("q", "k", "v", "dout") for v in (math.inf, math.nan)
 def test_nonfinite_token_reaches_only_the_rows_that_attend_to_it(emu, tensor, value, layout, causal):
     """Every output, lse and gradient that does not depend on the poisoned token is bit-for-bit the clean
     run's (no 0 * inf from a causally hidden key or one outside a window (3, 1), a key of another segment
-    staged in the same block, or a padding lane); the ones that do follow IEEE arithmetic over each row's visible keys (the float64
-    rowwise oracle): NaN where it is NaN, the same infinity where it is infinite, close where finite."""
+    staged in the same block, or a padding lane); the ones that do follow IEEE arithmetic over each row's visible
+    keys (the float64 rowwise oracle): NaN where it is NaN, the same infinity where it is infinite, close where
+    finite."""
     dtype, h, hk, d = ISOLATION_CONFIG
     q, k, v, cu_q, cu_k, scale = _case(layout, ISOLATION_CONFIG)
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
@@ -263,8 +320,13 @@ def test_nonfinite_token_reaches_only_the_rows_that_attend_to_it(emu, tensor, va
     oracle = rowwise_attention(*inputs.values(), layout, causal, scale)
 
     rows, keys = _reach(layout, causal, tensor, tokens, head, h, h // hk)
-    reach = {"out": rows.t()[..., None], "lse": rows, "dq": rows.t()[..., None], "dk": keys.t()[..., None],
-             "dv": keys.t()[..., None]}
+    reach = {
+        "out": rows.t()[..., None],
+        "lse": rows,
+        "dq": rows.t()[..., None],
+        "dk": keys.t()[..., None],
+        "dv": keys.t()[..., None],
+    }
     for (name, where), got, before, want in zip(reach.items(), poisoned, clean, oracle):
         where = where.expand_as(got)
         assert torch.equal(got[~where], before[~where]), f"{name}: changed where it cannot depend on the token"
@@ -310,6 +372,7 @@ def test_peaky_softmax_gradients_in_half_precision(emu, dtype, scale, causal):
 # Offsets past 2^31 elements
 # ---------------------------------------------------------------------------------------------------------
 
+
 def test_head_offsets_past_int32(emu):
     """Head-major views (head stride 2^31 + 8 elements, as a (heads, tokens, head_dim) buffer transposed
     gives once heads x tokens x head_dim >= 2^31) give the same results as contiguous copies: head * stride
@@ -318,8 +381,11 @@ def test_head_offsets_past_int32(emu):
     layout = Layout("words-and-long", (3, 1, 70, 5))
     dtype, h, d, stride, wrap = torch.bfloat16, 2, 32, 2**31 + 8, 2**31
     total, tensors = sum(layout.lengths_q), 4  # q, k, v, dout
-    mapping = mmap.mmap(-1, (wrap + stride + tensors * total * d) * dtype.itemsize,
-                        flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE)
+    mapping = mmap.mmap(
+        -1,
+        (wrap + stride + tensors * total * d) * dtype.itemsize,
+        flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE,
+    )
     storage = torch.frombuffer(mapping, dtype=dtype)
     gen = torch.Generator().manual_seed(3)
     views = [storage.as_strided((total, h, d), (d, stride, 1), wrap + i * total * d) for i in range(tensors)]
@@ -344,8 +410,11 @@ WINDOW_SIDES = (-1, 0, 1, 2, 5, WIDE)
 # Lengths 0 and 1, the CTA's 64 rows and the 64-key block (fp32/bf16, D=32) +-1, one long segment among tiny
 # ones, more keys than queries and fewer (bottom-right alignment both ways: windows that start past a
 # segment's first keys leave gaps in a tile's union, and rows see no key at all), keys without queries.
-WINDOW_LAYOUT = Layout("window-mix", (0, 1, 3, 63, 64, 65, 2, 0, 1, 150, 4, 1, 5, 9, 70, 2),
-                       (0, 1, 7, 60, 64, 66, 2, 5, 0, 170, 1, 3, 2, 9, 40, 6))
+WINDOW_LAYOUT = Layout(
+    "window-mix",
+    (0, 1, 3, 63, 64, 65, 2, 0, 1, 150, 4, 1, 5, 9, 70, 2),
+    (0, 1, 7, 60, 64, 66, 2, 5, 0, 170, 1, 3, 2, 9, 40, 6),
+)
 
 
 def _check_against_rowwise(emu, layout, config, mask, rtol):
@@ -385,8 +454,9 @@ def test_windows_in_every_dtype_and_head_dim(emu, layout, config, window):
     """Within 2x (outputs) / 3x (gradients) the error of rounding the float64 oracle to the dtype."""
     dtype = config[0]
     factor = {"out": 2, "dq": 3, "dk": 3, "dv": 3}
-    _check_against_rowwise(emu, layout, config, window,
-                           lambda name, want: factor[name] * rel_err(want.to(dtype), want) + FLOOR[dtype])
+    _check_against_rowwise(
+        emu, layout, config, window, lambda name, want: factor[name] * rel_err(want.to(dtype), want) + FLOOR[dtype]
+    )
 
 
 def test_windows_wider_than_every_segment_are_unbounded(emu):

@@ -11,9 +11,17 @@ from torch import nn
 
 import hierkern
 from hierkern import CharVocab, Segments, TextBatch
-from hierkern.nn.layers import (AttentionPooling, LearnedPositionalEncoding, PackedTransformerEncoder,
-                                PackedTransformerEncoderLayer, SegmentPooling, SinusoidalPositionalEncoding,
-                                prepend_token, segment_max, segment_mean)
+from hierkern.nn.layers import (
+    AttentionPooling,
+    LearnedPositionalEncoding,
+    PackedTransformerEncoder,
+    PackedTransformerEncoderLayer,
+    SegmentPooling,
+    SinusoidalPositionalEncoding,
+    prepend_token,
+    segment_max,
+    segment_mean,
+)
 
 DIM, HEADS = 16, 4
 
@@ -25,8 +33,15 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-SENTENCES = ["the quick brown fox jumps over the lazy dog.", "Hello, world!", "a",
-             "Pack my box with five dozen liquor jugs", "Zebras? Yes: zebras, quite unexpectedly."]
+
+
+SENTENCES = [
+    "the quick brown fox jumps over the lazy dog.",
+    "Hello, world!",
+    "a",
+    "Pack my box with five dozen liquor jugs",
+    "Zebras? Yes: zebras, quite unexpectedly.",
+]
 
 
 def _padded_input(lengths, generator, dtype=torch.float64):
@@ -39,10 +54,19 @@ def _padded_input(lengths, generator, dtype=torch.float64):
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
 def test_layer_matches_torch_encoder_layer(norm_first, activation):
     g = torch.Generator().manual_seed(0)
-    torch_layer = nn.TransformerEncoderLayer(DIM, HEADS, dim_feedforward=24, dropout=0.0, activation=activation,
-                                             norm_first=norm_first, batch_first=True, dtype=torch.float64)
-    layer = PackedTransformerEncoderLayer(DIM, HEADS, dim_feedforward=24, dropout=0.0, activation=activation,
-                                          norm_first=norm_first, dtype=torch.float64)
+    torch_layer = nn.TransformerEncoderLayer(
+        DIM,
+        HEADS,
+        dim_feedforward=24,
+        dropout=0.0,
+        activation=activation,
+        norm_first=norm_first,
+        batch_first=True,
+        dtype=torch.float64,
+    )
+    layer = PackedTransformerEncoderLayer(
+        DIM, HEADS, dim_feedforward=24, dropout=0.0, activation=activation, norm_first=norm_first, dtype=torch.float64
+    )
     layer.load_state_dict(torch_layer.state_dict())  # same parameter names and shapes
     seg, x, padded, mask = _padded_input([5, 1, 9, 3, 17, 2], g)
     expected = seg.pack(torch_layer(padded, src_key_padding_mask=mask))
@@ -51,13 +75,17 @@ def test_layer_matches_torch_encoder_layer(norm_first, activation):
 
 def test_stack_matches_torch_encoder_outputs_and_gradients():
     g = torch.Generator().manual_seed(1)
-    torch_layer = nn.TransformerEncoderLayer(DIM, HEADS, dim_feedforward=32, dropout=0.0, batch_first=True,
-                                             norm_first=True, dtype=torch.float64)
-    reference = nn.TransformerEncoder(torch_layer, 3, norm=nn.LayerNorm(DIM, dtype=torch.float64),
-                                      enable_nested_tensor=False)
-    packed = PackedTransformerEncoder(PackedTransformerEncoderLayer(DIM, HEADS, 32, 0.0, norm_first=True,
-                                                                    dtype=torch.float64),
-                                      3, norm=nn.LayerNorm(DIM, dtype=torch.float64))
+    torch_layer = nn.TransformerEncoderLayer(
+        DIM, HEADS, dim_feedforward=32, dropout=0.0, batch_first=True, norm_first=True, dtype=torch.float64
+    )
+    reference = nn.TransformerEncoder(
+        torch_layer, 3, norm=nn.LayerNorm(DIM, dtype=torch.float64), enable_nested_tensor=False
+    )
+    packed = PackedTransformerEncoder(
+        PackedTransformerEncoderLayer(DIM, HEADS, 32, 0.0, norm_first=True, dtype=torch.float64),
+        3,
+        norm=nn.LayerNorm(DIM, dtype=torch.float64),
+    )
     packed.load_state_dict(reference.state_dict())
     seg, x, _, mask = _padded_input([4, 7, 1, 12, 3], g)
     x_ref = x.clone().requires_grad_()
@@ -88,8 +116,9 @@ def test_positional_encodings_restart_in_every_segment():
     seg = Segments.from_lengths([3, 0, 1, 4])
     positions = [0, 1, 2, 0, 0, 1, 2, 3]
     sinus = SinusoidalPositionalEncoding(6)(seg)
-    expected = torch.tensor([[f(p / 10000 ** (2 * (i // 2) / 6)) for i, f in
-                              zip(range(6), [math.sin, math.cos] * 3)] for p in positions])
+    expected = torch.tensor(
+        [[f(p / 10000 ** (2 * (i // 2) / 6)) for i, f in zip(range(6), [math.sin, math.cos] * 3)] for p in positions]
+    )
     torch.testing.assert_close(sinus, expected.float())
     learned = LearnedPositionalEncoding(4, 6)
     torch.testing.assert_close(learned(seg), learned.embedding.weight[positions])
@@ -147,9 +176,22 @@ def test_prepend_token():
 
 def _encoder(vocab, pooling, positional="sinusoidal", dropout=0.0):
     torch.manual_seed(0)
-    return hierkern.HierarchicalEncoder(len(vocab), DIM, HEADS, char_layers=2, word_layers=2, pooling=pooling,
-                                        positional=positional, dropout=dropout, max_word_len=24,
-                                        max_sentence_len=32).double().eval()
+    return (
+        hierkern.HierarchicalEncoder(
+            len(vocab),
+            DIM,
+            HEADS,
+            char_layers=2,
+            word_layers=2,
+            pooling=pooling,
+            positional=positional,
+            dropout=dropout,
+            max_word_len=24,
+            max_sentence_len=32,
+        )
+        .double()
+        .eval()
+    )
 
 
 @pytest.mark.parametrize("pooling", hierkern.nn.layers.POOLING_MODES)
@@ -160,9 +202,9 @@ def test_sentence_output_independent_of_other_sentences(pooling):
     offsets = TextBatch.from_sentences(SENTENCES, vocab).sentences.offsets.tolist()
     for i, sentence in enumerate(SENTENCES):
         alone = encoder(TextBatch.from_sentences([sentence], vocab))
-        torch.testing.assert_close(full[offsets[i]:offsets[i + 1]], alone, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(full[offsets[i] : offsets[i + 1]], alone, rtol=1e-10, atol=1e-10)
     swapped = encoder(TextBatch.from_sentences(SENTENCES[::-1], vocab))
-    torch.testing.assert_close(swapped[:offsets[-1] - offsets[-2]], full[offsets[-2]:], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(swapped[: offsets[-1] - offsets[-2]], full[offsets[-2] :], rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("pooling", hierkern.nn.layers.POOLING_MODES)
@@ -198,8 +240,9 @@ def test_gradients_reach_every_parameter(pooling, positional):
 def test_empty_words_do_not_nan(pooling):
     vocab = CharVocab.from_texts(SENTENCES)
     encoder = _encoder(vocab, pooling)
-    batch = TextBatch(torch.tensor(vocab.encode("abcd")), Segments.from_lengths([2, 0, 2, 0]),
-                      Segments.from_lengths([3, 1]))
+    batch = TextBatch(
+        torch.tensor(vocab.encode("abcd")), Segments.from_lengths([2, 0, 2, 0]), Segments.from_lengths([3, 1])
+    )
     out = encoder(batch)
     assert out.shape == (4, DIM) and torch.isfinite(out).all()
 
@@ -217,4 +260,5 @@ def test_encoder_rejects_bad_arguments():
         encoder(["The quick brown fox."])
     with pytest.raises(ValueError, match="max_len=25"):
         _encoder(vocab, "cls", positional="learned").embed_words(
-            TextBatch.from_sentences(["x" * 30], vocab, max_word_len=30))
+            TextBatch.from_sentences(["x" * 30], vocab, max_word_len=30)
+        )

@@ -12,8 +12,8 @@ import copy
 import io
 import random
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import pytest
 import torch
@@ -37,8 +37,8 @@ class Config:
     batched: bool
     n: int
     length: int
-    kpm_kind: str | None      # None | "prefix" | "prefix-float" | "scattered"
-    mask_kind: str | None     # None | "causal" | "causal-float" | "random"
+    kpm_kind: str | None  # None | "prefix" | "prefix-float" | "scattered"
+    mask_kind: str | None  # None | "causal" | "causal-float" | "random"
     is_causal: bool | None
     training: bool
 
@@ -48,14 +48,27 @@ def draw_config(seed: int) -> Config:
     nhead = rng.choice([1, 2, 4])
     mask_kind = rng.choice([None, None, None, "causal", "causal-float", "random"])
     return Config(
-        layer=dict(d_model=nhead * rng.choice([2, 4, 8]), nhead=nhead, dim_feedforward=rng.choice([4, 16, 24]),
-                   dropout=0.0, layer_norm_eps=rng.choice([1e-5, 1e-3]), batch_first=rng.random() < 0.5,
-                   norm_first=rng.random() < 0.5, bias=rng.random() < 0.75),
-        activation=rng.choice(sorted(ACTIVATIONS)), num_layers=rng.randint(1, 3), final_norm=rng.random() < 0.5,
-        batched=rng.random() < 0.85, n=rng.randint(1, 4), length=rng.randint(1, 7),
+        layer=dict(
+            d_model=nhead * rng.choice([2, 4, 8]),
+            nhead=nhead,
+            dim_feedforward=rng.choice([4, 16, 24]),
+            dropout=0.0,
+            layer_norm_eps=rng.choice([1e-5, 1e-3]),
+            batch_first=rng.random() < 0.5,
+            norm_first=rng.random() < 0.5,
+            bias=rng.random() < 0.75,
+        ),
+        activation=rng.choice(sorted(ACTIVATIONS)),
+        num_layers=rng.randint(1, 3),
+        final_norm=rng.random() < 0.5,
+        batched=rng.random() < 0.85,
+        n=rng.randint(1, 4),
+        length=rng.randint(1, 7),
         kpm_kind=rng.choice([None, "prefix", "prefix", "prefix", "prefix-float", "scattered"]),
-        mask_kind=mask_kind, is_causal=rng.choice([None, None, True]) if mask_kind else None,
-        training=rng.random() < 0.5)
+        mask_kind=mask_kind,
+        is_causal=rng.choice([None, None, True]) if mask_kind else None,
+        training=rng.random() < 0.5,
+    )
 
 
 def make_pair(cfg: Config, seed: int) -> tuple[nn.TransformerEncoder, TransformerEncoder]:
@@ -65,7 +78,7 @@ def make_pair(cfg: Config, seed: int) -> tuple[nn.TransformerEncoder, Transforme
     kwargs = dict(cfg.layer, activation=ACTIVATIONS[cfg.activation])
     norm = nn.LayerNorm(cfg.layer["d_model"], bias=cfg.layer["bias"]) if cfg.final_norm else None
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")   # torch's enable_nested_tensor notices
+        warnings.simplefilter("ignore")  # torch's enable_nested_tensor notices
         ref = nn.TransformerEncoder(nn.TransformerEncoderLayer(**kwargs), cfg.num_layers, norm=norm)
         ours = TransformerEncoder(TransformerEncoderLayer(**kwargs), cfg.num_layers, norm=copy.deepcopy(norm))
     with torch.no_grad():
@@ -169,6 +182,7 @@ def test_encoder_matches_torch_on_random_configs(seed):
     def float64():
         out, grads = forward_backward(copy.deepcopy(ref).double(), src.double(), kwargs, out_weight.double())
         return dict(grads, out=out[valid])
+
     assert_matches_torch(dict(g_o, out=out_o[valid]), dict(g_r, out=out_r[valid]), float64)
 
 
@@ -191,6 +205,7 @@ def test_layer_matches_torch_on_random_configs(seed):
     def float64():
         out, grads = forward_backward(copy.deepcopy(ref_layer).double(), src.double(), kwargs, out_weight.double())
         return dict(grads, out=out[valid])
+
     assert_matches_torch(dict(g_o, out=out_o[valid]), dict(g_r, out=out_r[valid]), float64)
 
 
@@ -214,16 +229,18 @@ LAYER_CTORS = [
 @pytest.mark.parametrize("ctor", LAYER_CTORS)
 def test_same_parameters_initialisation_and_state_dict_both_ways(ctor):
     torch.manual_seed(0)
-    ref = nn.TransformerEncoder(nn.TransformerEncoderLayer(**ctor), 2, norm=nn.LayerNorm(ctor["d_model"]),
-                                enable_nested_tensor=False)
+    ref = nn.TransformerEncoder(
+        nn.TransformerEncoderLayer(**ctor), 2, norm=nn.LayerNorm(ctor["d_model"]), enable_nested_tensor=False
+    )
     torch.manual_seed(0)
-    ours = TransformerEncoder(TransformerEncoderLayer(**ctor), 2, norm=nn.LayerNorm(ctor["d_model"]),
-                              enable_nested_tensor=False)
+    ours = TransformerEncoder(
+        TransformerEncoderLayer(**ctor), 2, norm=nn.LayerNorm(ctor["d_model"]), enable_nested_tensor=False
+    )
     assert isinstance(ours, nn.TransformerEncoder) and isinstance(ours.layers[1], nn.TransformerEncoderLayer)
     assert isinstance(ours.layers[0].self_attn, hierkern.MultiheadAttention)
     sd_ref, sd_ours = ref.state_dict(), ours.state_dict()
     assert list(sd_ref) == list(sd_ours)
-    for name in sd_ref:   # the same random draws for the same seed
+    for name in sd_ref:  # the same random draws for the same seed
         assert torch.equal(sd_ref[name], sd_ours[name]), name
     with torch.no_grad():
         for p in ours.parameters():
@@ -232,8 +249,9 @@ def test_same_parameters_initialisation_and_state_dict_both_ways(ctor):
     buffer = io.BytesIO()
     torch.save(ours.state_dict(), buffer)
     buffer.seek(0)
-    back = TransformerEncoder(TransformerEncoderLayer(**ctor), 2, norm=nn.LayerNorm(ctor["d_model"]),
-                              enable_nested_tensor=False)
+    back = TransformerEncoder(
+        TransformerEncoderLayer(**ctor), 2, norm=nn.LayerNorm(ctor["d_model"]), enable_nested_tensor=False
+    )
     back.load_state_dict(torch.load(buffer))
     for (name, a), b in zip(ref.state_dict().items(), back.state_dict().values()):
         assert torch.equal(a, b), name
@@ -256,15 +274,14 @@ def test_inference_matches_torch_nested_fast_path():
     norm. Valid positions agree; ours has zeros at padded positions after the norm too."""
     torch.manual_seed(0)
     d = 16
-    ref = nn.TransformerEncoder(nn.TransformerEncoderLayer(d, 4, 32, batch_first=True), 3,
-                                norm=nn.LayerNorm(d)).eval()
+    ref = nn.TransformerEncoder(nn.TransformerEncoderLayer(d, 4, 32, batch_first=True), 3, norm=nn.LayerNorm(d)).eval()
     ours = TransformerEncoder(TransformerEncoderLayer(d, 4, 32, batch_first=True), 3, norm=nn.LayerNorm(d)).eval()
     ours.load_state_dict(ref.state_dict())
     lengths = torch.tensor([6, 1, 4, 6])
     pad = torch.arange(6)[None, :] >= lengths[:, None]
     x = torch.randn(4, 6, d)
     with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")   # torch: nested tensors are a prototype
+        warnings.simplefilter("ignore")  # torch: nested tensors are a prototype
         out_r = ref(x, src_key_padding_mask=pad)
         out_o = ours(x, src_key_padding_mask=pad)
     torch.testing.assert_close(out_o[~pad], out_r[~pad], **TOL)
@@ -299,18 +316,21 @@ def test_torchscript_compiles_torchs_modules_and_leaves_the_eager_model_alone():
     assert all(type(layer) is TransformerEncoderLayer for layer in ours.layers)
     assert type(ours.layers[0].self_attn) is hierkern.MultiheadAttention
     with torch.no_grad():
-        ours.layers[0].linear1.weight.add_(1.0)   # shared parameters: the scripted module sees the change
-    torch.testing.assert_close(scripted(x, src_key_padding_mask=pad)[~pad],
-                               ours(x, src_key_padding_mask=pad)[~pad], **TOL)
+        ours.layers[0].linear1.weight.add_(1.0)  # shared parameters: the scripted module sees the change
+    torch.testing.assert_close(
+        scripted(x, src_key_padding_mask=pad)[~pad], ours(x, src_key_padding_mask=pad)[~pad], **TOL
+    )
 
 
 # -- packed entry point ----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_packed_entry_point_equals_padded_call(causal):
     torch.manual_seed(0)
-    ours = TransformerEncoder(TransformerEncoderLayer(8, 2, 16, 0.0, batch_first=True, norm_first=True), 2,
-                              norm=nn.LayerNorm(8))
+    ours = TransformerEncoder(
+        TransformerEncoderLayer(8, 2, 16, 0.0, batch_first=True, norm_first=True), 2, norm=nn.LayerNorm(8)
+    )
     segments = hierkern.Segments.from_lengths([3, 1, 5, 2])
     packed = torch.randn(segments.total, 8, requires_grad=True)
     padded = segments.unpack(packed.detach()).requires_grad_()
@@ -324,8 +344,7 @@ def test_packed_entry_point_equals_padded_call(causal):
     (dpadded,) = torch.autograd.grad(out_padded, padded, segments.unpack(dout))
     torch.testing.assert_close(dpacked, segments.pack(dpadded), **TOL)
     layer_out = ours.layers[0](packed, is_causal=causal, segments=segments)
-    padded_out = ours.layers[0](padded, src_mask=mask, src_key_padding_mask=segments.padding_mask(),
-                                is_causal=causal)
+    padded_out = ours.layers[0](padded, src_mask=mask, src_key_padding_mask=segments.padding_mask(), is_causal=causal)
     torch.testing.assert_close(layer_out, segments.pack(padded_out), **TOL)
 
 
@@ -346,9 +365,13 @@ def test_fullgraph_compile_keeps_rows_padded_and_matches_eager(norm_first):
     and every attention takes MultiheadAttention's sync-free path, with no graph break."""
     torch._dynamo.reset()
     torch.manual_seed(0)
-    ours = TransformerEncoder(TransformerEncoderLayer(8, 2, 16, 0.0, norm_first=norm_first), 2,
-                              norm=nn.LayerNorm(8), enable_nested_tensor=False)
-    x = torch.randn(5, 3, 8)   # (L, N, E): batch_first=False
+    ours = TransformerEncoder(
+        TransformerEncoderLayer(8, 2, 16, 0.0, norm_first=norm_first),
+        2,
+        norm=nn.LayerNorm(8),
+        enable_nested_tensor=False,
+    )
+    x = torch.randn(5, 3, 8)  # (L, N, E): batch_first=False
     pad = torch.arange(5)[None, :] >= torch.tensor([5, 2, 3])[:, None]
     causal = nn.Transformer.generate_square_subsequent_mask(5, dtype=torch.bool)
 
@@ -364,39 +387,59 @@ def test_fullgraph_compile_keeps_rows_padded_and_matches_eager(norm_first):
         grads = torch.autograd.grad(out, [leaf] + list(ours.parameters()), torch.ones_like(out))
         results.append((out.detach(), grads))
     (eager, eager_grads), (got, got_grads) = results
-    torch.testing.assert_close(got, eager, **TOL)     # padded positions are zeros on both paths
+    torch.testing.assert_close(got, eager, **TOL)  # padded positions are zeros on both paths
     for a, b in zip(got_grads, eager_grads):
         torch.testing.assert_close(a, b, **TOL)
 
 
 # -- errors ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("build, error, match", [
-    (lambda: TransformerEncoderLayer(10, 3), ValueError, "multiple of nhead"),
-    (lambda: TransformerEncoderLayer(0, 1), ValueError, "d_model"),
-    (lambda: TransformerEncoderLayer(8, 2, activation="swish"), ValueError, "activation"),
-    (lambda: TransformerEncoderLayer(8, 2, activation=3), TypeError, "activation"),
-    (lambda: TransformerEncoder(TransformerEncoderLayer(8, 2), -1), ValueError, "num_layers"),
-    (lambda: TransformerEncoder("layer", 2), TypeError, "encoder_layer"),
-])
+
+@pytest.mark.parametrize(
+    "build, error, match",
+    [
+        (lambda: TransformerEncoderLayer(10, 3), ValueError, "multiple of nhead"),
+        (lambda: TransformerEncoderLayer(0, 1), ValueError, "d_model"),
+        (lambda: TransformerEncoderLayer(8, 2, activation="swish"), ValueError, "activation"),
+        (lambda: TransformerEncoderLayer(8, 2, activation=3), TypeError, "activation"),
+        (lambda: TransformerEncoder(TransformerEncoderLayer(8, 2), -1), ValueError, "num_layers"),
+        (lambda: TransformerEncoder("layer", 2), TypeError, "encoder_layer"),
+    ],
+)
 def test_constructor_errors_name_the_argument(build, error, match):
     with pytest.raises(error, match=match):
         build()
 
 
-@pytest.mark.parametrize("call, error, match", [
-    (lambda m, x: m(x, src_key_padding_mask=torch.zeros(2, 3, dtype=torch.bool)), ValueError,
-     "src_key_padding_mask must have shape"),
-    (lambda m, x: m(x, src_key_padding_mask=torch.zeros(3, 5, dtype=torch.long)), TypeError,
-     "src_key_padding_mask must be a bool or floating-point"),
-    (lambda m, x: m(x, mask=torch.zeros(4, 4, dtype=torch.bool)), ValueError, "mask must have shape"),
-    (lambda m, x: m(x, is_causal="yes"), TypeError, "is_causal"),
-    (lambda m, x: m(x[0], segments=hierkern.Segments.from_lengths([2, 2])), ValueError, "segments covers"),
-    (lambda m, x: m(x[0], segments=[3, 2]), TypeError, "segments must be a hierkern.Segments"),
-    (lambda m, x: m(x.flatten(0, 1), src_key_padding_mask=torch.zeros(15, dtype=torch.bool),
-                    segments=hierkern.Segments.from_lengths([15])), ValueError, "must be None"),
-    (lambda m, x: m(torch.randn(1, 2, 3, 8)), ValueError, "src must be"),
-])
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (
+            lambda m, x: m(x, src_key_padding_mask=torch.zeros(2, 3, dtype=torch.bool)),
+            ValueError,
+            "src_key_padding_mask must have shape",
+        ),
+        (
+            lambda m, x: m(x, src_key_padding_mask=torch.zeros(3, 5, dtype=torch.long)),
+            TypeError,
+            "src_key_padding_mask must be a bool or floating-point",
+        ),
+        (lambda m, x: m(x, mask=torch.zeros(4, 4, dtype=torch.bool)), ValueError, "mask must have shape"),
+        (lambda m, x: m(x, is_causal="yes"), TypeError, "is_causal"),
+        (lambda m, x: m(x[0], segments=hierkern.Segments.from_lengths([2, 2])), ValueError, "segments covers"),
+        (lambda m, x: m(x[0], segments=[3, 2]), TypeError, "segments must be a hierkern.Segments"),
+        (
+            lambda m, x: m(
+                x.flatten(0, 1),
+                src_key_padding_mask=torch.zeros(15, dtype=torch.bool),
+                segments=hierkern.Segments.from_lengths([15]),
+            ),
+            ValueError,
+            "must be None",
+        ),
+        (lambda m, x: m(torch.randn(1, 2, 3, 8)), ValueError, "src must be"),
+    ],
+)
 def test_bad_input_raises(call, error, match):
     ours = TransformerEncoder(TransformerEncoderLayer(8, 2, 16, batch_first=True), 1)
     with pytest.raises(error, match=match):
@@ -405,6 +448,7 @@ def test_bad_input_raises(call, error, match):
 
 # -- patch_model ------------------------------------------------------------------------------------
 
+
 def _transformer_pair(batch_first: bool, norm_first: bool):
     torch.manual_seed(0)
     ref = nn.Transformer(16, 4, 2, 2, 32, 0.0, batch_first=batch_first, norm_first=norm_first)
@@ -412,17 +456,19 @@ def _transformer_pair(batch_first: bool, norm_first: bool):
     return ref, model
 
 
-@pytest.mark.parametrize("batch_first, norm_first, training", [(True, False, True), (False, True, False),
-                                                               (True, True, False)])
+@pytest.mark.parametrize(
+    "batch_first, norm_first, training", [(True, False, True), (False, True, False), (True, True, False)]
+)
 def test_patch_model_leaves_nn_transformer_outputs_unchanged(batch_first, norm_first, training):
     ref, model = _transformer_pair(batch_first, norm_first)
     params_before = [id(p) for p in model.parameters()]
     report = hierkern.patch_model(model)
-    assert [id(p) for p in model.parameters()] == params_before   # an optimiser keeps training them
+    assert [id(p) for p in model.parameters()] == params_before  # an optimiser keeps training them
     assert isinstance(model.encoder, TransformerEncoder)
-    assert all(isinstance(m, hierkern.MultiheadAttention) for m in model.modules()
-               if isinstance(m, nn.MultiheadAttention))
-    assert len(report.swapped) == 1 + 2 * 2 + 2 * 2   # encoder, 2 layers + their self_attn, 2 x 2 decoder MHAs
+    assert all(
+        isinstance(m, hierkern.MultiheadAttention) for m in model.modules() if isinstance(m, nn.MultiheadAttention)
+    )
+    assert len(report.swapped) == 1 + 2 * 2 + 2 * 2  # encoder, 2 layers + their self_attn, 2 x 2 decoder MHAs
     ref.train(training), model.train(training)
     gen = torch.Generator().manual_seed(1)
     src_pad = torch.arange(6)[None, :] >= torch.tensor([6, 2, 4])[:, None]
@@ -430,8 +476,12 @@ def test_patch_model_leaves_nn_transformer_outputs_unchanged(batch_first, norm_f
     src, tgt = torch.randn(3, 6, 16, generator=gen), torch.randn(3, 5, 16, generator=gen)
     if not batch_first:
         src, tgt = src.transpose(0, 1), tgt.transpose(0, 1)
-    kwargs = dict(tgt_mask=nn.Transformer.generate_square_subsequent_mask(5, dtype=torch.bool),
-                  src_key_padding_mask=src_pad, tgt_key_padding_mask=tgt_pad, memory_key_padding_mask=src_pad)
+    kwargs = dict(
+        tgt_mask=nn.Transformer.generate_square_subsequent_mask(5, dtype=torch.bool),
+        src_key_padding_mask=src_pad,
+        tgt_key_padding_mask=tgt_pad,
+        memory_key_padding_mask=src_pad,
+    )
     valid = ~tgt_pad if batch_first else ~tgt_pad.t()
     dout = torch.randn(tgt.shape, generator=gen) * valid[..., None]
     results = []
@@ -457,10 +507,16 @@ class _Model(nn.Module):
     def __init__(self):
         super().__init__()
         self.embed = nn.Linear(4, 8)
-        self.blocks = nn.ModuleList([nn.TransformerEncoderLayer(8, 2, 16, 0.0, batch_first=True),
-                                     nn.Sequential(nn.TransformerEncoder(
-                                         nn.TransformerEncoderLayer(8, 2, 16, 0.0, batch_first=True), 2,
-                                         enable_nested_tensor=False))])
+        self.blocks = nn.ModuleList(
+            [
+                nn.TransformerEncoderLayer(8, 2, 16, 0.0, batch_first=True),
+                nn.Sequential(
+                    nn.TransformerEncoder(
+                        nn.TransformerEncoderLayer(8, 2, 16, 0.0, batch_first=True), 2, enable_nested_tensor=False
+                    )
+                ),
+            ]
+        )
         self.pool = nn.MultiheadAttention(8, 2, batch_first=True)
         self.custom = _CustomAttention(8, 2, batch_first=True)
 
@@ -468,8 +524,10 @@ class _Model(nn.Module):
         x = self.blocks[0](self.embed(x), src_key_padding_mask=pad)
         x = self.blocks[1][0](x, src_key_padding_mask=pad)
         query = x[:, :1]
-        return self.pool(query, x, x, key_padding_mask=pad, need_weights=False)[0] + \
-            self.custom(query, x, x, key_padding_mask=pad, need_weights=False)[0]
+        return (
+            self.pool(query, x, x, key_padding_mask=pad, need_weights=False)[0]
+            + self.custom(query, x, x, key_padding_mask=pad, need_weights=False)[0]
+        )
 
 
 def test_patch_model_on_a_nested_model_reports_what_it_left():
@@ -478,11 +536,19 @@ def test_patch_model_on_a_nested_model_reports_what_it_left():
     model = copy.deepcopy(ref)
     report = hierkern.patch_model(model)
     swapped = {name for name, *_ in report.swapped}
-    assert swapped == {"blocks.0", "blocks.0.self_attn", "blocks.1.0", "blocks.1.0.layers.0",
-                       "blocks.1.0.layers.0.self_attn", "blocks.1.0.layers.1", "blocks.1.0.layers.1.self_attn",
-                       "pool"}
-    assert [(name, reason.startswith("a subclass of torch.nn.MultiheadAttention")) for name, _, reason in
-            report.left] == [("custom", True)]
+    assert swapped == {
+        "blocks.0",
+        "blocks.0.self_attn",
+        "blocks.1.0",
+        "blocks.1.0.layers.0",
+        "blocks.1.0.layers.0.self_attn",
+        "blocks.1.0.layers.1",
+        "blocks.1.0.layers.1.self_attn",
+        "pool",
+    }
+    assert [
+        (name, reason.startswith("a subclass of torch.nn.MultiheadAttention")) for name, _, reason in report.left
+    ] == [("custom", True)]
     assert type(model.custom) is _CustomAttention
     text = str(report)
     assert "swapped 8 module(s), left 1" in text and "custom" in text and "blocks.1.0.layers.1" in text
@@ -491,8 +557,9 @@ def test_patch_model_on_a_nested_model_reports_what_it_left():
     torch.testing.assert_close(model(x, pad), ref(x, pad), **TOL)
     assert model.blocks[1][0].last_path == "varlen" and model.pool.last_path == "varlen"
     again = hierkern.patch_model(model)
-    assert not again.swapped and all(reason == "already hierkern's" for name, _, reason in again.left
-                                     if name != "custom")
+    assert not again.swapped and all(
+        reason == "already hierkern's" for name, _, reason in again.left if name != "custom"
+    )
 
 
 def test_patch_model_rejects_a_non_module():

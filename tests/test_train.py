@@ -12,12 +12,26 @@ import torch.nn.functional as F
 
 import hierkern
 from hierkern import CharVocab, TextBatch
-from hierkern.corpus import default_corpus
 from hierkern.__main__ import main as cli
+from hierkern.corpus import default_corpus
 from hierkern.train import MaskedCharModel, TrainingStopped, build_parser, load_checkpoint, main, mask_chars
 
-TINY = ["--dim", "16", "--heads", "2", "--char-layers", "1", "--word-layers", "1", "--batch-size", "4",
-        "--corpus-size", "40", "--log-every", "1"]
+TINY = [
+    "--dim",
+    "16",
+    "--heads",
+    "2",
+    "--char-layers",
+    "1",
+    "--word-layers",
+    "1",
+    "--batch-size",
+    "4",
+    "--corpus-size",
+    "40",
+    "--log-every",
+    "1",
+]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -52,8 +66,9 @@ def test_masked_char_model_uses_every_parameter(pooling):
     corpus = default_corpus(6)
     vocab = CharVocab.from_texts(corpus)
     model = MaskedCharModel(hierkern.HierarchicalEncoder(len(vocab), 16, 2, 1, 1, pooling=pooling))
-    batch, positions, targets = mask_chars(TextBatch.from_sentences(corpus, vocab), 0.2,
-                                           torch.Generator().manual_seed(1))
+    batch, positions, targets = mask_chars(
+        TextBatch.from_sentences(corpus, vocab), 0.2, torch.Generator().manual_seed(1)
+    )
     logits = model(batch, positions)
     assert logits.shape == (len(positions), len(vocab))
     F.cross_entropy(logits, targets).backward()
@@ -81,8 +96,28 @@ def test_train_logs_checkpoints_and_resumes(tmp_path, capsys):
 def test_train_learns_on_a_small_corpus(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(default_corpus(16, seed=5)) + "\n\n", encoding="utf-8")
-    summary = main(["--steps", "40", "--corpus", str(corpus), "--dim", "32", "--heads", "2", "--char-layers", "1",
-                    "--word-layers", "1", "--batch-size", "16", "--log-every", "10", "--mask-prob", "0.3"])
+    summary = main(
+        [
+            "--steps",
+            "40",
+            "--corpus",
+            str(corpus),
+            "--dim",
+            "32",
+            "--heads",
+            "2",
+            "--char-layers",
+            "1",
+            "--word-layers",
+            "1",
+            "--batch-size",
+            "16",
+            "--log-every",
+            "10",
+            "--mask-prob",
+            "0.3",
+        ]
+    )
     assert summary["last_loss"] < 0.8 * summary["first_loss"]
 
 
@@ -96,19 +131,35 @@ def _usage_error(capsys, argv) -> str:
     return err.splitlines()[-1]
 
 
-@pytest.mark.parametrize("bad, flag", [
-    (["--steps", "0"], "--steps"), (["--log-every", "0"], "--log-every"), (["--dim", "0"], "--dim"),
-    (["--heads", "0"], "--heads"), (["--dim", "10", "--heads", "3"], "--dim"),
-    (["--char-layers", "-1"], "--char-layers"), (["--word-layers", "-1"], "--word-layers"),
-    (["--batch-size", "0"], "--batch-size"), (["--corpus-size", "0"], "--corpus-size"),
-    (["--lr", "inf"], "--lr"), (["--lr", "nan"], "--lr"), (["--lr", "0"], "--lr"), (["--lr", "x"], "--lr"),
-    (["--mask-prob", "0"], "--mask-prob"), (["--mask-prob", "1"], "--mask-prob"),
-    (["--dropout", "1"], "--dropout"), (["--dropout", "-0.1"], "--dropout"),
-    (["--max-word-len", "0"], "--max-word-len"), (["--warmup", "-1"], "--warmup"),
-    (["--threads", "-1"], "--threads"), (["--seed", "-1"], "--seed"), (["--save-every", "-1"], "--save-every"),
-    (["--save-every", "2"], "--save-every"),  # without --checkpoint there is nowhere to save
-    (["--corpus-size", "3"], "--batch-size"),  # fewer sentences than one batch
-])
+@pytest.mark.parametrize(
+    "bad, flag",
+    [
+        (["--steps", "0"], "--steps"),
+        (["--log-every", "0"], "--log-every"),
+        (["--dim", "0"], "--dim"),
+        (["--heads", "0"], "--heads"),
+        (["--dim", "10", "--heads", "3"], "--dim"),
+        (["--char-layers", "-1"], "--char-layers"),
+        (["--word-layers", "-1"], "--word-layers"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--corpus-size", "0"], "--corpus-size"),
+        (["--lr", "inf"], "--lr"),
+        (["--lr", "nan"], "--lr"),
+        (["--lr", "0"], "--lr"),
+        (["--lr", "x"], "--lr"),
+        (["--mask-prob", "0"], "--mask-prob"),
+        (["--mask-prob", "1"], "--mask-prob"),
+        (["--dropout", "1"], "--dropout"),
+        (["--dropout", "-0.1"], "--dropout"),
+        (["--max-word-len", "0"], "--max-word-len"),
+        (["--warmup", "-1"], "--warmup"),
+        (["--threads", "-1"], "--threads"),
+        (["--seed", "-1"], "--seed"),
+        (["--save-every", "-1"], "--save-every"),
+        (["--save-every", "2"], "--save-every"),  # without --checkpoint there is nowhere to save
+        (["--corpus-size", "3"], "--batch-size"),  # fewer sentences than one batch
+    ],
+)
 def test_train_rejects_bad_numbers_before_training(capsys, bad, flag):
     assert flag in _usage_error(capsys, ["--steps", "1", *TINY, *bad])
 
@@ -167,6 +218,7 @@ def test_a_failed_save_keeps_the_previous_checkpoint_and_leaves_no_temporary_fil
     def disk_full(obj, f, *args, **kwargs):
         f.write(b"partial")
         raise OSError(28, "No space left on device")
+
     monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(OSError, match="No space"):
         main(["--steps", "1", *TINY, "--checkpoint", str(ckpt)])
@@ -189,6 +241,7 @@ def test_a_diverging_run_stops_with_the_step_and_loss(tmp_path, capsys):
 @pytest.mark.parametrize("with_checkpoint", [True, False])
 def test_a_signal_finishes_the_step_then_saves_and_stops(tmp_path, monkeypatch, capsys, with_checkpoint):
     import hierkern.train as train
+
     calls = []
 
     def mask_and_signal_on_step_3(*args, **kwargs):
@@ -196,6 +249,7 @@ def test_a_signal_finishes_the_step_then_saves_and_stops(tmp_path, monkeypatch, 
         if len(calls) == 3:
             os.kill(os.getpid(), signal.SIGTERM)
         return mask_chars(*args, **kwargs)
+
     monkeypatch.setattr(train, "mask_chars", mask_and_signal_on_step_3)
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     ckpt = tmp_path / "m.pt"
@@ -214,9 +268,13 @@ def test_a_signal_finishes_the_step_then_saves_and_stops(tmp_path, monkeypatch, 
 def test_command_line_saves_on_a_signal(tmp_path, signum, code):
     ckpt = tmp_path / "m.pt"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "hierkern", "train", "--steps", "1000000", *TINY,
-                             "--checkpoint", str(ckpt)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hierkern", "train", "--steps", "1000000", *TINY, "--checkpoint", str(ckpt)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         for line in proc.stdout:
             if line.startswith("step "):
@@ -234,8 +292,13 @@ def test_command_line_saves_on_a_signal(tmp_path, signum, code):
 
 def test_command_line_entry_point():
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, "-m", "hierkern", "train", "--steps", "1", *TINY],
-                         capture_output=True, text=True, env=env, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-m", "hierkern", "train", "--steps", "1", *TINY],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr
     assert "step 1/1 loss=" in run.stdout and "done: 1 steps" in run.stdout
 
@@ -248,16 +311,20 @@ def test_command_line_usage(capsys):
 
 def test_compile_buckets_max_len_without_undercutting():
     from hierkern.train import _bucket_max_lens
+
     vocab = CharVocab.from_texts(["abcdefghij"])
-    encoder = hierkern.HierarchicalEncoder(len(vocab), 16, 2, 1, 1, positional="learned", max_word_len=8,
-                                           max_sentence_len=4)
+    encoder = hierkern.HierarchicalEncoder(
+        len(vocab), 16, 2, 1, 1, positional="learned", max_word_len=8, max_sentence_len=4
+    )
     batch = TextBatch.from_sentences(["abcde ab", "abc", "abcdefghij a b c d"], vocab, max_word_len=10)
     bucketed = _bucket_max_lens(batch, encoder)
     # 5 -> 8 would be the power of two, but the longest word (10) already exceeds the table: kept as is.
     assert (bucketed.words.max_len, bucketed.sentences.max_len) == (10, 5)
     short = TextBatch.from_sentences(["abcde ab", "abc"], vocab)
-    assert (_bucket_max_lens(short, encoder).words.max_len, _bucket_max_lens(short, encoder).sentences.max_len) \
-        == (8, 2)
+    assert (_bucket_max_lens(short, encoder).words.max_len, _bucket_max_lens(short, encoder).sentences.max_len) == (
+        8,
+        2,
+    )
     assert torch.equal(bucketed.words.offsets, batch.words.offsets)
 
 

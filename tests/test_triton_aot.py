@@ -74,16 +74,22 @@ class Case:
 def _cases() -> list[Case]:
     # 40: a head dim padded inside the kernel whose value and head stride are not multiples of 16 (80 would
     # compile to the very kernel 128 does).
-    cases = [Case(90, kernel, dtype, head_dim) for kernel in KERNELS for dtype in ("fp16", "bf16", "fp32")
-             for head_dim in (32, 64, 128, 40)]
+    cases = [
+        Case(90, kernel, dtype, head_dim)
+        for kernel in KERNELS
+        for dtype in ("fp16", "bf16", "fp32")
+        for head_dim in (32, 64, 128, 40)
+    ]
     for kernel in KERNELS:
         cases += [Case(90, kernel, dtype, 128, dropout=True) for dtype in ("bf16", "fp32")]
         cases += [Case(90, kernel, "bf16", 128, dropout=True, careful=True)]
         cases += [Case(90, kernel, "fp32", 64, tf32=True), Case(90, kernel, "bf16", 64, window=(-1, -1), gqa=True)]
         # Windows: a left bound alone (sliding-window causal), both bounds (also with dropout), on both archs.
         cases += [Case(90, kernel, dtype, 128, window=(255, 0)) for dtype in ("bf16", "fp32")]
-        cases += [Case(90, kernel, "fp16", 64, window=(16, 1)), Case(90, kernel, "bf16", 128, window=(16, 1),
-                                                                     dropout=True)]
+        cases += [
+            Case(90, kernel, "fp16", 64, window=(16, 1)),
+            Case(90, kernel, "bf16", 128, window=(16, 1), dropout=True),
+        ]
         cases += [Case(80, kernel, "bf16", 128, window=(255, 0))]
         cases += [Case(80, kernel, "bf16", head_dim) for head_dim in (64, 128)]
         cases += [Case(80, kernel, "bf16", 128, dropout=True), Case(80, kernel, "fp32", 128)]
@@ -114,11 +120,15 @@ def _launch(ta, case: Case):
         if case.kernel == "fwd":
             tuner, (args, constexprs) = ta._attn_fwd, ta._fwd_args(q, k, v, dq, lse, cu, cu, max_seqlen, *tail)
         elif case.kernel == "bwd_dq":
-            tuner, (args, constexprs) = tab._attn_bwd_dq, tab._bwd_dq_args(dout, q, k, v, dq, lse, delta, dq, cu,
-                                                                          cu, max_seqlen, *tail)
+            tuner, (args, constexprs) = (
+                tab._attn_bwd_dq,
+                tab._bwd_dq_args(dout, q, k, v, dq, lse, delta, dq, cu, cu, max_seqlen, *tail),
+            )
         else:
-            tuner, (args, constexprs) = tab._attn_bwd_dkdv, tab._bwd_dkdv_args(dout, q, k, v, lse, delta, dk, dv,
-                                                                              cu, cu, max_seqlen, *tail)
+            tuner, (args, constexprs) = (
+                tab._attn_bwd_dkdv,
+                tab._bwd_dkdv_args(dout, q, k, v, lse, delta, dk, dv, cu, cu, max_seqlen, *tail),
+            )
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
     return tuner, args, dict(constexprs, CAREFUL=case.careful)
@@ -128,7 +138,7 @@ def _head_offsets_in_int32(ttir: str, kernel) -> list[str]:
     """TTIR lines where a head stride enters arithmetic other than a sign extension to i64, or where the token
     count that strides Lse and Delta by head is multiplied in i32: a head offset computed in int32 overflows
     once heads x tokens x head_dim passes 2^31 in a head-major view."""
-    body = ttir[ttir.index("tt.func"):].split("\n", 1)[1]
+    body = ttir[ttir.index("tt.func") :].split("\n", 1)[1]
     bad = []
     for line in body.splitlines():
         for name in [n for n in kernel.arg_names if re.fullmatch(r"stride_\w+h", n)]:
@@ -155,35 +165,59 @@ def _compile_case(ta, case: Case) -> list[dict]:
     tuner.nargs = dict(zip(tuner.arg_names, args))
     kept = tuner.prune_configs(constexprs)
     gap_loop = ta._gap_loop(case.kernel, constexprs["LEFT"], constexprs["RIGHT"])
-    need = {c: ta._resident_registers(case.kernel, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps,
-                                      constexprs["BLOCK_D"], args[0].element_size(), case.dropout, gap_loop)
-            for c in kept}
+    need = {
+        c: ta._resident_registers(
+            case.kernel,
+            c.kwargs["BLOCK_M"],
+            c.kwargs["BLOCK_N"],
+            c.num_warps,
+            constexprs["BLOCK_D"],
+            args[0].element_size(),
+            case.dropout,
+            gap_loop,
+        )
+        for c in kept
+    }
     records = []
     for config in kept:
-        kwargs = dict(constexprs, **config.all_kwargs(), debug=knobs.runtime.debug,
-                      instrumentation_mode=knobs.compilation.instrumentation_mode)
+        kwargs = dict(
+            constexprs,
+            **config.all_kwargs(),
+            debug=knobs.runtime.debug,
+            instrumentation_mode=knobs.compilation.instrumentation_mode,
+        )
         bound, specialization, options = binder(*args, **kwargs)
         options, signature, consts, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
         log, start = io.StringIO(), time.perf_counter()
         with contextlib.redirect_stdout(log):
-            compiled = triton.compile(ASTSource(kernel, signature, consts, attrs), target=target,
-                                      options=options.__dict__)
+            compiled = triton.compile(
+                ASTSource(kernel, signature, consts, attrs), target=target, options=options.__dict__
+            )
         text = log.getvalue()
         regs = re.search(r"Used (\d+) registers", text)
         spills = re.search(r"(\d+) bytes spill stores", text)
-        records.append({
-            **asdict(case), "precision": constexprs["PRECISION"], "BLOCK_D": constexprs["BLOCK_D"],
-            "config": str(config), "BLOCK_M": config.kwargs["BLOCK_M"], "BLOCK_N": config.kwargs["BLOCK_N"],
-            "num_warps": config.num_warps, "fits_budget": need[config] <= ta.REGISTER_BUDGET,
-            "divisible_by_16": [n for n, spec in zip(kernel.arg_names, specialization) if spec[1:] == ("D",)],
-            "made_constant": [n for n, spec in zip(kernel.arg_names, specialization)
-                              if spec[0] == "constexpr" and n not in kwargs],
-            "registers": int(regs.group(1)) if regs else None,
-            "spill_stores": int(spills.group(1)) if spills else None,
-            "compile_s": round(time.perf_counter() - start, 2), "shared_bytes": compiled.metadata.shared,
-            "cubin_bytes": len(compiled.asm["cubin"]),
-            "int32_head_offsets": _head_offsets_in_int32(compiled.asm["ttir"], kernel),
-        })
+        records.append(
+            {
+                **asdict(case),
+                "precision": constexprs["PRECISION"],
+                "BLOCK_D": constexprs["BLOCK_D"],
+                "config": str(config),
+                "BLOCK_M": config.kwargs["BLOCK_M"],
+                "BLOCK_N": config.kwargs["BLOCK_N"],
+                "num_warps": config.num_warps,
+                "fits_budget": need[config] <= ta.REGISTER_BUDGET,
+                "divisible_by_16": [n for n, spec in zip(kernel.arg_names, specialization) if spec[1:] == ("D",)],
+                "made_constant": [
+                    n for n, spec in zip(kernel.arg_names, specialization) if spec[0] == "constexpr" and n not in kwargs
+                ],
+                "registers": int(regs.group(1)) if regs else None,
+                "spill_stores": int(spills.group(1)) if spills else None,
+                "compile_s": round(time.perf_counter() - start, 2),
+                "shared_bytes": compiled.metadata.shared,
+                "cubin_bytes": len(compiled.asm["cubin"]),
+                "int32_head_offsets": _head_offsets_in_int32(compiled.asm["ttir"], kernel),
+            }
+        )
     return records
 
 
@@ -200,11 +234,22 @@ def records() -> list[dict]:
     with tempfile.TemporaryDirectory() as cache:
         # Two children, half of the cases each (compiling is single-threaded and CI machines have two cores),
         # with caches of their own: a cache hit compiles nothing and reports no registers.
-        procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), str(shard), "2"], cwd=root,
-                                  env=dict(os.environ, TRITON_INTERPRET="0", TRITON_DUMP_PTXAS_LOG="1",
-                                           TRITON_CACHE_DIR=os.path.join(cache, str(shard))),
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for shard in range(2)]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, os.path.abspath(__file__), str(shard), "2"],
+                cwd=root,
+                env=dict(
+                    os.environ,
+                    TRITON_INTERPRET="0",
+                    TRITON_DUMP_PTXAS_LOG="1",
+                    TRITON_CACHE_DIR=os.path.join(cache, str(shard)),
+                ),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for shard in range(2)
+        ]
         for proc in procs:
             stdout, stderr = proc.communicate(timeout=900)
             assert proc.returncode == 0, f"AOT compile failed:\n{stdout[-4000:]}\n{stderr[-8000:]}"
@@ -212,18 +257,33 @@ def records() -> list[dict]:
     print("\nkernel    arch dtype/prec   D    window drop careful gqa  BLOCK_M BLOCK_N warps  regs spills  smem  secs")
     for r in out:
         precision = r["precision"] if r["dtype"] == "fp32" else "-"
-        print(f"{r['kernel']:<9} sm{r['arch']} {r['dtype']}/{precision:<6} {r['head_dim']:>4} "
-              f"{str(tuple(r['window'])):>9} {r['dropout']!s:>5} {r['careful']!s:>7} {r['gqa']!s:>5} {r['BLOCK_M']:>7} {r['BLOCK_N']:>7} "
-              f"{r['num_warps']:>5} {r['registers']!s:>5} {r['spill_stores']!s:>6} {r['shared_bytes']:>6} "
-              f"{r['compile_s']:>5}")
+        print(
+            f"{r['kernel']:<9} sm{r['arch']} {r['dtype']}/{precision:<6} {r['head_dim']:>4} "
+            f"{str(tuple(r['window'])):>9} {r['dropout']!s:>5} {r['careful']!s:>7} {r['gqa']!s:>5} "
+            f"{r['BLOCK_M']:>7} {r['BLOCK_N']:>7} "
+            f"{r['num_warps']:>5} {r['registers']!s:>5} {r['spill_stores']!s:>6} {r['shared_bytes']:>6} "
+            f"{r['compile_s']:>5}"
+        )
     return out
 
 
 def test_every_case_compiles_every_kept_config_without_spills(records):
     from hierkern.ops import triton_attention as ta
 
-    compiled = {(r["arch"], r["kernel"], r["dtype"], r["head_dim"], tuple(r["window"]), r["dropout"], r["careful"],
-                 r["tf32"], r["gqa"]) for r in records}
+    compiled = {
+        (
+            r["arch"],
+            r["kernel"],
+            r["dtype"],
+            r["head_dim"],
+            tuple(r["window"]),
+            r["dropout"],
+            r["careful"],
+            r["tf32"],
+            r["gqa"],
+        )
+        for r in records
+    }
     assert len(compiled) == len(_cases()), "a case kept no config"
     shipped = {"fwd": ta.FWD_CONFIGS, "bwd_dq": ta.BWD_DQ_CONFIGS, "bwd_dkdv": ta.BWD_DKDV_CONFIGS}
     for kernel, configs in shipped.items():

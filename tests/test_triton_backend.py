@@ -16,12 +16,12 @@ import sys
 
 import pytest
 import torch
+from conftest import requires_cuda
 
 import hierkern
 from hierkern.backends import AttentionCall, explain, get_backend, select_backend
 from hierkern.reference import varlen_attention_reference
 
-from conftest import requires_cuda
 from helpers import Layout, adversarial_layouts, offsets_of, oracle_attention, random_qkv, rel_err
 
 ta = pytest.importorskip("hierkern.ops.triton_attention")
@@ -43,9 +43,19 @@ def _offsets(layout: Layout, device=DEVICE):
 
 def _triton(q, k, v, layout, causal, **kwargs):
     cu_q, cu_k = _offsets(layout, q.device)
-    return hierkern.varlen_attention(q, k, v, cu_q, cu_k, max(layout.lengths_q, default=0),
-                                     max(layout.keys, default=0), causal=causal, return_lse=True,
-                                     backend="triton", **kwargs)
+    return hierkern.varlen_attention(
+        q,
+        k,
+        v,
+        cu_q,
+        cu_k,
+        max(layout.lengths_q, default=0),
+        max(layout.keys, default=0),
+        causal=causal,
+        return_lse=True,
+        backend="triton",
+        **kwargs,
+    )
 
 
 def _check_lse(lse, ref_lse, atol):
@@ -77,6 +87,7 @@ def _close(x, ref, rtol, atol=1e-6):
 # ---------------------------------------------------------------------------------------------------------
 # Forward and backward
 # ---------------------------------------------------------------------------------------------------------
+
 
 def test_offsets_of_any_stride():
     """Offsets are valid input at any stride (every other entry of a longer tensor here): the op reads them as
@@ -133,6 +144,7 @@ def test_tiles_without_keys_write_zeros_and_ignore_unseen_tokens():
 # Dropout
 # ---------------------------------------------------------------------------------------------------------
 
+
 def _dropout_mask(layout, num_heads, rng_state, dropout_p):
     """The kept (query, key) pairs, read off the kernel itself: with q = 0 every visible key gets weight
     1/Lk, and one-hot values put key j's weight in output column j."""
@@ -144,12 +156,23 @@ def _dropout_mask(layout, num_heads, rng_state, dropout_p):
     q = torch.zeros(sum(layout.lengths_q), num_heads, head_dim, device=DEVICE)
     k = torch.randn(sum(layout.keys), num_heads, head_dim).to(DEVICE)
     v = torch.nn.functional.one_hot(local_key, head_dim).float()[:, None, :].expand(-1, num_heads, -1)
-    out, _ = torch.ops.hierkern.triton_varlen_fwd(q, k, v.contiguous().to(DEVICE), cu_q, cu_k,
-                                                  max(layout.lengths_q), max(layout.keys), 1.0, -1, -1,
-                                                  dropout_p, rng_state)
+    out, _ = torch.ops.hierkern.triton_varlen_fwd(
+        q,
+        k,
+        v.contiguous().to(DEVICE),
+        cu_q,
+        cu_k,
+        max(layout.lengths_q),
+        max(layout.keys),
+        1.0,
+        -1,
+        -1,
+        dropout_p,
+        rng_state,
+    )
     seg_of_query = torch.repeat_interleave(torch.arange(len(layout.lengths_q)), torch.tensor(layout.lengths_q))
-    lk = lengths_k[seg_of_query].double()[:, None, None]                              # (total_q, 1, 1)
-    weights = out.double().cpu() * lk * (1 - dropout_p)                               # 1 = kept, 0 = dropped
+    lk = lengths_k[seg_of_query].double()[:, None, None]  # (total_q, 1, 1)
+    weights = out.double().cpu() * lk * (1 - dropout_p)  # 1 = kept, 0 = dropped
     assert torch.allclose(weights, weights.round(), atol=1e-5)
     return weights.round().bool(), seg_of_query, local_key
 
@@ -186,8 +209,10 @@ def test_dropout_mask_is_reproducible_and_shared_by_the_backward():
     # Random inputs with the same rng_state: outputs and all three gradients match the masked reference,
     # so the backward kernels regenerated exactly the forward's mask.
     gen = torch.Generator().manual_seed(8)
-    q, k, v = (torch.randn(n, num_heads, 16, generator=gen, dtype=torch.float64)
-               for n in (sum(layout.lengths_q), sum(layout.keys), sum(layout.keys)))
+    q, k, v = (
+        torch.randn(n, num_heads, 16, generator=gen, dtype=torch.float64)
+        for n in (sum(layout.lengths_q), sum(layout.keys), sum(layout.keys))
+    )
     cu_q, cu_k = _offsets(layout)
     dev = [t.float().to(DEVICE).requires_grad_() for t in (q, k, v)]
     out, _ = torch.ops.hierkern.triton_varlen_fwd(*dev, cu_q, cu_k, 20, 20, 0.25, -1, -1, p, rng_state)
@@ -220,9 +245,10 @@ def _window_visibility(layout: Layout, window_left: int, window_right: int) -> t
     for s, (lq, lk) in enumerate(zip(layout.lengths_q, layout.keys)):
         i, j = torch.arange(lq)[:, None], torch.arange(lk)[None, :]
         diag = i + lk - lq
-        block = (j >= diag - window_left if window_left >= 0 else j >= 0) & \
-            (j <= diag + window_right if window_right >= 0 else j >= 0)
-        seen[cu_q[s]:cu_q[s + 1], cu_k[s]:cu_k[s + 1]] = block
+        block = (j >= diag - window_left if window_left >= 0 else j >= 0) & (
+            j <= diag + window_right if window_right >= 0 else j >= 0
+        )
+        seen[cu_q[s] : cu_q[s + 1], cu_k[s] : cu_k[s + 1]] = block
     return seen
 
 
@@ -258,15 +284,19 @@ def test_window_matches_the_definition_forward_and_backward(window):
     seen = _window_visibility(layout, *window)
     q64, k64, v64 = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
     ref = _dense_oracle(q64, k64, v64, seen, 0.25)
-    ref_lse = torch.logsumexp(torch.einsum("qhd,khd->hqk", q64, k64.repeat_interleave(2, 1)).detach() * 0.25
-                              + torch.where(seen, 0.0, -math.inf), -1)
+    ref_lse = torch.logsumexp(
+        torch.einsum("qhd,khd->hqk", q64, k64.repeat_interleave(2, 1)).detach() * 0.25
+        + torch.where(seen, 0.0, -math.inf),
+        -1,
+    )
     assert _close(out, ref, 2e-6)
     _check_lse(lse, ref_lse, 1e-5)
     for name, g, r in zip("qkv", grads, torch.autograd.grad(ref, (q64, k64, v64), dout.cpu().double())):
         assert _close(g, r, 1e-5), f"d{name}: rel err {rel_err(g, r):.2e}"
     # The public entry point hands the triton backend the same window.
-    via_api = hierkern.varlen_attention(q, k, v, cu_q, cu_k, 16, 16, softmax_scale=0.25, window_size=window,
-                                        backend="triton")
+    via_api = hierkern.varlen_attention(
+        q, k, v, cu_q, cu_k, 16, 16, softmax_scale=0.25, window_size=window, backend="triton"
+    )
     assert torch.equal(via_api, out)
 
 
@@ -316,8 +346,8 @@ def test_window_keeps_a_nan_key_out_of_the_rows_that_do_not_see_it():
     leaves = [t.requires_grad_() for t in (q, k, v)]
     out, lse = torch.ops.hierkern.triton_varlen_fwd(*leaves, cu_q, cu_k, 40, 40, 0.25, *window, 0.0, None)
     dq, dk, dv = torch.autograd.grad(out, leaves, dout)
-    hit = seen[:, bad]                                    # the rows that see the NaN key
-    reached = seen[hit].any(0)                            # the keys those rows see
+    hit = seen[:, bad]  # the rows that see the NaN key
+    reached = seen[hit].any(0)  # the keys those rows see
     assert hit.sum() == 7 and torch.isnan(out[hit.to(DEVICE)]).all()
     clean_rows, clean_keys = (~hit).to(DEVICE), (~reached).to(DEVICE)
     assert _close(out[clean_rows], ref[~hit], 2e-6) and not torch.isnan(lse[:, clean_rows]).any()
@@ -348,7 +378,7 @@ def test_dropout_is_the_projects_philox_layout(dtype, window):
 
     torch.manual_seed(77)
     state = philox.rng_state()
-    model = philox.keep_mask(*state.tolist(), heads, total_q, total_k, p) & seen   # (H, total_q, total_k)
+    model = philox.keep_mask(*state.tolist(), heads, total_q, total_k, p) & seen  # (H, total_q, total_k)
     expected = torch.zeros(total_q, heads, d, dtype=torch.bool)
     rows, keys = torch.nonzero(seen, as_tuple=True)
     expected[rows, :, local_key[keys]] = model[:, rows, keys].T
@@ -361,13 +391,25 @@ def test_dropout_is_the_projects_philox_layout(dtype, window):
         outs = []
         for name in ("triton", "cpu"):
             torch.manual_seed(77)
-            outs.append(hierkern.varlen_attention(q.cpu(), k.cpu(), v.cpu(), cu_q.cpu(), cu_k.cpu(), 16, 16,
-                                                  softmax_scale=1.0, causal=causal, dropout_p=p, backend=name))
+            outs.append(
+                hierkern.varlen_attention(
+                    q.cpu(),
+                    k.cpu(),
+                    v.cpu(),
+                    cu_q.cpu(),
+                    cu_k.cpu(),
+                    16,
+                    16,
+                    softmax_scale=1.0,
+                    causal=causal,
+                    dropout_p=p,
+                    backend=name,
+                )
+            )
         assert torch.equal(outs[0] != 0, expected) and torch.equal(outs[1] != 0, expected)
 
     gen = torch.Generator().manual_seed(24)
-    q, k, v = random_qkv(layout, heads, kv_heads, d, dtype=dtype, device=DEVICE, generator=gen,
-                         requires_grad=True)
+    q, k, v = random_qkv(layout, heads, kv_heads, d, dtype=dtype, device=DEVICE, generator=gen, requires_grad=True)
     out, _ = torch.ops.hierkern.triton_varlen_fwd(q, k, v, cu_q, cu_k, 16, 16, 0.25, *window, p, state.to(DEVICE))
     dout = torch.randn(out.shape, generator=gen).to(DEVICE, dtype)
     grads = torch.autograd.grad(out, (q, k, v), dout)
@@ -377,17 +419,29 @@ def test_dropout_is_the_projects_philox_layout(dtype, window):
     rtol = 1e-5 if dtype == torch.float32 else 2e-2
     assert _close(out, ref, rtol, atol=1e-6 if dtype == torch.float32 else 1e-3)
     for name, g, r in zip("qkv", grads, ref_grads):
-        assert _close(g, r, rtol, atol=1e-6 if dtype == torch.float32 else 1e-3), \
+        assert _close(g, r, rtol, atol=1e-6 if dtype == torch.float32 else 1e-3), (
             f"d{name}: rel err {rel_err(g, r):.2e}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Registration: backend selection, refusals, opcheck, torch.compile
 # ---------------------------------------------------------------------------------------------------------
 
+
 def _call(**changes):
-    fields = dict(device_type=DEVICE, dtype=torch.float16, head_dim=64, num_heads=8, num_kv_heads=2,
-                  max_seqlen_q=8, max_seqlen_k=8, window_size=(-1, 0), dropout=True, requires_grad=True)
+    fields = dict(
+        device_type=DEVICE,
+        dtype=torch.float16,
+        head_dim=64,
+        num_heads=8,
+        num_kv_heads=2,
+        max_seqlen_q=8,
+        max_seqlen_k=8,
+        window_size=(-1, 0),
+        dropout=True,
+        requires_grad=True,
+    )
     fields.update(changes)
     return AttentionCall(**fields)
 
@@ -413,8 +467,16 @@ def test_auto_prefers_triton_on_cuda_but_never_the_interpreter_on_cpu():
 
 def _small_args(requires_grad=False, dtype=torch.float32):
     layout = Layout("small", (3, 0, 5), (4, 2, 5))
-    q, k, v = random_qkv(layout, 2, 1, 16, dtype=dtype, device=DEVICE,
-                         generator=torch.Generator().manual_seed(10), requires_grad=requires_grad)
+    q, k, v = random_qkv(
+        layout,
+        2,
+        1,
+        16,
+        dtype=dtype,
+        device=DEVICE,
+        generator=torch.Generator().manual_seed(10),
+        requires_grad=requires_grad,
+    )
     cu_q, cu_k = _offsets(layout)
     return (q, k, v, cu_q, cu_k, 5, 5, 0.25, -1, 0, 0.0, None)
 
@@ -433,10 +495,12 @@ def test_opcheck():
 
 
 def test_import_without_triton_registers_an_unavailable_backend():
-    code = ("import sys; sys.modules['triton'] = None\n"
-            "import hierkern\n"
-            "from hierkern.backends import get_backend\n"
-            "print(get_backend('triton').unavailable_reason())")
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import hierkern\n"
+        "from hierkern.backends import get_backend\n"
+        "print(get_backend('triton').unavailable_reason())"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "triton is not importable" in proc.stdout
@@ -459,13 +523,19 @@ def test_torch_compile_fullgraph():
 # Real GPU
 # ---------------------------------------------------------------------------------------------------------
 
+
 def _gpu_layouts():
     gen = torch.Generator().manual_seed(11)
     words = tuple(int(x) for x in torch.randint(1, 15, (3000,), generator=gen))
-    return adversarial_layouts(tile=64) + adversarial_layouts(tile=128, seed=1) + [
-        Layout("many-words", words), Layout("long", (1000, 3, 2047, 5)),
-        Layout("cross-long", (1, 700, 40), (900, 3, 64)),
-    ]
+    return (
+        adversarial_layouts(tile=64)
+        + adversarial_layouts(tile=128, seed=1)
+        + [
+            Layout("many-words", words),
+            Layout("long", (1000, 3, 2047, 5)),
+            Layout("cross-long", (1, 700, 40), (900, 3, 64)),
+        ]
+    )
 
 
 @requires_cuda
@@ -474,8 +544,9 @@ def _gpu_layouts():
 def test_cuda_matches_oracle_forward_and_backward(dtype, causal):
     for layout in _gpu_layouts():
         for num_heads, num_kv_heads, head_dim in ((4, 2, 64), (2, 1, 80), (2, 2, 128)):
-            q, k, v = random_qkv(layout, num_heads, num_kv_heads, head_dim, dtype=dtype, device="cuda",
-                                 requires_grad=True)
+            q, k, v = random_qkv(
+                layout, num_heads, num_kv_heads, head_dim, dtype=dtype, device="cuda", requires_grad=True
+            )
             cu_q, cu_k = _offsets(layout, "cuda")
             out, lse = _triton(q, k, v, layout, causal)
             dout = torch.randn_like(out)

@@ -21,14 +21,13 @@
 
 namespace hk = hierkern::cuda;
 
-#define CHECK(call)                                                                                  \
-  do {                                                                                               \
-    cudaError_t err_ = (call);                                                                       \
-    if (err_ != cudaSuccess) {                                                                       \
-      std::fprintf(stderr, "hk_san: %s failed at %s:%d: %s\n", #call, __FILE__, __LINE__,            \
-                   cudaGetErrorString(err_));                                                        \
-      std::exit(2);                                                                                  \
-    }                                                                                                \
+#define CHECK(call)                                                                                                  \
+  do {                                                                                                               \
+    cudaError_t err_ = (call);                                                                                       \
+    if (err_ != cudaSuccess) {                                                                                       \
+      std::fprintf(stderr, "hk_san: %s failed at %s:%d: %s\n", #call, __FILE__, __LINE__, cudaGetErrorString(err_)); \
+      std::exit(2);                                                                                                  \
+    }                                                                                                                \
   } while (0)
 
 static uint32_t rng_state = 12345u;
@@ -39,7 +38,9 @@ static float frand() {  // xorshift, uniform in [-1, 1)
   return static_cast<float>(rng_state & 0xFFFFFF) / 8388608.0f - 1.0f;
 }
 
-static size_t elem_size(hk::DType t) { return t == hk::DType::kFloat32 ? 4 : 2; }
+static size_t elem_size(hk::DType t) {
+  return t == hk::DType::kFloat32 ? 4 : 2;
+}
 
 // Device buffer of n elements of dtype t filled with random values (as floats converted to t).
 static void* random_buffer(hk::DType t, size_t n) {
@@ -159,12 +160,12 @@ static int run_case(const Case& c, hk::DType dtype, int head_dim, int heads, int
   CHECK(hk::varlen_bwd(b, 0));
   CHECK(cudaDeviceSynchronize());
 
-  const size_t nan = count_nan(out, dtype, nq) + count_nan(dq, dtype, nq) + count_nan(dk, dtype, nk) +
-                     count_nan(dv, dtype, nk);
-  std::printf("hk_san: %-14s dtype=%d D=%-3d H=%d/%d causal=%d p=%.1f: %s\n", c.name, static_cast<int>(dtype),
-              head_dim, heads, kv_heads, causal ? 1 : 0, dropout_p, nan ? "NaN in outputs" : "ok");
-  for (void* p : {static_cast<void*>(cu_q), static_cast<void*>(cu_k), q, k, v, dout, out,
-                  static_cast<void*>(lse), static_cast<void*>(delta), dq, dk, dv}) {
+  const size_t nan =
+      count_nan(out, dtype, nq) + count_nan(dq, dtype, nq) + count_nan(dk, dtype, nk) + count_nan(dv, dtype, nk);
+  std::printf("hk_san: %-14s dtype=%d D=%-3d H=%d/%d causal=%d p=%.1f: %s\n", c.name, static_cast<int>(dtype), head_dim,
+              heads, kv_heads, causal ? 1 : 0, dropout_p, nan ? "NaN in outputs" : "ok");
+  for (void* p : {static_cast<void*>(cu_q), static_cast<void*>(cu_k), q, k, v, dout, out, static_cast<void*>(lse),
+                  static_cast<void*>(delta), dq, dk, dv}) {
     CHECK(cudaFree(p));
   }
   return nan ? 1 : 0;
@@ -180,9 +181,8 @@ int main() {
     hk::DType dtype;
     int head_dim, heads, kv_heads;
   };
-  const Shape shapes[] = {{hk::DType::kBFloat16, 64, 4, 2},
-                          {hk::DType::kFloat16, 32, 4, 1},
-                          {hk::DType::kFloat32, 128, 2, 2}};
+  const Shape shapes[] = {
+      {hk::DType::kBFloat16, 64, 4, 2}, {hk::DType::kFloat16, 32, 4, 1}, {hk::DType::kFloat32, 128, 2, 2}};
   int failures = 0;
   for (const Case& c : cases) {
     for (const Shape& s : shapes) {

@@ -66,8 +66,7 @@ HK_HOST_DEVICE PhiloxKey dropout_key(uint64_t seed, uint64_t offset) {
 }
 
 // Whether dropout keeps attention weight (head, query token, key token) under rng_state [seed, offset].
-HK_HOST_DEVICE bool dropout_keep(uint64_t seed, uint64_t offset, int head, int query, int key,
-                                 uint32_t threshold) {
+HK_HOST_DEVICE bool dropout_keep(uint64_t seed, uint64_t offset, int head, int query, int key, uint32_t threshold) {
   const Philox4x32 ctr{{static_cast<uint32_t>(query), static_cast<uint32_t>(key), static_cast<uint32_t>(head),
                         static_cast<uint32_t>(offset)}};
   const PhiloxKey k = dropout_key(seed, offset);

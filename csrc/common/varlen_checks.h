@@ -24,8 +24,10 @@ inline void check_varlen_shapes(const char* who, const at::Tensor& q, const at::
                     k.size(2));
   TORCH_CHECK_VALUE(k.size(1) > 0 && q.size(1) % k.size(1) == 0, who, "the number of query heads (", q.size(1),
                     ") must be a multiple of the number of key/value heads (", k.size(1), ")");
-  TORCH_CHECK_VALUE(cu_q.numel() == cu_k.numel(), who, "cu_seqlens_q and cu_seqlens_k must describe the same "
-                    "number of segments, got ", cu_q.numel() - 1, " and ", cu_k.numel() - 1);
+  TORCH_CHECK_VALUE(cu_q.numel() == cu_k.numel(), who,
+                    "cu_seqlens_q and cu_seqlens_k must describe the same "
+                    "number of segments, got ",
+                    cu_q.numel() - 1, " and ", cu_k.numel() - 1);
 }
 
 // FlashAttention's window_size: -1 is unbounded on that side, other values count keys.

@@ -49,42 +49,45 @@ const Kernels& kernels() {
 
 ScalarKind scalar_kind(const at::Tensor& t, const char* name) {
   switch (t.scalar_type()) {
-    case at::kFloat: return ScalarKind::kFloat;
-    case at::kDouble: return ScalarKind::kDouble;
-    case at::kBFloat16: return ScalarKind::kBFloat16;
-    case at::kHalf: return ScalarKind::kHalf;
+    case at::kFloat:
+      return ScalarKind::kFloat;
+    case at::kDouble:
+      return ScalarKind::kDouble;
+    case at::kBFloat16:
+      return ScalarKind::kBFloat16;
+    case at::kHalf:
+      return ScalarKind::kHalf;
     default:
-      TORCH_CHECK_TYPE(false, "hierkern CPU attention: ", name,
-                       " must be float32, float64, bfloat16 or float16, got ", t.scalar_type());
+      TORCH_CHECK_TYPE(false, "hierkern CPU attention: ", name, " must be float32, float64, bfloat16 or float16, got ",
+                       t.scalar_type());
   }
 }
 
 // Kernels index rows with strides but read head_dim contiguously.
-at::Tensor unit_stride_last(const at::Tensor& t) { return t.stride(2) == 1 ? t : t.contiguous(); }
+at::Tensor unit_stride_last(const at::Tensor& t) {
+  return t.stride(2) == 1 ? t : t.contiguous();
+}
 
 void check_packed(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(t.dim() == 3, "hierkern CPU attention: ", name,
-                    " must have shape (total, heads, head_dim), got ", t.sizes());
-  TORCH_CHECK_VALUE(t.device().is_cpu(), "hierkern CPU attention: ", name, " must be a CPU tensor, got ",
-                    t.device());
+  TORCH_CHECK_VALUE(t.dim() == 3, "hierkern CPU attention: ", name, " must have shape (total, heads, head_dim), got ",
+                    t.sizes());
+  TORCH_CHECK_VALUE(t.device().is_cpu(), "hierkern CPU attention: ", name, " must be a CPU tensor, got ", t.device());
 }
 
 // Validates offsets completely (they are on the host, so this is O(S) and cheap next to the attention) and
 // returns the longest segment.
-int64_t check_offsets(const at::Tensor& cu, const char* name, int64_t total, int64_t max_seqlen,
-                      const char* max_name) {
+int64_t check_offsets(const at::Tensor& cu, const char* name, int64_t total, int64_t max_seqlen, const char* max_name) {
   TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt, "hierkern CPU attention: ", name, " must be int32, got ",
                    cu.scalar_type());
-  TORCH_CHECK_VALUE(cu.device().is_cpu(), "hierkern CPU attention: ", name, " must be a CPU tensor, got ",
-                    cu.device());
+  TORCH_CHECK_VALUE(cu.device().is_cpu(), "hierkern CPU attention: ", name, " must be a CPU tensor, got ", cu.device());
   TORCH_CHECK_VALUE(cu.dim() == 1 && cu.numel() >= 1, "hierkern CPU attention: ", name,
                     " must be 1-D of shape (S + 1,), got ", cu.sizes());
   const int32_t* o = cu.data_ptr<int32_t>();
   TORCH_CHECK_VALUE(o[0] == 0, "hierkern CPU attention: ", name, "[0] must be 0, got ", o[0]);
   int64_t longest = 0;
   for (int64_t s = 0; s + 1 < cu.numel(); ++s) {
-    TORCH_CHECK_VALUE(o[s + 1] >= o[s], "hierkern CPU attention: ", name, " must be non-decreasing, but ",
-                      name, "[", s + 1, "]=", o[s + 1], " < ", name, "[", s, "]=", o[s]);
+    TORCH_CHECK_VALUE(o[s + 1] >= o[s], "hierkern CPU attention: ", name, " must be non-decreasing, but ", name, "[",
+                      s + 1, "]=", o[s + 1], " < ", name, "[", s, "]=", o[s]);
     longest = std::max<int64_t>(longest, o[s + 1] - o[s]);
   }
   TORCH_CHECK_VALUE(o[cu.numel() - 1] == total, "hierkern CPU attention: ", name,
@@ -94,10 +97,10 @@ int64_t check_offsets(const at::Tensor& cu, const char* name, int64_t total, int
   return longest;
 }
 
-AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t max_seqlen_q,
-                            int64_t max_seqlen_k, double softmax_scale, int64_t window_left, int64_t window_right,
-                            double dropout_p, const c10::optional<at::Tensor>& rng_state) {
+AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
+                            const at::Tensor& cu_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale,
+                            int64_t window_left, int64_t window_right, double dropout_p,
+                            const c10::optional<at::Tensor>& rng_state) {
   check_packed(q, "q");
   check_packed(k, "k");
   check_packed(v, "v");
@@ -190,7 +193,10 @@ void run_balanced(const AttentionParams& p, UnitRangeFn fn) {
     int64_t lo = bounds[t - 1], hi = units;  // first unit whose start cost reaches target
     while (lo < hi) {
       const int64_t mid = lo + (hi - lo) / 2;
-      if (cost_before(mid) < target) lo = mid + 1; else hi = mid;
+      if (cost_before(mid) < target)
+        lo = mid + 1;
+      else
+        hi = mid;
     }
     bounds[t] = lo;
   }
@@ -226,9 +232,9 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cpu(const at::Tensor& q_in, const 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cpu(
     const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-    const at::Tensor& out_in, const at::Tensor& lse_in, const at::Tensor& cu_seqlens_q,
-    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale,
-    int64_t window_left, int64_t window_right, double dropout_p, const c10::optional<at::Tensor>& rng_state) {
+    const at::Tensor& out_in, const at::Tensor& lse_in, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+    int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale, int64_t window_left, int64_t window_right,
+    double dropout_p, const c10::optional<at::Tensor>& rng_state) {
   check_packed(dout_in, "dout");
   check_packed(q_in, "q");
   check_packed(k_in, "k");
@@ -243,16 +249,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cpu(
   // out is part of the op's contract (other backends form rowsum(dout * out) from it). This kernel sums the same
   // thing in float from the probabilities it recomputes, so it never reads out, but still rejects one that
   // cannot belong to q.
-  TORCH_CHECK_VALUE(dout.sizes() == q.sizes() && out_in.sizes() == q.sizes(), "hierkern CPU attention: dout and "
-                    "out must have q's shape ", q.sizes(), ", got ", dout.sizes(), " and ", out_in.sizes());
+  TORCH_CHECK_VALUE(dout.sizes() == q.sizes() && out_in.sizes() == q.sizes(),
+                    "hierkern CPU attention: dout and "
+                    "out must have q's shape ",
+                    q.sizes(), ", got ", dout.sizes(), " and ", out_in.sizes());
   TORCH_CHECK_TYPE(dout.scalar_type() == q.scalar_type() && out_in.scalar_type() == q.scalar_type(),
                    "hierkern CPU attention: dout and out must have q's dtype ", q.scalar_type(), ", got ",
                    dout.scalar_type(), " and ", out_in.scalar_type());
   TORCH_CHECK_TYPE(lse_in.scalar_type() == at::kFloat, "hierkern CPU attention: lse must be float32, got ",
                    lse_in.scalar_type());
-  TORCH_CHECK_VALUE(lse_in.device().is_cpu() && lse_in.dim() == 2 && lse_in.size(0) == q.size(1) &&
-                    lse_in.size(1) == q.size(0), "hierkern CPU attention: lse must be a CPU tensor of shape "
-                    "(heads, total_q) = (", q.size(1), ", ", q.size(0), "), got ", lse_in.sizes());
+  TORCH_CHECK_VALUE(
+      lse_in.device().is_cpu() && lse_in.dim() == 2 && lse_in.size(0) == q.size(1) && lse_in.size(1) == q.size(0),
+      "hierkern CPU attention: lse must be a CPU tensor of shape "
+      "(heads, total_q) = (",
+      q.size(1), ", ", q.size(0), "), got ", lse_in.sizes());
   const at::Tensor lse = lse_in.contiguous();
   // Every element is written: dq by its query row, dk/dv by the unit that owns their segment and kv head.
   at::Tensor dq = at::empty(q.sizes(), q.options());

@@ -31,14 +31,19 @@ struct AttentionParams {
   uint32_t dropout_threshold;
   uint64_t dropout_seed, dropout_offset;
 
-  const void* q;  int64_t q_row, q_head;
-  const void* k;  int64_t k_row, k_head;
-  const void* v;  int64_t v_row, v_head;
+  const void* q;
+  int64_t q_row, q_head;
+  const void* k;
+  int64_t k_row, k_head;
+  const void* v;
+  int64_t v_row, v_head;
   // Forward only: written.
-  void* out;      int64_t out_row, out_head;
+  void* out;
+  int64_t out_row, out_head;
   float* lse;
   // Backward only.
-  const void* dout; int64_t dout_row, dout_head;
+  const void* dout;
+  int64_t dout_row, dout_head;
   void* dq;
   void* dk;
   void* dv;
@@ -62,8 +67,8 @@ inline KeyRange visible_keys(const AttentionParams& p, int64_t i, int64_t lq, in
 using UnitRangeFn = void (*)(const AttentionParams&, int64_t unit_begin, int64_t unit_end);
 
 // One namespace per instruction set; each defines the forward and backward over a range of units.
-#define HIERKERN_DECLARE_KERNELS(isa)                                                \
-  namespace isa {                                                                    \
+#define HIERKERN_DECLARE_KERNELS(isa)                                                    \
+  namespace isa {                                                                        \
   void varlen_fwd_units(const AttentionParams& p, int64_t unit_begin, int64_t unit_end); \
   void varlen_bwd_units(const AttentionParams& p, int64_t unit_begin, int64_t unit_end); \
   }

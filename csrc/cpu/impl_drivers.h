@@ -25,8 +25,8 @@ constexpr int64_t kConvertBytes = 2 << 20;
 // Calls body(key, value), key(g, j) and value(g, j) being the rows of kv heads g in [ga, gb): Acc rows converted
 // into scratch when T is not Acc and they fit kConvertBytes, else the tensors' own rows.
 template <typename A, typename T, typename Body>
-inline void with_rows(const SegmentRows<T>& seg, int64_t lk, int64_t ga, int64_t gb, int64_t d,
-                      Scratch<A>& scratch, Body&& body) {
+inline void with_rows(const SegmentRows<T>& seg, int64_t lk, int64_t ga, int64_t gb, int64_t d, Scratch<A>& scratch,
+                      Body&& body) {
   if constexpr (!std::is_same_v<T, A>) {
     const int64_t n = (gb - ga) * lk * d;  // per tensor
     if (2 * n * static_cast<int64_t>(sizeof(A)) <= kConvertBytes) {
@@ -58,8 +58,12 @@ void fwd_units(const AttentionParams& p, int64_t unit_begin, int64_t unit_end) {
     const int64_t q0 = p.cu_seqlens_q[seg], lq = p.cu_seqlens_q[seg + 1] - q0;
     const int64_t k0 = p.cu_seqlens_k[seg], lk = p.cu_seqlens_k[seg + 1] - k0;
     if (lq == 0) return;
-    const SegmentRows<T> rows{static_cast<const T*>(p.k) + k0 * p.k_row, static_cast<const T*>(p.v) + k0 * p.v_row,
-                              p.k_row, p.k_head, p.v_row, p.v_head};
+    const SegmentRows<T> rows{static_cast<const T*>(p.k) + k0 * p.k_row,
+                              static_cast<const T*>(p.v) + k0 * p.v_row,
+                              p.k_row,
+                              p.k_head,
+                              p.v_row,
+                              p.v_head};
     if constexpr (kBlocked<A, kD>) {
       if (lk < kFwdBlockMinKeys) {
         // Every query of a short segment uses every row of it: converted whatever the size (under 32 keys a head).
@@ -71,32 +75,33 @@ void fwd_units(const AttentionParams& p, int64_t unit_begin, int64_t unit_end) {
         fwd_short_segment<T, kD>(p, q0, lq, k0, lk, g0, g1, keys, values);
         return;
       }
-      for (int64_t g = g0; g < g1; ++g) with_rows(rows, lk, g, g + 1, d, scratch, [&](auto&& key, auto&& value) {
-        for (int64_t h = g * group; h < (g + 1) * group; ++h) {
-          if (h + 1 < g1 * group) {
-            if ((h + 1) / group != g) {
-              prefetch_rows(lk, kD * sizeof(T), [&](int64_t j) { return rows.key(g + 1, j); });
-              prefetch_rows(lk, kD * sizeof(T), [&](int64_t j) { return rows.value(g + 1, j); });
+      for (int64_t g = g0; g < g1; ++g)
+        with_rows(rows, lk, g, g + 1, d, scratch, [&](auto&& key, auto&& value) {
+          for (int64_t h = g * group; h < (g + 1) * group; ++h) {
+            if (h + 1 < g1 * group) {
+              if ((h + 1) / group != g) {
+                prefetch_rows(lk, kD * sizeof(T), [&](int64_t j) { return rows.key(g + 1, j); });
+                prefetch_rows(lk, kD * sizeof(T), [&](int64_t j) { return rows.value(g + 1, j); });
+              }
+              prefetch_rows(lq, kD * sizeof(T), [&](int64_t i) { return q + (q0 + i) * p.q_row + (h + 1) * p.q_head; });
             }
-            prefetch_rows(lq, kD * sizeof(T), [&](int64_t i) { return q + (q0 + i) * p.q_row + (h + 1) * p.q_head; });
-          }
-          for (int64_t i0 = 0; i0 < lq; i0 += kBlockRows) {
-            const int64_t r = std::min(kBlockRows, lq - i0);
-            const T* q_rows[kBlockRows];
-            KeyRange range[kBlockRows];
-            float* lse_out[kBlockRows];
-            for (int64_t b = 0; b < r; ++b) {
-              q_rows[b] = q + (q0 + i0 + b) * p.q_row + h * p.q_head;
-              range[b] = visible_keys(p, i0 + b, lq, lk);
-              lse_out[b] = p.lse + h * p.total_q + q0 + i0 + b;
+            for (int64_t i0 = 0; i0 < lq; i0 += kBlockRows) {
+              const int64_t r = std::min(kBlockRows, lq - i0);
+              const T* q_rows[kBlockRows];
+              KeyRange range[kBlockRows];
+              float* lse_out[kBlockRows];
+              for (int64_t b = 0; b < r; ++b) {
+                q_rows[b] = q + (q0 + i0 + b) * p.q_row + h * p.q_head;
+                range[b] = visible_keys(p, i0 + b, lq, lk);
+                lse_out[b] = p.lse + h * p.total_q + q0 + i0 + b;
+              }
+              fwd_block<T, kD>(
+                  p, h, q0 + i0, k0, q_rows, r, range, scale, scratch.scores, scratch.row_len, scratch.qrow, lse_out,
+                  [&](int64_t b) { return out + (q0 + i0 + b) * p.out_row + h * p.out_head; },
+                  [&](int64_t j) { return key(g, j); }, [&](int64_t j) { return value(g, j); });
             }
-            fwd_block<T, kD>(
-                p, h, q0 + i0, k0, q_rows, r, range, scale, scratch.scores, scratch.row_len, scratch.qrow, lse_out,
-                [&](int64_t b) { return out + (q0 + i0 + b) * p.out_row + h * p.out_head; },
-                [&](int64_t j) { return key(g, j); }, [&](int64_t j) { return value(g, j); });
           }
-        }
-      });
+        });
     } else {
       auto row = [&](int64_t h, int64_t i, auto&& key, auto&& value) {
         T* o = out + (q0 + i) * p.out_row + h * p.out_head;
@@ -134,9 +139,10 @@ void fwd_units(const AttentionParams& p, int64_t unit_begin, int64_t unit_end) {
           for_each_row(true, g0 * group, g1 * group, lq, [&](int64_t h, int64_t i) { row(h, i, key, value); });
         });
       } else {
-        for (int64_t g = g0; g < g1; ++g) with_rows(rows, lk, g, g + 1, d, scratch, [&](auto&& key, auto&& value) {
-          for_each_row(false, g * group, (g + 1) * group, lq, [&](int64_t h, int64_t i) { row(h, i, key, value); });
-        });
+        for (int64_t g = g0; g < g1; ++g)
+          with_rows(rows, lk, g, g + 1, d, scratch, [&](auto&& key, auto&& value) {
+            for_each_row(false, g * group, (g + 1) * group, lq, [&](int64_t h, int64_t i) { row(h, i, key, value); });
+          });
       }
     }
   });
@@ -161,8 +167,12 @@ void bwd_units(const AttentionParams& p, int64_t unit_begin, int64_t unit_end) {
   for_each_segment_part(p, unit_begin, unit_end, [&](int64_t seg, int64_t g0, int64_t g1) {
     const int64_t q0 = p.cu_seqlens_q[seg], lq = p.cu_seqlens_q[seg + 1] - q0;
     const int64_t k0 = p.cu_seqlens_k[seg], lk = p.cu_seqlens_k[seg + 1] - k0;
-    const SegmentRows<T> rows{static_cast<const T*>(p.k) + k0 * p.k_row, static_cast<const T*>(p.v) + k0 * p.v_row,
-                              p.k_row, p.k_head, p.v_row, p.v_head};
+    const SegmentRows<T> rows{static_cast<const T*>(p.k) + k0 * p.k_row,
+                              static_cast<const T*>(p.v) + k0 * p.v_row,
+                              p.k_row,
+                              p.k_head,
+                              p.v_row,
+                              p.v_head};
     auto dk_out = [&](int64_t g, int64_t j) { return dk + (k0 + j) * kv_stride + g * d; };
     auto dv_out = [&](int64_t g, int64_t j) { return dv + (k0 + j) * kv_stride + g * d; };
     if (lq == 0) {
@@ -212,32 +222,33 @@ void bwd_units(const AttentionParams& p, int64_t unit_begin, int64_t unit_end) {
         });
         return;
       }
-      for (int64_t g = g0; g < g1; ++g) accumulate(g, g + 1, [&](const Block<A>& dk_acc, const Block<A>& dv_acc) {
-        with_rows(rows, lk, g, g + 1, d, scratch, [&](auto&& key, auto&& value) {
-          for (int64_t h = g * group; h < (g + 1) * group; ++h) {
-            for (int64_t i0 = 0; i0 < lq; i0 += kBwdRows) {
-              const int64_t r = std::min(kBwdRows, lq - i0);
-              const T *q_rows[kBwdRows], *do_rows[kBwdRows];
-              T* dq_rows[kBwdRows];
-              KeyRange range[kBwdRows];
-              float lse[kBwdRows];
-              for (int64_t b = 0; b < r; ++b) {
-                const int64_t t = q0 + i0 + b;
-                q_rows[b] = q + t * p.q_row + h * p.q_head;
-                do_rows[b] = dout + t * p.dout_row + h * p.dout_head;
-                dq_rows[b] = dq + t * q_stride + h * d;
-                range[b] = visible_keys(p, i0 + b, lq, lk);
-                lse[b] = p.lse[h * p.total_q + t];
+      for (int64_t g = g0; g < g1; ++g)
+        accumulate(g, g + 1, [&](const Block<A>& dk_acc, const Block<A>& dv_acc) {
+          with_rows(rows, lk, g, g + 1, d, scratch, [&](auto&& key, auto&& value) {
+            for (int64_t h = g * group; h < (g + 1) * group; ++h) {
+              for (int64_t i0 = 0; i0 < lq; i0 += kBwdRows) {
+                const int64_t r = std::min(kBwdRows, lq - i0);
+                const T *q_rows[kBwdRows], *do_rows[kBwdRows];
+                T* dq_rows[kBwdRows];
+                KeyRange range[kBwdRows];
+                float lse[kBwdRows];
+                for (int64_t b = 0; b < r; ++b) {
+                  const int64_t t = q0 + i0 + b;
+                  q_rows[b] = q + t * p.q_row + h * p.q_head;
+                  do_rows[b] = dout + t * p.dout_row + h * p.dout_head;
+                  dq_rows[b] = dq + t * q_stride + h * d;
+                  range[b] = visible_keys(p, i0 + b, lq, lk);
+                  lse[b] = p.lse[h * p.total_q + t];
+                }
+                bwd_block<T, kD>(
+                    p, h, q0 + i0, k0, q_rows, do_rows, lse, r, range, scale, scratch.probs, scratch.scores,
+                    scratch.factor, scratch.row_len, scratch.qrow, scratch.dorow, dq_rows,
+                    [&](int64_t j) { return key(g, j); }, [&](int64_t j) { return value(g, j); },
+                    [&](int64_t j) { return dk_acc.row(0, j); }, [&](int64_t j) { return dv_acc.row(0, j); });
               }
-              bwd_block<T, kD>(p, h, q0 + i0, k0, q_rows, do_rows, lse, r, range, scale, scratch.probs,
-                               scratch.scores, scratch.factor, scratch.row_len, scratch.qrow, scratch.dorow,
-                               dq_rows, [&](int64_t j) { return key(g, j); }, [&](int64_t j) { return value(g, j); },
-                               [&](int64_t j) { return dk_acc.row(0, j); },
-                               [&](int64_t j) { return dv_acc.row(0, j); });
             }
-          }
+          });
         });
-      });
     } else {
       // One query row (h, i) at a time; ga is the first kv head of the accumulators' run.
       auto row = [&](int64_t h, int64_t i, auto&& key, auto&& value, int64_t ga, const Block<A>& dk_acc,
@@ -285,19 +296,18 @@ void bwd_units(const AttentionParams& p, int64_t unit_begin, int64_t unit_end) {
       if (token_order(lk, p.num_heads, 4 * d * sizeof(A))) {
         accumulate(g0, g1, [&](const Block<A>& dk_acc, const Block<A>& dv_acc) {
           with_rows(rows, lk, g0, g1, d, scratch, [&](auto&& key, auto&& value) {
-            for_each_row(true, g0 * group, g1 * group, lq, [&](int64_t h, int64_t i) {
-              row(h, i, key, value, g0, dk_acc, dv_acc);
-            });
+            for_each_row(true, g0 * group, g1 * group, lq,
+                         [&](int64_t h, int64_t i) { row(h, i, key, value, g0, dk_acc, dv_acc); });
           });
         });
       } else {
-        for (int64_t g = g0; g < g1; ++g) accumulate(g, g + 1, [&](const Block<A>& dk_acc, const Block<A>& dv_acc) {
-          with_rows(rows, lk, g, g + 1, d, scratch, [&](auto&& key, auto&& value) {
-            for_each_row(false, g * group, (g + 1) * group, lq, [&](int64_t h, int64_t i) {
-              row(h, i, key, value, g, dk_acc, dv_acc);
+        for (int64_t g = g0; g < g1; ++g)
+          accumulate(g, g + 1, [&](const Block<A>& dk_acc, const Block<A>& dv_acc) {
+            with_rows(rows, lk, g, g + 1, d, scratch, [&](auto&& key, auto&& value) {
+              for_each_row(false, g * group, (g + 1) * group, lq,
+                           [&](int64_t h, int64_t i) { row(h, i, key, value, g, dk_acc, dv_acc); });
             });
           });
-        });
       }
     }
   });
@@ -307,24 +317,38 @@ void bwd_units(const AttentionParams& p, int64_t unit_begin, int64_t unit_end) {
 template <typename T, template <typename, int> class Kernel>
 void by_head_dim(const AttentionParams& p, int64_t unit_begin, int64_t unit_end) {
   switch (p.head_dim) {
-    case 32: return Kernel<T, 32>::run(p, unit_begin, unit_end);
-    case 64: return Kernel<T, 64>::run(p, unit_begin, unit_end);
-    case 128: return Kernel<T, 128>::run(p, unit_begin, unit_end);
-    default: return Kernel<T, 0>::run(p, unit_begin, unit_end);
+    case 32:
+      return Kernel<T, 32>::run(p, unit_begin, unit_end);
+    case 64:
+      return Kernel<T, 64>::run(p, unit_begin, unit_end);
+    case 128:
+      return Kernel<T, 128>::run(p, unit_begin, unit_end);
+    default:
+      return Kernel<T, 0>::run(p, unit_begin, unit_end);
   }
 }
 
-template <typename T, int kD> struct Fwd { static void run(const AttentionParams& p, int64_t b, int64_t e) { fwd_units<T, kD>(p, b, e); } };
-template <typename T, int kD> struct Bwd { static void run(const AttentionParams& p, int64_t b, int64_t e) { bwd_units<T, kD>(p, b, e); } };
+template <typename T, int kD>
+struct Fwd {
+  static void run(const AttentionParams& p, int64_t b, int64_t e) { fwd_units<T, kD>(p, b, e); }
+};
+template <typename T, int kD>
+struct Bwd {
+  static void run(const AttentionParams& p, int64_t b, int64_t e) { bwd_units<T, kD>(p, b, e); }
+};
 
 template <template <typename, int> class Kernel>
 void by_dtype(const AttentionParams& p, int64_t unit_begin, int64_t unit_end) {
   if (unit_begin >= unit_end) return;
   switch (p.kind) {
-    case ScalarKind::kFloat: return by_head_dim<float, Kernel>(p, unit_begin, unit_end);
-    case ScalarKind::kDouble: return by_head_dim<double, Kernel>(p, unit_begin, unit_end);
-    case ScalarKind::kBFloat16: return by_head_dim<c10::BFloat16, Kernel>(p, unit_begin, unit_end);
-    case ScalarKind::kHalf: return by_head_dim<c10::Half, Kernel>(p, unit_begin, unit_end);
+    case ScalarKind::kFloat:
+      return by_head_dim<float, Kernel>(p, unit_begin, unit_end);
+    case ScalarKind::kDouble:
+      return by_head_dim<double, Kernel>(p, unit_begin, unit_end);
+    case ScalarKind::kBFloat16:
+      return by_head_dim<c10::BFloat16, Kernel>(p, unit_begin, unit_end);
+    case ScalarKind::kHalf:
+      return by_head_dim<c10::Half, Kernel>(p, unit_begin, unit_end);
   }
 }
 

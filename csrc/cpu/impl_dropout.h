@@ -8,7 +8,7 @@
 // products (three multiplies each); x86's 32x32->64-bit multiply takes the even lanes and, after a 32-bit
 // shift, the odd ones.
 inline void mulhilo8(uint32_t m, u32x8 x, u32x8& hi, u32x8& lo) {
-  u32x8 even, odd;  // [lo, hi] of the products of lanes (0, 2, 4, 6) and (1, 3, 5, 7)
+  u32x8 even, odd;                // [lo, hi] of the products of lanes (0, 2, 4, 6) and (1, 3, 5, 7)
 #if defined(HIERKERN_AVX2_BUILT)  // kernel_avx2.cpp
   const __m256i xv = (__m256i)x, mv = _mm256_set1_epi32(static_cast<int>(m));
   even = (u32x8)_mm256_mul_epu32(xv, mv);
@@ -58,8 +58,7 @@ inline i32x8 dropout_keep8(const AttentionParams& p, u32x8 head, u32x8 query, u3
 // Dropout's factors, in precision A, for the weights of one query row (head, query) against keys key0 + j,
 // j < n (n <= 8): 1 / (1 - dropout_p) where kept, else 0.
 template <typename A>
-inline void dropout_factors(const AttentionParams& p, int64_t head, int64_t query, int64_t key0, int64_t n,
-                            A* factor) {
+inline void dropout_factors(const AttentionParams& p, int64_t head, int64_t query, int64_t key0, int64_t n, A* factor) {
   const u32x8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
   const i32x8 keep = dropout_keep8(p, u32x8{} + static_cast<uint32_t>(head), u32x8{} + static_cast<uint32_t>(query),
                                    lane + static_cast<uint32_t>(key0));

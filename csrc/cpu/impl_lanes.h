@@ -96,8 +96,8 @@ inline void add_scaled(float* __restrict y, float w, const float* __restrict x) 
 // dependency chain per eight rows. A lane's arithmetic does not depend on its neighbours (the transposing add
 // tree reduces every lane in the same order), so results stay bit-identical whatever the thread split.
 template <typename T, int kD, typename A>
-void fwd_short_segment(const AttentionParams& p, int64_t q0, int64_t lq, int64_t k0, int64_t lk, int64_t g0,
-                       int64_t g1, const Block<const A>& keys, const Block<const A>& values) {
+void fwd_short_segment(const AttentionParams& p, int64_t q0, int64_t lq, int64_t k0, int64_t lk, int64_t g0, int64_t g1,
+                       const Block<const A>& keys, const Block<const A>& values) {
   static_assert(std::is_same_v<A, float> && kD > 0 && kD % 8 == 0, "fwd_short_segment is the float kernel");
   const int64_t group = p.num_heads / p.num_kv_heads;
   const T* q = static_cast<const T*>(p.q);
@@ -153,8 +153,8 @@ void fwd_short_segment(const AttentionParams& p, int64_t q0, int64_t lq, int64_t
       const int64_t h = heads[l], t = tokens[l];
       p.lse[h * p.total_q + t] = lse[l];
       const float* v_rows = v_lane[l] + ranges.lo[l] * values.row_stride;
-      store_weighted_sum<T, kD>(out + t * p.out_row + h * p.out_head, probs + 8 * ranges.lo[l] + l, 8,
-                                ranges.size(l), inv[l], [&](int64_t j) { return v_rows + j * values.row_stride; });
+      store_weighted_sum<T, kD>(out + t * p.out_row + h * p.out_head, probs + 8 * ranges.lo[l] + l, 8, ranges.size(l),
+                                inv[l], [&](int64_t j) { return v_rows + j * values.row_stride; });
     }
   }
 }
@@ -166,9 +166,9 @@ void fwd_short_segment(const AttentionParams& p, int64_t q0, int64_t lq, int64_t
 // dk += scale * dS^T q, dv += P^T dout into dk_acc/dv_acc, lane by lane in pair order, so each dk/dv row
 // receives its terms in the same order whatever the batching (bit-identical across thread splits).
 template <typename T, int kD, typename A>
-void bwd_short_segment(const AttentionParams& p, int64_t q0, int64_t lq, int64_t k0, int64_t lk, int64_t g0,
-                       int64_t g1, const Block<const A>& keys, const Block<const A>& values,
-                       const Block<A>& dk_acc, const Block<A>& dv_acc) {
+void bwd_short_segment(const AttentionParams& p, int64_t q0, int64_t lq, int64_t k0, int64_t lk, int64_t g0, int64_t g1,
+                       const Block<const A>& keys, const Block<const A>& values, const Block<A>& dk_acc,
+                       const Block<A>& dv_acc) {
   static_assert(std::is_same_v<A, float> && kD > 0 && kD % 8 == 0, "bwd_short_segment is the float kernel");
   const int64_t group = p.num_heads / p.num_kv_heads, q_stride = p.num_heads * kD;  // dq is contiguous
   const T* q = static_cast<const T*>(p.q);
@@ -221,8 +221,7 @@ void bwd_short_segment(const AttentionParams& p, int64_t q0, int64_t lq, int64_t
     }
     // Lanes without keys have prob_sum = 0; they store nothing.
     delta = prob_sum > f32x8{} ? delta / prob_sum : f32x8{};
-    for (int64_t j = j0; j < j1; ++j)
-      store8(dscores + 8 * j, load8(probs + 8 * j) * (load8(dscores + 8 * j) - delta));
+    for (int64_t j = j0; j < j1; ++j) store8(dscores + 8 * j, load8(probs + 8 * j) * (load8(dscores + 8 * j) - delta));
     for (int l = 0; l < lanes; ++l) {
       const int64_t h = heads[l], lo = ranges.lo[l];
       const float* k_rows = k_lane[l] + lo * keys.row_stride;

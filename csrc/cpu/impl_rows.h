@@ -36,8 +36,8 @@ template <typename A>
 inline void softmax_backward_row(const AttentionParams& p, int64_t head, int64_t query, int64_t key0, int64_t n,
                                  A* __restrict P, A* __restrict dS, A* __restrict factor) {
   if (p.dropout_p > 0.0) {
-    for (int64_t j0 = 0; j0 < n; j0 += 8) dropout_factors(p, head, query, key0 + j0, std::min<int64_t>(8, n - j0),
-                                                          factor + j0);
+    for (int64_t j0 = 0; j0 < n; j0 += 8)
+      dropout_factors(p, head, query, key0 + j0, std::min<int64_t>(8, n - j0), factor + j0);
     for (int64_t j = 0; j < n; ++j) dS[j] *= factor[j];
   }
   const A delta = weighted_mean(P, dS, n);
@@ -63,8 +63,8 @@ struct Block {
 // The tensor itself when T == Acc (no copy), else converted once into `scratch`, so that the lane-parallel
 // kernels, which use each row of a short segment for every query of it, never convert in their inner loops.
 template <typename T, typename A>
-Block<const A> load_block(const T* src, int64_t row_stride, int64_t head_stride, int64_t rows, int64_t heads,
-                          int64_t d, A* scratch) {
+Block<const A> load_block(const T* src, int64_t row_stride, int64_t head_stride, int64_t rows, int64_t heads, int64_t d,
+                          A* scratch) {
   if constexpr (std::is_same_v<T, A>) {
     return {src, row_stride, head_stride};
   } else {
@@ -109,11 +109,16 @@ struct Scratch {
     const int64_t row_sets = backward ? 2 : 1;
     buf.assign(row_sets * rows * row_len + (backward ? row_len : 0) + (row_sets * rows + 1) * d, A(0));
     A* p = buf.data();
-    scores = p; p += rows * row_len;
-    probs = backward ? p : nullptr; p += backward ? rows * row_len : 0;
-    factor = backward ? p : nullptr; p += backward ? row_len : 0;
-    qrow = p; p += rows * d;
-    dorow = backward ? p : nullptr; p += backward ? rows * d : 0;
+    scores = p;
+    p += rows * row_len;
+    probs = backward ? p : nullptr;
+    p += backward ? rows * row_len : 0;
+    factor = backward ? p : nullptr;
+    p += backward ? row_len : 0;
+    qrow = p;
+    p += rows * d;
+    dorow = backward ? p : nullptr;
+    p += backward ? rows * d : 0;
     acc = p;
   }
   static A* at_least(std::vector<A>& v, int64_t n) {

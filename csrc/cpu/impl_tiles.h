@@ -18,7 +18,7 @@ __attribute__((always_inline)) inline void add_row32(f32x8* acc, f32x8 w, const 
 template <int kD, typename RowFn>
 inline void combine2(float* __restrict res0, float* __restrict res1, const float* __restrict w0,
                      const float* __restrict w1, KeyRange k0, KeyRange k1, RowFn&& row) {
-  w0 -= k0.lo, w1 -= k1.lo;  // indexed by key from here on
+  w0 -= k0.lo, w1 -= k1.lo;                                                      // indexed by key from here on
   const int64_t only0 = std::min(k1.lo, k0.hi), only1 = std::max(k0.hi, k1.lo);  // keys [k1.lo, k0.hi): both
   for (int c0 = 0; c0 < kD; c0 += 32) {
     f32x8 a0[4] = {}, a1[4] = {};

@@ -5,8 +5,14 @@
 // kernel_common.h included, and what the parts before it define.
 
 // Numbers accumulate in Acc: float for float/bfloat16/half inputs, double for double inputs.
-template <typename T> struct AccOf { using type = float; };
-template <> struct AccOf<double> { using type = double; };
+template <typename T>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
 
 // b and x are rows of a tensor (any dtype, converted to A as they are read) or of an A buffer.
 template <typename A, typename T>
@@ -33,13 +39,23 @@ typedef float f32x8_unaligned __attribute__((vector_size(32), aligned(4)));
 
 // The same 256 bits seen as the other lane type: a vector cast reinterprets (a reference cast would break
 // strict aliasing).
-inline i32x8 bits_of(f32x8 x) { return (i32x8)x; }
-inline f32x8 float_of(i32x8 x) { return (f32x8)x; }
+inline i32x8 bits_of(f32x8 x) {
+  return (i32x8)x;
+}
+inline f32x8 float_of(i32x8 x) {
+  return (f32x8)x;
+}
 
-inline f32x8 load8(const float* p) { return *reinterpret_cast<const f32x8_unaligned*>(p); }
+inline f32x8 load8(const float* p) {
+  return *reinterpret_cast<const f32x8_unaligned*>(p);
+}
 // Not `f32x8{} + x`: 0 + x is not an identity (x = -0), so that costs an add before the broadcast.
-inline f32x8 bcast8(float x) { return f32x8{x, x, x, x, x, x, x, x}; }
-inline void store8(float* p, f32x8 x) { *reinterpret_cast<f32x8_unaligned*>(p) = x; }
+inline f32x8 bcast8(float x) {
+  return f32x8{x, x, x, x, x, x, x, x};
+}
+inline void store8(float* p, f32x8 x) {
+  *reinterpret_cast<f32x8_unaligned*>(p) = x;
+}
 
 typedef uint16_t u16x8 __attribute__((vector_size(16)));
 typedef uint32_t u32x8 __attribute__((vector_size(32)));
@@ -176,8 +192,7 @@ __attribute__((always_inline)) inline f32x8 transpose_sum8(const f32x8* part) {
 // Dot products of eight (query, key) row pairs of head dim kD (a multiple of 8) as one vector: lane l is
 // q[l] . (k[l] + offset).
 template <int kD>
-__attribute__((always_inline)) inline f32x8 dot8_lanes(const float* const* q, const float* const* k,
-                                                        int64_t offset) {
+__attribute__((always_inline)) inline f32x8 dot8_lanes(const float* const* q, const float* const* k, int64_t offset) {
   f32x8 part[8];
 #pragma GCC unroll 8
   for (int l = 0; l < 8; ++l) {

@@ -40,6 +40,8 @@ void varlen_bwd_units(const AttentionParams&, int64_t, int64_t) {}
 
 namespace hierkern {
 namespace cpu {
-bool avx2_kernels_built() { return HIERKERN_AVX2_BUILT; }
+bool avx2_kernels_built() {
+  return HIERKERN_AVX2_BUILT;
+}
 }  // namespace cpu
 }  // namespace hierkern

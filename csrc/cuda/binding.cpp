@@ -21,10 +21,14 @@ namespace hk = hierkern::cuda;
 
 hk::DType dtype_of(const at::Tensor& t) {
   switch (t.scalar_type()) {
-    case at::kFloat: return hk::DType::kFloat32;
-    case at::kHalf: return hk::DType::kFloat16;
-    case at::kBFloat16: return hk::DType::kBFloat16;
-    default: TORCH_CHECK_TYPE(false, "hierkern CUDA kernels take float16, bfloat16 or float32, got ", t.scalar_type());
+    case at::kFloat:
+      return hk::DType::kFloat32;
+    case at::kHalf:
+      return hk::DType::kFloat16;
+    case at::kBFloat16:
+      return hk::DType::kBFloat16;
+    default:
+      TORCH_CHECK_TYPE(false, "hierkern CUDA kernels take float16, bfloat16 or float32, got ", t.scalar_type());
   }
 }
 
@@ -78,8 +82,7 @@ void fill_common(hk::VarlenArgs& a, const at::Tensor& q, const at::Tensor& k, co
   // The offsets' values are trusted (reading them would sync): hierkern.varlen_attention validates them
   // where they are host-readable. Without any segment there must be no token for them to index.
   TORCH_CHECK_VALUE(cu_q.numel() >= 2 || (q.size(0) == 0 && k.size(0) == 0),
-                    "cu_seqlens_q describes no segment but there are ", q.size(0), " queries and ", k.size(0),
-                    " keys");
+                    "cu_seqlens_q describes no segment but there are ", q.size(0), " queries and ", k.size(0), " keys");
   hierkern::check_dropout_p("", dropout_p);
   a.dtype = dtype_of(q);
   a.head_dim = static_cast<int>(q.size(2));
@@ -134,9 +137,9 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cuda(const at::Tensor& q_in, const
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cuda(
     const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-    const at::Tensor& out_in, const at::Tensor& lse_in, const at::Tensor& cu_seqlens_q,
-    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale,
-    int64_t window_left, int64_t window_right, double dropout_p, const std::optional<at::Tensor>& rng_state) {
+    const at::Tensor& out_in, const at::Tensor& lse_in, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+    int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale, int64_t window_left, int64_t window_right,
+    double dropout_p, const std::optional<at::Tensor>& rng_state) {
   (void)max_seqlen_q;
   (void)max_seqlen_k;
   check_qkv(q_in, k_in, v_in);
@@ -144,13 +147,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cuda(
   check_packed(out_in, "out", q_in);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = vector_ready(q_in), k = vector_ready(k_in), v = vector_ready(v_in);
-  TORCH_CHECK_VALUE(dout_in.sizes() == q.sizes() && out_in.sizes() == q.sizes(),
-                    "dout and out must have q's shape ", q.sizes(), ", got ", dout_in.sizes(), " and ",
-                    out_in.sizes());
+  TORCH_CHECK_VALUE(dout_in.sizes() == q.sizes() && out_in.sizes() == q.sizes(), "dout and out must have q's shape ",
+                    q.sizes(), ", got ", dout_in.sizes(), " and ", out_in.sizes());
   TORCH_CHECK_VALUE(lse_in.device() == q.device() && lse_in.scalar_type() == at::kFloat && lse_in.dim() == 2 &&
                         lse_in.size(0) == q.size(1) && lse_in.size(1) == q.size(0),
-                    "lse must be a float32 tensor of shape (heads, total_q) on q's device, got ",
-                    lse_in.scalar_type(), " ", lse_in.sizes());
+                    "lse must be a float32 tensor of shape (heads, total_q) on q's device, got ", lse_in.scalar_type(),
+                    " ", lse_in.sizes());
   // out is checked for the schema's contract but not read: the kernels recompute delta = rowsum(dout * out)
   // in fp32 (varlen_attention.h).
   const at::Tensor dout = vector_ready(dout_in), lse = lse_in.contiguous();

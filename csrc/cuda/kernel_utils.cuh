@@ -153,7 +153,9 @@ struct DropoutConsts {
   float scale;         // 1 / (1 - p) for kept weights
 };
 
-inline DropoutConsts dropout_consts(float p) { return {dropout_threshold(p), p > 0.f ? 1.f / (1.f - p) : 1.f}; }
+inline DropoutConsts dropout_consts(float p) {
+  return {dropout_threshold(p), p > 0.f ? 1.f / (1.f - p) : 1.f};
+}
 
 template <typename T>
 __device__ __forceinline__ const T* head_ptr(const void* base, int head, int64_t head_stride) {
@@ -164,17 +166,24 @@ __device__ __forceinline__ const T* head_ptr(const void* base, int head, int64_t
 // cudaErrorInvalidValue for combinations without a kernel (the binding refuses them first).
 template <template <typename, int> class Launch, typename Args>
 cudaError_t dispatch(const Args& args, cudaStream_t stream) {
-#define HK_HEAD_DIMS(T)                                                    \
-  switch (args.head_dim) {                                                 \
-    case 32: return Launch<T, 32>::run(args, stream);                      \
-    case 64: return Launch<T, 64>::run(args, stream);                      \
-    case 128: return Launch<T, 128>::run(args, stream);                    \
-    default: return cudaErrorInvalidValue;                                 \
+#define HK_HEAD_DIMS(T)                         \
+  switch (args.head_dim) {                      \
+    case 32:                                    \
+      return Launch<T, 32>::run(args, stream);  \
+    case 64:                                    \
+      return Launch<T, 64>::run(args, stream);  \
+    case 128:                                   \
+      return Launch<T, 128>::run(args, stream); \
+    default:                                    \
+      return cudaErrorInvalidValue;             \
   }
   switch (args.dtype) {
-    case DType::kFloat32: HK_HEAD_DIMS(float)
-    case DType::kFloat16: HK_HEAD_DIMS(__half)
-    case DType::kBFloat16: HK_HEAD_DIMS(__nv_bfloat16)
+    case DType::kFloat32:
+      HK_HEAD_DIMS(float)
+    case DType::kFloat16:
+      HK_HEAD_DIMS(__half)
+    case DType::kBFloat16:
+      HK_HEAD_DIMS(__nv_bfloat16)
   }
 #undef HK_HEAD_DIMS
   return cudaErrorInvalidValue;

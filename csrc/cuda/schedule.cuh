@@ -46,11 +46,13 @@ struct Window {
 };
 
 // clamp(x, 0, hi) for an x formed in 64 bits: a window up to INT32_MAX added to a position can pass 2^31.
-HK_HOST_DEVICE int clamp_to(int64_t x, int hi) { return x < 0 ? 0 : (x > hi ? hi : static_cast<int>(x)); }
+HK_HOST_DEVICE int clamp_to(int64_t x, int hi) {
+  return x < 0 ? 0 : (x > hi ? hi : static_cast<int>(x));
+}
 
 // Packed key tokens visible to packed query token `row`.
-HK_HOST_DEVICE Interval keys_of_query(const int* cu_seqlens_q, const int* cu_seqlens_k, int num_segments,
-                                      int row, Window window) {
+HK_HOST_DEVICE Interval keys_of_query(const int* cu_seqlens_q, const int* cu_seqlens_k, int num_segments, int row,
+                                      Window window) {
   const int s = find_segment(cu_seqlens_q, num_segments, row);
   const int q0 = cu_seqlens_q[s], lq = cu_seqlens_q[s + 1] - q0;
   const int k0 = cu_seqlens_k[s], lk = cu_seqlens_k[s + 1] - k0;
@@ -62,8 +64,8 @@ HK_HOST_DEVICE Interval keys_of_query(const int* cu_seqlens_q, const int* cu_seq
 }
 
 // Packed query tokens that see packed key token `col` (the transpose of keys_of_query).
-HK_HOST_DEVICE Interval queries_of_key(const int* cu_seqlens_q, const int* cu_seqlens_k, int num_segments,
-                                       int col, Window window) {
+HK_HOST_DEVICE Interval queries_of_key(const int* cu_seqlens_q, const int* cu_seqlens_k, int num_segments, int col,
+                                       Window window) {
   const int s = find_segment(cu_seqlens_k, num_segments, col);
   const int q0 = cu_seqlens_q[s], lq = cu_seqlens_q[s + 1] - q0;
   const int k0 = cu_seqlens_k[s], lk = cu_seqlens_k[s + 1] - k0;

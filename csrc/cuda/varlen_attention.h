@@ -24,7 +24,9 @@ enum class DType { kFloat32, kFloat16, kBFloat16 };
 constexpr int64_t kMaxTokens = INT32_MAX - 128;
 
 // Head dims with a compiled kernel; others are refused by the binding and by the Python backend.
-inline bool head_dim_supported(int head_dim) { return head_dim == 32 || head_dim == 64 || head_dim == 128; }
+inline bool head_dim_supported(int head_dim) {
+  return head_dim == 32 || head_dim == 64 || head_dim == 128;
+}
 
 struct VarlenArgs {
   DType dtype;
@@ -43,14 +45,14 @@ struct VarlenArgs {
   const int* cu_seqlens_q;
   const int* cu_seqlens_k;
   float softmax_scale;
-  Window window;  // negative sides unbounded; causal is (-1, 0)
+  Window window;    // negative sides unbounded; causal is (-1, 0)
   float dropout_p;  // 0 disables dropout
   uint64_t seed;    // rng_state[0]
   uint64_t offset;  // rng_state[1]
 };
 
 struct FwdArgs : VarlenArgs {
-  void* out;  // dense (total_q, num_heads, head_dim)
+  void* out;   // dense (total_q, num_heads, head_dim)
   float* lse;  // (num_heads, total_q)
 };
 

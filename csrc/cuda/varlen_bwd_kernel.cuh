@@ -49,9 +49,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
 #pragma unroll
   for (int e = 0; e < kElems; ++e) dq[e] = 0.f;
   if (live) {
-    load_elems(head_ptr<T>(args.q, head, args.q_head_stride) + static_cast<int64_t>(row) * args.q_token_stride +
-                   lane_elem,
-               q);
+    load_elems(
+        head_ptr<T>(args.q, head, args.q_head_stride) + static_cast<int64_t>(row) * args.q_token_stride + lane_elem, q);
     load_elems(head_ptr<T>(args.dout, head, args.dout_head_stride) +
                    static_cast<int64_t>(row) * args.dout_token_stride + lane_elem,
                dout);
@@ -164,12 +163,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
 #pragma unroll
   for (int e = 0; e < kElems; ++e) dk[e] = dv[e] = 0.f;
   if (live) {
-    load_elems(head_ptr<T>(args.k, kv_head, args.k_head_stride) + static_cast<int64_t>(col) * args.k_token_stride +
-                   lane_elem,
-               k);
-    load_elems(head_ptr<T>(args.v, kv_head, args.v_head_stride) + static_cast<int64_t>(col) * args.v_token_stride +
-                   lane_elem,
-               v);
+    load_elems(
+        head_ptr<T>(args.k, kv_head, args.k_head_stride) + static_cast<int64_t>(col) * args.k_token_stride + lane_elem,
+        k);
+    load_elems(
+        head_ptr<T>(args.v, kv_head, args.v_head_stride) + static_cast<int64_t>(col) * args.v_token_stride + lane_elem,
+        v);
   } else {
 #pragma unroll
     for (int e = 0; e < kElems; ++e) k[e] = v[e] = 0.f;

@@ -9,8 +9,8 @@ template <typename T, int HeadDim>
 struct LaunchFwd {
   static cudaError_t run(const FwdArgs& args, cudaStream_t stream) {
     const DropoutConsts drop = dropout_consts(args.dropout_p);
-    varlen_fwd_kernel<T, HeadDim><<<row_grid<T, HeadDim>(args.total_q, args.num_heads), kThreads, 0, stream>>>(
-        args, drop.threshold, drop.scale);
+    varlen_fwd_kernel<T, HeadDim>
+        <<<row_grid<T, HeadDim>(args.total_q, args.num_heads), kThreads, 0, stream>>>(args, drop.threshold, drop.scale);
     return cudaGetLastError();
   }
 };

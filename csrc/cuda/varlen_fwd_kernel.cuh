@@ -42,9 +42,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
 
   float q[kElems];
   if (live) {
-    load_elems(head_ptr<T>(args.q, head, args.q_head_stride) + static_cast<int64_t>(row) * args.q_token_stride +
-                   lane_elem,
-               q);
+    load_elems(
+        head_ptr<T>(args.q, head, args.q_head_stride) + static_cast<int64_t>(row) * args.q_token_stride + lane_elem, q);
   } else {
 #pragma unroll
     for (int e = 0; e < kElems; ++e) q[e] = 0.f;

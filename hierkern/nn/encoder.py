@@ -20,8 +20,8 @@ where that read would break the graph, the rows stay padded instead and every la
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -66,16 +66,25 @@ def _check_packed(src, segments) -> None:
     if not isinstance(segments, Segments):
         raise TypeError(f"segments must be a hierkern.Segments, got {type(segments).__name__}")
     if not isinstance(src, Tensor) or src.dim() != 2:
-        raise ValueError(f"with segments=, src must be a packed (total, d_model) tensor, got "
-                         f"{tuple(src.shape) if isinstance(src, Tensor) else type(src).__name__}")
+        raise ValueError(
+            f"with segments=, src must be a packed (total, d_model) tensor, got "
+            f"{tuple(src.shape) if isinstance(src, Tensor) else type(src).__name__}"
+        )
     if src.shape[0] != segments.total:
         raise ValueError(f"src has {src.shape[0]} tokens but segments covers {segments.total}")
     if segments.device != src.device:
         raise ValueError(f"segments is on {segments.device} but src is on {src.device}")
 
 
-def _plan_padded(src: Tensor, mask: Tensor | None, key_padding_mask: Tensor | None, is_causal: bool | None,
-                 batch_first: bool, num_heads: int, mask_name: str) -> _Plan:
+def _plan_padded(
+    src: Tensor,
+    mask: Tensor | None,
+    key_padding_mask: Tensor | None,
+    is_causal: bool | None,
+    batch_first: bool,
+    num_heads: int,
+    mask_name: str,
+) -> _Plan:
     """Validate a padded self-attention call (``src`` ``(L, N, E)``/``(N, L, E)``/``(L, E)``) and choose its
     path. Reads the masks on the host (once per call; a device sync for CUDA masks), except under
     ``torch.compile``."""
@@ -94,8 +103,7 @@ def _plan_padded(src: Tensor, mask: Tensor | None, key_padding_mask: Tensor | No
         check_mask("src_key_padding_mask", key_padding_mask)
         expected = (n, length) if batched else (length,)
         if tuple(key_padding_mask.shape) != expected:
-            raise ValueError(f"src_key_padding_mask must have shape {expected}, got "
-                             f"{tuple(key_padding_mask.shape)}")
+            raise ValueError(f"src_key_padding_mask must have shape {expected}, got {tuple(key_padding_mask.shape)}")
         if key_padding_mask.device != src.device:
             raise ValueError(f"src_key_padding_mask is on {key_padding_mask.device} but src is on {src.device}")
     if mask is not None:
@@ -119,8 +127,10 @@ def _plan_padded(src: Tensor, mask: Tensor | None, key_padding_mask: Tensor | No
         # With padding, torch documents is_causal as the caller's promise that the mask is causal.
         causal = True
     elif compiling:
-        return _Plan(f"under torch.compile, telling whether {mask_name} is the causal mask would read it on "
-                     f"the host (pass is_causal=True if it is)")
+        return _Plan(
+            f"under torch.compile, telling whether {mask_name} is the causal mask would read it on "
+            f"the host (pass is_causal=True if it is)"
+        )
     elif is_causal_mask(canonical_mask(mask, src.dtype)):
         causal = True
     else:
@@ -129,20 +139,24 @@ def _plan_padded(src: Tensor, mask: Tensor | None, key_padding_mask: Tensor | No
         return _Plan(None, uniform_segments(n, length, src.device), causal)
     if compiling:
         if key_padding_mask.dtype != torch.bool:
-            return _Plan("under torch.compile, telling whether a float src_key_padding_mask holds only 0 and -inf "
-                         "would read it on the host (pass a bool mask)")
+            return _Plan(
+                "under torch.compile, telling whether a float src_key_padding_mask holds only 0 and -inf "
+                "would read it on the host (pass a bool mask)"
+            )
         # Packing would need the token count on the host: the rows stay padded instead.
         return _Plan(None, None, causal, key_padding_mask=key_padding_mask, mask=mask if causal else None)
     pad = prefix_padding(canonical_mask(key_padding_mask, src.dtype).reshape(n, length))
     if pad is None:
-        return _Plan("src_key_padding_mask is not prefix padding (0/False for a prefix of each row, -inf/True "
-                     "after it)")
+        return _Plan(
+            "src_key_padding_mask is not prefix padding (0/False for a prefix of each row, -inf/True after it)"
+        )
     return _Plan(None, Segments.from_mask(pad), causal)
 
 
 def _run(plan: _Plan, src: Tensor, batch_first: bool, fn: Callable[[Tensor, Callable], Tensor]) -> Tensor:
     """Run ``fn(x, attention)`` (a layer or the stack; ``attention(self_attn)`` is a self-attention call) as
     ``plan`` says: on the packed rows, or (sync-free) on the padded rows, zeroing the padded positions after."""
+
     def attention(attn: MultiheadAttention) -> Callable[[Tensor], Tensor]:
         return _attention(attn, plan)
 
@@ -158,8 +172,9 @@ def _attention(attn: MultiheadAttention, plan: _Plan) -> Callable[[Tensor], Tens
     the key padding mask (``MultiheadAttention``'s sync-free path under torch.compile)."""
     if plan.key_padding_mask is None:
         return lambda x: attn(x, x, x, need_weights=False, is_causal=plan.causal, segments=plan.segments)[0]
-    return lambda x: attn(x, x, x, key_padding_mask=plan.key_padding_mask, need_weights=False,
-                          attn_mask=plan.mask, is_causal=plan.causal)[0]
+    return lambda x: attn(
+        x, x, x, key_padding_mask=plan.key_padding_mask, need_weights=False, attn_mask=plan.mask, is_causal=plan.causal
+    )[0]
 
 
 def _through_packed(src: Tensor, segments: Segments, batch_first: bool, fn: Callable[[Tensor], Tensor]) -> Tensor:
@@ -167,7 +182,7 @@ def _through_packed(src: Tensor, segments: Segments, batch_first: bool, fn: Call
     batched = src.dim() == 3
     x = (src if batch_first else src.transpose(0, 1)) if batched else src.unsqueeze(0)
     n, length = x.shape[0], x.shape[1]
-    dense = segments.total == n * length   # no padding: a view, no gather
+    dense = segments.total == n * length  # no padding: a view, no gather
     out = fn(x.reshape(n * length, x.shape[-1]) if dense else segments.pack(x))
     out = out.view(n, length, out.shape[-1]) if dense else segments.unpack(out, length)
     if not batched:
@@ -206,10 +221,20 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
     last_path: str | None = None
     last_why_not_fast_path: str | None = None
 
-    def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1,
-                 activation: str | Callable[[Tensor], Tensor] = nn.functional.relu, layer_norm_eps: float = 1e-5,
-                 batch_first: bool = False, norm_first: bool = False, bias: bool = True, device=None,
-                 dtype=None) -> None:
+    def __init__(
+        self,
+        d_model: int,
+        nhead: int,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.1,
+        activation: str | Callable[[Tensor], Tensor] = nn.functional.relu,
+        layer_norm_eps: float = 1e-5,
+        batch_first: bool = False,
+        norm_first: bool = False,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
         for name, value in (("d_model", d_model), ("nhead", nhead), ("dim_feedforward", dim_feedforward)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -219,20 +244,31 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
             raise ValueError(f"activation must be 'relu', 'gelu' or a callable, got {activation!r}")
         if not isinstance(activation, str) and not callable(activation):
             raise TypeError(f"activation must be 'relu', 'gelu' or a callable, got {type(activation).__name__}")
-        super().__init__(d_model, nhead, dim_feedforward=dim_feedforward, dropout=dropout, activation=activation,
-                         layer_norm_eps=layer_norm_eps, batch_first=batch_first, norm_first=norm_first, bias=bias,
-                         device=device, dtype=dtype)
+        super().__init__(
+            d_model,
+            nhead,
+            dim_feedforward=dim_feedforward,
+            dropout=dropout,
+            activation=activation,
+            layer_norm_eps=layer_norm_eps,
+            batch_first=batch_first,
+            norm_first=norm_first,
+            bias=bias,
+            device=device,
+            dtype=dtype,
+        )
         # Retyped, not rebuilt: the parameters (and the random draws that initialised them) stay torch's.
         MultiheadAttention.adopt(self.self_attn)
 
     @classmethod
-    def adopt(cls, layer: nn.TransformerEncoderLayer) -> "TransformerEncoderLayer":
+    def adopt(cls, layer: nn.TransformerEncoderLayer) -> TransformerEncoderLayer:
         """Turn a ``torch.nn.TransformerEncoderLayer`` (exactly that class) into this class in place: the same
         module object, parameter objects and state (optimisers holding them keep working). Its ``self_attn``
         is adopted too when it is a plain ``torch.nn.MultiheadAttention``. Returns ``layer``."""
         if type(layer) is not nn.TransformerEncoderLayer:
-            raise TypeError(f"layer must be a torch.nn.TransformerEncoderLayer (not a subclass), got "
-                            f"{type(layer).__name__}")
+            raise TypeError(
+                f"layer must be a torch.nn.TransformerEncoderLayer (not a subclass), got {type(layer).__name__}"
+            )
         if type(layer.self_attn) is nn.MultiheadAttention:
             MultiheadAttention.adopt(layer.self_attn)
         layer.__class__ = cls
@@ -251,16 +287,35 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
         reason = self._static_reason()
         if reason is not None:
             return _Plan(reason)
-        return _plan_padded(src, src_mask, src_key_padding_mask, is_causal, self.self_attn.batch_first,
-                            self.self_attn.num_heads, "src_mask")
+        return _plan_padded(
+            src,
+            src_mask,
+            src_key_padding_mask,
+            is_causal,
+            self.self_attn.batch_first,
+            self.self_attn.num_heads,
+            "src_mask",
+        )
 
-    def why_not_fast_path(self, src: Tensor, src_mask: Tensor | None = None,
-                          src_key_padding_mask: Tensor | None = None, is_causal: bool = False) -> str | None:
+    def why_not_fast_path(
+        self,
+        src: Tensor,
+        src_mask: Tensor | None = None,
+        src_key_padding_mask: Tensor | None = None,
+        is_causal: bool = False,
+    ) -> str | None:
         """Why ``forward`` with these arguments would not run the varlen path; ``None`` when it would."""
         return self._plan(src, src_mask, src_key_padding_mask, is_causal).reason
 
-    def forward(self, src: Tensor, src_mask: Tensor | None = None, src_key_padding_mask: Tensor | None = None,
-                is_causal: bool = False, *, segments: Segments | None = None) -> Tensor:
+    def forward(
+        self,
+        src: Tensor,
+        src_mask: Tensor | None = None,
+        src_key_padding_mask: Tensor | None = None,
+        is_causal: bool = False,
+        *,
+        segments: Segments | None = None,
+    ) -> Tensor:
         r"""One encoder layer.
 
         Args:
@@ -277,25 +332,31 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
         """
         if segments is not None:
             if src_mask is not None or src_key_padding_mask is not None:
-                raise ValueError("with segments=, src_mask and src_key_padding_mask must be None (the segments "
-                                 "already say which tokens attend to which)")
+                raise ValueError(
+                    "with segments=, src_mask and src_key_padding_mask must be None (the segments "
+                    "already say which tokens attend to which)"
+                )
             if not isinstance(is_causal, bool):
                 raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
             _check_packed(src, segments)
             if not isinstance(self.self_attn, MultiheadAttention):
-                raise TypeError(f"segments= needs self_attn to be a hierkern.MultiheadAttention, got "
-                                f"{type(self.self_attn).__name__}")
+                raise TypeError(
+                    f"segments= needs self_attn to be a hierkern.MultiheadAttention, got "
+                    f"{type(self.self_attn).__name__}"
+                )
             self.last_path, self.last_why_not_fast_path = "varlen", None
             return self._block(src, _attention(self.self_attn, _Plan(None, segments, is_causal)))
         plan = self._plan(src, src_mask, src_key_padding_mask, is_causal)
         self.last_why_not_fast_path = plan.reason
         if plan.reason is not None:
             self.last_path = "torch"
-            return super().forward(src, src_mask=src_mask, src_key_padding_mask=src_key_padding_mask,
-                                   is_causal=is_causal)
+            return super().forward(
+                src, src_mask=src_mask, src_key_padding_mask=src_key_padding_mask, is_causal=is_causal
+            )
         self.last_path = "varlen"
-        return _run(plan, src, self.self_attn.batch_first,
-                    lambda x, attention: self._block(x, attention(self.self_attn)))
+        return _run(
+            plan, src, self.self_attn.batch_first, lambda x, attention: self._block(x, attention(self.self_attn))
+        )
 
     def _block(self, x: Tensor, attend: Callable[[Tensor], Tensor]) -> Tensor:
         """torch's layer with ``attend`` as the self-attention: on packed ``(total, E)`` rows, or on padded
@@ -346,27 +407,35 @@ class TransformerEncoder(nn.TransformerEncoder):
     last_path: str | None = None
     last_why_not_fast_path: str | None = None
 
-    def __init__(self, encoder_layer: nn.Module, num_layers: int, norm: nn.Module | None = None,
-                 enable_nested_tensor: bool = True, mask_check: bool = True) -> None:
+    def __init__(
+        self,
+        encoder_layer: nn.Module,
+        num_layers: int,
+        norm: nn.Module | None = None,
+        enable_nested_tensor: bool = True,
+        mask_check: bool = True,
+    ) -> None:
         if not isinstance(encoder_layer, nn.Module):
             raise TypeError(f"encoder_layer must be an nn.Module, got {type(encoder_layer).__name__}")
         if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 0:
             raise ValueError(f"num_layers must be a non-negative int, got {num_layers!r}")
         if norm is not None and not isinstance(norm, nn.Module):
             raise TypeError(f"norm must be an nn.Module or None, got {type(norm).__name__}")
-        super().__init__(encoder_layer, num_layers, norm=norm, enable_nested_tensor=enable_nested_tensor,
-                         mask_check=mask_check)
+        super().__init__(
+            encoder_layer, num_layers, norm=norm, enable_nested_tensor=enable_nested_tensor, mask_check=mask_check
+        )
         for layer in self.layers:
             if type(layer) is nn.TransformerEncoderLayer:
                 TransformerEncoderLayer.adopt(layer)
 
     @classmethod
-    def adopt(cls, encoder: nn.TransformerEncoder) -> "TransformerEncoder":
+    def adopt(cls, encoder: nn.TransformerEncoder) -> TransformerEncoder:
         """Turn a ``torch.nn.TransformerEncoder`` (exactly that class) into this class in place, adopting its
         plain ``torch.nn.TransformerEncoderLayer`` layers too. Returns ``encoder``."""
         if type(encoder) is not nn.TransformerEncoder:
-            raise TypeError(f"encoder must be a torch.nn.TransformerEncoder (not a subclass), got "
-                            f"{type(encoder).__name__}")
+            raise TypeError(
+                f"encoder must be a torch.nn.TransformerEncoder (not a subclass), got {type(encoder).__name__}"
+            )
         for layer in encoder.layers:
             if type(layer) is nn.TransformerEncoderLayer:
                 TransformerEncoderLayer.adopt(layer)
@@ -375,7 +444,7 @@ class TransformerEncoder(nn.TransformerEncoder):
 
     def __prepare_scriptable__(self) -> nn.TransformerEncoder:
         twin = _torch_twin(self, nn.TransformerEncoder)
-        twin.layers = nn.ModuleList(self.layers)   # its own list: scripting replaces the layers in it
+        twin.layers = nn.ModuleList(self.layers)  # its own list: scripting replaces the layers in it
         return twin
 
     def _static_reason(self) -> str | None:
@@ -398,13 +467,25 @@ class TransformerEncoder(nn.TransformerEncoder):
         attn = self.layers[0].self_attn
         return _plan_padded(src, mask, src_key_padding_mask, is_causal, attn.batch_first, attn.num_heads, "mask")
 
-    def why_not_fast_path(self, src: Tensor, mask: Tensor | None = None, src_key_padding_mask: Tensor | None = None,
-                          is_causal: bool | None = None) -> str | None:
+    def why_not_fast_path(
+        self,
+        src: Tensor,
+        mask: Tensor | None = None,
+        src_key_padding_mask: Tensor | None = None,
+        is_causal: bool | None = None,
+    ) -> str | None:
         """Why ``forward`` with these arguments would not run the varlen path; ``None`` when it would."""
         return self._plan(src, mask, src_key_padding_mask, is_causal).reason
 
-    def forward(self, src: Tensor, mask: Tensor | None = None, src_key_padding_mask: Tensor | None = None,
-                is_causal: bool | None = None, *, segments: Segments | None = None) -> Tensor:
+    def forward(
+        self,
+        src: Tensor,
+        mask: Tensor | None = None,
+        src_key_padding_mask: Tensor | None = None,
+        is_causal: bool | None = None,
+        *,
+        segments: Segments | None = None,
+    ) -> Tensor:
         r"""The stack of layers, then ``norm``.
 
         Args:
@@ -420,15 +501,19 @@ class TransformerEncoder(nn.TransformerEncoder):
         """
         if segments is not None:
             if mask is not None or src_key_padding_mask is not None:
-                raise ValueError("with segments=, mask and src_key_padding_mask must be None (the segments "
-                                 "already say which tokens attend to which)")
+                raise ValueError(
+                    "with segments=, mask and src_key_padding_mask must be None (the segments "
+                    "already say which tokens attend to which)"
+                )
             if is_causal is not None and not isinstance(is_causal, bool):
                 raise TypeError(f"is_causal must be a bool or None, got {type(is_causal).__name__}")
             _check_packed(src, segments)
             for i, layer in enumerate(self.layers):
                 if not isinstance(layer, TransformerEncoderLayer):
-                    raise TypeError(f"segments= needs hierkern.TransformerEncoderLayer layers, but layers[{i}] is "
-                                    f"a {type(layer).__name__}")
+                    raise TypeError(
+                        f"segments= needs hierkern.TransformerEncoderLayer layers, but layers[{i}] is "
+                        f"a {type(layer).__name__}"
+                    )
             self.last_path, self.last_why_not_fast_path = "varlen", None
             plan = _Plan(None, segments, bool(is_causal))
             return self._stack(src, lambda attn: _attention(attn, plan))

@@ -10,7 +10,7 @@ the backend. These modules hold parameters and do projections, norms and reducti
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -22,9 +22,17 @@ from ..ops.dropout import apply_dropout
 from .encoder import TransformerEncoder, TransformerEncoderLayer
 
 __all__ = [
-    "PackedTransformerEncoderLayer", "PackedTransformerEncoder",
-    "SinusoidalPositionalEncoding", "LearnedPositionalEncoding", "AttentionPooling", "SegmentPooling",
-    "segment_mean", "segment_max", "prepend_token", "HierarchicalEncoder", "POOLING_MODES",
+    "PackedTransformerEncoderLayer",
+    "PackedTransformerEncoder",
+    "SinusoidalPositionalEncoding",
+    "LearnedPositionalEncoding",
+    "AttentionPooling",
+    "SegmentPooling",
+    "segment_mean",
+    "segment_max",
+    "prepend_token",
+    "HierarchicalEncoder",
+    "POOLING_MODES",
 ]
 
 POOLING_MODES = ("cls", "mean", "max", "attention")
@@ -34,8 +42,10 @@ def _check_packed(x: torch.Tensor, segments: Segments, name: str = "x") -> None:
     if not isinstance(segments, Segments):
         raise TypeError(f"segments must be a hierkern.Segments, got {type(segments).__name__}")
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
-        raise ValueError(f"{name} must be a packed (total, embed_dim) tensor, got "
-                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        raise ValueError(
+            f"{name} must be a packed (total, embed_dim) tensor, got "
+            f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}"
+        )
     if x.shape[0] != segments.total:
         raise ValueError(f"{name} has {x.shape[0]} tokens but segments covers {segments.total}")
 
@@ -57,11 +67,32 @@ class PackedTransformerEncoderLayer(TransformerEncoderLayer):
         bias: learn biases in the linear layers and norms.
     """
 
-    def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1,
-                 activation: str | Callable = F.relu, layer_norm_eps: float = 1e-5, norm_first: bool = False,
-                 bias: bool = True, device=None, dtype=None):
-        super().__init__(d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, batch_first=True,
-                         norm_first=norm_first, bias=bias, device=device, dtype=dtype)
+    def __init__(
+        self,
+        d_model: int,
+        nhead: int,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.1,
+        activation: str | Callable = F.relu,
+        layer_norm_eps: float = 1e-5,
+        norm_first: bool = False,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__(
+            d_model,
+            nhead,
+            dim_feedforward,
+            dropout,
+            activation,
+            layer_norm_eps,
+            batch_first=True,
+            norm_first=norm_first,
+            bias=bias,
+            device=device,
+            dtype=dtype,
+        )
 
     def forward(self, src: torch.Tensor, segments: Segments) -> torch.Tensor:
         """``src`` ``(total, E)`` packed by ``segments`` -> ``(total, E)``."""
@@ -142,8 +173,9 @@ class LearnedPositionalEncoding(nn.Module):
     def forward(self, segments: Segments) -> torch.Tensor:
         """``(total, dim)`` encodings for the packed tokens of ``segments``."""
         if segments.max_len > self.max_len:
-            raise ValueError(f"a segment has {segments.max_len} tokens but LearnedPositionalEncoding "
-                             f"has max_len={self.max_len}")
+            raise ValueError(
+                f"a segment has {segments.max_len} tokens but LearnedPositionalEncoding has max_len={self.max_len}"
+            )
         return self.embedding(segments.positions())
 
 
@@ -181,8 +213,7 @@ def segment_max(x: torch.Tensor, segments: Segments) -> torch.Tensor:
     _check_packed(x, segments)
     index = segments.segment_ids()[:, None].expand(-1, x.shape[1])
     # include_self=False: the zero fill is only what an empty segment keeps, never a max candidate.
-    return x.new_zeros(segments.num_segments, x.shape[1]).scatter_reduce(0, index, x, "amax",
-                                                                          include_self=False)
+    return x.new_zeros(segments.num_segments, x.shape[1]).scatter_reduce(0, index, x, "amax", include_self=False)
 
 
 class AttentionPooling(nn.Module):
@@ -215,8 +246,7 @@ class AttentionPooling(nn.Module):
         k, v = self.kv_proj(x).view(x.shape[0], 2, self.num_heads, self.head_dim).unbind(1)
         q = self.query.to(x.dtype).expand(num, -1, -1)
         cu_seqlens_q = torch.arange(num + 1, dtype=torch.int32, device=x.device)
-        out = varlen_attention(q, k, v, cu_seqlens_q, segments, max_seqlen_q=min(num, 1),
-                               max_seqlen_k=segments.max_len)
+        out = varlen_attention(q, k, v, cu_seqlens_q, segments, max_seqlen_q=min(num, 1), max_seqlen_k=segments.max_len)
         return self.out_proj(out.reshape(num, self.embed_dim))
 
 
@@ -299,10 +329,24 @@ class HierarchicalEncoder(nn.Module):
         cls_id: the word-CLS id (``CharVocab.CLS``).
     """
 
-    def __init__(self, vocab_size: int, dim: int, num_heads: int, char_layers: int, word_layers: int,
-                 pooling: str = "cls", *, dim_feedforward: int | None = None, dropout: float = 0.1,
-                 activation: str = "gelu", norm_first: bool = True, positional: str = "sinusoidal",
-                 max_word_len: int = 64, max_sentence_len: int = 512, cls_id: int = 2):
+    def __init__(
+        self,
+        vocab_size: int,
+        dim: int,
+        num_heads: int,
+        char_layers: int,
+        word_layers: int,
+        pooling: str = "cls",
+        *,
+        dim_feedforward: int | None = None,
+        dropout: float = 0.1,
+        activation: str = "gelu",
+        norm_first: bool = True,
+        positional: str = "sinusoidal",
+        max_word_len: int = 64,
+        max_sentence_len: int = 512,
+        cls_id: int = 2,
+    ):
         super().__init__()
         if pooling not in POOLING_MODES:
             raise ValueError(f"pooling must be one of {POOLING_MODES}, got {pooling!r}")
@@ -310,16 +354,27 @@ class HierarchicalEncoder(nn.Module):
             raise ValueError(f"positional must be 'sinusoidal' or 'learned', got {positional!r}")
         if pooling == "cls" and not 0 <= cls_id < vocab_size:
             raise ValueError(f"cls_id={cls_id} is not a valid id for vocab_size={vocab_size}")
-        self.config = dict(vocab_size=vocab_size, dim=dim, num_heads=num_heads, char_layers=char_layers,
-                           word_layers=word_layers, pooling=pooling,
-                           dim_feedforward=dim_feedforward, dropout=dropout, activation=activation,
-                           norm_first=norm_first, positional=positional, max_word_len=max_word_len,
-                           max_sentence_len=max_sentence_len, cls_id=cls_id)
+        self.config = dict(
+            vocab_size=vocab_size,
+            dim=dim,
+            num_heads=num_heads,
+            char_layers=char_layers,
+            word_layers=word_layers,
+            pooling=pooling,
+            dim_feedforward=dim_feedforward,
+            dropout=dropout,
+            activation=activation,
+            norm_first=norm_first,
+            positional=positional,
+            max_word_len=max_word_len,
+            max_sentence_len=max_sentence_len,
+            cls_id=cls_id,
+        )
         self.pooling, self.cls_id, self.dim = pooling, cls_id, dim
         ff = 4 * dim if dim_feedforward is None else dim_feedforward
 
         self.char_embed = nn.Embedding(vocab_size, dim)
-        nn.init.normal_(self.char_embed.weight, std=dim ** -0.5)
+        nn.init.normal_(self.char_embed.weight, std=dim**-0.5)
         if positional == "sinusoidal":
             self.char_pos = SinusoidalPositionalEncoding(dim)
             self.word_pos = SinusoidalPositionalEncoding(dim)
@@ -330,8 +385,7 @@ class HierarchicalEncoder(nn.Module):
         self.embed_dropout = nn.Dropout(dropout)
 
         def stack(num_layers: int) -> PackedTransformerEncoder:
-            layer = PackedTransformerEncoderLayer(dim, num_heads, ff, dropout, activation,
-                                                  norm_first=norm_first)
+            layer = PackedTransformerEncoderLayer(dim, num_heads, ff, dropout, activation, norm_first=norm_first)
             norm = nn.LayerNorm(dim) if norm_first and num_layers > 0 else None
             return PackedTransformerEncoder(layer, num_layers, norm)
 
@@ -342,6 +396,7 @@ class HierarchicalEncoder(nn.Module):
     def _check_batch(self, batch) -> None:
         # Imported here: text.py is the data side and must not be needed to build layers.
         from ..text import TextBatch
+
         if not isinstance(batch, TextBatch):
             raise TypeError(f"batch must be a hierkern.TextBatch, got {type(batch).__name__}")
         if batch.device != self.char_embed.weight.device:

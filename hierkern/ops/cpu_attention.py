@@ -28,8 +28,7 @@ class CpuBackend(Backend):
 
     name = "cpu"
     priority = 10
-    capabilities = Capabilities(devices=("cpu",),
-                                dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64))
+    capabilities = Capabilities(devices=("cpu",), dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64))
 
     def unavailable_reason(self) -> str | None:
         return extension.kernel_unavailable_reason("CPU")
@@ -38,9 +37,19 @@ class CpuBackend(Backend):
         return _prepare()
 
     def __call__(self, args: VarlenArgs):
-        return torch.ops.hierkern.varlen_fwd(args.q, args.k, args.v, args.cu_seqlens_q, args.cu_seqlens_k,
-                                             args.max_seqlen_q, args.max_seqlen_k, args.softmax_scale,
-                                             *args.window_size, args.dropout_p, args.rng_state)
+        return torch.ops.hierkern.varlen_fwd(
+            args.q,
+            args.k,
+            args.v,
+            args.cu_seqlens_q,
+            args.cu_seqlens_k,
+            args.max_seqlen_q,
+            args.max_seqlen_k,
+            args.softmax_scale,
+            *args.window_size,
+            args.dropout_p,
+            args.rng_state,
+        )
 
 
 register_backend(CpuBackend())

@@ -64,11 +64,16 @@ def load_jit(verbose: bool = False) -> None:
     toolchain.build_cuda_kernels(verbose)
     # extension.kernel_unavailable_reason was computed when the extension loaded, before this library
     # registered anything: ask the dispatcher itself whether the kernels arrived.
-    missing = [op for op in ("varlen_fwd", "varlen_bwd")
-               if not torch._C._dispatch_has_kernel_for_dispatch_key(f"hierkern::{op}", "CUDA")]
+    missing = [
+        op
+        for op in ("varlen_fwd", "varlen_bwd")
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"hierkern::{op}", "CUDA")
+    ]
     if missing:
-        raise RuntimeError(f"the JIT build of csrc/cuda loaded but registered no CUDA kernel for "
-                           f"{', '.join('hierkern::' + op for op in missing)}")
+        raise RuntimeError(
+            f"the JIT build of csrc/cuda loaded but registered no CUDA kernel for "
+            f"{', '.join('hierkern::' + op for op in missing)}"
+        )
     _jit_loaded = True
 
 
@@ -113,8 +118,9 @@ class CudaBackend(Backend):
     name = "cuda"
     # Below "triton" (20) until GPU benchmarks say otherwise; above "reference" (0).
     priority = 15
-    capabilities = Capabilities(devices=("cuda",), dtypes=SUPPORTED_DTYPES, head_dims=SUPPORTED_HEAD_DIMS,
-                                min_cuda_capability=(8, 0))
+    capabilities = Capabilities(
+        devices=("cuda",), dtypes=SUPPORTED_DTYPES, head_dims=SUPPORTED_HEAD_DIMS, min_cuda_capability=(8, 0)
+    )
 
     def unavailable_reason(self) -> str | None:
         return _unavailable_reason()
@@ -123,9 +129,19 @@ class CudaBackend(Backend):
         return _prepare()
 
     def __call__(self, args: VarlenArgs):
-        return torch.ops.hierkern.varlen_fwd(args.q, args.k, args.v, args.cu_seqlens_q, args.cu_seqlens_k,
-                                             args.max_seqlen_q, args.max_seqlen_k, args.softmax_scale,
-                                             *args.window_size, args.dropout_p, args.rng_state)
+        return torch.ops.hierkern.varlen_fwd(
+            args.q,
+            args.k,
+            args.v,
+            args.cu_seqlens_q,
+            args.cu_seqlens_k,
+            args.max_seqlen_q,
+            args.max_seqlen_k,
+            args.softmax_scale,
+            *args.window_size,
+            args.dropout_p,
+            args.rng_state,
+        )
 
 
 register_backend(CudaBackend())

@@ -53,6 +53,7 @@ def _user_stacklevel() -> int:
     """The ``stacklevel`` that points a warning at the first frame outside hierkern and the import machinery
     (the user's ``import hierkern``), not at this file."""
     import inspect
+
     level = 0
     for frame in inspect.stack()[1:]:
         name = frame.filename
@@ -67,8 +68,10 @@ def _user_stacklevel() -> int:
 def _dispatch_reason(dispatch_key: str) -> str | None:
     for name in _OPS:
         if not torch._C._dispatch_has_kernel_for_dispatch_key(f"hierkern::{name}", dispatch_key):
-            return (f"the compiled extension has no {dispatch_key} kernels (hierkern::{name} has none): "
-                    f"`python -m hierkern doctor` says why")
+            return (
+                f"the compiled extension has no {dispatch_key} kernels (hierkern::{name} has none): "
+                f"`python -m hierkern doctor` says why"
+            )
     return None
 
 
@@ -97,13 +100,19 @@ def _load_at_import() -> None:
     problem = toolchain.cxx_problem()
     if problem is None:
         if not absent:  # broken, not merely absent: say so, since the first call will take minutes
-            warnings.warn(f"{error}; hierkern compiles its kernels for this torch on first use instead",
-                          RuntimeWarning, stacklevel=_user_stacklevel())
+            warnings.warn(
+                f"{error}; hierkern compiles its kernels for this torch on first use instead",
+                RuntimeWarning,
+                stacklevel=_user_stacklevel(),
+            )
         return  # compiled by ensure_loaded() on first use
     _STATE.error = f"{error}, and cannot be compiled here: {problem}"
-    warnings.warn(f"hierkern's compiled kernels are unavailable ({_STATE.error}); until then hierkern runs "
-                  f"its pure-PyTorch reference backend. `python -m hierkern doctor` checks the set-up.",
-                  RuntimeWarning, stacklevel=_user_stacklevel())
+    warnings.warn(
+        f"hierkern's compiled kernels are unavailable ({_STATE.error}); until then hierkern runs "
+        f"its pure-PyTorch reference backend. `python -m hierkern doctor` checks the set-up.",
+        RuntimeWarning,
+        stacklevel=_user_stacklevel(),
+    )
 
 
 def load_error() -> str | None:
@@ -126,8 +135,11 @@ def ensure_loaded() -> str | None:
             toolchain.build_cpu_kernels()
         except Exception as exc:  # a failed build leaves the compiled backends unavailable, with the reason
             _STATE.error = f"the just-in-time build of hierkern's C++ kernels failed ({type(exc).__name__}: {exc})"
-            warnings.warn(f"{_STATE.error}; hierkern falls back to its reference backend", RuntimeWarning,
-                          stacklevel=_user_stacklevel())
+            warnings.warn(
+                f"{_STATE.error}; hierkern falls back to its reference backend",
+                RuntimeWarning,
+                stacklevel=_user_stacklevel(),
+            )
         else:
             _STATE.error = _missing_ops("the just-in-time build")
             if _STATE.error is None:

@@ -25,10 +25,11 @@ Windows (FlashAttention's ``window_size``, bottom-right aligned): row ``i`` of a
 ``Lk`` keys sees the contiguous keys ``[i + Lk - Lq - window_left, i + Lk - Lq + window_right]`` of its segment,
 a negative bound being none (causal is ``(-1, 0)``). Each row's range replaces the segment's as the mask, so a
 window changes no loop but its bounds. Whether each side is bounded is a constexpr (the full and causal kernels
-compile without the bound they lack, as under the former ``CAUSAL`` flag); the bounds are runtime ints. The hull of a block's ranges can have gaps
-when the block spans segments (``_any_overlap``): such blocks, and only they, run a loop that skips the key (or
-query) blocks in the gaps, so that a single-segment block's loop keeps no branch that would stop pipelining
-(dk/dv only under two-sided windows; causal dk/dv visits its rare gaps masked, as before).
+compile without the bound they lack, as under the former ``CAUSAL`` flag); the bounds are runtime ints. The
+hull of a block's ranges can have gaps when the block spans segments (``_any_overlap``): such blocks, and only
+they, run a loop that skips the key (or query) blocks in the gaps, so that a single-segment block's loop keeps no
+branch that would stop pipelining (dk/dv only under two-sided windows; causal dk/dv visits its rare gaps masked,
+as before).
 
 Non-finite values. A NaN or an inf in ``q`` or ``k`` reaches only its own row or column of the scores, which
 the visibility select drops for the rows that do not see it, and ``dO V^T`` likewise. The four products that

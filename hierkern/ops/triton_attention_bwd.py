@@ -33,9 +33,23 @@ __all__ = ["triton_varlen_bwd"]
 if triton is not None:
     import triton.language as tl
 
-    from .triton_attention import (BWD_DKDV_CONFIGS, BWD_DQ_CONFIGS, INT32_MAX_C, LOG2E_C, _add_nonfinite_terms,
-                                   _any_overlap, _autotuned, _dropout_scale, _finite, _flag_nonfinite, _mma,
-                                   _rng_state, _segment_of, _to, _visible_keys)
+    from .triton_attention import (
+        BWD_DKDV_CONFIGS,
+        BWD_DQ_CONFIGS,
+        INT32_MAX_C,
+        LOG2E_C,
+        _add_nonfinite_terms,
+        _any_overlap,
+        _autotuned,
+        _dropout_scale,
+        _finite,
+        _flag_nonfinite,
+        _mma,
+        _rng_state,
+        _segment_of,
+        _to,
+        _visible_keys,
+    )
 
     @triton.jit
     def _dq_tile(q, do, lse2, K, V, kv_head64, stride_kt, stride_kh, stride_vt, stride_vh, cols, hi, k_lo, k_hi,
