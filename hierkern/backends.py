@@ -120,6 +120,22 @@ class VarlenArgs:
     dropout_p: float
     rng_state: torch.Tensor | None
 
+    def op_args(self) -> tuple:
+        """The arguments of every compiled backend's forward op, in order (``hierkern/ops/registration.py``)."""
+        return (
+            self.q,
+            self.k,
+            self.v,
+            self.cu_seqlens_q,
+            self.cu_seqlens_k,
+            self.max_seqlen_q,
+            self.max_seqlen_k,
+            self.softmax_scale,
+            *self.window_size,
+            self.dropout_p,
+            self.rng_state,
+        )
+
 
 @dataclass(frozen=True)
 class Capabilities:

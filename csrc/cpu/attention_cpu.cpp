@@ -6,11 +6,10 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
-#include <string>
 #include <vector>
 
 #include "attention_kernel.h"
+#include "kernel_choice.h"
 #include "../common/philox.h"  // dropout_threshold, shared with the CUDA kernels
 #include "../common/varlen_checks.h"
 
@@ -26,41 +25,15 @@ struct Kernels {
   UnitRangeFn bwd;
 };
 
-// The best kernels this CPU runs. HIERKERN_CPU_KERNELS=generic forces the baseline build (read once, at the
-// first call), so that tests on AVX2 machines can check it too.
+// The best kernels this CPU runs, chosen once.
 Kernels select_kernels() {
-  const char* forced = std::getenv("HIERKERN_CPU_KERNELS");
-  if (forced != nullptr && std::string(forced) == "generic") {
-    return {generic::varlen_fwd_units, generic::varlen_bwd_units};
-  }
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  if (avx2_kernels_built() && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-      __builtin_cpu_supports("f16c")) {
-    return {avx2::varlen_fwd_units, avx2::varlen_bwd_units};
-  }
-#endif
+  if (use_avx2_kernels()) return {avx2::varlen_fwd_units, avx2::varlen_bwd_units};
   return {generic::varlen_fwd_units, generic::varlen_bwd_units};
 }
 
 const Kernels& kernels() {
   static const Kernels selected = select_kernels();
   return selected;
-}
-
-ScalarKind scalar_kind(const at::Tensor& t, const char* name) {
-  switch (t.scalar_type()) {
-    case at::kFloat:
-      return ScalarKind::kFloat;
-    case at::kDouble:
-      return ScalarKind::kDouble;
-    case at::kBFloat16:
-      return ScalarKind::kBFloat16;
-    case at::kHalf:
-      return ScalarKind::kHalf;
-    default:
-      TORCH_CHECK_TYPE(false, "hierkern CPU attention: ", name, " must be float32, float64, bfloat16 or float16, got ",
-                       t.scalar_type());
-  }
 }
 
 // Kernels index rows with strides but read head_dim contiguously.
@@ -104,7 +77,7 @@ AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::
   check_packed(q, "q");
   check_packed(k, "k");
   check_packed(v, "v");
-  const ScalarKind kind = scalar_kind(q, "q");
+  const ScalarKind kind = scalar_kind(q, kWho, "q");
   TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
                    "hierkern CPU attention: q, k and v must share a dtype, got ", q.scalar_type(), ", ",
                    k.scalar_type(), ", ", v.scalar_type());

@@ -5,11 +5,10 @@
 #include <torch/library.h>
 
 #include <cmath>
-#include <cstdlib>
 #include <optional>
-#include <string>
 
 #include "dropout_kernel.h"
+#include "kernel_choice.h"
 #include "../common/philox.h"         // dropout_threshold, shared with the attention kernels
 #include "../common/varlen_checks.h"  // read_rng_state
 
@@ -22,37 +21,13 @@ constexpr const char* kWho = "hierkern dropout: ";
 // Chunks per task: ~32k elements, tens of microseconds of Philox rounds, well above the cost of waking a thread.
 constexpr int64_t kGrainChunks = 1024;
 
-// As the attention kernels choose theirs (attention_cpu.cpp), HIERKERN_CPU_KERNELS=generic included.
 DropoutChunksFn select_kernel() {
-  const char* forced = std::getenv("HIERKERN_CPU_KERNELS");
-  if (forced != nullptr && std::string(forced) == "generic") return generic::dropout_chunks;
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  if (avx2_kernels_built() && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-      __builtin_cpu_supports("f16c")) {
-    return avx2::dropout_chunks;
-  }
-#endif
-  return generic::dropout_chunks;
+  return use_avx2_kernels() ? avx2::dropout_chunks : generic::dropout_chunks;
 }
 
 DropoutChunksFn kernel() {
   static const DropoutChunksFn selected = select_kernel();
   return selected;
-}
-
-ScalarKind scalar_kind(const at::Tensor& t, const char* name) {
-  switch (t.scalar_type()) {
-    case at::kFloat:
-      return ScalarKind::kFloat;
-    case at::kDouble:
-      return ScalarKind::kDouble;
-    case at::kBFloat16:
-      return ScalarKind::kBFloat16;
-    case at::kHalf:
-      return ScalarKind::kHalf;
-    default:
-      TORCH_CHECK_TYPE(false, kWho, name, " must be float32, float64, bfloat16 or float16, got ", t.scalar_type());
-  }
 }
 
 void check_cpu(const at::Tensor& t, const char* name) {
@@ -64,7 +39,7 @@ at::Tensor run(const at::Tensor& x_in, const at::Tensor* residual_in, double p, 
   check_cpu(x_in, "x");
   TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, kWho, "p must be in [0, 1), got ", p);
   DropoutParams params{};
-  params.kind = scalar_kind(x_in, "x");
+  params.kind = scalar_kind(x_in, kWho, "x");
   const at::Tensor x = x_in.contiguous();
   at::Tensor residual;
   if (residual_in != nullptr) {

@@ -1,7 +1,7 @@
 // The element-wise dropout kernels. Not a normal header: dropout_<isa>.cpp includes it once inside
 // `namespace hierkern::cpu::<isa>` after choosing the code-generation target and after the attention
 // kernels' impl_vector.h and impl_dropout.h (the 8-lane vectors, their bfloat16/float16 loads and the
-// 8-lane 32x32->64-bit multiply of the Philox rounds), which it reuses.
+// 8-lane Philox rounds), which it reuses.
 //
 // A chunk of 32 elements costs one 8-lane Philox4x32-10 call: its four output words, each eight lanes wide,
 // decide elements 0-7, 8-15, 16-23 and 24-31 of the chunk (common/philox.h's element layout), so the keep
@@ -16,19 +16,7 @@ inline void chunk_keep(const DropoutParams& p, uint64_t chunk, i32x8 keep[4]) {
   u32x8 c1 = u32x8{} + static_cast<uint32_t>(block0 >> 32);
   u32x8 c2 = u32x8{} + kElementDropoutTag;
   u32x8 c3 = u32x8{} + static_cast<uint32_t>(p.offset);
-  const PhiloxKey key = dropout_key(p.seed, p.offset);
-  uint32_t k0 = key.k0, k1 = key.k1;
-  for (int round = 0; round < kPhiloxRounds; ++round) {
-    u32x8 hi0, lo0, hi1, lo1;
-    mulhilo8(kPhiloxM0, c0, hi0, lo0);
-    mulhilo8(kPhiloxM1, c2, hi1, lo1);
-    c0 = hi1 ^ c1 ^ k0;
-    c1 = lo1;
-    c2 = hi0 ^ c3 ^ k1;
-    c3 = lo0;
-    k0 += kPhiloxW0;
-    k1 += kPhiloxW1;
-  }
+  philox8(c0, c1, c2, c3, dropout_key(p.seed, p.offset));
   keep[0] = c0 >= p.threshold;
   keep[1] = c1 >= p.threshold;
   keep[2] = c2 >= p.threshold;

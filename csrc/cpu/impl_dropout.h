@@ -34,13 +34,9 @@ inline void mulhilo8(uint32_t m, u32x8 x, u32x8& hi, u32x8& lo) {
   hi = __builtin_shufflevector(even, odd, 1, 9, 3, 11, 5, 13, 7, 15);
 }
 
-// Whether dropout keeps each of eight attention weights (head[l], query[l], key[l]) (query and key as packed
-// token indices): common/philox.h's dropout_keep (Philox4x32-10, the same counter and key) in eight lanes at once,
-// since one scalar draw costs about as much as a short row's softmax. -1 where kept, 0 where dropped.
-inline i32x8 dropout_keep8(const AttentionParams& p, u32x8 head, u32x8 query, u32x8 key) {
-  u32x8 c0 = query, c1 = key, c2 = head, c3 = u32x8{} + static_cast<uint32_t>(p.dropout_offset);
-  const PhiloxKey key0 = dropout_key(p.dropout_seed, p.dropout_offset);
-  uint32_t k0 = key0.k0, k1 = key0.k1;
+// common/philox.h's philox4x32_10 on eight counters at once, in place: (c0, c1, c2, c3) become the output words.
+inline void philox8(u32x8& c0, u32x8& c1, u32x8& c2, u32x8& c3, PhiloxKey key) {
+  uint32_t k0 = key.k0, k1 = key.k1;
   for (int round = 0; round < kPhiloxRounds; ++round) {
     u32x8 hi0, lo0, hi1, lo1;
     mulhilo8(kPhiloxM0, c0, hi0, lo0);
@@ -52,6 +48,14 @@ inline i32x8 dropout_keep8(const AttentionParams& p, u32x8 head, u32x8 query, u3
     k0 += kPhiloxW0;
     k1 += kPhiloxW1;
   }
+}
+
+// Whether dropout keeps each of eight attention weights (head[l], query[l], key[l]) (query and key as packed
+// token indices): common/philox.h's dropout_keep (Philox4x32-10, the same counter and key) in eight lanes at once,
+// since one scalar draw costs about as much as a short row's softmax. -1 where kept, 0 where dropped.
+inline i32x8 dropout_keep8(const AttentionParams& p, u32x8 head, u32x8 query, u32x8 key) {
+  u32x8 c0 = query, c1 = key, c2 = head, c3 = u32x8{} + static_cast<uint32_t>(p.dropout_offset);
+  philox8(c0, c1, c2, c3, dropout_key(p.dropout_seed, p.dropout_offset));
   return c0 >= p.dropout_threshold;
 }
 

@@ -606,9 +606,7 @@ class TritonBackend(Backend):
         return None
 
     def __call__(self, args: VarlenArgs):
-        return torch.ops.hierkern.triton_varlen_fwd(args.q, args.k, args.v, args.cu_seqlens_q, args.cu_seqlens_k,
-                                                    args.max_seqlen_q, args.max_seqlen_k, args.softmax_scale,
-                                                    *args.window_size, args.dropout_p, args.rng_state)
+        return torch.ops.hierkern.triton_varlen_fwd(*args.op_args())
 
 
 register_backend(TritonBackend())
