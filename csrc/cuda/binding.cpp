@@ -63,10 +63,9 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   check_packed(v, "v", q);
 }
 
-// FlashAttention's window_size side: -1 is unbounded. A side wider than any segment is unbounded too, so
-// clamping to int loses nothing.
-int window_side(int64_t size, const char* name) {
-  TORCH_CHECK_VALUE(size >= -1, name, " must be -1 (unbounded) or >= 0, got ", size);
+// A window side checked by hierkern::check_window (-1 unbounded). A side wider than any segment is unbounded
+// too, so clamping to int loses nothing.
+int window_side(int64_t size) {
   return static_cast<int>(std::min<int64_t>(size, INT32_MAX));
 }
 
@@ -83,6 +82,7 @@ void fill_common(hk::VarlenArgs& a, const at::Tensor& q, const at::Tensor& k, co
   // where they are host-readable. Without any segment there must be no token for them to index.
   TORCH_CHECK_VALUE(cu_q.numel() >= 2 || (q.size(0) == 0 && k.size(0) == 0),
                     "cu_seqlens_q describes no segment but there are ", q.size(0), " queries and ", k.size(0), " keys");
+  hierkern::check_window("", window_left, window_right);
   hierkern::check_dropout_p("", dropout_p);
   a.dtype = dtype_of(q);
   a.head_dim = static_cast<int>(q.size(2));
@@ -103,7 +103,7 @@ void fill_common(hk::VarlenArgs& a, const at::Tensor& q, const at::Tensor& k, co
   a.cu_seqlens_q = cu_q.data_ptr<int>();
   a.cu_seqlens_k = cu_k.data_ptr<int>();
   a.softmax_scale = static_cast<float>(softmax_scale);
-  a.window = hk::Window{window_side(window_left, "window_left"), window_side(window_right, "window_right")};
+  a.window = hk::Window{window_side(window_left), window_side(window_right)};
   a.dropout_p = static_cast<float>(dropout_p);
   const hierkern::RngState rng = hierkern::read_rng_state("", dropout_p, rng_state);
   a.seed = rng.seed;
