@@ -1,6 +1,7 @@
 // Torch-free driver of the csrc/cuda launchers for compute-sanitizer (memcheck, racecheck, synccheck,
-// initcheck): small adversarial layouts, every dtype and head dim, causal and not, dropout and not, GQA and
-// cross-attention (q and k lengths differ). Runs in seconds, so the sanitizers need not start Python/torch.
+// initcheck): small adversarial layouts, every dtype and head dim, no mask, causal and a sliding window, dropout and
+// not, GQA and cross-attention (q and k lengths differ). Runs in seconds, so the sanitizers need not start
+// Python/torch.
 //
 // Build (device):  nvcc -O3 --use_fast_math -lineinfo -gencode=arch=compute_90a,code=sm_90a \
 //                  -Icsrc/cuda csrc/cuda/varlen_fwd.cu csrc/cuda/varlen_bwd.cu \
@@ -102,7 +103,7 @@ struct Case {
   std::vector<int> lengths_q, lengths_k;
 };
 
-static int run_case(const Case& c, hk::DType dtype, int head_dim, int heads, int kv_heads, bool causal,
+static int run_case(const Case& c, hk::DType dtype, int head_dim, int heads, int kv_heads, hk::Window window,
                     float dropout_p) {
   int total_q = 0, total_k = 0;
   int* cu_q = offsets_buffer(c.lengths_q, &total_q);
@@ -138,7 +139,7 @@ static int run_case(const Case& c, hk::DType dtype, int head_dim, int heads, int
   f.cu_seqlens_q = cu_q;
   f.cu_seqlens_k = cu_k;
   f.softmax_scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
-  f.causal = causal;
+  f.window = window;
   f.dropout_p = dropout_p;
   f.seed = 0x1234567887654321ull;
   f.offset = 42;
@@ -162,8 +163,8 @@ static int run_case(const Case& c, hk::DType dtype, int head_dim, int heads, int
 
   const size_t nan =
       count_nan(out, dtype, nq) + count_nan(dq, dtype, nq) + count_nan(dk, dtype, nk) + count_nan(dv, dtype, nk);
-  std::printf("hk_san: %-14s dtype=%d D=%-3d H=%d/%d causal=%d p=%.1f: %s\n", c.name, static_cast<int>(dtype), head_dim,
-              heads, kv_heads, causal ? 1 : 0, dropout_p, nan ? "NaN in outputs" : "ok");
+  std::printf("hk_san: %-14s dtype=%d D=%-3d H=%d/%d window=(%d,%d) p=%.1f: %s\n", c.name, static_cast<int>(dtype),
+              head_dim, heads, kv_heads, window.left, window.right, dropout_p, nan ? "NaN in outputs" : "ok");
   for (void* p : {static_cast<void*>(cu_q), static_cast<void*>(cu_k), q, k, v, dout, out, static_cast<void*>(lse),
                   static_cast<void*>(delta), dq, dk, dv}) {
     CHECK(cudaFree(p));
@@ -186,9 +187,10 @@ int main() {
   int failures = 0;
   for (const Case& c : cases) {
     for (const Shape& s : shapes) {
-      for (int causal = 0; causal < 2; ++causal) {
+      // No mask, causal, and a two-sided window (tile unions with gaps between short words' windows).
+      for (hk::Window window : {hk::Window{-1, -1}, hk::Window{-1, 0}, hk::Window{2, 1}}) {
         for (float p : {0.0f, 0.1f}) {
-          failures += run_case(c, s.dtype, s.head_dim, s.heads, s.kv_heads, causal != 0, p);
+          failures += run_case(c, s.dtype, s.head_dim, s.heads, s.kv_heads, window, p);
         }
       }
     }

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import philox
 from . import extension
 
 __all__ = ["dropout", "dropout_add", "apply_dropout", "apply_dropout_add"]
@@ -84,7 +85,7 @@ def _use_kernel(x: torch.Tensor, p: float) -> bool:
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """``F.dropout(x, p, training)``: hierkern's kernel where it applies (module docstring), else torch's."""
     if training and _use_kernel(x, p):
-        return torch.ops.hierkern.dropout(x, p, extension.dropout_rng_state(p))
+        return torch.ops.hierkern.dropout(x, p, philox.rng_state())
     return F.dropout(x, p, training)
 
 
@@ -98,7 +99,7 @@ def dropout_add(residual: torch.Tensor, x: torch.Tensor, p: float, training: boo
         and residual.dtype == x.dtype
         and residual.device == x.device
     ):
-        return torch.ops.hierkern.dropout_add(residual, x, p, extension.dropout_rng_state(p))
+        return torch.ops.hierkern.dropout_add(residual, x, p, philox.rng_state())
     return residual + F.dropout(x, p, training)
 
 
