@@ -11,7 +11,7 @@ import sys
 import torch
 
 from . import __version__
-from .backends import _REGISTRY
+from .backends import _REGISTRY, Backend
 from .ops import cuda_attention, extension, toolchain
 
 __all__ = ["report", "build_parser", "main"]
@@ -36,7 +36,8 @@ def _backend_line(backend) -> str:
     reason = backend.unavailable_reason()
     if reason is not None:
         return f"unavailable: {reason}"
-    if getattr(backend, "prepare", None) is not None and extension.loaded_from() is None:
+    # Only a backend with its own prepare() compiles anything (Backend.prepare does nothing).
+    if type(backend).prepare is not Backend.prepare and extension.loaded_from() is None:
         return "available (its kernels compile on first use)"
     return "available"
 
